@@ -1,0 +1,489 @@
+//! The fleet inventory and its backup graph.
+//!
+//! [`Fleet`] wraps a petgraph graph whose edges run from a primary to each host
+//! that holds copies of it. Construction refuses every inventory that would
+//! make "a host and its backup" ambiguous: cycles, self-backups, dangling
+//! `backup_of`, duplicate ids, a backup that backs nothing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use petgraph::Direction;
+use petgraph::algo::tarjan_scc;
+use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::violation::{Code, Loc, Violation};
+use crate::yaml::{self, Source, loc_of};
+
+/// The inventory as written (FORMATS.md "Fleet inventory").
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InventoryDoc {
+    hosts: Option<Spanned<Vec<Spanned<HostDoc>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostDoc {
+    id: Spanned<String>,
+    address: Option<String>,
+    #[serde(default)]
+    groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    labels: BTreeMap<String, Spanned<String>>,
+    failure_domain: Option<Spanned<String>>,
+    role: Option<Spanned<String>>,
+    backup_of: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// What a host is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Serves customers and has backups.
+    Primary,
+    /// Holds copies of one or more other hosts.
+    Backup,
+    /// Neither.
+    Standalone,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+            Role::Standalone => "standalone",
+        })
+    }
+}
+
+/// Index of a host in its [`Fleet`]: a newtype over the graph's node index so
+/// that it cannot be mixed up with other indices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostIdx(NodeIndex<u32>);
+
+impl HostIdx {
+    /// Position of the host in inventory order.
+    pub fn index(self) -> usize {
+        self.0.index()
+    }
+}
+
+/// One host of the inventory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Host {
+    /// Unique id, `[a-z0-9][a-z0-9._-]*`.
+    pub id: String,
+    /// Address for SSH bootstrap and probes.
+    pub address: Option<String>,
+    /// Groups, sorted.
+    pub groups: BTreeSet<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Hosts that fail together share a failure domain.
+    pub failure_domain: Option<String>,
+    /// What the host is for.
+    pub role: Role,
+    /// Hosts this one holds copies of.
+    pub backup_of: Vec<String>,
+    /// Where the host is defined.
+    pub loc: Loc,
+}
+
+/// A validated inventory with its backup graph.
+#[derive(Debug)]
+pub struct Fleet {
+    file: String,
+    graph: DiGraph<Host, ()>,
+    by_id: HashMap<String, HostIdx>,
+    groups: BTreeMap<String, Vec<HostIdx>>,
+}
+
+/// Whether `id` is a valid host id (it names the agent's certificate too).
+pub fn is_valid_host_id(id: &str) -> bool {
+    let mut bytes = id.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'0'..=b'9'))
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'-'))
+        && id.len() <= 253
+}
+
+impl Fleet {
+    /// Parse and validate an inventory, reporting every problem at once.
+    pub fn parse(source: Source<'_>) -> Result<Fleet, Vec<Violation>> {
+        let doc: InventoryDoc = yaml::parse(source, "fleet inventory").map_err(|v| vec![*v])?;
+        Fleet::from_doc(source.name, doc)
+    }
+
+    fn from_doc(file: &str, doc: InventoryDoc) -> Result<Fleet, Vec<Violation>> {
+        let mut problems = Vec::new();
+        let Some(hosts) = doc.hosts else {
+            return Err(vec![
+                Violation::new(Code::InventoryInvalid, "the inventory has no `hosts:` list")
+                    .at(&Loc::file(file))
+                    .field("hosts")
+                    .fix("list every host the controller may touch under `hosts:`"),
+            ]);
+        };
+        let mut graph: DiGraph<Host, ()> = DiGraph::with_capacity(hosts.value.len(), 0);
+        let mut by_id: HashMap<String, HostIdx> = HashMap::with_capacity(hosts.value.len());
+        let mut pending_edges = Vec::new();
+
+        for (i, host) in hosts.value.into_iter().enumerate() {
+            let h = host.value;
+            let field = format!("hosts[{i}]");
+            let id_loc = loc_of(file, &h.id);
+            let id = h.id.value.clone();
+            if !is_valid_host_id(&id) {
+                problems.push(
+                    Violation::new(Code::InventoryInvalid, format!("host id `{id}` is not a valid id"))
+                        .at(&id_loc)
+                        .field(format!("{field}.id"))
+                        .hosts([id.clone()])
+                        .fix("use lower-case letters, digits, `.`, `_` and `-`, starting with a letter or digit"),
+                );
+            }
+            let role = match h.role.as_ref().map(|r| r.value.as_str()) {
+                None | Some("standalone") => Role::Standalone,
+                Some("primary") => Role::Primary,
+                Some("backup") => Role::Backup,
+                Some(other) => {
+                    let r = h.role.as_ref().map(|r| loc_of(file, r)).unwrap_or_default();
+                    problems.push(
+                        Violation::new(
+                            Code::ParseError,
+                            format!("host `{id}` has role `{other}`, which is not a role"),
+                        )
+                        .at(&r)
+                        .field(format!("{field}.role"))
+                        .hosts([id.clone()])
+                        .fix("write `role: primary`, `role: backup` or `role: standalone`"),
+                    );
+                    Role::Standalone
+                }
+            };
+            let backup_of: Vec<Spanned<String>> = h.backup_of.map(|b| b.value).unwrap_or_default();
+            match (role, backup_of.is_empty()) {
+                (Role::Backup, true) => problems.push(
+                    Violation::new(
+                        Code::InventoryInvalid,
+                        format!("backup host `{id}` does not say what it backs up"),
+                    )
+                    .at(&id_loc)
+                    .field(format!("{field}.backup_of"))
+                    .hosts([id.clone()])
+                    .fix("add `backup_of: [<primary ids>]`, or change its role"),
+                ),
+                (Role::Primary | Role::Standalone, false) => problems.push(
+                    Violation::new(
+                        Code::InventoryInvalid,
+                        format!("host `{id}` has `backup_of` but its role is {role}"),
+                    )
+                    .at(&loc_of(file, &backup_of[0]))
+                    .field(format!("{field}.backup_of"))
+                    .hosts([id.clone()])
+                    .fix("set `role: backup`, or remove `backup_of`"),
+                ),
+                _ => {}
+            }
+            if let Some(prev) = by_id.get(&id) {
+                let first = &graph[prev.0].loc;
+                problems.push(
+                    Violation::new(
+                        Code::InventoryInvalid,
+                        format!("host id `{id}` is defined twice (first at {first})"),
+                    )
+                    .at(&id_loc)
+                    .field(format!("{field}.id"))
+                    .hosts([id.clone()])
+                    .fix("give every host a unique id"),
+                );
+                continue;
+            }
+            for target in &backup_of {
+                pending_edges.push((id.clone(), target.value.clone(), loc_of(file, target), i));
+            }
+            let node = graph.add_node(Host {
+                id: id.clone(),
+                address: h.address,
+                groups: h.groups.into_iter().map(|g| g.value).collect(),
+                labels: h.labels.into_iter().map(|(k, v)| (k, v.value)).collect(),
+                failure_domain: h.failure_domain.map(|f| f.value),
+                role,
+                backup_of: backup_of.iter().map(|b| b.value.clone()).collect(),
+                loc: id_loc,
+            });
+            by_id.insert(id, HostIdx(node));
+        }
+
+        for (backup, primary, loc, i) in pending_edges {
+            let field = format!("hosts[{i}].backup_of");
+            if backup == primary {
+                problems.push(
+                    Violation::new(
+                        Code::InventoryInvalid,
+                        format!("host `{backup}` is listed as its own backup"),
+                    )
+                    .at(&loc)
+                    .field(field)
+                    .hosts([backup])
+                    .fix("a backup must be another host, in another failure domain"),
+                );
+                continue;
+            }
+            let (Some(&b), Some(&p)) = (by_id.get(&backup), by_id.get(&primary)) else {
+                problems.push(
+                    Violation::new(
+                        Code::InventoryInvalid,
+                        format!("host `{backup}` backs up `{primary}`, which is not in the inventory"),
+                    )
+                    .at(&loc)
+                    .field(field)
+                    .hosts([backup, primary])
+                    .fix("add the primary to the inventory, or correct the id"),
+                );
+                continue;
+            };
+            if graph.find_edge(p.0, b.0).is_none() {
+                graph.add_edge(p.0, b.0, ());
+            }
+        }
+
+        for scc in tarjan_scc(&graph) {
+            if scc.len() > 1 {
+                let mut ids: Vec<String> = scc.iter().map(|n| graph[*n].id.clone()).collect();
+                ids.sort();
+                let loc = scc
+                    .iter()
+                    .map(|n| graph[*n].loc.clone())
+                    .min_by_key(|l| l.line)
+                    .unwrap_or_default();
+                problems.push(
+                    Violation::new(
+                        Code::InventoryInvalid,
+                        format!("backup relations form a cycle: {}", ids.join(" -> ")),
+                    )
+                    .at(&loc)
+                    .field("hosts[].backup_of")
+                    .hosts(ids)
+                    .fix("a host cannot (through any chain) back up one of its own backups; break the cycle"),
+                );
+            }
+        }
+
+        if !problems.is_empty() {
+            problems.sort_by_key(|v| (v.line, v.column));
+            return Err(problems);
+        }
+        let mut groups: BTreeMap<String, Vec<HostIdx>> = BTreeMap::new();
+        for idx in graph.node_indices() {
+            for g in &graph[idx].groups {
+                groups.entry(g.clone()).or_default().push(HostIdx(idx));
+            }
+        }
+        Ok(Fleet {
+            file: file.to_owned(),
+            graph,
+            by_id,
+            groups,
+        })
+    }
+
+    /// The file the inventory came from.
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    /// Number of hosts.
+    pub fn len(&self) -> usize {
+        self.graph.node_count()
+    }
+
+    /// Whether the inventory has no hosts.
+    pub fn is_empty(&self) -> bool {
+        self.graph.node_count() == 0
+    }
+
+    /// A host by index.
+    pub fn host(&self, idx: HostIdx) -> &Host {
+        &self.graph[idx.0]
+    }
+
+    /// Look a host up by id.
+    pub fn lookup(&self, id: &str) -> Option<HostIdx> {
+        self.by_id.get(id).copied()
+    }
+
+    /// Every host, in inventory order.
+    pub fn hosts(&self) -> impl Iterator<Item = HostIdx> + '_ {
+        self.graph.node_indices().map(HostIdx)
+    }
+
+    /// Hosts of a group, in inventory order; `None` for a group nobody is in.
+    pub fn group(&self, group: &str) -> Option<&[HostIdx]> {
+        self.groups.get(group).map(Vec::as_slice)
+    }
+
+    /// Hosts that directly hold copies of `idx`.
+    pub fn direct_backups(&self, idx: HostIdx) -> impl Iterator<Item = HostIdx> + '_ {
+        self.graph
+            .edges_directed(idx.0, Direction::Outgoing)
+            .map(|e| HostIdx(e.target()))
+    }
+
+    /// Hosts that `idx` directly holds copies of.
+    pub fn direct_primaries(&self, idx: HostIdx) -> impl Iterator<Item = HostIdx> + '_ {
+        self.graph
+            .edges_directed(idx.0, Direction::Incoming)
+            .map(|e| HostIdx(e.source()))
+    }
+
+    /// Every host that backs `idx` up, directly or through a chain.
+    pub fn backups_transitive(&self, idx: HostIdx) -> BTreeSet<HostIdx> {
+        self.walk(idx, Direction::Outgoing)
+    }
+
+    /// Every host that `idx` backs up, directly or through a chain.
+    pub fn primaries_transitive(&self, idx: HostIdx) -> BTreeSet<HostIdx> {
+        self.walk(idx, Direction::Incoming)
+    }
+
+    fn walk(&self, start: HostIdx, dir: Direction) -> BTreeSet<HostIdx> {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![start.0];
+        while let Some(n) = stack.pop() {
+            for next in self.graph.neighbors_directed(n, dir) {
+                if seen.insert(HostIdx(next)) {
+                    stack.push(next);
+                }
+            }
+        }
+        seen
+    }
+
+    /// The id of a host.
+    pub fn id(&self, idx: HostIdx) -> &str {
+        &self.graph[idx.0].id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Fleet, Vec<Violation>> {
+        Fleet::parse(Source {
+            name: "fleet.yaml",
+            text,
+        })
+    }
+
+    fn codes(text: &str) -> Vec<(Code, Vec<String>)> {
+        parse(text)
+            .expect_err("must be refused")
+            .into_iter()
+            .map(|v| (v.code, v.hosts))
+            .collect()
+    }
+
+    #[test]
+    fn parses_the_formats_example() {
+        let fleet = parse(
+            "hosts:
+  - id: p09
+    address: 10.0.9.1
+    groups: [g-biz2]
+    labels: {rack: A09, os: debian12, tenant-tier: gold}
+    failure_domain: dc1-rackA09
+    role: primary
+  - id: b09
+    groups: [g-biz2-backup]
+    failure_domain: dc1-rackB09
+    role: backup
+    backup_of: [p09]
+",
+        )
+        .expect("valid");
+        let p = fleet.lookup("p09").expect("p09");
+        let b = fleet.lookup("b09").expect("b09");
+        assert_eq!(fleet.host(p).role, Role::Primary);
+        assert_eq!(fleet.host(p).labels["os"], "debian12");
+        assert_eq!(fleet.backups_transitive(p), BTreeSet::from([b]));
+        assert_eq!(fleet.primaries_transitive(b), BTreeSet::from([p]));
+        assert_eq!(fleet.group("g-biz2"), Some(&[p][..]));
+    }
+
+    #[test]
+    fn chains_are_transitive() {
+        let fleet = parse(
+            "hosts:
+  - {id: p1, role: primary}
+  - {id: b1, role: backup, backup_of: [p1]}
+  - {id: b2, role: backup, backup_of: [b1]}
+",
+        )
+        .expect("valid");
+        let p1 = fleet.lookup("p1").expect("p1");
+        let ids: Vec<&str> = fleet.backups_transitive(p1).into_iter().map(|h| fleet.id(h)).collect();
+        assert_eq!(ids, ["b1", "b2"]);
+    }
+
+    #[test]
+    fn refuses_cycles_naming_the_hosts() {
+        let got = codes(
+            "hosts:
+  - {id: a, role: backup, backup_of: [c]}
+  - {id: b, role: backup, backup_of: [a]}
+  - {id: c, role: backup, backup_of: [b]}
+",
+        );
+        assert_eq!(
+            got,
+            vec![(Code::InventoryInvalid, vec!["a".into(), "b".into(), "c".into()])]
+        );
+    }
+
+    #[test]
+    fn refuses_self_backup_dangling_duplicate_and_missing_backup_of() {
+        let errs = parse(
+            "hosts:
+  - {id: a, role: backup, backup_of: [a]}
+  - {id: b, role: backup, backup_of: [nosuch]}
+  - {id: c}
+  - {id: c}
+  - {id: d, role: backup}
+  - {id: Bad!}
+",
+        )
+        .expect_err("invalid");
+        let msgs: Vec<String> = errs.iter().map(|v| v.message.clone()).collect();
+        assert!(errs.iter().all(|v| v.code == Code::InventoryInvalid), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("own backup")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("`nosuch`")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("defined twice")), "{msgs:?}");
+        assert!(
+            msgs.iter().any(|m| m.contains("does not say what it backs up")),
+            "{msgs:?}"
+        );
+        assert!(msgs.iter().any(|m| m.contains("`Bad!`")), "{msgs:?}");
+        assert!(errs.iter().all(|v| v.line.is_some()), "every problem has a line");
+    }
+
+    #[test]
+    fn backup_of_needs_role_backup() {
+        let got = codes("hosts:\n  - {id: a}\n  - {id: b, role: primary, backup_of: [a]}\n");
+        assert_eq!(got, vec![(Code::InventoryInvalid, vec!["b".into()])]);
+    }
+
+    #[test]
+    fn host_ids() {
+        for ok in ["p09", "0a", "web-1.dc1_x"] {
+            assert!(is_valid_host_id(ok), "{ok}");
+        }
+        for bad in ["", "-a", "A1", "a b", "a/b", ".a"] {
+            assert!(!is_valid_host_id(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! wavegate's domain: the plan language, the fleet graph, target resolution,
+//! the wave planner and site policies.
+//!
+//! Everything here is pure: it takes text and returns values. Reading files,
+//! talking to agents and storing state belong to the controller and the agent.
+
+#![forbid(unsafe_code)]
+
+pub mod fleet;
+pub mod plan;
+pub mod targets;
+pub mod units;
+pub mod violation;
+pub mod yaml;
+
+pub use fleet::{Fleet, Host, HostIdx, Role};
+pub use plan::Plan;
+pub use targets::Targets;
+pub use violation::{Code, Loc, Violation, exit_status};
+pub use yaml::Source;
