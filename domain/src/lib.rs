@@ -6,15 +6,20 @@
 
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod fleet;
 pub mod plan;
+pub mod policy;
 pub mod targets;
 pub mod units;
 pub mod violation;
+pub mod waves;
 pub mod yaml;
 
+pub use check::{Report, WaveReport, check, check_sources};
 pub use fleet::{Fleet, Host, HostIdx, Role};
 pub use plan::Plan;
+pub use policy::PolicySet;
 pub use targets::Targets;
 pub use violation::{Code, Loc, Violation, exit_status};
 pub use yaml::Source;

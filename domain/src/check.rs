@@ -1,0 +1,241 @@
+//! `plan check`: a plan against an inventory and the site policies, giving the
+//! frozen targets, the waves and every violation.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::fleet::{Fleet, HostIdx, Role};
+use crate::plan::{self, WaveSpec};
+use crate::policy::PolicySet;
+use crate::targets::{self, Targets};
+use crate::violation::{Violation, exit_status};
+use crate::waves;
+use crate::yaml::Source;
+
+/// One wave as reported.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WaveReport {
+    /// 1-based.
+    pub index: usize,
+    /// Host ids, sorted.
+    pub hosts: Vec<String>,
+    /// Groups the wave's hosts are in.
+    pub groups: Vec<String>,
+    /// Failure domains the wave's hosts are in.
+    pub failure_domains: Vec<String>,
+    /// How many of the wave's hosts are backups.
+    pub backups: usize,
+}
+
+/// The answer to "what would this plan do, and is it safe?".
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// No violations.
+    pub ok: bool,
+    /// The plan's name, when it could be read.
+    pub plan: Option<String>,
+    /// The plan file.
+    pub plan_file: String,
+    /// The inventory file.
+    pub fleet_file: String,
+    /// The frozen target list, sorted.
+    pub targets: Vec<String>,
+    /// The waves, in order.
+    pub waves: Vec<WaveReport>,
+    /// Every problem found, ordered by file and position.
+    pub violations: Vec<Violation>,
+    /// Where the waves differ from the plan's sizes, and why.
+    pub notes: Vec<String>,
+    /// Ids of the policy rules the plan was checked against.
+    pub policies: Vec<String>,
+}
+
+impl Report {
+    /// A report for input that could not be read at all.
+    pub fn unreadable(fleet_file: &str, plan_file: &str, violations: Vec<Violation>) -> Report {
+        finish(
+            fleet_file,
+            plan_file,
+            None,
+            Vec::new(),
+            Vec::new(),
+            violations,
+            Vec::new(),
+            &PolicySet::default(),
+        )
+    }
+
+    /// The exit status FORMATS.md gives this result.
+    pub fn exit_status(&self) -> u8 {
+        exit_status(&self.violations)
+    }
+}
+
+/// Check a plan given as text against an inventory given as text.
+pub fn check_sources(fleet: Source<'_>, plan: Source<'_>, policies: &PolicySet) -> Report {
+    match Fleet::parse(fleet) {
+        Ok(f) => check(&f, plan, policies),
+        Err(fleet_violations) => {
+            // The plan's own rules can still be checked without the inventory.
+            let mut violations = fleet_violations;
+            match plan::parse(plan) {
+                Ok((_, v)) => violations.extend(v),
+                Err(v) => violations.push(*v),
+            }
+            finish(
+                fleet.name,
+                plan.name,
+                None,
+                Vec::new(),
+                Vec::new(),
+                violations,
+                Vec::new(),
+                policies,
+            )
+        }
+    }
+}
+
+/// Check a plan against a parsed inventory.
+pub fn check(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> Report {
+    let (plan, mut violations) = match plan::parse(plan_src) {
+        Ok(p) => p,
+        Err(v) => {
+            return finish(
+                fleet.file(),
+                plan_src.name,
+                None,
+                Vec::new(),
+                Vec::new(),
+                vec![*v],
+                Vec::new(),
+                policies,
+            );
+        }
+    };
+    let (targets, target_violations) = targets::resolve(fleet, &plan.targets, &plan.file);
+    let targets_ok = target_violations.is_empty() && !targets.is_empty();
+    violations.extend(target_violations);
+
+    let mut notes = Vec::new();
+    let mut waves_out = Vec::new();
+    if targets_ok {
+        let caps = policies.caps();
+        let (waves, locs) = match &plan.waves {
+            WaveSpec::Sizes(sizes) => {
+                let amounts: Vec<_> = sizes.iter().map(|s| s.value).collect();
+                let generated = waves::generate(fleet, &targets, &amounts, &caps);
+                notes = generated.notes;
+                // Generated waves are checked like explicit ones: a planner
+                // bug is refused, never run.
+                let (_, coverage) = waves::resolve_explicit(
+                    fleet,
+                    &targets,
+                    &as_explicit(fleet, &generated.waves, &plan.waves_loc),
+                    &plan.waves_loc,
+                );
+                violations.extend(coverage);
+                (generated.waves, vec![plan.waves_loc.clone()])
+            }
+            WaveSpec::Explicit(list) => {
+                let (waves, v) = waves::resolve_explicit(fleet, &targets, list, &plan.waves_loc);
+                violations.extend(v);
+                let locs = list.iter().map(|w| w.loc.clone()).collect();
+                (waves, locs)
+            }
+        };
+        violations.extend(waves::check(fleet, &targets, &waves, &locs, &caps));
+        violations.extend(policies.check(fleet, &plan, Some((&targets, &waves))));
+        waves_out = waves;
+    } else {
+        violations.extend(policies.check(fleet, &plan, None));
+    }
+    let target_ids = targets.hosts().iter().map(|h| fleet.id(*h).to_owned()).collect();
+    let reports = wave_reports(fleet, &waves_out);
+    finish(
+        fleet.file(),
+        &plan.file,
+        Some(plan.name.clone()),
+        target_ids,
+        reports,
+        violations,
+        notes,
+        policies,
+    )
+}
+
+fn as_explicit(
+    fleet: &Fleet,
+    waves: &[Vec<HostIdx>],
+    loc: &crate::violation::Loc,
+) -> Vec<plan::At<Vec<plan::At<String>>>> {
+    waves
+        .iter()
+        .map(|w| plan::At {
+            value: w
+                .iter()
+                .map(|h| plan::At {
+                    value: fleet.id(*h).to_owned(),
+                    loc: loc.clone(),
+                })
+                .collect(),
+            loc: loc.clone(),
+        })
+        .collect()
+}
+
+fn wave_reports(fleet: &Fleet, waves: &[Vec<HostIdx>]) -> Vec<WaveReport> {
+    waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let groups: BTreeSet<&str> = w
+                .iter()
+                .flat_map(|h| fleet.host(*h).groups.iter().map(String::as_str))
+                .collect();
+            let fds: BTreeSet<&str> = w
+                .iter()
+                .filter_map(|h| fleet.host(*h).failure_domain.as_deref())
+                .collect();
+            WaveReport {
+                index: i + 1,
+                hosts: w.iter().map(|h| fleet.id(*h).to_owned()).collect(),
+                groups: groups.into_iter().map(str::to_owned).collect(),
+                failure_domains: fds.into_iter().map(str::to_owned).collect(),
+                backups: w.iter().filter(|h| fleet.host(**h).role == Role::Backup).count(),
+            }
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    fleet_file: &str,
+    plan_file: &str,
+    plan: Option<String>,
+    targets: Vec<String>,
+    waves: Vec<WaveReport>,
+    mut violations: Vec<Violation>,
+    notes: Vec<String>,
+    policies: &PolicySet,
+) -> Report {
+    waves::sort_violations(&mut violations);
+    violations.dedup();
+    Report {
+        ok: violations.is_empty(),
+        plan,
+        plan_file: plan_file.to_owned(),
+        fleet_file: fleet_file.to_owned(),
+        targets,
+        waves,
+        violations,
+        notes,
+        policies: policies.rules().iter().map(|r| r.id.clone()).collect(),
+    }
+}
+
+/// Targets as a list of ids (for callers that hold a [`Targets`]).
+pub fn target_ids(fleet: &Fleet, targets: &Targets) -> Vec<String> {
+    targets.hosts().iter().map(|h| fleet.id(*h).to_owned()).collect()
+}

@@ -1,0 +1,683 @@
+//! Site policies: YAML rule files every plan is checked against.
+//!
+//! Each rule has an `id` (reported as `policy:<id>`) and a `kind`; the kinds
+//! and their fields are documented in `docs/policy-reference.md`. The two cap
+//! kinds are also handed to the wave planner, so generated waves honour them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+use crate::fleet::{Fleet, HostIdx};
+use crate::plan::Plan;
+use crate::targets::Targets;
+use crate::units::{self, Amount, Scalar, format_duration};
+use crate::violation::{Code, Loc, Violation};
+use crate::waves::{Attribute, Cap};
+use crate::yaml::{self, Source, loc_of};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyDoc {
+    #[allow(dead_code)]
+    description: Option<String>,
+    rules: Option<Vec<Spanned<RuleDoc>>>,
+}
+
+/// Every field any rule kind takes; which ones a kind accepts is checked after
+/// parsing, so that each problem has a location.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDoc {
+    id: Option<Spanned<String>>,
+    kind: Option<Spanned<String>>,
+    description: Option<String>,
+    max_hosts: Option<Spanned<i64>>,
+    max_share: Option<Spanned<Scalar>>,
+    min: Option<Spanned<Scalar>>,
+    paths: Option<Vec<Spanned<String>>>,
+    min_approvals: Option<Spanned<i64>>,
+    label: Option<Spanned<String>>,
+    patterns: Option<Vec<Spanned<String>>>,
+}
+
+/// The rule kinds, with the fields each accepts.
+const KINDS: &[(&str, &[&str])] = &[
+    ("canary-size", &["max_hosts", "max_share"]),
+    ("min-bake", &["min"]),
+    ("protected-paths", &["paths", "min_approvals"]),
+    ("failure-domain-cap", &["max_hosts", "max_share"]),
+    ("label-cap", &["label", "max_hosts", "max_share"]),
+    ("destructive-command", &["patterns"]),
+    ("require-expect-count", &[]),
+    ("require-health-checks", &[]),
+];
+
+/// What a rule checks.
+#[derive(Clone, Debug)]
+pub enum RuleKind {
+    /// The canary may hold at most this many hosts / this share of targets.
+    CanarySize {
+        /// Absolute limit.
+        max_hosts: Option<u64>,
+        /// Share of the targets, rounded up.
+        max_share: Option<u8>,
+    },
+    /// `health.bake` must be at least this long.
+    MinBake {
+        /// Minimum bake.
+        min: Duration,
+    },
+    /// Steps writing to (or above, or inside) these paths need more approvers.
+    ProtectedPaths {
+        /// Protected paths, normalised.
+        paths: Vec<String>,
+        /// Approvals a plan touching them must ask for.
+        min_approvals: u32,
+    },
+    /// A per-wave cap (failure domain or label value).
+    Cap(Cap),
+    /// A step whose `run` holds a destructive command must declare
+    /// `max_deletions` above zero.
+    DestructiveCommand {
+        /// Site patterns on top of the built-in ones.
+        extra: Vec<Regex>,
+    },
+    /// `targets.expect_count` is required.
+    RequireExpectCount,
+    /// At least one health check is required.
+    RequireHealthChecks,
+}
+
+/// One site policy rule.
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// Id, reported as `policy:<id>`.
+    pub id: String,
+    /// What it is for, in the policy author's words.
+    pub description: Option<String>,
+    /// Where it is written.
+    pub loc: Loc,
+    /// What it checks.
+    pub kind: RuleKind,
+}
+
+/// Every rule from a set of policy files.
+#[derive(Clone, Debug, Default)]
+pub struct PolicySet {
+    rules: Vec<Rule>,
+}
+
+/// Built-in destructive command patterns: a deleting command in command
+/// position, `find -delete`, `rsync --delete`, and SQL that drops data.
+static DESTRUCTIVE: LazyLock<Vec<(&'static str, Regex)>> = LazyLock::new(|| {
+    let command = r"(?:^|[\s;&|(`{!])(?:sudo\s+|exec\s+|xargs\s+(?:-\S+\s+)*)?(?:/usr)?(?:/s?bin/)?";
+    let end = r"(?:\s|$|[;&|)`}])";
+    let mut v = Vec::new();
+    for (name, word) in [
+        ("rm", "rm"),
+        ("rmdir", "rmdir"),
+        ("unlink", "unlink"),
+        ("shred", "shred"),
+        ("truncate", "truncate"),
+        ("dd", "dd"),
+        ("mkfs", r"mkfs(?:\.[a-z0-9]+)?"),
+        ("wipefs", "wipefs"),
+        ("blkdiscard", "blkdiscard"),
+    ] {
+        if let Ok(re) = Regex::new(&format!("{command}{word}{end}")) {
+            v.push((name, re));
+        }
+    }
+    for (name, re) in [
+        ("find -delete", r"\bfind\b.*\s-delete\b"),
+        ("rsync --delete", r"\brsync\b.*\s--delete"),
+        ("SQL DROP", r"(?i)\bdrop\s+(?:table|database|schema|index|view)\b"),
+        ("SQL TRUNCATE", r"(?i)\btruncate\s+table\b"),
+        ("SQL DELETE", r"(?i)\bdelete\s+from\b"),
+    ] {
+        if let Ok(re) = Regex::new(re) {
+            v.push((name, re));
+        }
+    }
+    v
+});
+
+/// The destructive command a `run` line holds, if any (built-in patterns).
+pub fn destructive_command(run: &str) -> Option<&'static str> {
+    DESTRUCTIVE
+        .iter()
+        .find(|(_, re)| re.is_match(run))
+        .map(|(name, _)| *name)
+}
+
+fn valid_rule_id(id: &str) -> bool {
+    let mut b = id.bytes();
+    matches!(b.next(), Some(b'a'..=b'z' | b'0'..=b'9'))
+        && b.all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.'))
+}
+
+fn bad(loc: &Loc, field: String, message: String, fix: impl Into<String>) -> Violation {
+    Violation::new(Code::ParseError, message).at(loc).field(field).fix(fix)
+}
+
+impl PolicySet {
+    /// Parse policy files; every problem in every file is reported.
+    pub fn parse(files: &[Source<'_>]) -> Result<PolicySet, Vec<Violation>> {
+        let mut v = Vec::new();
+        let mut rules = Vec::new();
+        let mut seen: HashMap<String, Loc> = HashMap::new();
+        for src in files {
+            let doc: PolicyDoc = match yaml::parse(*src, "policy file") {
+                Ok(d) => d,
+                Err(e) => {
+                    v.push(*e);
+                    continue;
+                }
+            };
+            let Some(list) = doc.rules else {
+                v.push(bad(
+                    &Loc::file(src.name),
+                    "rules".into(),
+                    "the policy file has no `rules:` list".into(),
+                    "list the rules under `rules:`; see docs/policy-reference.md",
+                ));
+                continue;
+            };
+            for (i, rule) in list.into_iter().enumerate() {
+                if let Some(r) = parse_rule(src.name, i, rule, &mut v) {
+                    if let Some(first) = seen.get(&r.id) {
+                        v.push(bad(
+                            &r.loc,
+                            format!("rules[{i}].id"),
+                            format!("policy rule id `{}` is used twice (first at {first})", r.id),
+                            "give every rule its own id; violations are reported as policy:<id>",
+                        ));
+                        continue;
+                    }
+                    seen.insert(r.id.clone(), r.loc.clone());
+                    rules.push(r);
+                }
+            }
+        }
+        if v.is_empty() { Ok(PolicySet { rules }) } else { Err(v) }
+    }
+
+    /// The rules, in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The caps the planner must honour.
+    pub fn caps(&self) -> Vec<Cap> {
+        self.rules
+            .iter()
+            .filter_map(|r| match &r.kind {
+                RuleKind::Cap(c) => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Check a plan against every rule except the caps (which
+    /// [`crate::waves::check`] enforces wave by wave). `placed` is the
+    /// resolved targets and waves, when resolution succeeded: rules about the
+    /// plan's own content run either way, so one run reports everything.
+    pub fn check(&self, fleet: &Fleet, plan: &Plan, placed: Option<(&Targets, &[Vec<HostIdx>])>) -> Vec<Violation> {
+        let mut v = Vec::new();
+        for rule in &self.rules {
+            let code = Code::Policy(rule.id.clone());
+            let why = rule
+                .description
+                .as_deref()
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
+            match &rule.kind {
+                RuleKind::CanarySize { max_hosts, max_share } => {
+                    let Some((targets, waves)) = placed else { continue };
+                    let Some(canary) = waves.first() else { continue };
+                    let cap = Cap {
+                        rule_id: rule.id.clone(),
+                        loc: rule.loc.clone(),
+                        attribute: Attribute::FailureDomain,
+                        max_hosts: *max_hosts,
+                        max_share: *max_share,
+                    };
+                    let limit = cap.limit(targets.len());
+                    if canary.len() > limit {
+                        v.push(
+                            Violation::new(code, format!("the canary (wave 1) holds {} hosts; the site allows at most {limit} for {} targets{why}", canary.len(), targets.len()))
+                                .at(&plan.waves_loc)
+                                .field("waves[0]")
+                                .hosts(canary.iter().map(|h| fleet.id(*h).to_owned()))
+                                .fix(format!("make the first wave at most {limit} host{}, like `- size: 1`", if limit == 1 { "" } else { "s" })),
+                        );
+                    }
+                }
+                RuleKind::MinBake { min } => {
+                    if plan.health.bake < *min {
+                        v.push(
+                            Violation::new(
+                                code,
+                                format!(
+                                    "`health.bake` is {}; the site requires at least {}{why}",
+                                    format_duration(plan.health.bake),
+                                    format_duration(*min)
+                                ),
+                            )
+                            .at(&plan.health.bake_loc)
+                            .field("health.bake")
+                            .fix(format!(
+                                "write `bake: {}` or longer, so a wave is watched before the next one starts",
+                                format_duration(*min)
+                            )),
+                        );
+                    }
+                }
+                RuleKind::ProtectedPaths { paths, min_approvals } => {
+                    if plan.approvals >= *min_approvals {
+                        continue;
+                    }
+                    for (i, step) in plan.steps.iter().enumerate() {
+                        let hits: Vec<String> = step
+                            .writes
+                            .iter()
+                            .flat_map(|w| {
+                                paths
+                                    .iter()
+                                    .filter(move |p| overlaps(w, p))
+                                    .map(move |p| format!("`{w}` covers `{p}`"))
+                            })
+                            .collect();
+                        if !hits.is_empty() {
+                            v.push(
+                                Violation::new(code.clone(), format!("step `{}` may change protected customer data: {}{why}", step.name, hits.join(", ")))
+                                    .at(&step.writes_loc)
+                                    .field(format!("steps[{i}].writes"))
+                                    .fix(format!("narrow `writes` to what the step really changes, or ask for `approvals: {min_approvals}` (the plan asks for {})", plan.approvals)),
+                            );
+                        }
+                    }
+                }
+                RuleKind::DestructiveCommand { extra } => {
+                    for (i, step) in plan.steps.iter().enumerate() {
+                        if step.max_deletions > 0 {
+                            continue;
+                        }
+                        let hit = destructive_command(&step.run).map(str::to_owned).or_else(|| {
+                            extra
+                                .iter()
+                                .find(|re| re.is_match(&step.run))
+                                .map(|re| format!("site pattern `{re}`"))
+                        });
+                        if let Some(hit) = hit {
+                            v.push(
+                                Violation::new(code.clone(), format!("step `{}` runs a destructive command ({hit}) but declares `max_deletions: 0`{why}", step.name))
+                                    .at(&step.run_loc)
+                                    .field(format!("steps[{i}].run"))
+                                    .fix("declare `max_deletions: N`, the number of files the step may delete per host, so its dry-run is held to it; or remove the command"),
+                            );
+                        }
+                    }
+                }
+                RuleKind::RequireExpectCount => {
+                    if plan.targets.expect_count.is_none() {
+                        v.push(
+                            Violation::new(code, format!("`targets` has no `expect_count`{why}"))
+                                .at(&plan.targets.loc.clone().unwrap_or_else(|| Loc::file(&plan.file)))
+                                .field("targets.expect_count")
+                                .fix(match placed {
+                                    Some((targets, _)) => format!(
+                                        "add `expect_count: {}` if the {} resolved targets are what you meant",
+                                        targets.len(),
+                                        targets.len()
+                                    ),
+                                    None => "add `expect_count: N`, the number of hosts the selection must resolve to"
+                                        .into(),
+                                }),
+                        );
+                    }
+                }
+                RuleKind::RequireHealthChecks => {
+                    if plan.health.checks.is_empty() {
+                        v.push(
+                            Violation::new(code, format!("the plan has no health checks{why}"))
+                                .at(&Loc::file(&plan.file))
+                                .field("health.checks")
+                                .fix("add at least one check that proves the patched service works, like `{name: smtp, tcp: \"127.0.0.1:25\"}`"),
+                        );
+                    }
+                }
+                RuleKind::Cap(_) => {}
+            }
+        }
+        v
+    }
+}
+
+/// Whether writing `w` may touch protected `p`: the same path, one inside the
+/// other.
+fn overlaps(w: &str, p: &str) -> bool {
+    let inside = |a: &str, b: &str| a == b || a.strip_prefix(b).is_some_and(|rest| rest.starts_with('/'));
+    inside(w, p) || inside(p, w)
+}
+
+fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violation>) -> Option<Rule> {
+    let loc = loc_of(file, &rule);
+    let r = rule.value;
+    let field = |f: &str| format!("rules[{i}].{f}");
+    let before = v.len();
+    let id = match &r.id {
+        Some(id) if valid_rule_id(&id.value) => id.value.clone(),
+        Some(id) => {
+            v.push(bad(
+                &loc_of(file, id),
+                field("id"),
+                format!("`{}` is not a valid rule id", id.value),
+                "use lower-case letters, digits and `-`, like `canary-size`",
+            ));
+            String::new()
+        }
+        None => {
+            v.push(bad(
+                &loc,
+                field("id"),
+                "a policy rule has no `id`".into(),
+                "add `id: <name>`; violations are reported as policy:<id>",
+            ));
+            String::new()
+        }
+    };
+    let Some(kind) = r.kind.as_ref() else {
+        v.push(bad(
+            &loc,
+            field("kind"),
+            format!("rule `{id}` has no `kind`"),
+            format!("add `kind:` with one of: {}", kind_names()),
+        ));
+        return None;
+    };
+    let Some((kind_name, accepted)) = KINDS.iter().find(|(k, _)| *k == kind.value) else {
+        v.push(bad(
+            &loc_of(file, kind),
+            field("kind"),
+            format!("rule `{id}`: `{}` is not a rule kind", kind.value),
+            format!("use one of: {}", kind_names()),
+        ));
+        return None;
+    };
+    let present: BTreeMap<&str, Loc> = [
+        ("max_hosts", r.max_hosts.as_ref().map(|s| loc_of(file, s))),
+        ("max_share", r.max_share.as_ref().map(|s| loc_of(file, s))),
+        ("min", r.min.as_ref().map(|s| loc_of(file, s))),
+        ("paths", r.paths.as_ref().map(|_| loc.clone())),
+        ("min_approvals", r.min_approvals.as_ref().map(|s| loc_of(file, s))),
+        ("label", r.label.as_ref().map(|s| loc_of(file, s))),
+        ("patterns", r.patterns.as_ref().map(|_| loc.clone())),
+    ]
+    .into_iter()
+    .filter_map(|(k, l)| l.map(|l| (k, l)))
+    .collect();
+    for (f, floc) in &present {
+        if !accepted.contains(f) {
+            let takes = if accepted.is_empty() {
+                "no fields".to_string()
+            } else {
+                accepted.join(", ")
+            };
+            v.push(bad(
+                floc,
+                field(f),
+                format!("rule `{id}`: `{f}` does not apply to kind `{kind_name}`"),
+                format!("kind `{kind_name}` takes {takes}"),
+            ));
+        }
+    }
+    let max_hosts = r.max_hosts.as_ref().and_then(|m| match u64::try_from(m.value) {
+        Ok(n) if n > 0 => Some(n),
+        _ => {
+            v.push(bad(
+                &loc_of(file, m),
+                field("max_hosts"),
+                format!("rule `{id}`: `max_hosts: {}` must be at least 1", m.value),
+                "write a positive count",
+            ));
+            None
+        }
+    });
+    let max_share = r
+        .max_share
+        .as_ref()
+        .and_then(|m| match units::parse_amount(&m.value, false) {
+            Ok(Amount::Percent(p)) => Some(p),
+            Ok(Amount::Count(_)) => {
+                v.push(bad(
+                    &loc_of(file, m),
+                    field("max_share"),
+                    format!("rule `{id}`: `max_share` must be a percentage"),
+                    "write `max_share: 10%`, or use `max_hosts` for a count",
+                ));
+                None
+            }
+            Err(e) => {
+                v.push(bad(
+                    &loc_of(file, m),
+                    field("max_share"),
+                    format!("rule `{id}`: {e}"),
+                    "write `max_share: 10%`",
+                ));
+                None
+            }
+        });
+    let needs_limit = matches!(*kind_name, "canary-size" | "failure-domain-cap" | "label-cap");
+    if needs_limit && max_hosts.is_none() && max_share.is_none() && r.max_hosts.is_none() && r.max_share.is_none() {
+        v.push(bad(
+            &loc,
+            field("max_hosts"),
+            format!("rule `{id}` sets no limit"),
+            "add `max_hosts: N`, `max_share: N%`, or both",
+        ));
+    }
+    let kind = match *kind_name {
+        "canary-size" => RuleKind::CanarySize { max_hosts, max_share },
+        "min-bake" => {
+            let min = match &r.min {
+                None => {
+                    v.push(bad(
+                        &loc,
+                        field("min"),
+                        format!("rule `{id}` has no `min`"),
+                        "add `min: 5m`",
+                    ));
+                    Duration::ZERO
+                }
+                Some(m) => units::parse_duration(&m.value).unwrap_or_else(|e| {
+                    v.push(bad(
+                        &loc_of(file, m),
+                        field("min"),
+                        format!("rule `{id}`: {e}"),
+                        "write `min: 5m`",
+                    ));
+                    Duration::ZERO
+                }),
+            };
+            RuleKind::MinBake { min }
+        }
+        "protected-paths" => {
+            let mut paths = Vec::new();
+            for (j, p) in r.paths.iter().flatten().enumerate() {
+                match crate::plan::normalise_write_path(&p.value) {
+                    Ok(n) => paths.push(n),
+                    Err(why) => v.push(bad(
+                        &loc_of(file, p),
+                        format!("rules[{i}].paths[{j}]"),
+                        format!("rule `{id}`: path `{}` {why}", p.value),
+                        "write absolute paths like `/home`",
+                    )),
+                }
+            }
+            if r.paths.as_ref().is_none_or(Vec::is_empty) {
+                v.push(bad(
+                    &loc,
+                    field("paths"),
+                    format!("rule `{id}` protects no paths"),
+                    "add `paths: [/home, /var/mail]`",
+                ));
+            }
+            let min_approvals = match &r.min_approvals {
+                None => 2,
+                Some(m) => u32::try_from(m.value).ok().filter(|n| *n >= 1).unwrap_or_else(|| {
+                    v.push(bad(
+                        &loc_of(file, m),
+                        field("min_approvals"),
+                        format!("rule `{id}`: `min_approvals: {}` must be at least 1", m.value),
+                        "write `min_approvals: 2`",
+                    ));
+                    2
+                }),
+            };
+            RuleKind::ProtectedPaths { paths, min_approvals }
+        }
+        "failure-domain-cap" => RuleKind::Cap(Cap {
+            rule_id: id.clone(),
+            loc: loc.clone(),
+            attribute: Attribute::FailureDomain,
+            max_hosts,
+            max_share,
+        }),
+        "label-cap" => {
+            let label = match &r.label {
+                Some(l) if !l.value.is_empty() => l.value.clone(),
+                _ => {
+                    v.push(bad(
+                        &loc,
+                        field("label"),
+                        format!("rule `{id}` names no `label`"),
+                        "add `label: customer` (the label whose hosts are counted per value)",
+                    ));
+                    String::new()
+                }
+            };
+            RuleKind::Cap(Cap {
+                rule_id: id.clone(),
+                loc: loc.clone(),
+                attribute: Attribute::Label(label),
+                max_hosts,
+                max_share,
+            })
+        }
+        "destructive-command" => {
+            let mut extra = Vec::new();
+            for (j, p) in r.patterns.iter().flatten().enumerate() {
+                match Regex::new(&p.value) {
+                    Ok(re) => extra.push(re),
+                    Err(e) => v.push(bad(
+                        &loc_of(file, p),
+                        format!("rules[{i}].patterns[{j}]"),
+                        format!("rule `{id}`: pattern `{}` is not a regular expression: {e}", p.value),
+                        "write a Rust `regex` pattern, like `\\bmysqladmin\\s+drop\\b`",
+                    )),
+                }
+            }
+            RuleKind::DestructiveCommand { extra }
+        }
+        "require-expect-count" => RuleKind::RequireExpectCount,
+        _ => RuleKind::RequireHealthChecks,
+    };
+    (v.len() == before).then_some(Rule {
+        id,
+        description: r.description,
+        loc,
+        kind,
+    })
+}
+
+fn kind_names() -> String {
+    KINDS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destructive_commands_are_recognised() {
+        for run in [
+            "rm -rf /home/$TARGET",
+            "cd /x && rm -f a",
+            "sudo rm a",
+            "/bin/rm a",
+            "find /var/mail -type f -delete",
+            "find /x | xargs -0 rm",
+            "rsync -a --delete src/ dst/",
+            "mysql -e 'DROP DATABASE shop'",
+            "psql -c \"truncate table orders\"",
+            "dd if=/dev/zero of=/dev/sda",
+            "mkfs.ext4 /dev/sdb1",
+            "wipefs -a /dev/sdb",
+            "shred -u secret",
+            "truncate -s 0 /var/log/x",
+            "unlink /etc/x",
+        ] {
+            assert!(destructive_command(run).is_some(), "{run:?} not flagged");
+        }
+        for run in [
+            "/usr/local/sbin/patch-postfix --apply",
+            "docker run --rm image",
+            "perform-update",
+            "apt-get install -y postfix",
+            "echo confirmed > /etc/motd",
+            "systemctl restart postfix",
+        ] {
+            assert_eq!(destructive_command(run), None, "{run:?} flagged");
+        }
+    }
+
+    #[test]
+    fn overlap_is_by_path_component() {
+        assert!(overlaps("/home", "/home"));
+        assert!(overlaps("/home/alice", "/home"));
+        assert!(overlaps("/var", "/var/mail"));
+        assert!(!overlaps("/homes", "/home"));
+        assert!(!overlaps("/var/lib/mysqlx", "/var/lib/mysql"));
+    }
+
+    fn parse(text: &str) -> Result<PolicySet, Vec<Violation>> {
+        PolicySet::parse(&[Source { name: "p.yaml", text }])
+    }
+
+    #[test]
+    fn rule_fields_are_checked_per_kind() {
+        let errs = parse(
+            "rules:
+  - {id: a, kind: min-bake, min: 5m, max_hosts: 3}
+  - {id: b, kind: no-such-kind}
+  - {id: c, kind: label-cap, max_share: 50%}
+  - {id: d, kind: canary-size}
+  - {id: f, kind: require-health-checks}
+  - {id: f, kind: require-expect-count}
+  - {id: e, kind: destructive-command, patterns: ['(']}
+",
+        )
+        .expect_err("invalid");
+        let msgs: Vec<&str> = errs.iter().map(|v| v.message.as_str()).collect();
+        assert!(
+            errs.iter().all(|v| v.code == Code::ParseError && v.line.is_some()),
+            "{errs:#?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("`max_hosts` does not apply to kind `min-bake`")),
+            "{msgs:?}"
+        );
+        assert!(msgs.iter().any(|m| m.contains("not a rule kind")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("names no `label`")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("sets no limit")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("used twice")), "{msgs:?}");
+        assert!(msgs.iter().any(|m| m.contains("not a regular expression")), "{msgs:?}");
+    }
+}
