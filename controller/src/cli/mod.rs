@@ -1,0 +1,60 @@
+//! The `wavegate` command line: one module per subcommand, each with a `run`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub mod plan;
+
+/// wavegate: staged patch rollouts with a safety gate.
+#[derive(Debug, Parser)]
+#[command(name = "wavegate", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with patch plans without running anything.
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    #[default]
+    Text,
+    /// One JSON object, for scripts.
+    Json,
+}
+
+/// Policy directory flag shared by commands that check plans.
+#[derive(Clone, Debug, clap::Args)]
+pub struct PolicyArgs {
+    /// Directory of site policy files (`*.yaml`); the shipped `policies/` set
+    /// is used when not given.
+    #[arg(long, value_name = "DIR", env = "WAVEGATE_POLICIES")]
+    pub policies: Option<PathBuf>,
+}
+
+impl PolicyArgs {
+    /// Where to load policies from.
+    pub fn source(&self) -> crate::policies::PolicySource {
+        match &self.policies {
+            Some(dir) => crate::policies::PolicySource::Dir(dir.clone()),
+            None => crate::policies::PolicySource::Shipped,
+        }
+    }
+}
+
+/// Run a parsed command line; returns the exit status.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Plan(cmd) => plan::run(cmd),
+    }
+}

@@ -1,0 +1,302 @@
+//! `wavegate plan check` from outside: every refusal FORMATS.md promises, with
+//! its code, its exit status, its location and a fix a new operator can act on.
+
+use serde_json::Value;
+use wavegate_tests::{Run, fixture, wavegate};
+
+fn check(plan: &str) -> Run {
+    check_with(plan, "fleet.yaml")
+}
+
+fn check_with(plan: &str, fleet: &str) -> Run {
+    wavegate([
+        "plan".as_ref(),
+        "check".as_ref(),
+        "--fleet".as_ref(),
+        fixture(fleet).as_os_str(),
+        fixture(&format!("plans/{plan}.yaml")).as_os_str(),
+        "--output".as_ref(),
+        "json".as_ref(),
+    ])
+}
+
+fn codes(report: &Value) -> Vec<String> {
+    report["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .map(|v| v["code"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+fn hosts(v: &Value) -> Vec<&str> {
+    v["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
+/// Run `plan`, expect exactly one violation with `code` and `status`, and that
+/// it says where and how to fix it. Returns the violation.
+fn refused_once(plan: &str, code: &str, status: i32) -> Value {
+    let run = check(plan);
+    assert_eq!(run.status, status, "{plan}: exit status\n{}", run.stdout);
+    let report = run.json();
+    assert_eq!(report["ok"], false);
+    assert_eq!(codes(&report), [code], "{plan}: {:#}", report["violations"]);
+    let v = report["violations"][0].clone();
+    assert!(
+        v["file"].as_str().is_some_and(|f| f.ends_with(&format!("{plan}.yaml"))),
+        "{plan}: file named: {v:#}"
+    );
+    assert!(
+        v["message"].as_str().is_some_and(|m| m.len() > 20),
+        "{plan}: message: {v:#}"
+    );
+    assert!(v["fix"].as_str().is_some_and(|m| m.len() > 10), "{plan}: fix: {v:#}");
+    v
+}
+
+#[test]
+fn a_good_plan_passes_with_targets_and_waves() {
+    let run = check("good");
+    assert_eq!(run.status, 0, "{}", run.stdout);
+    let r = run.json();
+    assert_eq!(r["ok"], true);
+    assert_eq!(r["targets"], serde_json::json!(["b1", "b2", "bb1", "p1", "p2"]));
+    let waves = r["waves"].as_array().expect("waves");
+    assert_eq!(waves[0]["index"], 1);
+    assert_eq!(waves[0]["hosts"].as_array().map(Vec::len), Some(1), "canary of size 1");
+    let wave_of = |h: &str| {
+        waves
+            .iter()
+            .position(|w| w["hosts"].as_array().is_some_and(|a| a.iter().any(|x| x == h)))
+    };
+    assert!(wave_of("b1") > wave_of("p1") && wave_of("bb1") > wave_of("b1") && wave_of("b2") > wave_of("p2"));
+    assert_eq!(r["violations"], serde_json::json!([]));
+}
+
+#[test]
+fn no_targets() {
+    let v = refused_once("no-targets", "targets-missing", 3);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("never defaults to all hosts"),
+        "{v:#}"
+    );
+}
+
+#[test]
+fn targets_resolving_to_nothing() {
+    refused_once("targets-resolve-to-nothing", "targets-missing", 3);
+}
+
+#[test]
+fn empty_label_selector_is_not_everything() {
+    refused_once("empty-labels-select-nothing", "targets-missing", 3);
+}
+
+#[test]
+fn unknown_host_is_named_with_its_position() {
+    let v = refused_once("unknown-host", "unknown-host", 3);
+    assert_eq!(hosts(&v), ["p3"]);
+    assert_eq!((v["line"].as_u64(), v["column"].as_u64()), (Some(3), Some(15)), "{v:#}");
+    assert!(
+        v["fix"].as_str().unwrap_or("").contains("did you mean `p1`")
+            || v["fix"].as_str().unwrap_or("").contains("`p2`"),
+        "{v:#}"
+    );
+}
+
+#[test]
+fn unknown_group() {
+    let v = refused_once("unknown-group", "unknown-group", 3);
+    assert!(v["message"].as_str().unwrap_or("").contains("g-webb"));
+    assert_eq!(v["line"], 3);
+}
+
+#[test]
+fn unknown_label() {
+    let v = refused_once("unknown-label", "unknown-label", 3);
+    assert!(v["message"].as_str().unwrap_or("").contains("os: debian13"), "{v:#}");
+}
+
+#[test]
+fn expect_count_mismatch_lists_what_was_resolved() {
+    let v = refused_once("expect-count-mismatch", "expect-count-mismatch", 3);
+    assert_eq!(hosts(&v), ["p1", "p2"]);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("resolve to 2 hosts but `expect_count` is 3"),
+        "{v:#}"
+    );
+}
+
+#[test]
+fn primary_and_backup_in_one_explicit_wave() {
+    let v = refused_once("pair-same-wave", "pair-same-wave", 3);
+    assert_eq!(hosts(&v), ["b1", "p1"]);
+    assert_eq!(v["line"], 7, "points at the offending wave: {v:#}");
+}
+
+#[test]
+fn backup_of_a_backup_in_the_wave_of_the_first_primary() {
+    let run = check("chain-same-wave");
+    assert_eq!(run.status, 3);
+    let r = run.json();
+    let pair = r["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .find(|v| v["code"] == "pair-same-wave")
+        .unwrap_or_else(|| panic!("no pair-same-wave: {r:#}"));
+    assert_eq!(hosts(pair), ["bb1", "p1"]);
+    assert!(
+        pair["message"].as_str().unwrap_or("").contains("through a chain"),
+        "{pair:#}"
+    );
+    // bb1 also sits before b1, which it backs up directly.
+    assert!(codes(&r).contains(&"backup-before-primary".to_string()), "{r:#}");
+}
+
+#[test]
+fn backup_before_its_primary() {
+    let v = refused_once("backup-before-primary", "backup-before-primary", 3);
+    assert_eq!(hosts(&v), ["b2", "p2"]);
+}
+
+#[test]
+fn step_without_writes() {
+    let v = refused_once("writes-missing", "writes-missing", 3);
+    assert_eq!(v["field"], "steps[0].writes");
+}
+
+#[test]
+fn writes_the_whole_filesystem() {
+    let v = refused_once("writes-root", "writes-invalid", 3);
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("whole filesystem"),
+        "{v:#}"
+    );
+    assert_eq!((v["line"].as_u64(), v["column"].as_u64()), (Some(6), Some(14)));
+}
+
+#[test]
+fn relative_writes() {
+    let v = refused_once("writes-relative", "writes-invalid", 3);
+    assert!(v["message"].as_str().unwrap_or("").contains("relative"), "{v:#}");
+}
+
+#[test]
+fn misspelt_field_is_bad_input_with_a_suggestion() {
+    let v = refused_once("misspelt-field", "parse-error", 2);
+    assert_eq!(v["line"], 7);
+    assert!(
+        v["fix"].as_str().unwrap_or("").contains("did you mean `max_deletions`"),
+        "{v:#}"
+    );
+}
+
+#[test]
+fn broken_yaml_is_bad_input_with_a_position() {
+    let v = refused_once("broken-yaml", "parse-error", 2);
+    assert!(v["line"].as_u64().is_some(), "{v:#}");
+}
+
+#[test]
+fn inventory_with_a_cycle() {
+    let run = check_with("good", "fleet-cycle.yaml");
+    assert_eq!(run.status, 3, "{}", run.stdout);
+    let r = run.json();
+    let v = &r["violations"][0];
+    assert_eq!(v["code"], "inventory-invalid", "{r:#}");
+    assert_eq!(hosts(v), ["b1", "b2"]);
+    assert!(v["file"].as_str().unwrap_or("").ends_with("fleet-cycle.yaml"));
+    assert!(v["message"].as_str().unwrap_or("").contains("cycle"));
+}
+
+#[test]
+fn every_problem_is_reported_in_one_run() {
+    let run = check("many-problems");
+    assert_eq!(run.status, 2, "a parse-error among them makes it bad input");
+    let mut got = codes(&run.json());
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "parse-error",
+            "unknown-group",
+            "unknown-host",
+            "writes-invalid",
+            "writes-invalid",
+            "writes-missing"
+        ],
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn text_output_names_file_line_and_fix() {
+    let run = wavegate([
+        "plan".as_ref(),
+        "check".as_ref(),
+        "--fleet".as_ref(),
+        fixture("fleet.yaml").as_os_str(),
+        fixture("plans/pair-same-wave.yaml").as_os_str(),
+    ]);
+    assert_eq!(run.status, 3);
+    assert!(
+        run.stdout.contains("pair-same-wave.yaml:7:5: [pair-same-wave]"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("fix: move `b1`"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("WAVE") && run.stdout.contains("FAILURE DOMAINS"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn unreadable_files_and_bad_flags_are_bad_input() {
+    let run = wavegate([
+        "plan",
+        "check",
+        "--fleet",
+        "/nonexistent/fleet.yaml",
+        "/nonexistent/plan.yaml",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(run.status, 2);
+    let r = run.json();
+    assert_eq!(codes(&r), ["parse-error", "parse-error"]);
+    assert!(
+        r["violations"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot read")
+    );
+
+    let run = wavegate(["plan", "check", "--no-such-flag"]);
+    assert_eq!(run.status, 2, "{}", run.stderr);
+
+    let run = wavegate([
+        "plan",
+        "check",
+        "--fleet",
+        "x",
+        "y",
+        "--policies",
+        "/nonexistent/policies",
+    ]);
+    assert_eq!(run.status, 2, "{}", run.stdout);
+}
