@@ -14,7 +14,7 @@ use crate::waves;
 use crate::yaml::Source;
 
 /// One wave as reported.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct WaveReport {
     /// 1-based.
     pub index: usize,
@@ -29,7 +29,7 @@ pub struct WaveReport {
 }
 
 /// The answer to "what would this plan do, and is it safe?".
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct Report {
     /// No violations.
     pub ok: bool,
@@ -99,10 +99,16 @@ pub fn check_sources(fleet: Source<'_>, plan: Source<'_>, policies: &PolicySet) 
 
 /// Check a plan against a parsed inventory.
 pub fn check(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> Report {
+    check_plan(fleet, plan_src, policies).0
+}
+
+/// Check a plan and hand back the parsed plan too, for a submission that
+/// turns it into a rollout (use the plan only when the report is ok).
+pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> (Report, Option<plan::Plan>) {
     let (plan, mut violations) = match plan::parse(plan_src) {
         Ok(p) => p,
         Err(v) => {
-            return finish(
+            let report = finish(
                 fleet.file(),
                 plan_src.name,
                 None,
@@ -112,6 +118,7 @@ pub fn check(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> Repor
                 Vec::new(),
                 policies,
             );
+            return (report, None);
         }
     };
     let (targets, target_violations) = targets::resolve(fleet, &plan.targets, &plan.file);
@@ -153,7 +160,7 @@ pub fn check(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> Repor
     }
     let target_ids = targets.hosts().iter().map(|h| fleet.id(*h).to_owned()).collect();
     let reports = wave_reports(fleet, &waves_out);
-    finish(
+    let report = finish(
         fleet.file(),
         &plan.file,
         Some(plan.name.clone()),
@@ -162,7 +169,8 @@ pub fn check(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> Repor
         violations,
         notes,
         policies,
-    )
+    );
+    (report, Some(plan))
 }
 
 fn as_explicit(

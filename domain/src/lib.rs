@@ -10,13 +10,14 @@ pub mod check;
 pub mod fleet;
 pub mod plan;
 pub mod policy;
+pub mod rollout;
 pub mod targets;
 pub mod units;
 pub mod violation;
 pub mod waves;
 pub mod yaml;
 
-pub use check::{Report, WaveReport, check, check_sources};
+pub use check::{Report, WaveReport, check, check_plan, check_sources};
 pub use fleet::{Fleet, Host, HostIdx, Role};
 pub use plan::Plan;
 pub use policy::PolicySet;

@@ -100,7 +100,8 @@ pub fn format_duration(d: Duration) -> String {
 }
 
 /// A share of something: a count of hosts or a percentage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Amount {
     /// A number of hosts.
     Count(u64),

@@ -77,6 +77,39 @@ impl fmt::Display for Code {
     }
 }
 
+impl Code {
+    /// Parse a contract string back into a code.
+    pub fn parse(s: &str) -> Option<Code> {
+        if let Some(id) = s.strip_prefix("policy:") {
+            return Some(Code::Policy(id.to_owned()));
+        }
+        [
+            Code::TargetsMissing,
+            Code::UnknownHost,
+            Code::UnknownGroup,
+            Code::UnknownLabel,
+            Code::ExpectCountMismatch,
+            Code::WritesMissing,
+            Code::WritesInvalid,
+            Code::PairSameWave,
+            Code::BackupBeforePrimary,
+            Code::InventoryInvalid,
+            Code::WaveInvalid,
+            Code::ApprovalsInvalid,
+            Code::ParseError,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Code {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Code, D::Error> {
+        let s = String::deserialize(d)?;
+        Code::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("unknown violation code `{s}`")))
+    }
+}
+
 impl Serialize for Code {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.as_str())
@@ -127,7 +160,7 @@ impl fmt::Display for Loc {
 }
 
 /// One problem, with everything an operator needs to fix it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Violation {
     /// Stable code.
     pub code: Code,
@@ -241,6 +274,12 @@ mod tests {
         let v = Violation::new(Code::Policy("canary-size".into()), "too big");
         let json = serde_json::to_value(&v).expect("serialises");
         assert_eq!(json["code"], "policy:canary-size");
+        let back: Violation = serde_json::from_value(json).expect("deserialises");
+        assert_eq!(back, v);
+        assert_eq!(
+            Code::parse(&Code::BackupBeforePrimary.to_string()),
+            Some(Code::BackupBeforePrimary)
+        );
         assert_eq!(Code::PairSameWave.to_string(), "pair-same-wave");
     }
 

@@ -1,0 +1,495 @@
+//! Rollouts, waves and hosts as state machines, with guarded transitions.
+//!
+//! The controller's engine persists a [`Rollout`] and its [`HostRecord`]s on
+//! every change and asks this module what is allowed; no I/O happens here.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::Amount;
+
+/// Where a rollout is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Submitted and validated; waiting for its approvers.
+    AwaitingApproval,
+    /// Waves are being run.
+    Running,
+    /// An operator paused it; no new host starts.
+    Paused,
+    /// A gate failed beyond budget; nothing moves until a person decides.
+    Halted,
+    /// Every wave confirmed healthy.
+    Completed,
+    /// Ended by an operator; nothing more runs.
+    Aborted,
+}
+
+impl RolloutState {
+    /// The contract string (FORMATS.md "Rollout status").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::AwaitingApproval => "awaiting_approval",
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::Halted => "halted",
+            RolloutState::Completed => "completed",
+            RolloutState::Aborted => "aborted",
+        }
+    }
+
+    /// Whether nothing can happen to the rollout any more.
+    pub fn is_final(self) -> bool {
+        matches!(self, RolloutState::Completed | RolloutState::Aborted)
+    }
+}
+
+impl fmt::Display for RolloutState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a wave is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaveState {
+    /// Not started.
+    Pending,
+    /// Steps and first health checks are running.
+    Running,
+    /// Steps are done; health checks repeat for the bake time.
+    Baking,
+    /// Healthy for the whole bake.
+    Confirmed,
+    /// The rollout halted in this wave.
+    Halted,
+}
+
+impl WaveState {
+    /// The status string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaveState::Pending => "pending",
+            WaveState::Running => "running",
+            WaveState::Baking => "baking",
+            WaveState::Confirmed => "confirmed",
+            WaveState::Halted => "halted",
+        }
+    }
+}
+
+/// Where a host is within its wave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    /// Never received a real step.
+    Untouched,
+    /// Steps are being run (or will continue after a resume).
+    Running,
+    /// Every step succeeded; its health checks have not passed yet.
+    Succeeded,
+    /// Steps done and health checks passing.
+    Healthy,
+    /// A step or a health check failed.
+    Failed,
+}
+
+impl HostState {
+    /// The status string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Untouched => "untouched",
+            HostState::Running => "running",
+            HostState::Succeeded => "succeeded",
+            HostState::Healthy => "healthy",
+            HostState::Failed => "failed",
+        }
+    }
+}
+
+/// A refused transition: what was asked, and the state it was asked in.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {action} a rollout that is {from}")]
+pub struct TransitionError {
+    /// What was asked.
+    pub action: &'static str,
+    /// The state it was in.
+    pub from: RolloutState,
+}
+
+/// One approval, bound to the plan bytes it was given for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// Certificate name of the approver.
+    pub who: String,
+    /// SHA-256 of the plan the approver saw.
+    pub plan_hash: String,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// A step as the engine runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// Name from the plan.
+    pub name: String,
+    /// Command line.
+    pub run: String,
+    /// Declared write set.
+    pub writes: Vec<String>,
+    /// Time limit.
+    pub timeout_ms: u64,
+    /// Deletion budget per host.
+    pub max_deletions: u64,
+}
+
+/// A health check as the engine runs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeSpec {
+    /// TCP connect.
+    Tcp(String),
+    /// HTTP GET expecting a status.
+    Http {
+        /// URL.
+        url: String,
+        /// Healthy status.
+        expect_status: u16,
+    },
+    /// Command that exits 0.
+    Exec(String),
+}
+
+/// A named health check.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSpec {
+    /// Name.
+    pub name: String,
+    /// Probe.
+    pub probe: ProbeSpec,
+    /// Time limit.
+    pub timeout_ms: u64,
+}
+
+/// A wave of a rollout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wave {
+    /// 1-based.
+    pub index: usize,
+    /// Where it is.
+    pub state: WaveState,
+    /// Host ids, sorted.
+    pub hosts: Vec<String>,
+}
+
+/// A rollout's header: everything but the per-host records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// Id, like `r0001`.
+    pub id: String,
+    /// Plan name.
+    pub plan_name: String,
+    /// SHA-256 of the plan bytes, hex.
+    pub plan_hash: String,
+    /// SHA-256 of the inventory the waves were planned against.
+    #[serde(default)]
+    pub inventory_hash: String,
+    /// Who submitted it.
+    pub submitter: String,
+    /// Approvals so far.
+    pub approvals: Vec<Approval>,
+    /// Approvals needed.
+    pub approvals_required: u32,
+    /// Where it is.
+    pub state: RolloutState,
+    /// Why it halted.
+    pub halt_reason: Option<String>,
+    /// The waves.
+    pub waves: Vec<Wave>,
+    /// Steps.
+    pub steps: Vec<StepSpec>,
+    /// Health checks.
+    pub checks: Vec<CheckSpec>,
+    /// Bake time.
+    pub bake_ms: u64,
+    /// Check interval during bake.
+    pub interval_ms: u64,
+    /// Failed hosts tolerated in the canary.
+    pub budget_canary: Amount,
+    /// Failed hosts tolerated in later waves.
+    pub budget_wave: Amount,
+    /// Bumped on every resume, so retried commands get new ids.
+    pub attempt: u32,
+    /// Human-readable events, oldest first.
+    pub events: Vec<String>,
+}
+
+impl Rollout {
+    fn guard(&self, action: &'static str, allowed: &[RolloutState]) -> Result<(), TransitionError> {
+        if allowed.contains(&self.state) {
+            Ok(())
+        } else {
+            Err(TransitionError {
+                action,
+                from: self.state,
+            })
+        }
+    }
+
+    /// Record an approval. The caller has already refused the submitter and
+    /// a hash mismatch; this guards the state and counts distinct approvers.
+    /// Returns true when the rollout now has all the approvals it needs and
+    /// has moved to running.
+    pub fn approve(&mut self, approval: Approval) -> Result<bool, TransitionError> {
+        self.guard("approve", &[RolloutState::AwaitingApproval])?;
+        if !self.approvals.iter().any(|a| a.who == approval.who) {
+            self.approvals.push(approval);
+        }
+        let valid = self.approvals.iter().filter(|a| a.plan_hash == self.plan_hash).count();
+        if valid >= self.approvals_required as usize {
+            self.state = RolloutState::Running;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Pause: no new host starts.
+    pub fn pause(&mut self) -> Result<(), TransitionError> {
+        self.guard("pause", &[RolloutState::Running])?;
+        self.state = RolloutState::Paused;
+        Ok(())
+    }
+
+    /// Resume a paused or halted rollout. A halted wave is re-entered: its
+    /// failed hosts are retried with fresh command ids (`attempt`).
+    pub fn resume(&mut self) -> Result<(), TransitionError> {
+        self.guard("resume", &[RolloutState::Paused, RolloutState::Halted])?;
+        if self.state == RolloutState::Halted {
+            self.attempt += 1;
+            for w in &mut self.waves {
+                if w.state == WaveState::Halted {
+                    w.state = WaveState::Pending;
+                }
+            }
+        }
+        self.state = RolloutState::Running;
+        self.halt_reason = None;
+        Ok(())
+    }
+
+    /// Halt: a gate failed beyond budget.
+    pub fn halt(&mut self, wave: usize, reason: String) -> Result<(), TransitionError> {
+        self.guard("halt", &[RolloutState::Running, RolloutState::Paused])?;
+        self.state = RolloutState::Halted;
+        self.halt_reason = Some(reason);
+        if let Some(w) = self.waves.get_mut(wave) {
+            w.state = WaveState::Halted;
+        }
+        Ok(())
+    }
+
+    /// Abort for good.
+    pub fn abort(&mut self) -> Result<(), TransitionError> {
+        self.guard(
+            "abort",
+            &[
+                RolloutState::AwaitingApproval,
+                RolloutState::Running,
+                RolloutState::Paused,
+                RolloutState::Halted,
+            ],
+        )?;
+        self.state = RolloutState::Aborted;
+        Ok(())
+    }
+
+    /// Every wave confirmed.
+    pub fn complete(&mut self) -> Result<(), TransitionError> {
+        self.guard("complete", &[RolloutState::Running])?;
+        if self.waves.iter().any(|w| w.state != WaveState::Confirmed) {
+            return Err(TransitionError {
+                action: "complete (a wave is unconfirmed)",
+                from: self.state,
+            });
+        }
+        self.state = RolloutState::Completed;
+        Ok(())
+    }
+
+    /// The first wave not yet confirmed, if any.
+    pub fn current_wave(&self) -> Option<usize> {
+        self.waves.iter().position(|w| w.state != WaveState::Confirmed)
+    }
+
+    /// Failed hosts tolerated in wave `index` (0-based) of `size` hosts.
+    pub fn budget(&self, index: usize, size: usize) -> usize {
+        let budget = if index == 0 {
+            self.budget_canary
+        } else {
+            self.budget_wave
+        };
+        match budget {
+            Amount::Count(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            // A share of a wave is rounded down: 10% of 5 hosts tolerates 0.
+            Amount::Percent(p) => size * usize::from(p) / 100,
+        }
+    }
+}
+
+/// A host's progress in a rollout.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// Host id.
+    pub host: String,
+    /// 0-based wave.
+    pub wave: usize,
+    /// Where it is.
+    pub state: HostState,
+    /// The next step to run.
+    pub next_step: usize,
+    /// A command sent and not yet answered; resent with the same id after a
+    /// reconnect or a controller restart, so it never runs twice.
+    pub in_flight: Option<String>,
+    /// What happened, for people.
+    pub detail: String,
+    /// One entry per finished step.
+    pub results: Vec<StepResult>,
+}
+
+impl HostRecord {
+    /// A host that has not been touched.
+    pub fn new(host: String, wave: usize) -> HostRecord {
+        HostRecord {
+            host,
+            wave,
+            state: HostState::Untouched,
+            next_step: 0,
+            in_flight: None,
+            detail: String::new(),
+            results: Vec::new(),
+        }
+    }
+}
+
+/// The outcome of one step on one host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Step name.
+    pub step: String,
+    /// Command id.
+    pub command_id: String,
+    /// ok | failed | timed_out | interrupted | refused | unreachable
+    pub outcome: String,
+    /// Exit code, -1 when none.
+    pub exit_code: i32,
+    /// Wall time.
+    pub duration_ms: u64,
+    /// SHA-256 of the output.
+    pub output_sha256: String,
+    /// Whether the agent answered from its journal.
+    pub replayed: bool,
+}
+
+/// Whether a wave with `failed` failed hosts is over its budget.
+pub fn over_budget(failed: usize, budget: usize) -> bool {
+    failed > budget
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollout() -> Rollout {
+        Rollout {
+            id: "r0001".into(),
+            plan_name: "p".into(),
+            plan_hash: "h1".into(),
+            inventory_hash: "i1".into(),
+            submitter: "sam".into(),
+            approvals: Vec::new(),
+            approvals_required: 2,
+            state: RolloutState::AwaitingApproval,
+            halt_reason: None,
+            waves: vec![
+                Wave {
+                    index: 1,
+                    state: WaveState::Pending,
+                    hosts: vec!["a".into()],
+                },
+                Wave {
+                    index: 2,
+                    state: WaveState::Pending,
+                    hosts: vec!["b".into()],
+                },
+            ],
+            steps: Vec::new(),
+            checks: Vec::new(),
+            bake_ms: 0,
+            interval_ms: 1000,
+            budget_canary: Amount::Count(0),
+            budget_wave: Amount::Percent(10),
+            attempt: 0,
+            events: Vec::new(),
+        }
+    }
+
+    fn approval(who: &str, hash: &str) -> Approval {
+        Approval {
+            who: who.into(),
+            plan_hash: hash.into(),
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn needs_distinct_approvers_on_the_same_plan() {
+        let mut r = rollout();
+        assert_eq!(r.approve(approval("ann", "h1")), Ok(false));
+        assert_eq!(
+            r.approve(approval("ann", "h1")),
+            Ok(false),
+            "the same approver twice counts once"
+        );
+        assert_eq!(
+            r.approve(approval("bob", "other-plan")),
+            Ok(false),
+            "an approval of another plan does not count"
+        );
+        assert_eq!(r.approve(approval("cy", "h1")), Ok(true));
+        assert_eq!(r.state, RolloutState::Running);
+        assert!(r.approve(approval("dee", "h1")).is_err(), "no approvals once running");
+    }
+
+    #[test]
+    fn transitions_are_guarded() {
+        let mut r = rollout();
+        assert!(r.pause().is_err());
+        assert!(r.resume().is_err());
+        assert!(r.halt(0, "x".into()).is_err(), "cannot halt before it runs");
+        r.state = RolloutState::Running;
+        r.halt(0, "canary failed".into()).expect("halt");
+        assert_eq!(r.waves[0].state, WaveState::Halted);
+        assert!(r.complete().is_err());
+        r.resume().expect("a person resumes");
+        assert_eq!(
+            (r.state, r.attempt, r.waves[0].state),
+            (RolloutState::Running, 1, WaveState::Pending)
+        );
+        r.abort().expect("abort");
+        assert!(r.resume().is_err(), "aborted is final");
+        assert!(r.state.is_final());
+    }
+
+    #[test]
+    fn budgets() {
+        let r = rollout();
+        assert_eq!(r.budget(0, 1), 0);
+        assert_eq!(r.budget(1, 5), 0);
+        assert_eq!(r.budget(1, 20), 2);
+        assert!(over_budget(1, 0));
+        assert!(!over_budget(2, 2));
+    }
+}
