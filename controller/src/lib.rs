@@ -2,5 +2,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cli;
+pub mod engine;
+pub mod hub;
 pub mod policies;
+pub mod server;
+pub mod store;
+pub mod tls;

@@ -1,5 +1,6 @@
-//! The `wavegate` binary: parse the command line, run, map the outcome to an
-//! exit status (0 ok, 1 failed, 2 bad input or usage, 3 refused by a gate).
+//! The `wavegate` binary: parse the command line, start telemetry, run, map
+//! the outcome to an exit status (0 ok, 1 failed, 2 bad input or usage, 3
+//! refused by a gate).
 
 #![forbid(unsafe_code)]
 
@@ -7,9 +8,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = wavegate::cli::Cli::parse();
-    match wavegate::cli::run(cli) {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match wavegate::cli::run(cli).await {
         Ok(status) => ExitCode::from(status),
         Err(err) => {
             eprintln!("wavegate: error: {err:#}");

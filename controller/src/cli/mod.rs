@@ -4,7 +4,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod certs;
+pub mod client;
+pub mod lab;
 pub mod plan;
+pub mod rollout;
+pub mod serve;
 
 /// wavegate: staged patch rollouts with a safety gate.
 #[derive(Debug, Parser)]
@@ -21,6 +26,23 @@ pub enum Command {
     /// Work with patch plans without running anything.
     #[command(subcommand)]
     Plan(plan::PlanCommand),
+    /// Run the controller.
+    Serve(serve::ServeArgs),
+    /// Create the private CA and issue certificates.
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// Submit, approve, watch and steer rollouts.
+    Rollout {
+        /// Which controller, as whom.
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The rollout command.
+        #[command(subcommand)]
+        cmd: rollout::RolloutCommand,
+    },
+    /// A controller and agents for an inventory on this machine.
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 /// How results are printed.
@@ -53,8 +75,12 @@ impl PolicyArgs {
 }
 
 /// Run a parsed command line; returns the exit status.
-pub fn run(cli: Cli) -> anyhow::Result<u8> {
+pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Plan(cmd) => plan::run(cmd),
+        Command::Serve(args) => serve::run(args).await,
+        Command::Certs(cmd) => certs::run(cmd),
+        Command::Rollout { conn, cmd } => rollout::run(cmd, &conn).await,
+        Command::Lab(cmd) => lab::run(cmd).await,
     }
 }

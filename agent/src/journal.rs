@@ -1,0 +1,131 @@
+//! The agent's journal: every step it accepts is written down (and synced)
+//! before it runs, and its result after; a command seen again is answered
+//! from here instead of being run twice.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What the supervisor runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    /// The command's id.
+    pub command_id: String,
+    /// Command line for /bin/sh -c.
+    pub run: String,
+    /// Time limit.
+    pub timeout_ms: u64,
+    /// The host root the command sees as `/`.
+    pub host_root: PathBuf,
+}
+
+/// A finished command, as journaled (mirrors the wire result).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stored {
+    /// wavegate.v1.Outcome as a number.
+    pub outcome: i32,
+    /// Exit code, -1 when none.
+    pub exit_code: i32,
+    /// Wall time.
+    pub duration_ms: u64,
+    /// SHA-256 of the whole output.
+    pub output_sha256: String,
+    /// Last part of the output.
+    pub output_tail: Vec<u8>,
+    /// For people.
+    pub detail: String,
+}
+
+/// What the journal knows of a command.
+pub enum Known {
+    /// Never seen.
+    New,
+    /// Accepted (maybe still running, maybe interrupted).
+    Accepted(PathBuf),
+    /// Finished.
+    Finished(Stored),
+}
+
+/// The journal directory.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+/// Write `bytes` to `path` atomically and durably: temp file, fsync, rename,
+/// fsync of the directory.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().context("a journal file has a directory")?;
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+impl Journal {
+    /// The journal under `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Journal> {
+        let dir = state_dir.join("journal");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating the journal {}", dir.display()))?;
+        Ok(Journal { dir })
+    }
+
+    /// The directory of one command: readable, and unique per id.
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        let readable: String = id
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(80)
+            .collect();
+        let digest = hex::encode(&Sha256::digest(id.as_bytes())[..6]);
+        self.dir.join(format!("{readable}-{digest}"))
+    }
+
+    /// What the journal knows of `id`.
+    pub fn lookup(&self, id: &str) -> Known {
+        let dir = self.job_dir(id);
+        if let Ok(bytes) = std::fs::read(dir.join("result.json"))
+            && let Ok(stored) = serde_json::from_slice(&bytes)
+        {
+            return Known::Finished(stored);
+        }
+        if dir.join("job.json").exists() {
+            Known::Accepted(dir)
+        } else {
+            Known::New
+        }
+    }
+
+    /// Record a job as accepted, durably, before it runs.
+    pub fn accept(&self, job: &Job) -> Result<PathBuf> {
+        let dir = self.job_dir(&job.command_id);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        write_durably(&dir.join("job.json"), &serde_json::to_vec_pretty(job)?)?;
+        Ok(dir)
+    }
+}
+
+/// Record a job's result, durably.
+pub fn finish(job_dir: &Path, stored: &Stored) -> Result<()> {
+    write_durably(&job_dir.join("result.json"), &serde_json::to_vec_pretty(stored)?)
+}
+
+/// Read a job's result, if it has one.
+pub fn result(job_dir: &Path) -> Option<Stored> {
+    serde_json::from_slice(&std::fs::read(job_dir.join("result.json")).ok()?).ok()
+}

@@ -1,0 +1,11 @@
+//! The wavegate agent: one per managed host. It dials the controller, keeps
+//! one session open, and runs the steps and health checks it is sent, each
+//! step at most once (its journal answers a repeated command).
+
+#![forbid(unsafe_code)]
+
+pub mod checks;
+pub mod exec;
+pub mod journal;
+pub mod runner;
+pub mod session;

@@ -1,0 +1,99 @@
+//! `wavegate-agent`: the agent daemon, and (internally) the step supervisor.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// The wavegate agent: dials the controller and runs what it is sent.
+#[derive(Debug, Parser)]
+#[command(name = "wavegate-agent", version, about)]
+struct Args {
+    /// Controller URL, like https://controller.example:7443.
+    #[arg(long, env = "WAVEGATE_CONTROLLER")]
+    controller: String,
+    /// CA certificate.
+    #[arg(long, env = "WAVEGATE_CA")]
+    ca: Option<PathBuf>,
+    /// This agent's certificate (it names the host).
+    #[arg(long, env = "WAVEGATE_CERT")]
+    cert: Option<PathBuf>,
+    /// This agent's key.
+    #[arg(long, env = "WAVEGATE_KEY")]
+    key: Option<PathBuf>,
+    /// Connect without TLS. For local development only.
+    #[arg(long)]
+    insecure_plaintext_for_local_dev: bool,
+    /// This host's id in the inventory.
+    #[arg(long, env = "WAVEGATE_HOST_ID")]
+    host_id: String,
+    /// Root directory under which every step and exec check runs.
+    #[arg(long, default_value = "/")]
+    host_root: PathBuf,
+    /// Where the journal lives.
+    #[arg(long, default_value = "/var/lib/wavegate-agent")]
+    state_dir: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("exec-step") {
+        // The step supervisor: synchronous and single-threaded, because it
+        // enters a mount namespace.
+        let Some(dir) = argv.get(2) else {
+            eprintln!("usage: wavegate-agent exec-step JOB_DIR");
+            return ExitCode::from(2);
+        };
+        return match wavegate_agent::runner::exec(std::path::Path::new(dir)) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("wavegate-agent exec-step: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let tls = match (args.ca, args.cert, args.key, args.insecure_plaintext_for_local_dev) {
+        (Some(ca), Some(cert), Some(key), false) => Some((ca, cert, key)),
+        (_, _, _, true) => None,
+        _ => {
+            eprintln!("wavegate-agent: give --ca, --cert and --key, or --insecure-plaintext-for-local-dev");
+            return ExitCode::from(2);
+        }
+    };
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("wavegate-agent: cannot find its own binary: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cfg = wavegate_agent::session::Config {
+        exe,
+        controller: args.controller,
+        tls,
+        host_id: args.host_id,
+        host_root: args.host_root,
+        state_dir: args.state_dir,
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wavegate-agent: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(wavegate_agent::session::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wavegate-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

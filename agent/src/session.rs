@@ -1,0 +1,176 @@
+//! The session with the controller: dial out, say Hello, send heartbeats,
+//! run what arrives, send results; on any failure reconnect with jittered
+//! backoff.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tracing::{info, warn};
+use wavegate_proto::v1::{
+    self as pb, agent_message, agent_service_client::AgentServiceClient, command, controller_message,
+};
+
+use crate::exec::run_step_once;
+use crate::journal::{Job, Journal};
+
+/// The agent's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Controller URL.
+    pub controller: String,
+    /// CA, certificate and key files (PEM).
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// This host's id.
+    pub host_id: String,
+    /// Root under which steps and exec checks run.
+    pub host_root: PathBuf,
+    /// Journal and scratch space.
+    pub state_dir: PathBuf,
+    /// The agent binary, whose `exec-step` mode supervises each step.
+    pub exe: PathBuf,
+}
+
+/// Run forever: keep a session open, reconnecting with jittered backoff.
+pub async fn run(cfg: Config) -> Result<()> {
+    let journal = Arc::new(Journal::open(&cfg.state_dir)?);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match session(&cfg, &journal).await {
+            Ok(()) => {
+                info!("Controller closed the session; reconnecting.");
+                backoff = Duration::from_millis(100);
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "Session failed; reconnecting."),
+        }
+        let jitter = rand::random_range(0.5..1.5);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
+    let mut endpoint = Endpoint::from_shared(cfg.controller.clone())?.connect_timeout(Duration::from_secs(5));
+    if let Some((ca, cert, key)) = &cfg.tls {
+        let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(ca)?))
+            .identity(Identity::from_pem(read(cert)?, read(key)?))
+            .domain_name("localhost");
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint.connect().await.context("connecting to the controller")?;
+    let mut client = AgentServiceClient::new(channel);
+    // Outbound messages go through a bounded buffer.
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);
+    let hello = pb::Hello {
+        host_id: cfg.host_id.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    tx.send(pb::AgentMessage {
+        body: Some(agent_message::Body::Hello(hello)),
+    })
+    .await?;
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .context("opening the session")?
+        .into_inner();
+    info!(host = %cfg.host_id, "Connected to the controller.");
+    let heartbeat_tx = tx.clone();
+    let heartbeat = tokio::spawn(async move {
+        let mut seq = 0;
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            seq += 1;
+            let hb = pb::AgentMessage {
+                body: Some(agent_message::Body::Heartbeat(pb::Heartbeat { seq })),
+            };
+            if heartbeat_tx.send(hb).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = async {
+        while let Some(msg) = inbound.message().await? {
+            if let Some(controller_message::Body::Command(cmd)) = msg.body {
+                let (cfg, journal, tx) = (cfg.clone(), Arc::clone(journal), tx.clone());
+                tokio::spawn(async move {
+                    let result = handle(&cfg, &journal, cmd).await;
+                    let _ = tx
+                        .send(pb::AgentMessage {
+                            body: Some(agent_message::Body::Result(result)),
+                        })
+                        .await;
+                });
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    }
+    .await;
+    heartbeat.abort();
+    result
+}
+
+async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::CommandResult {
+    let id = cmd.id.clone();
+    let failed = |detail: String| pb::CommandResult {
+        command_id: id.clone(),
+        outcome: pb::Outcome::Refused as i32,
+        exit_code: -1,
+        detail,
+        ..Default::default()
+    };
+    match cmd.kind {
+        Some(command::Kind::RunStep(step)) => {
+            let job = Job {
+                command_id: id.clone(),
+                run: step.run,
+                timeout_ms: step.timeout_ms,
+                host_root: cfg.host_root.clone(),
+            };
+            match run_step_once(&cfg.exe, journal, job).await {
+                Ok((s, replayed)) => {
+                    info!(command = %id, outcome = s.outcome, replayed, "Step finished.");
+                    pb::CommandResult {
+                        command_id: id.clone(),
+                        outcome: s.outcome,
+                        exit_code: s.exit_code,
+                        duration_ms: s.duration_ms,
+                        output_sha256: s.output_sha256,
+                        output_tail: s.output_tail,
+                        checks: Vec::new(),
+                        replayed,
+                        detail: s.detail,
+                    }
+                }
+                Err(e) => failed(format!("{e:#}")),
+            }
+        }
+        Some(command::Kind::RunChecks(checks)) => {
+            let scratch = cfg.state_dir.join("checks");
+            if let Err(e) = std::fs::create_dir_all(&scratch) {
+                return failed(format!("cannot create {}: {e}", scratch.display()));
+            }
+            let started = std::time::Instant::now();
+            let mut results = Vec::new();
+            for c in &checks.checks {
+                results.push(crate::checks::run(&cfg.exe, c, &cfg.host_root, &scratch).await);
+            }
+            let ok = results.iter().all(|r| r.ok);
+            pb::CommandResult {
+                command_id: id.clone(),
+                outcome: if ok { pb::Outcome::Ok } else { pb::Outcome::Failed } as i32,
+                exit_code: if ok { 0 } else { 1 },
+                duration_ms: started.elapsed().as_millis() as u64,
+                checks: results,
+                ..Default::default()
+            }
+        }
+        None => failed("empty command".into()),
+    }
+}

@@ -1,0 +1,326 @@
+//! The gRPC services: the agent session and the operator API. Wire types are
+//! converted here and nowhere else; domain errors become `tonic::Status` in
+//! one function.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::info;
+use wavegate_domain::rollout::RolloutState;
+use wavegate_proto::v1 as pb;
+use wavegate_proto::v1::agent_service_server::AgentService;
+use wavegate_proto::v1::operator_service_server::OperatorService;
+
+use crate::engine::{Engine, EngineError, Entry};
+use crate::tls::{Identity, Role, peer_identity};
+
+/// How callers prove who they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Auth {
+    /// Mutual TLS: the verified client certificate.
+    MutualTls,
+    /// Local development only: an `x-wavegate-identity` header, unverified.
+    InsecurePlaintextForLocalDev,
+}
+
+/// Both services share the engine.
+#[derive(Clone)]
+pub struct Api {
+    engine: Arc<Engine>,
+    auth: Auth,
+}
+
+impl Api {
+    /// The services over an engine.
+    pub fn new(engine: Arc<Engine>, auth: Auth) -> Api {
+        Api { engine, auth }
+    }
+
+    fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
+        let id = match self.auth {
+            Auth::MutualTls => peer_identity(req).map_err(|e| Status::unauthenticated(e.to_string())),
+            Auth::InsecurePlaintextForLocalDev => req
+                .metadata()
+                .get("x-wavegate-identity")
+                .and_then(|v| v.to_str().ok())
+                .and_then(Identity::from_uri)
+                .ok_or_else(|| Status::unauthenticated("no x-wavegate-identity header")),
+        };
+        if let Err(e) = &id {
+            self.engine
+                .refuse(&format!("a caller without a usable identity: {}", e.message()));
+        }
+        id
+    }
+
+    fn operator<T>(&self, req: &Request<T>, allowed: &[Role], what: &str) -> Result<String, Status> {
+        match self.identity(req)? {
+            Identity::Operator { name, role } if allowed.contains(&role) => Ok(name),
+            Identity::Operator { name, role } => {
+                self.engine.refuse(&format!("{name} ({}) tried {what}", role.as_str()));
+                Err(Status::permission_denied(format!(
+                    "{name} is {}; {what} needs {}",
+                    role.as_str(),
+                    roles(allowed)
+                )))
+            }
+            Identity::Agent(h) => Err(Status::permission_denied(format!(
+                "agent {h} cannot use the operator API"
+            ))),
+        }
+    }
+}
+
+fn roles(allowed: &[Role]) -> String {
+    allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" or ")
+}
+
+const CHANGERS: &[Role] = &[Role::Submitter, Role::Approver, Role::Admin];
+const READERS: &[Role] = &[Role::Submitter, Role::Approver, Role::Admin, Role::Auditor];
+
+/// The one conversion from engine errors to gRPC statuses. Reports travel as
+/// JSON in the status details.
+pub fn to_status(e: EngineError) -> Status {
+    match e {
+        EngineError::BadPlan(report) => {
+            let json = serde_json::to_vec(&*report).unwrap_or_default();
+            Status::with_details(tonic::Code::InvalidArgument, "the plan is not valid", json.into())
+        }
+        EngineError::Refused(report) => {
+            let json = serde_json::to_vec(&*report).unwrap_or_default();
+            Status::with_details(
+                tonic::Code::FailedPrecondition,
+                "the plan was refused by the safety rules",
+                json.into(),
+            )
+        }
+        EngineError::Denied(m) => Status::permission_denied(m),
+        EngineError::NotFound(m) => Status::not_found(format!("no rollout `{m}`")),
+        EngineError::Transition(t) => Status::failed_precondition(t.to_string()),
+        EngineError::Store(e) => Status::internal(format!("the store failed: {e:#}")),
+    }
+}
+
+/// A rollout as the operator API shows it.
+pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
+    let r = &e.rollout;
+    pb::RolloutStatus {
+        id: r.id.clone(),
+        state: r.state.as_str().into(),
+        halt_reason: r.halt_reason.clone().unwrap_or_default(),
+        plan_name: r.plan_name.clone(),
+        plan_hash: r.plan_hash.clone(),
+        submitter: r.submitter.clone(),
+        approvers: r.approvals.iter().map(|a| a.who.clone()).collect(),
+        approvals_required: r.approvals_required,
+        waves: r
+            .waves
+            .iter()
+            .map(|w| pb::WaveStatus {
+                index: w.index as u32,
+                state: w.state.as_str().into(),
+                hosts: w
+                    .hosts
+                    .iter()
+                    .filter_map(|h| e.hosts.get(h))
+                    .map(|h| pb::HostStatus {
+                        id: h.host.clone(),
+                        state: h.state.as_str().into(),
+                        detail: h.detail.clone(),
+                        step: h.results.last().map(|s| s.step.clone()).unwrap_or_default(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        events: r.events.clone(),
+    }
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for Api {
+    type SessionStream = Stream_<pb::ControllerMessage>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let Identity::Agent(cert_host) = self.identity(&req)? else {
+            return Err(Status::permission_denied(
+                "only an agent certificate may open an agent session",
+            ));
+        };
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::AgentMessage {
+                body: Some(pb::agent_message::Body::Hello(h)),
+            }) => h,
+            _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
+        };
+        if hello.host_id != cert_host {
+            self.engine.refuse(&format!(
+                "agent with the certificate of {cert_host} claimed host {}",
+                hello.host_id
+            ));
+            return Err(Status::permission_denied(format!(
+                "this certificate is for host `{cert_host}`, not `{}`",
+                hello.host_id
+            )));
+        }
+        if self.engine.fleet().lookup(&cert_host).is_none() {
+            self.engine
+                .refuse(&format!("agent for {cert_host}, which is not in the inventory"));
+            return Err(Status::permission_denied(format!(
+                "host `{cert_host}` is not in the inventory"
+            )));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let welcome = pb::ControllerMessage {
+            body: Some(pb::controller_message::Body::Welcome(pb::Welcome {
+                heartbeat_ms: 5_000,
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::unavailable("session closed"))?;
+        let hub = Arc::clone(self.engine.hub());
+        let session = hub.connect(&cert_host, tx);
+        info!(host = %cert_host, version = %hello.agent_version, "Agent connected.");
+        tokio::spawn(async move {
+            while let Ok(Some(msg)) = inbound.message().await {
+                if let Some(pb::agent_message::Body::Result(r)) = msg.body {
+                    hub.deliver(r);
+                }
+            }
+            hub.disconnect(&cert_host, session);
+            info!(host = %cert_host, "Agent disconnected.");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl OperatorService for Api {
+    type WatchStream = Stream_<pb::RolloutStatus>;
+
+    async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
+        let who = self.operator(&req, &[Role::Submitter, Role::Admin], "submitting a plan")?;
+        let r = req.into_inner();
+        let file = if r.plan_file.is_empty() {
+            "plan.yaml".to_owned()
+        } else {
+            r.plan_file
+        };
+        let (entry, report) = self
+            .engine
+            .submit(&who, &file, &r.plan_yaml, &r.bypass)
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SubmitResponse {
+            id: entry.rollout.id.clone(),
+            plan_hash: entry.rollout.plan_hash.clone(),
+            report_json: serde_json::to_string(&report).unwrap_or_default(),
+        }))
+    }
+
+    async fn approve(&self, req: Request<pb::ApproveRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = self.operator(&req, &[Role::Approver, Role::Admin], "approving")?;
+        let r = req.into_inner();
+        let entry = self.engine.approve(&who, &r.id, &r.plan_hash).map_err(to_status)?;
+        Ok(Response::new(to_status_message(&entry)))
+    }
+
+    async fn status(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        self.operator(&req, READERS, "reading status")?;
+        let entry = self.engine.get(&req.into_inner().id).map_err(to_status)?;
+        Ok(Response::new(to_status_message(&entry)))
+    }
+
+    async fn watch(&self, req: Request<pb::RolloutRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        self.operator(&req, READERS, "watching")?;
+        let id = req.into_inner().id;
+        let engine = Arc::clone(&self.engine);
+        engine.get(&id).map_err(to_status)?;
+        let mut changes = engine.subscribe();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last: Option<pb::RolloutStatus> = None;
+            loop {
+                let Ok(entry) = engine.get(&id) else { break };
+                let status = to_status_message(&entry);
+                if last.as_ref() != Some(&status) {
+                    if tx.send(Ok(status.clone())).await.is_err() {
+                        break;
+                    }
+                    last = Some(status);
+                }
+                if matches!(
+                    entry.rollout.state,
+                    RolloutState::Completed | RolloutState::Aborted | RolloutState::Halted
+                ) {
+                    break;
+                }
+                if changes.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        self.operator(&req, READERS, "listing rollouts")?;
+        let rollouts = self.engine.list().iter().map(to_status_message).collect();
+        Ok(Response::new(pb::ListResponse { rollouts }))
+    }
+
+    async fn pause(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = self.operator(&req, CHANGERS, "pausing")?;
+        let entry = self
+            .engine
+            .control(&who, &req.into_inner().id, "pause")
+            .map_err(to_status)?;
+        Ok(Response::new(to_status_message(&entry)))
+    }
+
+    async fn resume(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = self.operator(&req, CHANGERS, "resuming")?;
+        let entry = self
+            .engine
+            .control(&who, &req.into_inner().id, "resume")
+            .map_err(to_status)?;
+        Ok(Response::new(to_status_message(&entry)))
+    }
+
+    async fn fleet(&self, req: Request<pb::FleetRequest>) -> Result<Response<pb::FleetResponse>, Status> {
+        self.operator(&req, READERS, "reading the fleet")?;
+        let connected: std::collections::HashSet<String> = self.engine.hub().connected().into_iter().collect();
+        let fleet = self.engine.fleet();
+        let mut hosts: Vec<pb::FleetHost> = fleet
+            .hosts()
+            .map(|h| {
+                let host = fleet.host(h);
+                pb::FleetHost {
+                    id: host.id.clone(),
+                    role: host.role.to_string(),
+                    connected: connected.contains(&host.id),
+                }
+            })
+            .collect();
+        hosts.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(pb::FleetResponse { hosts }))
+    }
+
+    async fn abort(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = self.operator(&req, CHANGERS, "aborting")?;
+        let entry = self
+            .engine
+            .control(&who, &req.into_inner().id, "abort")
+            .map_err(to_status)?;
+        Ok(Response::new(to_status_message(&entry)))
+    }
+}

@@ -1,0 +1,442 @@
+//! `wavegate lab`: a controller and one agent per inventory host on this
+//! machine, each host with its own root directory, laid out as FORMATS.md's
+//! "Lab layout" says. It never touches the machine's own files: hosts see the
+//! machine's system directories read-only and their own /etc, /home, /srv,
+//! /var and /tmp.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::json;
+use tokio::time::Instant;
+use wavegate_domain::{Fleet, Source};
+use wavegate_proto::v1 as pb;
+
+use super::PolicyArgs;
+use super::client::Conn;
+use crate::tls::{CertDir, Pair, Role};
+
+/// `wavegate lab ...`
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build and start a lab for an inventory.
+    Up {
+        /// The fleet inventory.
+        #[arg(long)]
+        fleet: PathBuf,
+        /// The lab directory (created).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Site policies for the lab's controller (default: the shipped set).
+        #[command(flatten)]
+        policies: PolicyArgs,
+        /// The agent binary (default: `wavegate-agent` next to this binary).
+        #[arg(long, env = "WAVEGATE_AGENT_BIN")]
+        agent_bin: Option<PathBuf>,
+        /// How long the controller waits past a step's timeout for a silent agent.
+        #[arg(long, default_value = "20s")]
+        agent_grace: String,
+    },
+    /// Show the lab's controller and which agents are connected.
+    Status {
+        /// The lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Stop everything the lab started (its files stay for inspection).
+    Down {
+        /// The lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// Run a `lab` subcommand.
+pub async fn run(cmd: LabCommand) -> Result<u8> {
+    match cmd {
+        LabCommand::Up {
+            fleet,
+            dir,
+            policies,
+            agent_bin,
+            agent_grace,
+        } => up(&fleet, &dir, &policies, agent_bin, &agent_grace).await,
+        LabCommand::Status { dir } => status(&dir).await,
+        LabCommand::Down { dir } => {
+            let dir = absolute(&dir)?;
+            let n = down(&dir)?;
+            println!("lab in {} stopped ({n} processes)", dir.display());
+            Ok(0)
+        }
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        Ok(std::env::current_dir()?.join(p))
+    }
+}
+
+/// Identities written for a lab: (file stem, name, role).
+const IDENTITIES: &[(&str, &str, Role)] = &[
+    ("submitter", "submitter", Role::Submitter),
+    ("approver", "approver", Role::Approver),
+    ("auditor", "auditor", Role::Auditor),
+    ("admin", "admin", Role::Admin),
+];
+
+fn env_file(url: &str, ca: &Path, pair: &Pair) -> String {
+    format!(
+        "# wavegate lab identity: source this file, then run wavegate commands.\nexport WAVEGATE_CONTROLLER='{url}'\nexport WAVEGATE_CA='{}'\nexport WAVEGATE_CERT='{}'\nexport WAVEGATE_KEY='{}'\n",
+        ca.display(),
+        pair.cert.display(),
+        pair.key.display()
+    )
+}
+
+/// System directories a lab host sees read-only from the machine.
+pub const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+const OWN_DIRS: &[&str] = &[
+    "etc", "home", "srv", "var", "var/log", "var/tmp", "var/lib", "tmp", "root", "run", "opt", "dev", "proc",
+];
+const ETC_SEED: &[&str] = &["passwd", "group", "hosts", "nsswitch.conf", "resolv.conf", "os-release"];
+
+/// Create a host root if it does not exist yet (files already there stay).
+fn host_root(root: &Path) -> Result<()> {
+    for d in OWN_DIRS {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o1777))?;
+    for d in SYSTEM_DIRS {
+        let machine = Path::new("/").join(d);
+        let here = root.join(d);
+        if here.symlink_metadata().is_ok() {
+            continue;
+        }
+        match std::fs::read_link(&machine) {
+            // Merged /usr: /bin -> usr/bin and the like.
+            Ok(target) => std::os::unix::fs::symlink(target, &here)?,
+            Err(_) if machine.is_dir() => std::fs::create_dir_all(&here)?,
+            Err(_) => {}
+        }
+    }
+    for f in ETC_SEED {
+        let src = Path::new("/etc").join(f);
+        let dst = root.join("etc").join(f);
+        if !dst.exists() && src.exists() {
+            std::fs::copy(&src, &dst).with_context(|| format!("seeding {}", dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<u32> {
+    let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = std::process::Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        // Its own process group: it outlives this command and ignores the
+        // terminal's signals; `lab down` stops it.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(child.id())
+}
+
+async fn up(
+    fleet_path: &Path,
+    dir: &Path,
+    policies: &PolicyArgs,
+    agent_bin: Option<PathBuf>,
+    grace: &str,
+) -> Result<u8> {
+    let dir = absolute(dir)?;
+    let fleet_path = absolute(fleet_path)?;
+    let text = std::fs::read_to_string(&fleet_path).with_context(|| format!("reading {}", fleet_path.display()))?;
+    let name = fleet_path.display().to_string();
+    let fleet = match Fleet::parse(Source {
+        name: &name,
+        text: &text,
+    }) {
+        Ok(f) => f,
+        Err(v) => {
+            for x in &v {
+                eprintln!("{x}");
+            }
+            return Ok(wavegate_domain::exit_status(&v));
+        }
+    };
+    if dir.join("lab.json").exists() && !running(&dir)?.is_empty() {
+        bail!(
+            "a lab is already running in {}; run `wavegate lab down --dir {}` first",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let me = std::env::current_exe()?;
+    let agent_bin = match agent_bin {
+        Some(b) => b,
+        None => me.parent().map(|p| p.join("wavegate-agent")).unwrap_or_default(),
+    };
+    if !agent_bin.exists() {
+        bail!(
+            "no agent binary at {}; build it (cargo build --workspace) or give --agent-bin",
+            agent_bin.display()
+        );
+    }
+    for sub in ["logs", "identities", "hosts", "controller"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let certs = CertDir::new(dir.join("certs"));
+    if !certs.ca().exists() {
+        certs.init(&[])?;
+    }
+    let hosts: Vec<String> = {
+        let mut v: Vec<String> = fleet.hosts().map(|h| fleet.id(h).to_owned()).collect();
+        v.sort();
+        v
+    };
+    for h in &hosts {
+        certs.issue_agent(h)?;
+        host_root(&dir.join("hosts").join(h).join("root"))?;
+        std::fs::create_dir_all(dir.join("hosts").join(h).join("agent"))?;
+    }
+    let mut identities = Vec::new();
+    for (stem, name, role) in IDENTITIES {
+        identities.push((*stem, certs.issue_operator(name, *role)?));
+    }
+
+    // The controller.
+    let addr_file = dir.join("controller.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let server = certs.controller();
+    let mut args: Vec<String> = vec![
+        "serve".into(),
+        "--data".into(),
+        dir.join("controller").display().to_string(),
+        "--fleet".into(),
+        fleet_path.display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--addr-file".into(),
+        addr_file.display().to_string(),
+        "--ca".into(),
+        certs.ca().display().to_string(),
+        "--cert".into(),
+        server.cert.display().to_string(),
+        "--key".into(),
+        server.key.display().to_string(),
+        "--agent-grace".into(),
+        grace.to_owned(),
+    ];
+    let policy_dir = match &policies.policies {
+        Some(p) => absolute(p)?,
+        None => lab_policies(&dir)?,
+    };
+    args.push("--policies".into());
+    args.push(policy_dir.display().to_string());
+    let controller_log = dir.join("logs/controller.log");
+    spawn(&me, &args, &controller_log)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            break a.trim().to_owned();
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(&controller_log).unwrap_or_default();
+            let _ = down(&dir);
+            bail!("the controller did not start within 30 s; its log:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let url = format!("https://{addr}");
+
+    // One agent per host.
+    for h in &hosts {
+        let pair = certs.agent(h);
+        let host_dir = dir.join("hosts").join(h);
+        let args: Vec<String> = vec![
+            "--controller".into(),
+            url.clone(),
+            "--ca".into(),
+            certs.ca().display().to_string(),
+            "--cert".into(),
+            pair.cert.display().to_string(),
+            "--key".into(),
+            pair.key.display().to_string(),
+            "--host-id".into(),
+            h.clone(),
+            "--host-root".into(),
+            host_dir.join("root").display().to_string(),
+            "--state-dir".into(),
+            host_dir.join("agent").display().to_string(),
+        ];
+        spawn(&agent_bin, &args, &dir.join(format!("logs/agent-{h}.log")))?;
+    }
+    for (stem, pair) in &identities {
+        std::fs::write(
+            dir.join("identities").join(format!("{stem}.env")),
+            env_file(&url, &certs.ca(), pair),
+        )?;
+    }
+    std::fs::write(
+        dir.join("lab.json"),
+        serde_json::to_string_pretty(&json!({"controller": url, "web": null}))?,
+    )?;
+
+    // Wait for every agent.
+    let admin = lab_conn(&dir, &url, "admin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let fleet = fetch_fleet(&admin).await;
+        let missing: Vec<String> = match &fleet {
+            Ok(f) => f.hosts.iter().filter(|h| !h.connected).map(|h| h.id.clone()).collect(),
+            Err(_) => hosts.clone(),
+        };
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "agents not connected after 60 s: {} (see {}/logs)",
+                missing.join(", "),
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "lab up in {}: controller {url}, {} agents connected",
+        dir.display(),
+        hosts.len()
+    );
+    println!(
+        "  policies: {} (the shipped set; in a lab the bake minimum is lifted)",
+        policy_dir.display()
+    );
+    println!(
+        "  . {}/identities/submitter.env   # then: wavegate rollout submit PLAN",
+        dir.display()
+    );
+    println!(
+        "  . {}/identities/approver.env    # then: wavegate rollout approve ID",
+        dir.display()
+    );
+    Ok(0)
+}
+
+/// The lab's own copy of the shipped policies, written to `DIR/policies` so
+/// it can be read: every rule as shipped, except that the bake minimum is
+/// lifted, because lab plans bake for seconds, not minutes.
+fn lab_policies(dir: &Path) -> Result<PathBuf> {
+    let out = dir.join("policies");
+    std::fs::create_dir_all(&out)?;
+    for (name, text) in crate::policies::SHIPPED {
+        let file = Path::new(name)
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("default.yaml"));
+        let lab = text.replace(
+            "    min: 5m\n",
+            "    # lab: lowered from the shipped 5m, so lab plans may bake for seconds\n    min: 0s\n",
+        );
+        std::fs::write(out.join(file), lab)?;
+    }
+    Ok(out)
+}
+
+fn lab_conn(dir: &Path, url: &str, who: &str) -> Conn {
+    let certs = CertDir::new(dir.join("certs"));
+    let pair = certs.operator(who);
+    Conn {
+        controller: Some(url.to_owned()),
+        ca: Some(certs.ca()),
+        cert: Some(pair.cert),
+        key: Some(pair.key),
+    }
+}
+
+async fn fetch_fleet(conn: &Conn) -> Result<pb::FleetResponse> {
+    let mut client = conn.connect().await?;
+    Ok(client.fleet(pb::FleetRequest {}).await?.into_inner())
+}
+
+async fn status(dir: &Path) -> Result<u8> {
+    let dir = absolute(dir)?;
+    let lab: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("lab.json")).with_context(|| format!("no lab in {}", dir.display()))?,
+    )?;
+    let url = lab["controller"].as_str().unwrap_or_default().to_owned();
+    let fleet = fetch_fleet(&lab_conn(&dir, &url, "admin")).await?;
+    let up = fleet.hosts.iter().filter(|h| h.connected).count();
+    println!("controller {url}: {up} of {} agents connected", fleet.hosts.len());
+    for h in &fleet.hosts {
+        println!(
+            "  {:<12} {:<10} {}",
+            h.id,
+            h.role,
+            if h.connected { "connected" } else { "DISCONNECTED" }
+        );
+    }
+    Ok(if up == fleet.hosts.len() { 0 } else { 1 })
+}
+
+/// Processes whose command line mentions the lab directory (the controller,
+/// the agents and any step they left running).
+fn running(dir: &Path) -> Result<Vec<i32>> {
+    let needle = dir.display().to_string();
+    let me = std::process::id() as i32;
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(&needle) && !cmdline.contains(" lab ") {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// Stop every process of the lab: SIGTERM, then SIGKILL after 5 s.
+pub fn down(dir: &Path) -> Result<usize> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pids = running(dir)?;
+    for p in &pids {
+        let _ = kill(Pid::from_raw(*p), Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = running(dir)?;
+        if left.is_empty() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            for p in left {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(pids.len())
+}

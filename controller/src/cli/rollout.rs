@@ -1,0 +1,275 @@
+//! `wavegate rollout`: submit, approve, watch and steer rollouts.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use serde_json::json;
+use wavegate_domain::Report;
+use wavegate_proto::v1 as pb;
+
+use super::Output;
+use super::client::{Conn, exit_for};
+
+/// `wavegate rollout ...`
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Submit a plan: it is checked exactly as `plan check` does and, if
+    /// safe, becomes a rollout waiting for approval.
+    Submit {
+        /// The plan file.
+        plan: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Always refused (and recorded): there is no way to skip the canary.
+        #[arg(long)]
+        skip_canary: bool,
+        /// Always refused (and recorded): there is no way to skip approval.
+        #[arg(long)]
+        skip_approval: bool,
+        /// Always refused (and recorded): a backup never shares a primary's wave.
+        #[arg(long)]
+        ignore_backup_rule: bool,
+    },
+    /// Approve someone else's rollout.
+    Approve {
+        /// Rollout id.
+        id: String,
+        /// The plan hash you reviewed; refused if the rollout runs another.
+        #[arg(long)]
+        plan_hash: Option<String>,
+    },
+    /// Show a rollout.
+    Status {
+        /// Rollout id.
+        id: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Follow a rollout wave by wave until it completes, halts or is aborted.
+    /// Exit 0 when it completed, 3 when it halted, 1 when aborted.
+    Watch {
+        /// Rollout id.
+        id: String,
+    },
+    /// List rollouts, newest first.
+    List {
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Stop starting new hosts.
+    Pause {
+        /// Rollout id.
+        id: String,
+    },
+    /// Continue a paused or halted rollout.
+    Resume {
+        /// Rollout id.
+        id: String,
+    },
+    /// End a rollout; nothing more runs.
+    Abort {
+        /// Rollout id.
+        id: String,
+    },
+}
+
+/// Status as JSON (FORMATS.md "Rollout status").
+pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
+    json!({
+        "id": s.id,
+        "state": s.state,
+        "halt_reason": if s.halt_reason.is_empty() { serde_json::Value::Null } else { json!(s.halt_reason) },
+        "plan": s.plan_name,
+        "plan_hash": s.plan_hash,
+        "submitter": s.submitter,
+        "approvers": s.approvers,
+        "approvals_required": s.approvals_required,
+        "waves": s.waves.iter().map(|w| json!({
+            "index": w.index,
+            "state": w.state,
+            "hosts": w.hosts.iter().map(|h| json!({"id": h.id, "state": h.state, "detail": h.detail})).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "events": s.events,
+    })
+}
+
+/// Status for a person.
+pub fn render_status(s: &pb::RolloutStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "rollout {}  plan {}  state {}",
+        s.id,
+        s.plan_name,
+        s.state.to_uppercase()
+    );
+    let _ = writeln!(
+        out,
+        "submitted by {}; approvals {}/{}{}",
+        s.submitter,
+        s.approvers.len(),
+        s.approvals_required,
+        if s.approvers.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", s.approvers.join(", "))
+        }
+    );
+    if !s.halt_reason.is_empty() {
+        let _ = writeln!(out, "HALTED: {}", s.halt_reason);
+    }
+    for w in &s.waves {
+        let hosts: Vec<String> = w.hosts.iter().map(|h| format!("{}={}", h.id, h.state)).collect();
+        let _ = writeln!(out, "  wave {:<3} {:<10} {}", w.index, w.state, hosts.join(" "));
+    }
+    out
+}
+
+fn fail(status: &tonic::Status) -> u8 {
+    eprintln!("wavegate: {}", status.message());
+    exit_for(status)
+}
+
+/// Run a `rollout` subcommand.
+pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
+    let mut client = conn.connect().await?;
+    match cmd {
+        RolloutCommand::Submit {
+            plan,
+            output,
+            skip_canary,
+            skip_approval,
+            ignore_backup_rule,
+        } => {
+            let yaml = match std::fs::read_to_string(&plan) {
+                Ok(y) => y,
+                Err(e) => {
+                    eprintln!("wavegate: cannot read the plan {}: {e}", plan.display());
+                    return Ok(2);
+                }
+            };
+            let bypass: Vec<String> = [
+                (skip_canary, "canary"),
+                (skip_approval, "approval"),
+                (ignore_backup_rule, "backup rule"),
+            ]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| n.to_owned())
+            .collect();
+            let req = pb::SubmitRequest {
+                plan_yaml: yaml,
+                plan_file: plan.display().to_string(),
+                bypass,
+            };
+            match client.submit(req).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    match output {
+                        Output::Json => {
+                            let report: serde_json::Value = serde_json::from_str(&r.report_json).unwrap_or_default();
+                            println!(
+                                "{}",
+                                json!({"id": r.id, "plan_hash": r.plan_hash, "targets": report["targets"], "waves": report["waves"]})
+                            );
+                        }
+                        Output::Text => {
+                            println!(
+                                "submitted: rollout {} (plan {}), waiting for approval",
+                                r.id, r.plan_hash
+                            );
+                        }
+                    }
+                    Ok(0)
+                }
+                Err(status) => {
+                    if let Ok(report) = serde_json::from_slice::<Report>(status.details()) {
+                        match output {
+                            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                            Output::Text => print!("{}", super::plan::render(&report)),
+                        }
+                    }
+                    Ok(fail(&status))
+                }
+            }
+        }
+        RolloutCommand::Approve { id, plan_hash } => {
+            match client
+                .approve(pb::ApproveRequest {
+                    id,
+                    plan_hash: plan_hash.unwrap_or_default(),
+                })
+                .await
+            {
+                Ok(s) => {
+                    print!("{}", render_status(&s.into_inner()));
+                    Ok(0)
+                }
+                Err(status) => Ok(fail(&status)),
+            }
+        }
+        RolloutCommand::Status { id, output } => match client.status(pb::RolloutRequest { id }).await {
+            Ok(s) => {
+                let s = s.into_inner();
+                match output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(&status_json(&s))?),
+                    Output::Text => print!("{}", render_status(&s)),
+                }
+                Ok(0)
+            }
+            Err(status) => Ok(fail(&status)),
+        },
+        RolloutCommand::Watch { id } => {
+            let mut stream = match client.watch(pb::RolloutRequest { id }).await {
+                Ok(s) => s.into_inner(),
+                Err(status) => return Ok(fail(&status)),
+            };
+            let mut last = None;
+            while let Some(s) = stream.message().await.context("the controller closed the watch")? {
+                println!("{}", render_status(&s));
+                last = Some(s);
+            }
+            Ok(match last.as_ref().map(|s| s.state.as_str()) {
+                Some("completed") => 0,
+                Some("halted") => 3,
+                _ => 1,
+            })
+        }
+        RolloutCommand::List { output } => match client.list(pb::ListRequest {}).await {
+            Ok(l) => {
+                let l = l.into_inner();
+                match output {
+                    Output::Json => {
+                        let all: Vec<_> = l.rollouts.iter().map(status_json).collect();
+                        println!("{}", serde_json::to_string_pretty(&all)?);
+                    }
+                    Output::Text => {
+                        for s in &l.rollouts {
+                            println!("{}  {:<18} {}", s.id, s.state, s.plan_name);
+                        }
+                    }
+                }
+                Ok(0)
+            }
+            Err(status) => Ok(fail(&status)),
+        },
+        RolloutCommand::Pause { id } => control(client.pause(pb::RolloutRequest { id }).await),
+        RolloutCommand::Resume { id } => control(client.resume(pb::RolloutRequest { id }).await),
+        RolloutCommand::Abort { id } => control(client.abort(pb::RolloutRequest { id }).await),
+    }
+}
+
+fn control(res: Result<tonic::Response<pb::RolloutStatus>, tonic::Status>) -> Result<u8> {
+    match res {
+        Ok(s) => {
+            print!("{}", render_status(&s.into_inner()));
+            Ok(0)
+        }
+        Err(status) => Ok(fail(&status)),
+    }
+}

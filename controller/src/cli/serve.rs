@@ -1,0 +1,126 @@
+//! `wavegate serve`: the long-running controller.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tracing::info;
+use wavegate_domain::units::{Scalar, parse_duration};
+use wavegate_domain::{Fleet, Source};
+
+use super::PolicyArgs;
+use crate::engine::{Engine, Settings};
+use crate::hub::Hub;
+use crate::store::Store;
+use crate::tls::TlsFiles;
+
+/// Flags of `wavegate serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data directory: the durable store lives here.
+    #[arg(long, value_name = "DIR", env = "WAVEGATE_DATA")]
+    pub data: PathBuf,
+    /// The fleet inventory: every host the controller may ever touch.
+    #[arg(long, value_name = "FLEET", env = "WAVEGATE_FLEET")]
+    pub fleet: PathBuf,
+    /// Site policies (default: the shipped set).
+    #[command(flatten)]
+    pub policies: PolicyArgs,
+    /// Address to listen on for agents and operators.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: String,
+    /// Write the bound address here once listening (useful with port 0).
+    #[arg(long, value_name = "FILE")]
+    pub addr_file: Option<PathBuf>,
+    /// CA certificate that signs agent and operator certificates.
+    #[arg(long, value_name = "FILE", env = "WAVEGATE_CA")]
+    pub ca: Option<PathBuf>,
+    /// The controller's certificate.
+    #[arg(long, value_name = "FILE", env = "WAVEGATE_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The controller's private key.
+    #[arg(long, value_name = "FILE", env = "WAVEGATE_KEY")]
+    pub key: Option<PathBuf>,
+    /// Serve without TLS, trusting an unverified identity header. For local
+    /// development only; never on a network.
+    #[arg(long)]
+    pub insecure_plaintext_for_local_dev: bool,
+    /// How long past a step's own timeout to wait for its agent (to reconnect
+    /// and answer) before the host counts as failed.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub agent_grace: Duration,
+}
+
+/// Parse a duration flag the way plans write them.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(&Scalar::Text(s.to_owned())).map_err(|e| e.to_string())
+}
+
+/// Run the controller until SIGINT or SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<u8> {
+    let tls = match (&args.ca, &args.cert, &args.key, args.insecure_plaintext_for_local_dev) {
+        (Some(ca), Some(cert), Some(key), false) => Some(TlsFiles::read(ca, cert, key)?),
+        (_, _, _, true) => None,
+        _ => bail!("give --ca, --cert and --key (see `wavegate certs init`), or --insecure-plaintext-for-local-dev"),
+    };
+    let fleet_text = std::fs::read_to_string(&args.fleet)
+        .with_context(|| format!("reading the fleet inventory {}", args.fleet.display()))?;
+    let fleet_name = args.fleet.display().to_string();
+    let fleet = match Fleet::parse(Source {
+        name: &fleet_name,
+        text: &fleet_text,
+    }) {
+        Ok(f) => f,
+        Err(v) => {
+            for x in &v {
+                eprintln!("{x}");
+            }
+            return Ok(wavegate_domain::exit_status(&v));
+        }
+    };
+    let policies = match crate::policies::load(&args.policies.source()) {
+        Ok(p) => p,
+        Err(v) => {
+            for x in &v {
+                eprintln!("{x}");
+            }
+            return Ok(2);
+        }
+    };
+    let store = Store::open(&args.data)?;
+    let engine = Engine::new(
+        store,
+        Arc::new(Hub::default()),
+        (fleet, &fleet_text),
+        policies,
+        Settings {
+            agent_grace: args.agent_grace,
+        },
+    )?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    if let Some(f) = &args.addr_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())?;
+        std::fs::rename(&tmp, f)?;
+    }
+    info!(%addr, tls = tls.is_some(), "Controller listening.");
+    crate::server::serve(listener, engine, tls, shutdown()).await?;
+    Ok(0)
+}
+
+async fn shutdown() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("Shutting down.");
+}

@@ -1,0 +1,130 @@
+//! The agent hub: which agents are connected, and the commands waiting for
+//! their answers.
+//!
+//! A command keeps its id until it is answered. When an agent reconnects (or
+//! the controller restarts and the engine asks again), the same id is sent
+//! again; the agent's journal answers it without running it twice.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use wavegate_proto::v1::{Command, CommandResult, ControllerMessage, controller_message};
+
+/// Messages to one agent's session.
+pub type AgentTx = mpsc::Sender<Result<ControllerMessage, tonic::Status>>;
+
+struct Link {
+    session: u64,
+    tx: AgentTx,
+}
+
+#[derive(Default)]
+struct Inner {
+    agents: HashMap<String, Link>,
+    waiters: HashMap<String, oneshot::Sender<CommandResult>>,
+    next_session: u64,
+}
+
+/// Why a command got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// No answer before the deadline (agent silent, gone, or too slow).
+    #[error("no answer from the agent within {0:?}")]
+    NoAnswer(Duration),
+}
+
+/// The hub.
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic elsewhere; the data is still usable.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Register a session for `host`, replacing an older one. Returns the
+    /// session number to pass to [`Hub::disconnect`].
+    pub fn connect(&self, host: &str, tx: AgentTx) -> u64 {
+        let session = {
+            let mut inner = self.lock();
+            inner.next_session += 1;
+            let session = inner.next_session;
+            inner.agents.insert(host.to_owned(), Link { session, tx });
+            session
+        };
+        self.changed.notify_waiters();
+        session
+    }
+
+    /// Forget a session, unless a newer one has replaced it.
+    pub fn disconnect(&self, host: &str, session: u64) {
+        {
+            let mut inner = self.lock();
+            if inner.agents.get(host).is_some_and(|l| l.session == session) {
+                inner.agents.remove(host);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Hosts with a live session, sorted.
+    pub fn connected(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock().agents.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Deliver a result from an agent; returns false when nobody waits for it
+    /// (a late or duplicate answer).
+    pub fn deliver(&self, result: CommandResult) -> bool {
+        let waiter = self.lock().waiters.remove(&result.command_id);
+        match waiter {
+            Some(tx) => tx.send(result).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Send `cmd` to `host` and wait for its result, resending it (same id)
+    /// whenever the agent reconnects, until `deadline`.
+    pub async fn execute(&self, host: &str, cmd: Command, deadline: Instant) -> Result<CommandResult, ExecError> {
+        let (tx, mut rx) = oneshot::channel();
+        self.lock().waiters.insert(cmd.id.clone(), tx);
+        let started = Instant::now();
+        let mut sent_on: Option<u64> = None;
+        let outcome = loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let link = self.lock().agents.get(host).map(|l| (l.session, l.tx.clone()));
+            if let Some((session, link_tx)) = link
+                && sent_on != Some(session)
+            {
+                let msg = ControllerMessage {
+                    body: Some(controller_message::Body::Command(cmd.clone())),
+                };
+                if link_tx.send(Ok(msg)).await.is_ok() {
+                    sent_on = Some(session);
+                }
+            }
+            tokio::select! {
+                r = &mut rx => match r {
+                    Ok(result) => break Ok(result),
+                    // The waiter was replaced by a second execute of the same
+                    // id; that one will get the answer.
+                    Err(_) => break Err(ExecError::NoAnswer(started.elapsed())),
+                },
+                () = &mut changed => {}
+                () = tokio::time::sleep_until(deadline) => break Err(ExecError::NoAnswer(deadline - started)),
+            }
+        };
+        self.lock().waiters.remove(&cmd.id);
+        outcome
+    }
+}
