@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod lab;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,0 +1,256 @@
+//! A lab for end-to-end tests: `wavegate lab up` in a temporary directory,
+//! commands run as the lab's identities, and `lab down` when dropped.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{Run, fixture, wavegate, wavegate_bin};
+
+/// Poll `f` every 25 ms until it returns `Some`, or panic with `what` after
+/// `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A running lab.
+pub struct Lab {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Processes this test started itself (reaped when the lab goes down).
+    children: std::sync::Mutex<Vec<std::process::Child>>,
+}
+
+impl Lab {
+    /// Start a lab for a fixture fleet.
+    pub fn up(name: &str, fleet: &str) -> Lab {
+        let dir = std::env::temp_dir().join(format!("wavegate-lab-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lab = Lab {
+            dir,
+            children: std::sync::Mutex::new(Vec::new()),
+        };
+        let run = wavegate([
+            "lab".as_ref(),
+            "up".as_ref(),
+            "--fleet".as_ref(),
+            fixture(fleet).as_os_str(),
+            "--dir".as_ref(),
+            lab.dir.as_os_str(),
+            "--agent-grace".as_ref(),
+            "10s".as_ref(),
+        ]);
+        assert_eq!(run.status, 0, "lab up failed:\n{}\n{}", run.stdout, run.stderr);
+        lab
+    }
+
+    /// The controller's URL.
+    pub fn controller(&self) -> String {
+        let lab: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("lab.json")).expect("lab.json"))
+            .expect("lab.json is JSON");
+        lab["controller"].as_str().expect("controller URL").to_owned()
+    }
+
+    /// The environment of an identity file (`export K='V'` lines).
+    pub fn identity(&self, who: &str) -> Vec<(String, String)> {
+        let text =
+            std::fs::read_to_string(self.dir.join("identities").join(format!("{who}.env"))).expect("identity file");
+        text.lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+            .collect()
+    }
+
+    /// Run `wavegate` as `who`.
+    pub fn wavegate_as(&self, who: &str, args: &[&str]) -> Run {
+        let mut cmd = Command::new(wavegate_bin());
+        cmd.args(args).current_dir(crate::repo_root());
+        for (k, v) in self.identity(who) {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run wavegate").into()
+    }
+
+    /// Submit a fixture plan as the submitter; returns the rollout id.
+    pub fn submit(&self, plan: &str) -> String {
+        let path = fixture(plan);
+        let run = self.wavegate_as(
+            "submitter",
+            &[
+                "rollout",
+                "submit",
+                path.to_str().expect("utf-8 path"),
+                "--output",
+                "json",
+            ],
+        );
+        assert_eq!(run.status, 0, "submit failed:\n{}\n{}", run.stdout, run.stderr);
+        run.json()["id"].as_str().expect("id").to_owned()
+    }
+
+    /// Approve as the approver.
+    pub fn approve(&self, id: &str) {
+        let run = self.wavegate_as("approver", &["rollout", "approve", id]);
+        assert_eq!(run.status, 0, "approve failed:\n{}\n{}", run.stdout, run.stderr);
+    }
+
+    /// `rollout status --output json` as the auditor.
+    pub fn status(&self, id: &str) -> Value {
+        let run = self.wavegate_as("auditor", &["rollout", "status", id, "--output", "json"]);
+        assert_eq!(run.status, 0, "status failed:\n{}\n{}", run.stdout, run.stderr);
+        run.json()
+    }
+
+    /// Wait until the rollout is in `state`.
+    pub fn wait_state(&self, id: &str, state: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            eventually(timeout, &format!("rollout {id} to be {state}"), || {
+                let s = self.status(id);
+                last = s.clone();
+                (s["state"] == state).then_some(s)
+            })
+        }));
+        match found {
+            Ok(s) => s,
+            Err(_) => panic!(
+                "rollout {id} never became {state}; last status:\n{last:#}\ncontroller log:\n{}",
+                self.log("controller")
+            ),
+        }
+    }
+
+    /// A path inside a host's root.
+    pub fn host_path(&self, host: &str, path: &str) -> PathBuf {
+        self.dir
+            .join("hosts")
+            .join(host)
+            .join("root")
+            .join(path.trim_start_matches('/'))
+    }
+
+    /// A host file's text, if it exists.
+    pub fn read_host(&self, host: &str, path: &str) -> Option<String> {
+        std::fs::read_to_string(self.host_path(host, path)).ok()
+    }
+
+    /// A log of the lab (`controller`, `agent-<host>`).
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Processes of this lab whose command line contains every needle.
+    pub fn pids(&self, needles: &[&str]) -> Vec<(i32, Vec<String>)> {
+        let dir = self.dir.display().to_string();
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let line = args.join(" ");
+            if line.contains(&dir) && needles.iter().all(|n| line.contains(n)) {
+                out.push((pid, args));
+            }
+        }
+        out
+    }
+
+    /// SIGKILL one process of the lab; returns its command line.
+    pub fn kill9(&self, needles: &[&str], exclude: &str) -> Vec<String> {
+        let found: Vec<_> = self
+            .pids(needles)
+            .into_iter()
+            .filter(|(_, a)| !a.join(" ").contains(exclude))
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "expected one process matching {needles:?}, found {found:?}"
+        );
+        let (pid, args) = found.into_iter().next().expect("one");
+        let status = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        eventually(Duration::from_secs(5), "the killed process to be gone", || {
+            (!Path::new(&format!("/proc/{pid}/cmdline")).exists()
+                || std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| c.is_empty())
+                    .unwrap_or(true))
+            .then_some(())
+        });
+        args
+    }
+
+    /// Start a process again from its command line, logging to `log`.
+    pub fn respawn(&self, args: &[String], log: &str) {
+        let out = std::fs::File::create(self.dir.join("logs").join(format!("{log}.log"))).expect("log");
+        let err = out.try_clone().expect("log");
+        let child = Command::new(&args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .expect("respawn");
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(child);
+    }
+
+    /// Wait until every agent of the lab is connected again.
+    pub fn wait_agents(&self) {
+        eventually(Duration::from_secs(30), "every agent to connect", || {
+            let run = wavegate([
+                "lab".as_ref(),
+                "status".as_ref(),
+                "--dir".as_ref(),
+                self.dir.as_os_str(),
+            ]);
+            (run.status == 0).then_some(())
+        });
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = wavegate(["lab".as_ref(), "down".as_ref(), "--dir".as_ref(), self.dir.as_os_str()]);
+        for mut child in self
+            .children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
