@@ -13,7 +13,8 @@ use wavegate_domain::rollout::RolloutState;
 use wavegate_domain::{Fleet, PolicySet, Source};
 
 const FLEET: &str = "hosts:\n  - {id: p1, role: primary}\n  - {id: b1, role: backup, backup_of: [p1]}\n";
-const PLAN: &str = "name: t\ntargets: {hosts: [p1, b1]}\nsteps: [{name: s, run: 'true', writes: [/etc/x]}]\nhealth: {bake: 0s}\n";
+const PLAN: &str =
+    "name: t\ntargets: {hosts: [p1, b1]}\nsteps: [{name: s, run: 'true', writes: [/etc/x]}]\nhealth: {bake: 0s}\n";
 
 fn data_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("wavegate-engine-{name}-{}", std::process::id()));
@@ -22,13 +23,19 @@ fn data_dir(name: &str) -> PathBuf {
 }
 
 fn engine(dir: &PathBuf) -> Arc<Engine> {
-    let fleet = Fleet::parse(Source { name: "fleet.yaml", text: FLEET }).expect("fleet");
+    let fleet = Fleet::parse(Source {
+        name: "fleet.yaml",
+        text: FLEET,
+    })
+    .expect("fleet");
     Engine::new(
         Store::open(dir).expect("store"),
         Arc::new(Hub::default()),
         (fleet, FLEET),
         PolicySet::default(),
-        Settings { agent_grace: Duration::from_secs(1) },
+        Settings {
+            agent_grace: Duration::from_secs(1),
+        },
     )
     .expect("engine")
 }
@@ -37,7 +44,9 @@ fn engine(dir: &PathBuf) -> Arc<Engine> {
 async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
     let dir = data_dir("refusals");
     let e = engine(&dir);
-    let err = e.submit("sam", "plan.yaml", PLAN, &["canary".into()]).expect_err("bypass refused");
+    let err = e
+        .submit("sam", "plan.yaml", PLAN, &["canary".into()])
+        .expect_err("bypass refused");
     assert!(matches!(err, EngineError::Denied(_)), "{err}");
     let (entry, _) = e.submit("sam", "plan.yaml", PLAN, &[]).expect("submit");
     let id = entry.rollout.id.clone();
@@ -48,12 +57,21 @@ async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
     // A restart on the same directory still knows all of it.
     let e = engine(&dir);
     let refusals = e.refusals().expect("refusals");
-    assert!(refusals.iter().any(|r| r.contains("sam asked to bypass: canary")), "{refusals:#?}");
-    assert!(refusals.iter().any(|r| r.contains(&format!("approval of {id} by sam"))), "{refusals:#?}");
+    assert!(
+        refusals.iter().any(|r| r.contains("sam asked to bypass: canary")),
+        "{refusals:#?}"
+    );
+    assert!(
+        refusals.iter().any(|r| r.contains(&format!("approval of {id} by sam"))),
+        "{refusals:#?}"
+    );
     let entry = e.get(&id).expect("rollout survives a restart");
     assert_eq!(entry.rollout.waves.len(), 2, "primary and backup in separate waves");
     assert_eq!(entry.rollout.waves[0].hosts, ["p1"]);
-    assert!(!entry.rollout.inventory_hash.is_empty(), "the rollout names the inventory it was planned on");
+    assert!(
+        !entry.rollout.inventory_hash.is_empty(),
+        "the rollout names the inventory it was planned on"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -63,11 +81,19 @@ async fn a_refused_plan_creates_no_rollout() {
     let e = engine(&dir);
     let bad = PLAN.replace("targets: {hosts: [p1, b1]}\n", "");
     match e.submit("sam", "plan.yaml", &bad, &[]) {
-        Err(EngineError::Refused(report)) => assert!(report.violations.iter().any(|v| v.code.to_string() == "targets-missing")),
+        Err(EngineError::Refused(report)) => assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.code.to_string() == "targets-missing")
+        ),
         other => panic!("expected a refusal, got {other:?}"),
     }
     let typo = PLAN.replace("name: t", "nmae: t");
-    assert!(matches!(e.submit("sam", "plan.yaml", &typo, &[]), Err(EngineError::BadPlan(_))));
+    assert!(matches!(
+        e.submit("sam", "plan.yaml", &typo, &[]),
+        Err(EngineError::BadPlan(_))
+    ));
     assert!(e.list().is_empty(), "nothing is half-created");
     let _ = std::fs::remove_dir_all(&dir);
 }
