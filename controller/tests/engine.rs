@@ -22,7 +22,7 @@ fn data_dir(name: &str) -> PathBuf {
     d
 }
 
-fn engine(dir: &PathBuf) -> Arc<Engine> {
+fn engine(dir: &std::path::Path) -> Arc<Engine> {
     let fleet = Fleet::parse(Source {
         name: "fleet.yaml",
         text: FLEET,
