@@ -7,10 +7,12 @@
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod effects;
 pub mod fleet;
 pub mod plan;
 pub mod policy;
 pub mod rollout;
+pub mod snapshot;
 pub mod targets;
 pub mod units;
 pub mod violation;

@@ -25,6 +25,9 @@ pub enum RolloutState {
     Completed,
     /// Ended by an operator; nothing more runs.
     Aborted,
+    /// Refused at submit (its first wave's dry-run was blocked); it can
+    /// never be approved.
+    Refused,
 }
 
 impl RolloutState {
@@ -37,12 +40,16 @@ impl RolloutState {
             RolloutState::Halted => "halted",
             RolloutState::Completed => "completed",
             RolloutState::Aborted => "aborted",
+            RolloutState::Refused => "refused",
         }
     }
 
     /// Whether nothing can happen to the rollout any more.
     pub fn is_final(self) -> bool {
-        matches!(self, RolloutState::Completed | RolloutState::Aborted)
+        matches!(
+            self,
+            RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused
+        )
     }
 }
 
@@ -223,6 +230,21 @@ pub struct Rollout {
     pub budget_wave: Amount,
     /// Bumped on every resume, so retried commands get new ids.
     pub attempt: u32,
+    /// `rollback` (restore failed hosts when halting) or `halt`.
+    #[serde(default)]
+    pub on_failure: String,
+    /// How long snapshots are kept after their wave is confirmed.
+    #[serde(default)]
+    pub retain_ms: u64,
+    /// The union of every step's write set: what each host's snapshot holds.
+    #[serde(default)]
+    pub write_set: Vec<String>,
+    /// The first wave's dry-run reports, taken at submit; approvals bind to them.
+    #[serde(default)]
+    pub dry_runs: Vec<crate::effects::DryRunRecord>,
+    /// A halt whose failed hosts still have to be restored.
+    #[serde(default)]
+    pub rollback_pending: bool,
     /// Human-readable events, oldest first.
     pub events: Vec<String>,
 }
@@ -357,6 +379,15 @@ pub struct HostRecord {
     pub detail: String,
     /// One entry per finished step.
     pub results: Vec<StepResult>,
+    /// The snapshot taken before its first real step.
+    #[serde(default)]
+    pub snapshot: Option<crate::snapshot::SnapshotRecord>,
+    /// The latest dry-run of each step, taken right before the real run.
+    #[serde(default)]
+    pub dry_runs: Vec<crate::effects::DryRunRecord>,
+    /// Whether it was restored from its snapshot.
+    #[serde(default)]
+    pub rolled_back: bool,
 }
 
 impl HostRecord {
@@ -370,6 +401,9 @@ impl HostRecord {
             in_flight: None,
             detail: String::new(),
             results: Vec::new(),
+            snapshot: None,
+            dry_runs: Vec::new(),
+            rolled_back: false,
         }
     }
 }
@@ -432,6 +466,11 @@ mod tests {
             budget_canary: Amount::Count(0),
             budget_wave: Amount::Percent(10),
             attempt: 0,
+            on_failure: "rollback".into(),
+            retain_ms: 0,
+            write_set: Vec::new(),
+            dry_runs: Vec::new(),
+            rollback_pending: false,
             events: Vec::new(),
         }
     }
