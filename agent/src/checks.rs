@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 use wavegate_proto::v1::{CheckResult, HealthCheck, health_check::Probe};
 
 use crate::exec::run_supervised;
-use crate::journal::Job;
+use crate::journal::{Job, Mode};
 
 async fn tcp(addr: &str, timeout: Duration) -> Result<String, String> {
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -69,12 +69,14 @@ pub async fn run(exe: &Path, check: &HealthCheck, host_root: &Path, scratch: &Pa
         Some(Probe::Tcp(addr)) => tcp(addr, timeout).await,
         Some(Probe::Http(h)) => http(&h.url, h.expect_status, timeout).await,
         Some(Probe::Exec(cmd)) => {
-            let job = Job {
-                command_id: format!("check-{}", check.name),
-                run: cmd.clone(),
-                timeout_ms: check.timeout_ms.max(1),
-                host_root: host_root.to_path_buf(),
-            };
+            // A check only looks: the host root read-only, a private /tmp.
+            let job = Job::new(
+                &format!("check-{}", check.name),
+                cmd,
+                check.timeout_ms.max(1),
+                host_root,
+                Mode::Confined,
+            );
             match run_supervised(exe, scratch, &job).await {
                 Ok(r) if r.exit_code == 0 && r.outcome == wavegate_proto::v1::Outcome::Ok as i32 => Ok("exit 0".into()),
                 Ok(r) => Err(format!(

@@ -45,6 +45,7 @@ fn interrupted(why: &str) -> Stored {
         output_sha256: String::new(),
         output_tail: Vec::new(),
         detail: why.to_owned(),
+        report: String::new(),
     }
 }
 

@@ -9,6 +9,19 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// How the supervisor runs a job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The host root as it is (the agent's own use only).
+    #[default]
+    Plain,
+    /// Confined: the host root read-only except `writes` and a private /tmp.
+    Confined,
+    /// The dry-run sandbox: nothing on the host changes.
+    DryRun,
+}
+
 /// What the supervisor runs.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Job {
@@ -20,6 +33,38 @@ pub struct Job {
     pub timeout_ms: u64,
     /// The host root the command sees as `/`.
     pub host_root: PathBuf,
+    /// How it runs.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Writable paths of a confined run.
+    #[serde(default)]
+    pub writes: Vec<String>,
+    /// Write-set paths to create as directories before a confined run.
+    #[serde(default)]
+    pub create_dirs: Vec<String>,
+    /// Write-set paths to create as empty files before a confined run.
+    #[serde(default)]
+    pub create_files: Vec<String>,
+    /// Steps of a dry-run.
+    #[serde(default)]
+    pub steps: Vec<crate::sandbox::DryStep>,
+}
+
+impl Job {
+    /// A job with the defaults for everything but what it runs.
+    pub fn new(command_id: &str, run: &str, timeout_ms: u64, host_root: &Path, mode: Mode) -> Job {
+        Job {
+            command_id: command_id.to_owned(),
+            run: run.to_owned(),
+            timeout_ms,
+            host_root: host_root.to_path_buf(),
+            mode,
+            writes: Vec::new(),
+            create_dirs: Vec::new(),
+            create_files: Vec::new(),
+            steps: Vec::new(),
+        }
+    }
 }
 
 /// A finished command, as journaled (mirrors the wire result).
@@ -37,6 +82,9 @@ pub struct Stored {
     pub output_tail: Vec<u8>,
     /// For people.
     pub detail: String,
+    /// Dry-run reports (JSON), when the job was a dry-run.
+    #[serde(default)]
+    pub report: String,
 }
 
 /// What the journal knows of a command.

@@ -8,4 +8,6 @@ pub mod checks;
 pub mod exec;
 pub mod journal;
 pub mod runner;
+pub mod sandbox;
 pub mod session;
+pub mod snapshot;

@@ -21,7 +21,7 @@ use nix::unistd::{Pid, geteuid};
 use sha2::{Digest, Sha256};
 use wavegate_proto::v1::Outcome;
 
-use crate::journal::{self, Job, Stored};
+use crate::journal::{self, Job, Mode, Stored};
 
 /// Directories of the machine a host root sees read-only.
 const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
@@ -108,7 +108,103 @@ fn stored(outcome: Outcome, exit_code: i32, started: Instant, output: &Path, det
         output_sha256: sha,
         output_tail: tail,
         detail,
+        report: String::new(),
     }
+}
+
+/// Confine a real run: a read-only view of the host root with only the
+/// write set bound writable, and a private /tmp. A step with a missing target
+/// line fails with "read-only file system" instead of deleting data.
+fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
+    let root = &job.host_root;
+    if !geteuid().is_root() {
+        bail!("a confined run needs root (mount namespaces); run the agent as root");
+    }
+    unshare(CloneFlags::CLONE_NEWNS).context("entering a mount namespace")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making mounts private")?;
+    // Write-set paths the dry-run saw created must exist to be bound; only
+    // the path itself is made, never a parent outside the write set.
+    for (paths, dir) in [(&job.create_dirs, true), (&job.create_files, false)] {
+        for p in paths {
+            let full = root.join(p.trim_start_matches('/'));
+            if full.symlink_metadata().is_err() && full.parent().is_some_and(Path::is_dir) {
+                if dir {
+                    std::fs::create_dir(&full)?;
+                } else {
+                    std::fs::File::create(&full)?;
+                }
+            }
+        }
+    }
+    let m = base.join("root");
+    std::fs::create_dir_all(&m)?;
+    bind(root, &m, false)?;
+    // Every mount under the view read-only, not just the top one.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = m.display().to_string();
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|p| *p == prefix || p.starts_with(&format!("{prefix}/")))
+        .map(str::to_owned)
+        .collect();
+    points.sort();
+    points.dedup();
+    for p in &points {
+        mount(
+            None::<&str>,
+            p.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .with_context(|| format!("making {p} read-only"))?;
+    }
+    if root != Path::new("/") {
+        for d in SYSTEM_DIRS {
+            let src = Path::new("/").join(d);
+            let dst = m.join(d);
+            let is_link = src
+                .symlink_metadata()
+                .map(|x| x.file_type().is_symlink())
+                .unwrap_or(true);
+            if is_link || !src.is_dir() || !dst.is_dir() {
+                continue;
+            }
+            bind(&src, &dst, true)?;
+        }
+    }
+    for (d, ro) in [("dev", false), ("proc", true)] {
+        let dst = m.join(d);
+        if dst.is_dir() {
+            bind(&Path::new("/").join(d), &dst, ro)?;
+        }
+    }
+    let tmp = m.join("tmp");
+    if tmp.is_dir() {
+        mount(
+            Some("tmpfs"),
+            &tmp,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("size=512m,mode=1777"),
+        )
+        .context("a private /tmp")?;
+    }
+    for w in &job.writes {
+        let src = root.join(w.trim_start_matches('/'));
+        if src.symlink_metadata().is_ok() {
+            bind(&src, &m.join(w.trim_start_matches('/')), false)?;
+        }
+    }
+    Ok(m)
 }
 
 /// SHA-256 and the last [`TAIL`] bytes of a file.
@@ -137,29 +233,62 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
     let job: Job = serde_json::from_slice(&std::fs::read(job_dir.join("job.json"))?)?;
     let output = job_dir.join("output.log");
     let started = Instant::now();
-    let result = match run(&job, &output) {
-        Ok((outcome, code, detail)) => stored(outcome, code, started, &output, detail),
-        Err(e) => stored(
-            Outcome::Refused,
-            -1,
-            started,
-            &output,
-            format!("the step was not run: {e:#}"),
-        ),
+    let result = match job.mode {
+        Mode::DryRun => match crate::sandbox::dry_run(&job.host_root, &job_dir.join("sandbox"), &job.steps, &output) {
+            Ok(reports) => {
+                let blocked: Vec<String> = reports
+                    .iter()
+                    .filter(|r| r.blocked)
+                    .map(|r| format!("{}: {}", r.step, r.reasons.join("; ")))
+                    .collect();
+                let (outcome, code, detail) = if blocked.is_empty() {
+                    (Outcome::Ok, 0, String::new())
+                } else {
+                    (Outcome::Failed, 1, format!("dry-run blocked: {}", blocked.join(" | ")))
+                };
+                let mut s = stored(outcome, code, started, &output, detail);
+                s.report = serde_json::to_string(&reports)?;
+                s
+            }
+            // A sandbox that cannot be set up blocks; it never means "skip".
+            Err(e) => stored(
+                Outcome::Refused,
+                -1,
+                started,
+                &output,
+                format!("dry-run blocked: the sandbox could not be set up: {e:#}"),
+            ),
+        },
+        _ => match run(&job, job_dir, &output) {
+            Ok((outcome, code, detail)) => stored(outcome, code, started, &output, detail),
+            Err(e) => stored(
+                Outcome::Refused,
+                -1,
+                started,
+                &output,
+                format!("the step was not run: {e:#}"),
+            ),
+        },
     };
     journal::finish(job_dir, &result)?;
     Ok(result)
 }
 
-fn run(job: &Job, output: &PathBuf) -> Result<(Outcome, i32, String)> {
-    prepare(&job.host_root)?;
+fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, String)> {
+    let root = match job.mode {
+        Mode::Confined => confine(job, &job_dir.join("confined"))?,
+        _ => {
+            prepare(&job.host_root)?;
+            job.host_root.clone()
+        }
+    };
     let out = std::fs::File::create(output)?;
     let err = out.try_clone()?;
-    let mut cmd = if job.host_root == Path::new("/") {
+    let mut cmd = if root == Path::new("/") {
         Command::new("/bin/sh")
     } else {
         let mut c = Command::new("chroot");
-        c.arg(&job.host_root).arg("/bin/sh");
+        c.arg(&root).arg("/bin/sh");
         c
     };
     let mut child = cmd

@@ -15,8 +15,10 @@ use wavegate_proto::v1::{
     self as pb, agent_message, agent_service_client::AgentServiceClient, command, controller_message,
 };
 
-use crate::exec::run_step_once;
-use crate::journal::{Job, Journal};
+use crate::exec::{run_step_once, run_supervised};
+use crate::journal::{Job, Journal, Mode};
+use crate::sandbox::DryStep;
+use crate::snapshot;
 
 /// The agent's settings.
 #[derive(Clone, Debug)]
@@ -116,46 +118,92 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
     result
 }
 
+fn result_of(id: &str, s: crate::journal::Stored, replayed: bool) -> pb::CommandResult {
+    pb::CommandResult {
+        command_id: id.to_owned(),
+        outcome: s.outcome,
+        exit_code: s.exit_code,
+        duration_ms: s.duration_ms,
+        output_sha256: s.output_sha256,
+        output_tail: s.output_tail,
+        checks: Vec::new(),
+        replayed,
+        detail: s.detail,
+        report_json: s.report,
+    }
+}
+
 async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::CommandResult {
     let id = cmd.id.clone();
-    let failed = |detail: String| pb::CommandResult {
+    let refused = |detail: String| pb::CommandResult {
         command_id: id.clone(),
         outcome: pb::Outcome::Refused as i32,
         exit_code: -1,
         detail,
         ..Default::default()
     };
+    let scratch = cfg.state_dir.join("scratch");
+    if let Err(e) = std::fs::create_dir_all(&scratch) {
+        return refused(format!("cannot create {}: {e}", scratch.display()));
+    }
     match cmd.kind {
         Some(command::Kind::RunStep(step)) => {
-            let job = Job {
-                command_id: id.clone(),
-                run: step.run,
-                timeout_ms: step.timeout_ms,
-                host_root: cfg.host_root.clone(),
-            };
+            // Real steps are always confined to their write set.
+            let mut job = Job::new(&id, &step.run, step.timeout_ms, &cfg.host_root, Mode::Confined);
+            job.writes = step.writes;
+            job.create_dirs = step.create_dirs;
+            job.create_files = step.create_files;
             match run_step_once(&cfg.exe, journal, job).await {
                 Ok((s, replayed)) => {
                     info!(command = %id, outcome = s.outcome, replayed, "Step finished.");
-                    pb::CommandResult {
-                        command_id: id.clone(),
-                        outcome: s.outcome,
-                        exit_code: s.exit_code,
-                        duration_ms: s.duration_ms,
-                        output_sha256: s.output_sha256,
-                        output_tail: s.output_tail,
-                        checks: Vec::new(),
-                        replayed,
-                        detail: s.detail,
-                    }
+                    result_of(&id, s, replayed)
                 }
-                Err(e) => failed(format!("{e:#}")),
+                Err(e) => refused(format!("{e:#}")),
+            }
+        }
+        Some(command::Kind::DryRun(d)) => {
+            let mut job = Job::new(&id, "", 0, &cfg.host_root, Mode::DryRun);
+            job.steps = d
+                .steps
+                .into_iter()
+                .map(|s| DryStep {
+                    name: s.name,
+                    run: s.run,
+                    writes: s.writes,
+                    max_deletions: s.max_deletions,
+                    timeout_ms: s.timeout_ms,
+                })
+                .collect();
+            match run_supervised(&cfg.exe, &scratch, &job).await {
+                Ok(s) => result_of(&id, s, false),
+                Err(e) => refused(format!("dry-run blocked: {e:#}")),
+            }
+        }
+        Some(command::Kind::TakeSnapshot(t)) => {
+            let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
+            let res =
+                tokio::task::spawn_blocking(move || snapshot::take(&state, &host, &root, &t.rollout_id, &t.paths))
+                    .await;
+            snapshot_result(&id, res, "snapshot taken and verified")
+        }
+        Some(command::Kind::RestoreSnapshot(r)) => {
+            let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
+            let res = tokio::task::spawn_blocking(move || snapshot::restore(&state, &host, &root, &r.rollout_id)).await;
+            snapshot_result(&id, res, "restored from the snapshot")
+        }
+        Some(command::Kind::ReleaseSnapshot(r)) => {
+            let state = cfg.state_dir.clone();
+            match tokio::task::spawn_blocking(move || snapshot::release(&state, &r.rollout_id)).await {
+                Ok(Ok(())) => pb::CommandResult {
+                    command_id: id.clone(),
+                    outcome: pb::Outcome::Ok as i32,
+                    ..Default::default()
+                },
+                Ok(Err(e)) => refused(format!("{e:#}")),
+                Err(e) => refused(e.to_string()),
             }
         }
         Some(command::Kind::RunChecks(checks)) => {
-            let scratch = cfg.state_dir.join("checks");
-            if let Err(e) = std::fs::create_dir_all(&scratch) {
-                return failed(format!("cannot create {}: {e}", scratch.display()));
-            }
             let started = std::time::Instant::now();
             let mut results = Vec::new();
             for c in &checks.checks {
@@ -171,6 +219,42 @@ async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::Comman
                 ..Default::default()
             }
         }
-        None => failed("empty command".into()),
+        None => refused("empty command".into()),
+    }
+}
+
+fn snapshot_result(
+    id: &str,
+    res: Result<anyhow::Result<snapshot::Manifest>, tokio::task::JoinError>,
+    what: &str,
+) -> pb::CommandResult {
+    match res {
+        Ok(Ok(m)) => pb::CommandResult {
+            command_id: id.to_owned(),
+            outcome: pb::Outcome::Ok as i32,
+            detail: what.to_owned(),
+            report_json: serde_json::json!({
+                "files": m.entries.len(),
+                "archive_bytes": m.archive_bytes,
+                "archive_sha256": m.archive_sha256,
+                "roots": m.roots,
+            })
+            .to_string(),
+            ..Default::default()
+        },
+        Ok(Err(e)) => pb::CommandResult {
+            command_id: id.to_owned(),
+            outcome: pb::Outcome::Failed as i32,
+            exit_code: -1,
+            detail: format!("{e:#}"),
+            ..Default::default()
+        },
+        Err(e) => pb::CommandResult {
+            command_id: id.to_owned(),
+            outcome: pb::Outcome::Failed as i32,
+            exit_code: -1,
+            detail: e.to_string(),
+            ..Default::default()
+        },
     }
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use wavegate_agent::exec::run_step_once;
-use wavegate_agent::journal::{Job, Journal};
+use wavegate_agent::journal::{Job, Journal, Mode};
 use wavegate_proto::v1::Outcome;
 
 fn exe() -> PathBuf {
@@ -21,12 +21,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn job(id: &str, run: String, timeout_ms: u64) -> Job {
-    Job {
-        command_id: id.into(),
-        run,
-        timeout_ms,
-        host_root: PathBuf::from("/"),
-    }
+    Job::new(id, &run, timeout_ms, Path::new("/"), Mode::Plain)
 }
 
 fn lines(p: &Path) -> usize {
