@@ -98,6 +98,22 @@ pub fn to_status(e: EngineError) -> Status {
                 json.into(),
             )
         }
+        EngineError::DryRunBlocked(entry) => {
+            let json = serde_json::to_vec(&serde_json::json!({
+                "id": entry.rollout.id,
+                "halt_reason": entry.rollout.halt_reason,
+                "dry_runs": entry.rollout.dry_runs,
+            }))
+            .unwrap_or_default();
+            Status::with_details(
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "refused: the first wave's dry-run was blocked; rollout {} can never be approved",
+                    entry.rollout.id
+                ),
+                json.into(),
+            )
+        }
         EngineError::Denied(m) => Status::permission_denied(m),
         EngineError::NotFound(m) => Status::not_found(format!("no rollout `{m}`")),
         EngineError::Transition(t) => Status::failed_precondition(t.to_string()),
@@ -132,6 +148,12 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
                         state: h.state.as_str().into(),
                         detail: h.detail.clone(),
                         step: h.results.last().map(|s| s.step.clone()).unwrap_or_default(),
+                        snapshot: h
+                            .snapshot
+                            .as_ref()
+                            .map(|s| s.state.as_str().to_owned())
+                            .unwrap_or_default(),
+                        rolled_back: h.rolled_back,
                     })
                     .collect(),
             })
@@ -219,6 +241,7 @@ impl OperatorService for Api {
         let (entry, report) = self
             .engine
             .submit(&who, &file, &r.plan_yaml, &r.bypass)
+            .await
             .map_err(to_status)?;
         Ok(Response::new(pb::SubmitResponse {
             id: entry.rollout.id.clone(),
@@ -313,6 +336,67 @@ impl OperatorService for Api {
             .collect();
         hosts.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(Response::new(pb::FleetResponse { hosts }))
+    }
+
+    async fn dry_runs(&self, req: Request<pb::DryRunsRequest>) -> Result<Response<pb::DryRunsResponse>, Status> {
+        self.operator(&req, READERS, "reading dry-run reports")?;
+        let r = req.into_inner();
+        let records = self.engine.dry_runs(&r.id).map_err(to_status)?;
+        let records: Vec<_> = records
+            .into_iter()
+            .filter(|(_, d)| r.host.is_empty() || d.host == r.host)
+            .collect();
+        let summaries = records
+            .iter()
+            .map(|(phase, d)| format!("[{phase}] {}", d.summary()))
+            .collect();
+        let json: Vec<serde_json::Value> = records
+            .iter()
+            .map(|(phase, d)| {
+                serde_json::json!({"phase": phase, "host": d.host, "step": d.step, "blocked": d.blocked, "reasons": d.reasons, "report": d.report})
+            })
+            .collect();
+        Ok(Response::new(pb::DryRunsResponse {
+            reports_json: serde_json::to_string(&json).unwrap_or_default(),
+            summaries,
+        }))
+    }
+
+    async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
+        let who = self.operator(&req, CHANGERS, "rolling back")?;
+        let r = req.into_inner();
+        let wave = (r.wave > 0).then_some(r.wave as usize);
+        let host = (!r.host.is_empty()).then_some(r.host.as_str());
+        let entry = self.engine.rollback(&who, &r.id, wave, host).await.map_err(to_status)?;
+        Ok(Response::new(to_status_message(&entry)))
+    }
+
+    async fn snapshots(&self, req: Request<pb::SnapshotsRequest>) -> Result<Response<pb::SnapshotsResponse>, Status> {
+        self.operator(&req, READERS, "listing snapshots")?;
+        let want = req.into_inner().rollout_id;
+        let mut snapshots = Vec::new();
+        for e in self.engine.list().iter().rev() {
+            if !want.is_empty() && e.rollout.id != want {
+                continue;
+            }
+            for h in e.hosts.values() {
+                if let Some(s) = &h.snapshot {
+                    snapshots.push(pb::SnapshotInfo {
+                        rollout_id: e.rollout.id.clone(),
+                        host: h.host.clone(),
+                        wave: h.wave as u32 + 1,
+                        bytes: s.bytes,
+                        files: s.files,
+                        state: s.state.as_str().into(),
+                        release_after_ms: match s.state {
+                            wavegate_domain::snapshot::SnapshotState::Retained { release_after_ms } => release_after_ms,
+                            _ => 0,
+                        },
+                    });
+                }
+            }
+        }
+        Ok(Response::new(pb::SnapshotsResponse { snapshots }))
     }
 
     async fn abort(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {

@@ -15,11 +15,13 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
-use wavegate_domain::plan::{CheckKind, Plan};
+use wavegate_domain::effects::{DryRunRecord, StepReport};
+use wavegate_domain::plan::{CheckKind, OnFailure, Plan};
 use wavegate_domain::rollout::{
     Approval, CheckSpec, HostRecord, HostState, ProbeSpec, Rollout, RolloutState, StepResult, StepSpec,
     TransitionError, Wave, WaveState, over_budget,
 };
+use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};
 use wavegate_domain::{Fleet, PolicySet, Report, Source, check_plan};
 use wavegate_proto::v1 as pb;
 
@@ -44,6 +46,9 @@ pub enum EngineError {
     /// A safety rule refused the plan.
     #[error("the plan was refused by the safety rules")]
     Refused(Box<Report>),
+    /// The first wave's dry-run was blocked; the rollout is stored refused.
+    #[error("the dry-run was blocked")]
+    DryRunBlocked(Box<Entry>),
     /// A request refused by a gate (self-approval, bypass, wrong hash...).
     #[error("{0}")]
     Denied(String),
@@ -119,7 +124,7 @@ fn event(r: &mut Rollout, text: impl Into<String>) {
 /// What a host task does next.
 enum Next {
     Stop,
-    Step { cmd: pb::Command, timeout: Duration },
+    Step { index: usize, resend: Option<String> },
     Checks { cmd: pb::Command, timeout: Duration },
 }
 
@@ -250,6 +255,13 @@ impl Engine {
         for id in ids {
             self.spawn_driver(&id);
         }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                engine.sweep_snapshots().await;
+            }
+        });
     }
 
     fn spawn_driver(self: &Arc<Self>, id: &str) {
@@ -306,9 +318,12 @@ impl Engine {
         self.lock().values().rev().cloned().collect()
     }
 
-    /// Validate a plan exactly as `plan check` does and create a rollout.
-    pub fn submit(
-        &self,
+    /// Validate a plan exactly as `plan check` does, dry-run every step on
+    /// the first wave's hosts, and create a rollout. A blocked dry-run (or a
+    /// host that cannot dry-run) stores the rollout as refused: it can never
+    /// be approved, and its reports say what would have happened.
+    pub async fn submit(
+        self: &Arc<Self>,
         submitter: &str,
         plan_file: &str,
         plan_yaml: &str,
@@ -336,9 +351,43 @@ impl Engine {
         };
         let hash = hex::encode(Sha256::digest(plan_yaml.as_bytes()));
         let waves: Vec<Vec<String>> = report.waves.iter().map(|w| w.hosts.clone()).collect();
+        let (template, _) = build(String::new(), submitter, &hash, &plan, &waves);
+        let first = waves.first().cloned().unwrap_or_default();
+        let tag = format!("submit:{}:{}", &hash[..12], self.boot);
+        let mut probes = Vec::new();
+        for host in first {
+            let engine = Arc::clone(self);
+            let steps = template.steps.clone();
+            let tag = tag.clone();
+            probes.push(tokio::spawn(async move { engine.dry_run(&tag, &host, &steps).await }));
+        }
+        let mut records = Vec::new();
+        for p in probes {
+            match p.await {
+                Ok(r) => records.extend(r),
+                Err(e) => return Err(EngineError::Store(anyhow::anyhow!("dry-run task failed: {e}"))),
+            }
+        }
+        let blocked: Vec<String> = records
+            .iter()
+            .filter(|r| r.blocked)
+            .map(DryRunRecord::summary)
+            .collect();
         let (rollout, hosts) = self.store.create_rollout(&hash, plan_yaml, |id| {
             let (mut r, h) = build(id, submitter, &hash, &plan, &waves);
             r.inventory_hash.clone_from(&self.inventory_hash);
+            r.dry_runs = records.clone();
+            for rec in &records {
+                event(&mut r, format!("dry-run at submit: {}", rec.summary()));
+            }
+            if !blocked.is_empty() {
+                r.state = RolloutState::Refused;
+                r.halt_reason = Some(format!(
+                    "refused at submit: the first wave's dry-run was blocked: {}",
+                    blocked.join(" | ")
+                ));
+                event(&mut r, "refused: a blocked dry-run; this rollout can never be approved");
+            }
             (r, h)
         })?;
         let entry = Entry {
@@ -347,7 +396,65 @@ impl Engine {
         };
         self.lock().insert(entry.rollout.id.clone(), entry.clone());
         self.changes.send_modify(|n| *n += 1);
+        if !blocked.is_empty() {
+            self.refuse(&format!(
+                "submission {} by {submitter}: dry-run blocked",
+                entry.rollout.id
+            ));
+            return Err(EngineError::DryRunBlocked(Box::new(entry)));
+        }
         Ok((entry, report))
+    }
+
+    /// Dry-run `steps` in one sandbox on `host`; one record per step. A host
+    /// that cannot answer, or whose sandbox fails, is blocked.
+    async fn dry_run(&self, tag: &str, host: &str, steps: &[StepSpec]) -> Vec<DryRunRecord> {
+        let cmd = pb::Command {
+            id: format!("{tag}:{host}:dry-run"),
+            kind: Some(pb::command::Kind::DryRun(pb::DryRun {
+                rollout_id: String::new(),
+                steps: steps
+                    .iter()
+                    .map(|s| pb::DryRunStep {
+                        name: s.name.clone(),
+                        run: s.run.clone(),
+                        writes: s.writes.clone(),
+                        max_deletions: s.max_deletions,
+                        timeout_ms: s.timeout_ms,
+                    })
+                    .collect(),
+            })),
+        };
+        let timeout = Duration::from_millis(steps.iter().map(|s| s.timeout_ms).sum::<u64>());
+        let deadline = Instant::now() + timeout + self.settings.agent_grace;
+        let blocked_all = |why: String| {
+            steps
+                .iter()
+                .map(|s| DryRunRecord {
+                    host: host.to_owned(),
+                    step: s.name.clone(),
+                    blocked: true,
+                    reasons: vec![why.clone()],
+                    report: None,
+                })
+                .collect()
+        };
+        match self.hub.execute(host, cmd, deadline).await {
+            Ok(r) => match serde_json::from_str::<Vec<StepReport>>(&r.report_json) {
+                Ok(reports) if reports.len() == steps.len() => reports
+                    .into_iter()
+                    .map(|rep| DryRunRecord {
+                        host: host.to_owned(),
+                        step: rep.step.clone(),
+                        blocked: rep.blocked,
+                        reasons: rep.reasons.clone(),
+                        report: Some(rep),
+                    })
+                    .collect(),
+                _ => blocked_all(format!("no dry-run report: {}", r.detail)),
+            },
+            Err(e) => blocked_all(format!("no dry-run: {e}")),
+        }
     }
 
     /// Approve, bound to the plan hash the approver saw.
@@ -438,7 +545,11 @@ impl Engine {
             let entry = self.get(id)?;
             match entry.rollout.state {
                 RolloutState::Running => {}
-                RolloutState::Completed | RolloutState::Aborted => return Ok(()),
+                RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused => return Ok(()),
+                RolloutState::Halted if entry.rollout.rollback_pending => {
+                    self.auto_rollback(id).await?;
+                    continue;
+                }
                 _ => {
                     self.wait_change(&mut rx).await;
                     continue;
@@ -555,7 +666,18 @@ impl Engine {
             }
             r.waves[w].state = WaveState::Confirmed;
             event(r, format!("wave {} confirmed healthy", w + 1));
-            Ok(((), Vec::new()))
+            let retain_ms = r.retain_ms;
+            let mut changed = Vec::new();
+            for h in e.hosts.values_mut().filter(|h| h.wave == w) {
+                if let Some(snap) = h.snapshot.as_mut() {
+                    snap.apply(&SnapshotEvent::WaveConfirmed {
+                        now_ms: now_ms(),
+                        retain_ms,
+                    });
+                    changed.push(h.host.clone());
+                }
+            }
+            Ok(((), changed))
         })
     }
 
@@ -597,6 +719,16 @@ impl Engine {
                 }
                 r.halt(w, reason.clone())?;
                 event(r, format!("halted: {reason}"));
+                if r.on_failure == "rollback" {
+                    r.rollback_pending = true;
+                }
+                for h in e.hosts.values_mut() {
+                    if let Some(snap) = h.snapshot.as_mut() {
+                        snap.apply(&SnapshotEvent::Halted);
+                    }
+                }
+                let all: Vec<String> = e.hosts.keys().cloned().collect();
+                return Ok(((), all));
             }
             Ok(((), vec![host.to_owned()]))
         })
@@ -615,28 +747,14 @@ impl Engine {
         let next = match h.state {
             HostState::Healthy | HostState::Failed => Next::Stop,
             HostState::Untouched | HostState::Running if h.next_step < steps.len() => {
-                let step = &steps[h.next_step];
-                let cmd_id = h
-                    .in_flight
-                    .clone()
-                    .unwrap_or_else(|| format!("{rid}:{attempt}:{host}:step{}", h.next_step));
-                h.in_flight = Some(cmd_id.clone());
-                h.state = HostState::Running;
-                h.detail = format!("running step `{}`", step.name);
-                let cmd = pb::Command {
-                    id: cmd_id,
-                    kind: Some(pb::command::Kind::RunStep(pb::RunStep {
-                        rollout_id: rid,
-                        step_name: step.name.clone(),
-                        run: step.run.clone(),
-                        writes: step.writes.clone(),
-                        timeout_ms: step.timeout_ms,
-                        max_deletions: step.max_deletions,
-                    })),
-                };
-                Next::Step {
-                    cmd,
-                    timeout: Duration::from_millis(step.timeout_ms),
+                let index = h.next_step;
+                match h.in_flight.clone() {
+                    // Sent before a restart or a reconnect: send the same id again.
+                    Some(id) => Next::Step {
+                        index,
+                        resend: Some(id),
+                    },
+                    None => Next::Step { index, resend: None },
                 }
             }
             HostState::Untouched | HostState::Running | HostState::Succeeded => {
@@ -659,85 +777,223 @@ impl Engine {
                 }
             }
         };
+        let _ = rid;
         Ok((next, vec![host.to_owned()]))
+    }
+
+    fn record_host(&self, id: &str, host: &str, f: impl FnOnce(&mut HostRecord)) -> Result<(), EngineError> {
+        self.mutate(id, |e| {
+            let h = e
+                .hosts
+                .get_mut(host)
+                .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+            f(h);
+            Ok(((), vec![host.to_owned()]))
+        })
+    }
+
+    /// Dry-run step `index` on the host's current state, snapshot the write
+    /// set before the first real step, then persist the command id and send
+    /// the confined real step. Returns the step's result, or why it did not
+    /// run (the host has then failed).
+    async fn real_step(
+        self: &Arc<Self>,
+        id: &str,
+        w: usize,
+        host: &str,
+        index: usize,
+        resend: Option<String>,
+    ) -> Result<Option<(String, pb::CommandResult)>, EngineError> {
+        let r = self.get(id)?.rollout;
+        let step = r.steps[index].clone();
+        let cmd_id = match resend {
+            Some(cmd_id) => cmd_id,
+            None => {
+                // 1. Its own dry-run, right before the real run.
+                let tag = format!("{id}:{}:{}", r.attempt, self.boot);
+                let records = self
+                    .dry_run(&format!("{tag}:step{index}"), host, std::slice::from_ref(&step))
+                    .await;
+                let record = records.into_iter().next();
+                if let Some(rec) = &record {
+                    let rec2 = rec.clone();
+                    self.record_host(id, host, |h| {
+                        h.dry_runs.retain(|d| d.step != rec2.step);
+                        h.dry_runs.push(rec2);
+                    })?;
+                }
+                match &record {
+                    Some(rec) if !rec.blocked => {}
+                    Some(rec) => {
+                        self.host_failed(
+                            id,
+                            w,
+                            host,
+                            format!("step `{}` not run: dry-run blocked: {}", step.name, rec.summary()),
+                        )?;
+                        return Ok(None);
+                    }
+                    None => {
+                        self.host_failed(id, w, host, format!("step `{}` not run: no dry-run report", step.name))?;
+                        return Ok(None);
+                    }
+                }
+                // 2. A verified snapshot before the host's first real step.
+                let has_snapshot = self.get(id)?.hosts.get(host).is_some_and(|h| h.snapshot.is_some());
+                if !has_snapshot {
+                    let cmd = pb::Command {
+                        id: format!("{id}:{host}:snapshot"),
+                        kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
+                            rollout_id: id.to_owned(),
+                            paths: r.write_set.clone(),
+                        })),
+                    };
+                    let deadline = Instant::now() + Duration::from_secs(600) + self.settings.agent_grace;
+                    match self.hub.execute(host, cmd, deadline).await {
+                        Ok(res) if res.outcome == pb::Outcome::Ok as i32 => {
+                            let info: serde_json::Value = serde_json::from_str(&res.report_json).unwrap_or_default();
+                            let snap = SnapshotRecord::pinned(
+                                info["archive_bytes"].as_u64().unwrap_or(0),
+                                info["files"].as_u64().unwrap_or(0),
+                                now_ms(),
+                            );
+                            self.mutate(id, |e| {
+                                if let Some(h) = e.hosts.get_mut(host) {
+                                    h.snapshot = Some(snap);
+                                }
+                                event(
+                                    &mut e.rollout,
+                                    format!("host {host}: snapshot of its write set taken and verified"),
+                                );
+                                Ok(((), vec![host.to_owned()]))
+                            })?;
+                        }
+                        Ok(res) => {
+                            self.host_failed(
+                                id,
+                                w,
+                                host,
+                                format!("no verified snapshot, so no real step: {}", res.detail),
+                            )?;
+                            return Ok(None);
+                        }
+                        Err(e) => {
+                            self.host_failed(id, w, host, format!("no verified snapshot, so no real step: {e}"))?;
+                            return Ok(None);
+                        }
+                    }
+                }
+                // 3. Persist the command id, unless a halt came in meanwhile.
+                let cmd_id = format!("{id}:{}:{host}:step{index}", r.attempt);
+                let sent = self.mutate(id, |e| {
+                    if e.rollout.state != RolloutState::Running {
+                        return Ok((false, Vec::new()));
+                    }
+                    let h = e
+                        .hosts
+                        .get_mut(host)
+                        .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+                    h.in_flight = Some(cmd_id.clone());
+                    h.state = HostState::Running;
+                    h.detail = format!("running step `{}`", step.name);
+                    Ok((true, vec![host.to_owned()]))
+                })?;
+                if !sent {
+                    return Ok(None);
+                }
+                cmd_id
+            }
+        };
+        let hints = self
+            .get(id)?
+            .hosts
+            .get(host)
+            .and_then(|h| {
+                h.dry_runs
+                    .iter()
+                    .find(|d| d.step == step.name)
+                    .and_then(|d| d.report.clone())
+            })
+            .unwrap_or_default();
+        let cmd = pb::Command {
+            id: cmd_id.clone(),
+            kind: Some(pb::command::Kind::RunStep(pb::RunStep {
+                rollout_id: id.to_owned(),
+                step_name: step.name.clone(),
+                run: step.run.clone(),
+                writes: step.writes.clone(),
+                timeout_ms: step.timeout_ms,
+                max_deletions: step.max_deletions,
+                create_dirs: hints.created_dirs,
+                create_files: hints.created_files,
+            })),
+        };
+        let deadline = Instant::now() + Duration::from_millis(step.timeout_ms) + self.settings.agent_grace;
+        match self.hub.execute(host, cmd, deadline).await {
+            Ok(res) => Ok(Some((step.name, res))),
+            Err(e) => {
+                self.host_failed(id, w, host, format!("step `{}`: {e}", step.name))?;
+                Ok(None)
+            }
+        }
     }
 
     async fn run_host(self: Arc<Self>, id: &str, w: usize, host: &str) -> Result<(), EngineError> {
         loop {
-            // Decide and persist under the lock: after a halt, nothing new goes out.
             let next = self.mutate(id, |e| self.next_for(e, host))?;
             match next {
                 Next::Stop => return Ok(()),
-                Next::Step { cmd, timeout } => {
-                    let cmd_id = cmd.id.clone();
-                    let step_name = match &cmd.kind {
-                        Some(pb::command::Kind::RunStep(s)) => s.step_name.clone(),
-                        _ => String::new(),
+                Next::Step { index, resend } => {
+                    let Some((step_name, r)) = self.real_step(id, w, host, index, resend).await? else {
+                        return Ok(());
                     };
-                    let deadline = Instant::now() + timeout + self.settings.agent_grace;
-                    let res = self.hub.execute(host, cmd, deadline).await;
-                    match res {
-                        Ok(r) => {
-                            let ok = r.outcome == pb::Outcome::Ok as i32;
-                            let result = StepResult {
-                                step: step_name.clone(),
-                                command_id: cmd_id,
-                                outcome: outcome_name(r.outcome).into(),
-                                exit_code: r.exit_code,
-                                duration_ms: r.duration_ms,
-                                output_sha256: r.output_sha256.clone(),
-                                replayed: r.replayed,
-                            };
-                            if ok {
-                                self.mutate(id, |e| {
-                                    let h = e
-                                        .hosts
-                                        .get_mut(host)
-                                        .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
-                                    h.results.push(result);
-                                    h.next_step += 1;
-                                    h.in_flight = None;
-                                    h.detail = format!("step `{step_name}` done");
-                                    Ok(((), vec![host.to_owned()]))
-                                })?;
-                            } else {
-                                self.mutate(id, |e| {
-                                    let h = e
-                                        .hosts
-                                        .get_mut(host)
-                                        .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
-                                    h.results.push(result);
-                                    Ok(((), vec![host.to_owned()]))
-                                })?;
-                                let detail = format!(
-                                    "step `{step_name}` {} (exit {}){}",
-                                    outcome_name(r.outcome),
-                                    r.exit_code,
-                                    if r.detail.is_empty() {
-                                        String::new()
-                                    } else {
-                                        format!(": {}", r.detail)
-                                    }
-                                );
-                                return self.host_failed(id, w, host, detail);
-                            }
+                    let ok = r.outcome == pb::Outcome::Ok as i32;
+                    let result = StepResult {
+                        step: step_name.clone(),
+                        command_id: r.command_id.clone(),
+                        outcome: outcome_name(r.outcome).into(),
+                        exit_code: r.exit_code,
+                        duration_ms: r.duration_ms,
+                        output_sha256: r.output_sha256.clone(),
+                        replayed: r.replayed,
+                    };
+                    self.record_host(id, host, |h| {
+                        h.results.push(result);
+                        if ok {
+                            h.next_step += 1;
+                            h.in_flight = None;
+                            h.detail = format!("step `{step_name}` done");
                         }
-                        Err(e) => return self.host_failed(id, w, host, format!("step `{step_name}`: {e}")),
+                    })?;
+                    if !ok {
+                        let tail = String::from_utf8_lossy(&r.output_tail);
+                        let last = tail.lines().last().unwrap_or_default().to_owned();
+                        let detail = format!(
+                            "step `{step_name}` {} (exit {}){}{}",
+                            outcome_name(r.outcome),
+                            r.exit_code,
+                            if r.detail.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", r.detail)
+                            },
+                            if last.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; last output: {last}")
+                            }
+                        );
+                        return self.host_failed(id, w, host, detail);
                     }
                 }
                 Next::Checks { cmd, timeout } => {
                     let deadline = Instant::now() + timeout + self.settings.agent_grace;
                     match self.hub.execute(host, cmd, deadline).await {
                         Ok(r) if r.outcome == pb::Outcome::Ok as i32 => {
-                            self.mutate(id, |e| {
-                                let h = e
-                                    .hosts
-                                    .get_mut(host)
-                                    .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+                            self.record_host(id, host, |h| {
                                 h.state = HostState::Healthy;
                                 h.in_flight = None;
                                 h.detail = "healthy".into();
-                                Ok(((), vec![host.to_owned()]))
                             })?;
                             return Ok(());
                         }
@@ -745,6 +1001,167 @@ impl Engine {
                         Err(e) => return self.host_failed(id, w, host, format!("health checks: {e}")),
                     }
                 }
+            }
+        }
+    }
+
+    /// After an automatic halt with `on_failure: rollback`: restore the
+    /// halted wave's failed hosts, then clear the flag.
+    async fn auto_rollback(self: &Arc<Self>, id: &str) -> Result<(), EngineError> {
+        let entry = self.get(id)?;
+        let halted = entry.rollout.waves.iter().position(|w| w.state == WaveState::Halted);
+        let hosts: Vec<String> = entry
+            .hosts
+            .values()
+            .filter(|h| Some(h.wave) == halted && h.state == HostState::Failed && h.snapshot.is_some())
+            .map(|h| h.host.clone())
+            .collect();
+        self.restore_hosts(id, &hosts, "the controller (on_failure: rollback)")
+            .await;
+        self.mutate(id, |e| {
+            e.rollout.rollback_pending = false;
+            Ok(((), Vec::new()))
+        })
+    }
+
+    /// Restore hosts from their snapshots and run their health checks again.
+    async fn restore_hosts(self: &Arc<Self>, id: &str, hosts: &[String], who: &str) -> Vec<(String, bool)> {
+        let Ok(entry) = self.get(id) else { return Vec::new() };
+        let checks = entry.rollout.checks.clone();
+        let mut tasks = Vec::new();
+        for host in hosts.iter().cloned() {
+            let engine = Arc::clone(self);
+            let (id, who, checks) = (id.to_owned(), who.to_owned(), checks.clone());
+            tasks.push(tokio::spawn(async move {
+                let cmd = pb::Command {
+                    id: format!("{id}:{host}:restore:{}", now_ms()),
+                    kind: Some(pb::command::Kind::RestoreSnapshot(pb::RestoreSnapshot {
+                        rollout_id: id.clone(),
+                    })),
+                };
+                let deadline = Instant::now() + Duration::from_secs(600) + engine.settings.agent_grace;
+                let (ok, mut detail) = match engine.hub.execute(&host, cmd, deadline).await {
+                    Ok(r) if r.outcome == pb::Outcome::Ok as i32 => (true, "rolled back from its snapshot".to_string()),
+                    Ok(r) => (false, format!("rollback FAILED: {}", r.detail)),
+                    Err(e) => (false, format!("rollback FAILED: {e}")),
+                };
+                if ok && !checks.is_empty() {
+                    let cmd = checks_command(format!("{id}:{host}:after-restore:{}", now_ms()), &checks);
+                    let deadline = Instant::now() + checks_timeout(&checks) + engine.settings.agent_grace;
+                    detail.push_str(match engine.hub.execute(&host, cmd, deadline).await {
+                        Ok(r) if r.outcome == pb::Outcome::Ok as i32 => "; health checks pass",
+                        _ => "; health checks still FAIL",
+                    });
+                }
+                let _ = engine.mutate(&id, |e| {
+                    if let Some(h) = e.hosts.get_mut(&host) {
+                        h.rolled_back |= ok;
+                        if ok {
+                            // Back to its state before the first step: a
+                            // resume runs its steps again, from the start.
+                            h.next_step = 0;
+                            h.in_flight = None;
+                        }
+                        h.detail = format!("{} ({detail})", h.detail);
+                        if let Some(s) = h.snapshot.as_mut() {
+                            s.apply(&SnapshotEvent::Restored);
+                        }
+                    }
+                    event(&mut e.rollout, format!("host {host} {detail}; by {who}"));
+                    Ok(((), vec![host.clone()]))
+                });
+                (host, ok)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            if let Ok(r) = t.await {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    /// Restore hosts on an operator's request (`rollout rollback`).
+    pub async fn rollback(
+        self: &Arc<Self>,
+        who: &str,
+        id: &str,
+        wave: Option<usize>,
+        host: Option<&str>,
+    ) -> Result<Entry, EngineError> {
+        let entry = self.get(id)?;
+        if matches!(
+            entry.rollout.state,
+            RolloutState::Running | RolloutState::AwaitingApproval
+        ) {
+            return Err(EngineError::Denied(format!(
+                "rollout {id} is {}; pause or abort it before rolling hosts back",
+                entry.rollout.state
+            )));
+        }
+        let hosts: Vec<String> = entry
+            .hosts
+            .values()
+            .filter(|h| wave.is_none_or(|w| h.wave + 1 == w) && host.is_none_or(|x| h.host == x))
+            .filter(|h| h.snapshot.as_ref().is_some_and(|s| s.state != SnapshotState::Released))
+            .map(|h| h.host.clone())
+            .collect();
+        if hosts.is_empty() {
+            return Err(EngineError::Denied(
+                "no host of that selection has a snapshot to restore".into(),
+            ));
+        }
+        self.restore_hosts(id, &hosts, who).await;
+        self.get(id)
+    }
+
+    /// Every dry-run record of a rollout: (phase, record).
+    pub fn dry_runs(&self, id: &str) -> Result<Vec<(&'static str, DryRunRecord)>, EngineError> {
+        let e = self.get(id)?;
+        let mut out: Vec<(&'static str, DryRunRecord)> =
+            e.rollout.dry_runs.iter().map(|d| ("submit", d.clone())).collect();
+        for h in e.hosts.values() {
+            out.extend(h.dry_runs.iter().map(|d| ("before-step", d.clone())));
+        }
+        Ok(out)
+    }
+
+    /// Release every retained snapshot whose retention is over. Pinned
+    /// snapshots are never touched here.
+    async fn sweep_snapshots(self: &Arc<Self>) {
+        let due: Vec<(String, String)> = self
+            .lock()
+            .values()
+            .flat_map(|e| {
+                e.hosts.values().filter_map(|h| {
+                    let mut s = h.snapshot.clone()?;
+                    s.apply(&SnapshotEvent::Tick { now_ms: now_ms() })
+                        .then(|| (e.rollout.id.clone(), h.host.clone()))
+                })
+            })
+            .collect();
+        for (id, host) in due {
+            let cmd = pb::Command {
+                id: format!("{id}:{host}:release:{}", now_ms()),
+                kind: Some(pb::command::Kind::ReleaseSnapshot(pb::ReleaseSnapshot {
+                    rollout_id: id.clone(),
+                })),
+            };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            if let Ok(r) = self.hub.execute(&host, cmd, deadline).await
+                && r.outcome == pb::Outcome::Ok as i32
+            {
+                let _ = self.mutate(&id, |e| {
+                    if let Some(s) = e.hosts.get_mut(&host).and_then(|h| h.snapshot.as_mut()) {
+                        s.apply(&SnapshotEvent::Tick { now_ms: now_ms() });
+                    }
+                    event(
+                        &mut e.rollout,
+                        format!("host {host}: snapshot released after its retention"),
+                    );
+                    Ok(((), vec![host.clone()]))
+                });
             }
         }
     }
@@ -810,6 +1227,14 @@ fn build(id: String, submitter: &str, hash: &str, plan: &Plan, waves: &[Vec<Stri
         budget_canary: plan.failure_budget.canary,
         budget_wave: plan.failure_budget.wave,
         attempt: 0,
+        on_failure: match plan.on_failure {
+            OnFailure::Rollback => "rollback".into(),
+            OnFailure::Halt => "halt".into(),
+        },
+        retain_ms: plan.snapshot_retain.as_millis() as u64,
+        write_set: plan.write_set().into_iter().map(str::to_owned).collect(),
+        dry_runs: Vec::new(),
+        rollback_pending: false,
         events: Vec::new(),
     };
     event(

@@ -22,15 +22,54 @@ fn data_dir(name: &str) -> PathBuf {
     d
 }
 
+/// Plug an in-process agent for `host` into the hub: it answers every dry-run
+/// with a clean report per step, and anything else with OK.
+fn fake_agent(hub: &Arc<Hub>, host: &str) {
+    use wavegate_proto::v1 as pb;
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    hub.connect(host, tx);
+    let hub = Arc::clone(hub);
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = rx.recv().await {
+            let Some(pb::controller_message::Body::Command(cmd)) = msg.body else {
+                continue;
+            };
+            let report_json = match &cmd.kind {
+                Some(pb::command::Kind::DryRun(d)) => serde_json::to_string(
+                    &d.steps
+                        .iter()
+                        .map(|s| wavegate_domain::effects::StepReport {
+                            step: s.name.clone(),
+                            ..Default::default()
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .expect("json"),
+                _ => String::new(),
+            };
+            hub.deliver(pb::CommandResult {
+                command_id: cmd.id,
+                outcome: pb::Outcome::Ok as i32,
+                report_json,
+                ..Default::default()
+            });
+        }
+    });
+}
+
 fn engine(dir: &std::path::Path) -> Arc<Engine> {
     let fleet = Fleet::parse(Source {
         name: "fleet.yaml",
         text: FLEET,
     })
     .expect("fleet");
+    let hub = Arc::new(Hub::default());
+    for h in ["p1", "b1"] {
+        fake_agent(&hub, h);
+    }
     Engine::new(
         Store::open(dir).expect("store"),
-        Arc::new(Hub::default()),
+        hub,
         (fleet, FLEET),
         PolicySet::default(),
         Settings {
@@ -46,9 +85,10 @@ async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
     let e = engine(&dir);
     let err = e
         .submit("sam", "plan.yaml", PLAN, &["canary".into()])
+        .await
         .expect_err("bypass refused");
     assert!(matches!(err, EngineError::Denied(_)), "{err}");
-    let (entry, _) = e.submit("sam", "plan.yaml", PLAN, &[]).expect("submit");
+    let (entry, _) = e.submit("sam", "plan.yaml", PLAN, &[]).await.expect("submit");
     let id = entry.rollout.id.clone();
     assert!(matches!(e.approve("sam", &id, ""), Err(EngineError::Denied(_))));
     assert_eq!(e.get(&id).expect("get").rollout.state, RolloutState::AwaitingApproval);
@@ -66,6 +106,12 @@ async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
         "{refusals:#?}"
     );
     let entry = e.get(&id).expect("rollout survives a restart");
+    assert_eq!(
+        entry.rollout.dry_runs.len(),
+        1,
+        "the canary's dry-run report is stored: {:?}",
+        entry.rollout.dry_runs
+    );
     assert_eq!(entry.rollout.waves.len(), 2, "primary and backup in separate waves");
     assert_eq!(entry.rollout.waves[0].hosts, ["p1"]);
     assert!(
@@ -80,7 +126,7 @@ async fn a_refused_plan_creates_no_rollout() {
     let dir = data_dir("refused-plan");
     let e = engine(&dir);
     let bad = PLAN.replace("targets: {hosts: [p1, b1]}\n", "");
-    match e.submit("sam", "plan.yaml", &bad, &[]) {
+    match e.submit("sam", "plan.yaml", &bad, &[]).await {
         Err(EngineError::Refused(report)) => assert!(
             report
                 .violations
@@ -91,7 +137,7 @@ async fn a_refused_plan_creates_no_rollout() {
     }
     let typo = PLAN.replace("name: t", "nmae: t");
     assert!(matches!(
-        e.submit("sam", "plan.yaml", &typo, &[]),
+        e.submit("sam", "plan.yaml", &typo, &[]).await,
         Err(EngineError::BadPlan(_))
     ));
     assert!(e.list().is_empty(), "nothing is half-created");

@@ -10,6 +10,7 @@ pub mod lab;
 pub mod plan;
 pub mod rollout;
 pub mod serve;
+pub mod snapshot;
 
 /// wavegate: staged patch rollouts with a safety gate.
 #[derive(Debug, Parser)]
@@ -39,6 +40,15 @@ pub enum Command {
         /// The rollout command.
         #[command(subcommand)]
         cmd: rollout::RolloutCommand,
+    },
+    /// The pre-change snapshots.
+    Snapshot {
+        /// Which controller, as whom.
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The snapshot command.
+        #[command(subcommand)]
+        cmd: snapshot::SnapshotCommand,
     },
     /// A controller and agents for an inventory on this machine.
     #[command(subcommand)]
@@ -81,6 +91,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Serve(args) => serve::run(args).await,
         Command::Certs(cmd) => certs::run(cmd),
         Command::Rollout { conn, cmd } => rollout::run(cmd, &conn).await,
+        Command::Snapshot { conn, cmd } => snapshot::run(cmd, &conn).await,
         Command::Lab(cmd) => lab::run(cmd).await,
     }
 }

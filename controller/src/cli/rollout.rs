@@ -76,6 +76,30 @@ pub enum RolloutCommand {
         /// Rollout id.
         id: String,
     },
+    /// Show the dry-run reports: what each step would delete, modify and
+    /// create, and what lies outside its write set.
+    Dryrun {
+        /// Rollout id.
+        id: String,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Restore hosts of a halted, paused, aborted or completed rollout from
+    /// their snapshots (default: every host that has one).
+    Rollback {
+        /// Rollout id.
+        id: String,
+        /// Only the hosts of this wave (1-based).
+        #[arg(long)]
+        wave: Option<u32>,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+    },
 }
 
 /// Status as JSON (FORMATS.md "Rollout status").
@@ -92,7 +116,13 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
         "waves": s.waves.iter().map(|w| json!({
             "index": w.index,
             "state": w.state,
-            "hosts": w.hosts.iter().map(|h| json!({"id": h.id, "state": h.state, "detail": h.detail})).collect::<Vec<_>>(),
+            "hosts": w.hosts.iter().map(|h| json!({
+                "id": h.id,
+                "state": h.state,
+                "detail": h.detail,
+                "snapshot": if h.snapshot.is_empty() { serde_json::Value::Null } else { json!(h.snapshot) },
+                "rolled_back": h.rolled_back,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "events": s.events,
     })
@@ -188,7 +218,14 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                     Ok(0)
                 }
                 Err(status) => {
-                    if let Ok(report) = serde_json::from_slice::<Report>(status.details()) {
+                    if let Ok(blocked) = serde_json::from_slice::<serde_json::Value>(status.details())
+                        && blocked.get("dry_runs").is_some()
+                    {
+                        match output {
+                            Output::Json => println!("{blocked}"),
+                            Output::Text => print!("{}", render_blocked(&blocked)),
+                        }
+                    } else if let Ok(report) = serde_json::from_slice::<Report>(status.details()) {
                         match output {
                             Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                             Output::Text => print!("{}", super::plan::render(&report)),
@@ -236,7 +273,7 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
             }
             Ok(match last.as_ref().map(|s| s.state.as_str()) {
                 Some("completed") => 0,
-                Some("halted") => 3,
+                Some("halted" | "refused") => 3,
                 _ => 1,
             })
         }
@@ -258,10 +295,80 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
             }
             Err(status) => Ok(fail(&status)),
         },
+        RolloutCommand::Dryrun { id, host, output } => {
+            match client
+                .dry_runs(pb::DryRunsRequest {
+                    id,
+                    host: host.unwrap_or_default(),
+                })
+                .await
+            {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    match output {
+                        Output::Json => println!("{}", r.reports_json),
+                        Output::Text => {
+                            for line in &r.summaries {
+                                println!("{line}");
+                            }
+                        }
+                    }
+                    Ok(0)
+                }
+                Err(status) => Ok(fail(&status)),
+            }
+        }
+        RolloutCommand::Rollback { id, wave, host } => control(
+            client
+                .rollback(pb::RollbackRequest {
+                    id,
+                    wave: wave.unwrap_or(0),
+                    host: host.unwrap_or_default(),
+                })
+                .await,
+        ),
         RolloutCommand::Pause { id } => control(client.pause(pb::RolloutRequest { id }).await),
         RolloutCommand::Resume { id } => control(client.resume(pb::RolloutRequest { id }).await),
         RolloutCommand::Abort { id } => control(client.abort(pb::RolloutRequest { id }).await),
     }
+}
+
+/// A refused submission's dry-run, for a person: every blocked step with
+/// what it would have deleted or changed outside its write set.
+fn render_blocked(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "REFUSED: rollout {} was stored refused; its first wave's dry-run was blocked.",
+        v["id"].as_str().unwrap_or("?")
+    );
+    for d in v["dry_runs"].as_array().into_iter().flatten() {
+        let host = d["host"].as_str().unwrap_or("?");
+        let step = d["step"].as_str().unwrap_or("?");
+        let verdict = if d["blocked"] == true { "BLOCKED" } else { "ok" };
+        let _ = writeln!(out, "  {host} / {step}: {verdict}");
+        if let Some(r) = d.get("report").filter(|r| !r.is_null()) {
+            let _ = writeln!(
+                out,
+                "    would delete {} files ({} bytes), modify {}, create {}",
+                r["deleted"]["count"], r["deleted"]["bytes"], r["modified"]["count"], r["created"]["count"]
+            );
+            if r["outside"]["count"].as_u64().unwrap_or(0) > 0 {
+                let _ = writeln!(
+                    out,
+                    "    OUTSIDE the write set: {} effects, {} files deleted:",
+                    r["outside"]["count"], r["outside_deleted"]["count"]
+                );
+                for p in r["outside"]["sample"].as_array().into_iter().flatten() {
+                    let _ = writeln!(out, "      {}", p.as_str().unwrap_or("?"));
+                }
+            }
+        }
+        for reason in d["reasons"].as_array().into_iter().flatten() {
+            let _ = writeln!(out, "    {}", reason.as_str().unwrap_or("?"));
+        }
+    }
+    out
 }
 
 fn control(res: Result<tonic::Response<pb::RolloutStatus>, tonic::Status>) -> Result<u8> {
