@@ -148,6 +148,49 @@ impl Lab {
         std::fs::read_to_string(self.host_path(host, path)).ok()
     }
 
+    /// Every file of every host's own tree (not the machine's system
+    /// directories): path -> (bytes, mode, owner). For "nothing changed".
+    pub fn all_host_files(&self) -> std::collections::BTreeMap<String, (Vec<u8>, u32, u32)> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut out = std::collections::BTreeMap::new();
+        let hosts = self.dir.join("hosts");
+        for host in std::fs::read_dir(&hosts).expect("hosts").flatten() {
+            let root = host.path().join("root");
+            let mut stack = vec![root.clone()];
+            while let Some(d) = stack.pop() {
+                for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                    let p = e.path();
+                    let rel = p.strip_prefix(&root).expect("rel").display().to_string();
+                    if [
+                        "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "dev", "proc", "tmp",
+                    ]
+                    .contains(&rel.as_str())
+                    {
+                        continue;
+                    }
+                    let Ok(m) = p.symlink_metadata() else { continue };
+                    let key = format!("{}:/{rel}", host.file_name().to_string_lossy());
+                    if m.is_dir() {
+                        out.insert(key, (Vec::new(), m.mode(), m.uid()));
+                        stack.push(p);
+                    } else if m.is_file() {
+                        out.insert(key, (std::fs::read(&p).unwrap_or_default(), m.mode(), m.uid()));
+                    } else {
+                        out.insert(key, (b"(special)".to_vec(), m.mode(), m.uid()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Write a file into a host's root (creating its directories).
+    pub fn seed(&self, host: &str, path: &str, text: &str) {
+        let p = self.host_path(host, path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, text).expect("seed");
+    }
+
     /// A log of the lab (`controller`, `agent-<host>`).
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log"))).unwrap_or_default()

@@ -128,6 +128,19 @@ fn a_failing_canary_halts_the_rollout_and_nothing_else_runs_until_a_person_resum
         "halt reason: {reason}"
     );
     assert_eq!(host_state(&status, &canary), "failed");
+    // on_failure: rollback (the default): the canary is restored from its snapshot.
+    let status = eventually(LONG, "the canary to be rolled back", || {
+        let s = lab.status(&id);
+        (s["waves"][0]["hosts"][0]["rolled_back"] == true).then_some(s)
+    });
+    assert!(
+        lab.read_host(&canary, "/etc/wavegate-marker").is_none(),
+        "the rollback removed what the step created"
+    );
+    assert_eq!(
+        status["waves"][0]["hosts"][0]["snapshot"], "pinned",
+        "the snapshot of a halted wave stays pinned"
+    );
 
     // Nothing moves: watched for a while, no other host gets a step.
     let others: Vec<&str> = ["p1", "p2", "p3", "p4", "b1", "b2", "b3"]
