@@ -377,6 +377,7 @@ impl Engine {
             let (mut r, h) = build(id, submitter, &hash, &plan, &waves);
             r.inventory_hash.clone_from(&self.inventory_hash);
             r.dry_runs = records.clone();
+            r.dry_run_digest = hex::encode(Sha256::digest(serde_json::to_vec(&records).unwrap_or_default()));
             for rec in &records {
                 event(&mut r, format!("dry-run at submit: {}", rec.summary()));
             }
@@ -473,9 +474,11 @@ impl Engine {
                 )));
             }
             let hash = r.plan_hash.clone();
+            let dry_run_digest = r.dry_run_digest.clone();
             let started = r.approve(Approval {
                 who: who.to_owned(),
                 plan_hash: hash,
+                dry_run_digest,
                 at_ms: now_ms(),
             })?;
             event(
@@ -1234,6 +1237,7 @@ fn build(id: String, submitter: &str, hash: &str, plan: &Plan, waves: &[Vec<Stri
         retain_ms: plan.snapshot_retain.as_millis() as u64,
         write_set: plan.write_set().into_iter().map(str::to_owned).collect(),
         dry_runs: Vec::new(),
+        dry_run_digest: String::new(),
         rollback_pending: false,
         events: Vec::new(),
     };

@@ -134,6 +134,9 @@ pub struct Approval {
     pub who: String,
     /// SHA-256 of the plan the approver saw.
     pub plan_hash: String,
+    /// SHA-256 of the dry-run reports the approver saw.
+    #[serde(default)]
+    pub dry_run_digest: String,
     /// Unix milliseconds.
     pub at_ms: u64,
 }
@@ -242,6 +245,9 @@ pub struct Rollout {
     /// The first wave's dry-run reports, taken at submit; approvals bind to them.
     #[serde(default)]
     pub dry_runs: Vec<crate::effects::DryRunRecord>,
+    /// SHA-256 of `dry_runs` as stored.
+    #[serde(default)]
+    pub dry_run_digest: String,
     /// A halt whose failed hosts still have to be restored.
     #[serde(default)]
     pub rollback_pending: bool,
@@ -270,7 +276,11 @@ impl Rollout {
         if !self.approvals.iter().any(|a| a.who == approval.who) {
             self.approvals.push(approval);
         }
-        let valid = self.approvals.iter().filter(|a| a.plan_hash == self.plan_hash).count();
+        let valid = self
+            .approvals
+            .iter()
+            .filter(|a| a.plan_hash == self.plan_hash && a.dry_run_digest == self.dry_run_digest)
+            .count();
         if valid >= self.approvals_required as usize {
             self.state = RolloutState::Running;
             return Ok(true);
@@ -470,6 +480,7 @@ mod tests {
             retain_ms: 0,
             write_set: Vec::new(),
             dry_runs: Vec::new(),
+            dry_run_digest: "d1".into(),
             rollback_pending: false,
             events: Vec::new(),
         }
@@ -479,6 +490,7 @@ mod tests {
         Approval {
             who: who.into(),
             plan_hash: hash.into(),
+            dry_run_digest: "d1".into(),
             at_ms: 0,
         }
     }
@@ -496,6 +508,15 @@ mod tests {
             r.approve(approval("bob", "other-plan")),
             Ok(false),
             "an approval of another plan does not count"
+        );
+        let other_reports = Approval {
+            dry_run_digest: "other".into(),
+            ..approval("bea", "h1")
+        };
+        assert_eq!(
+            r.approve(other_reports),
+            Ok(false),
+            "an approval of other dry-run reports does not count"
         );
         assert_eq!(r.approve(approval("cy", "h1")), Ok(true));
         assert_eq!(r.state, RolloutState::Running);
