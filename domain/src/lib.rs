@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod check;
 pub mod effects;
 pub mod fleet;

@@ -435,6 +435,9 @@ pub struct StepResult {
     pub output_sha256: String,
     /// Whether the agent answered from its journal.
     pub replayed: bool,
+    /// The last part of its output (the agent keeps the whole of it).
+    #[serde(default)]
+    pub output_tail: String,
 }
 
 /// Whether a wave with `failed` failed hosts is over its budget.
