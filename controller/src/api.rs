@@ -399,6 +399,56 @@ impl OperatorService for Api {
         Ok(Response::new(pb::SnapshotsResponse { snapshots }))
     }
 
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        self.operator(&req, READERS, "reading the audit log")?;
+        let want = req.into_inner().rollout_id;
+        let store = self.engine.store();
+        let (mut records, cp) = store.audit().map_err(|e| Status::internal(format!("{e:#}")))?;
+        if !want.is_empty() {
+            for r in &mut records {
+                if r.body.as_ref().and_then(|b| b.rollout.as_deref()) != Some(want.as_str()) {
+                    r.body = None;
+                }
+            }
+        }
+        Ok(Response::new(pb::AuditResponse {
+            records_json: records
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap_or_default())
+                .collect(),
+            checkpoint_json: cp
+                .map(|c| serde_json::to_string(&c).unwrap_or_default())
+                .unwrap_or_default(),
+            public_key_hex: hex::encode(store.public_key().to_bytes()),
+        }))
+    }
+
+    async fn audit_verify(
+        &self,
+        req: Request<pb::AuditVerifyRequest>,
+    ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
+        self.operator(&req, READERS, "verifying the audit log")?;
+        let store = self.engine.store();
+        let verdict = store.verify_audit().map_err(|e| Status::internal(format!("{e:#}")))?;
+        let key = hex::encode(store.public_key().to_bytes());
+        Ok(Response::new(match verdict {
+            Ok(n) => pb::AuditVerifyResponse {
+                ok: true,
+                records: n as u64,
+                first_bad_seq: 0,
+                detail: String::new(),
+                public_key_hex: key,
+            },
+            Err(t) => pb::AuditVerifyResponse {
+                ok: false,
+                records: 0,
+                first_bad_seq: t.seq,
+                detail: t.to_string(),
+                public_key_hex: key,
+            },
+        }))
+    }
+
     async fn abort(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = self.operator(&req, CHANGERS, "aborting")?;
         let entry = self

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
+use wavegate_domain::audit::AuditBody;
 use wavegate_domain::effects::{DryRunRecord, StepReport};
 use wavegate_domain::plan::{CheckKind, OnFailure, Plan};
 use wavegate_domain::rollout::{
@@ -233,6 +234,11 @@ impl Engine {
         }
     }
 
+    /// The store (audit log reads).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Every refusal recorded so far.
     pub fn refusals(&self) -> Result<Vec<String>> {
         self.store.refusals()
@@ -298,7 +304,32 @@ impl Engine {
         let mut copy = entry.clone();
         let (out, changed) = f(&mut copy)?;
         let hosts: Vec<&HostRecord> = changed.iter().filter_map(|h| copy.hosts.get(h)).collect();
-        self.store.save(&copy.rollout, &hosts)?;
+        // The audit records of this change go into the same transaction.
+        let mut bodies: Vec<AuditBody> = copy.rollout.events
+            [entry.rollout.events.len().min(copy.rollout.events.len())..]
+            .iter()
+            .map(|text| AuditBody {
+                kind: "event".into(),
+                rollout: Some(id.to_owned()),
+                host: None,
+                actor: None,
+                text: text.clone(),
+                data: serde_json::Value::Null,
+            })
+            .collect();
+        for h in &hosts {
+            if entry.hosts.get(&h.host) != Some(*h) {
+                bodies.push(AuditBody {
+                    kind: "host".into(),
+                    rollout: Some(id.to_owned()),
+                    host: Some(h.host.clone()),
+                    actor: None,
+                    text: format!("{}: {} ({})", h.host, h.state.as_str(), h.detail),
+                    data: serde_json::to_value(h).unwrap_or_default(),
+                });
+            }
+        }
+        self.store.save(&copy.rollout, &hosts, bodies)?;
         *entry = copy;
         drop(state);
         self.changes.send_modify(|n| *n += 1);
@@ -389,7 +420,34 @@ impl Engine {
                 ));
                 event(&mut r, "refused: a blocked dry-run; this rollout can never be approved");
             }
-            (r, h)
+            let mut bodies = vec![AuditBody {
+                kind: "submit".into(),
+                rollout: Some(r.id.clone()),
+                host: None,
+                actor: Some(submitter.to_owned()),
+                text: format!("{submitter} submitted plan `{}` ({hash})", r.plan_name),
+                data: serde_json::json!({
+                    "plan_hash": hash,
+                    "plan_file": plan_file,
+                    "plan_yaml": plan_yaml,
+                    "inventory_hash": r.inventory_hash,
+                    "targets": report.targets,
+                    "waves": report.waves,
+                    "notes": report.notes,
+                    "policies": report.policies,
+                    "violations": report.violations,
+                    "dry_runs": r.dry_runs,
+                }),
+            }];
+            bodies.extend(r.events.iter().map(|text| AuditBody {
+                kind: "event".into(),
+                rollout: Some(r.id.clone()),
+                host: None,
+                actor: None,
+                text: text.clone(),
+                data: serde_json::Value::Null,
+            }));
+            (r, h, bodies)
         })?;
         let entry = Entry {
             hosts: hosts.into_iter().map(|h| (h.host.clone(), h)).collect(),
@@ -959,6 +1017,7 @@ impl Engine {
                         duration_ms: r.duration_ms,
                         output_sha256: r.output_sha256.clone(),
                         replayed: r.replayed,
+                        output_tail: String::from_utf8_lossy(&r.output_tail).into_owned(),
                     };
                     self.record_host(id, host, |h| {
                         h.results.push(result);

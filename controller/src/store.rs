@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use wavegate_domain::audit::{self, AuditBody, AuditRecord, Checkpoint, Tamper};
 use wavegate_domain::rollout::{HostRecord, Rollout};
 
 /// Counters and settings.
@@ -22,10 +24,69 @@ const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
 const INVENTORIES: TableDefinition<&str, &str> = TableDefinition::new("inventories");
 /// Refused requests, in order: who asked for what, and why it was refused.
 const REFUSALS: TableDefinition<u64, &str> = TableDefinition::new("refusals");
+/// The audit log: a hash chain, appended in the transaction of the change it records.
+pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+/// The signed head of the audit log.
+const CHECKPOINT: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoint");
 
 /// The store.
 pub struct Store {
     db: Database,
+    key: SigningKey,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Load the controller's audit signing key, or make one (mode 0600).
+fn signing_key(dir: &Path) -> Result<SigningKey> {
+    let path = dir.join("audit-ed25519.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let bytes = hex::decode(text.trim()).with_context(|| format!("{} is not a hex key", path.display()))?;
+        let arr: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .with_context(|| format!("{} is not a 32-byte key", path.display()))?;
+        return Ok(SigningKey::from_bytes(&arr));
+    }
+    let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    f.write_all(hex::encode(key.to_bytes()).as_bytes())?;
+    f.sync_all()?;
+    Ok(key)
+}
+
+/// Append audit records to the chain inside `txn`, and sign the new head.
+fn append(txn: &WriteTransaction, key: &SigningKey, bodies: Vec<AuditBody>) -> Result<()> {
+    if bodies.is_empty() {
+        return Ok(());
+    }
+    let mut table = txn.open_table(AUDIT)?;
+    let mut last: Option<AuditRecord> = match table.last()? {
+        Some((_, v)) => Some(serde_json::from_slice(v.value())?),
+        None => None,
+    };
+    let at = now_ms();
+    for body in bodies {
+        let r = audit::next(last.as_ref(), at, body);
+        table.insert(r.seq, serde_json::to_vec(&r)?.as_slice())?;
+        last = Some(r);
+    }
+    if let Some(head) = last {
+        let cp = Checkpoint::sign(key, head.seq, &head.hash);
+        txn.open_table(CHECKPOINT)?
+            .insert("head", serde_json::to_vec(&cp)?.as_slice())?;
+    }
+    Ok(())
 }
 
 fn host_key(rollout: &str, host: &str) -> String {
@@ -44,8 +105,11 @@ impl Store {
                 path.display()
             )
         })?;
+        let key = signing_key(dir)?;
         let txn = db.begin_write()?;
         {
+            txn.open_table(AUDIT)?;
+            txn.open_table(CHECKPOINT)?;
             txn.open_table(META)?;
             txn.open_table(PLANS)?;
             txn.open_table(ROLLOUTS)?;
@@ -54,7 +118,58 @@ impl Store {
             txn.open_table(REFUSALS)?;
         }
         txn.commit()?;
-        Ok(Store { db })
+        Ok(Store { db, key })
+    }
+
+    /// The key that verifies the audit log's checkpoints.
+    pub fn public_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    /// Every audit record, in order, and the signed head.
+    pub fn audit(&self) -> Result<(Vec<AuditRecord>, Option<Checkpoint>)> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(AUDIT)?;
+        let mut records = Vec::new();
+        for e in table.iter()? {
+            let (k, v) = e?;
+            // A record that no longer parses is kept as an empty shell with
+            // its key, so verification names it instead of failing to read.
+            records.push(serde_json::from_slice(v.value()).unwrap_or(AuditRecord {
+                seq: k.value(),
+                at_ms: 0,
+                prev: String::new(),
+                body_sha256: String::new(),
+                hash: String::new(),
+                body: None,
+            }));
+        }
+        let cp = txn
+            .open_table(CHECKPOINT)?
+            .get("head")?
+            .and_then(|v| serde_json::from_slice(v.value()).ok());
+        Ok((records, cp))
+    }
+
+    /// Verify the live audit log.
+    pub fn verify_audit(&self) -> Result<std::result::Result<usize, Tamper>> {
+        let (records, cp) = self.audit()?;
+        Ok(match cp {
+            Some(cp) => audit::verify(&records, &cp, &self.public_key()),
+            None if records.is_empty() => Ok(0),
+            None => Err(Tamper {
+                seq: 1,
+                why: "the log has records but no signed checkpoint".into(),
+            }),
+        })
+    }
+
+    /// Append audit records on their own (no state change).
+    pub fn audit_only(&self, bodies: Vec<AuditBody>) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        append(&txn, &self.key, bodies)?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Keep the inventory the controller runs with.
@@ -73,6 +188,15 @@ impl Store {
             let next = t.last()?.map_or(1, |(k, _)| k.value() + 1);
             t.insert(next, text)?;
         }
+        let body = AuditBody {
+            kind: "refusal".into(),
+            rollout: None,
+            host: None,
+            actor: None,
+            text: text.to_owned(),
+            data: serde_json::Value::Null,
+        };
+        append(&txn, &self.key, vec![body])?;
         txn.commit()?;
         Ok(())
     }
@@ -94,15 +218,18 @@ impl Store {
         &self,
         plan_hash: &str,
         plan_yaml: &str,
-        build: impl FnOnce(String) -> (Rollout, Vec<HostRecord>),
+        build: impl FnOnce(String) -> (Rollout, Vec<HostRecord>, Vec<AuditBody>),
     ) -> Result<(Rollout, Vec<HostRecord>)> {
         let txn = self.db.begin_write()?;
         let built;
+        let bodies;
         {
             let mut meta = txn.open_table(META)?;
             let next = meta.get("next_rollout")?.map_or(1, |v| v.value());
             meta.insert("next_rollout", next + 1)?;
-            built = build(format!("r{next:04}"));
+            let (r, h, b) = build(format!("r{next:04}"));
+            built = (r, h);
+            bodies = b;
             txn.open_table(PLANS)?.insert(plan_hash, plan_yaml)?;
             txn.open_table(ROLLOUTS)?
                 .insert(built.0.id.as_str(), serde_json::to_vec(&built.0)?.as_slice())?;
@@ -114,13 +241,14 @@ impl Store {
                 )?;
             }
         }
+        append(&txn, &self.key, bodies)?;
         txn.commit()?;
         Ok(built)
     }
 
     /// Store a rollout header and some of its host records, in one
     /// transaction.
-    pub fn save(&self, rollout: &Rollout, hosts: &[&HostRecord]) -> Result<()> {
+    pub fn save(&self, rollout: &Rollout, hosts: &[&HostRecord], audit: Vec<AuditBody>) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
             txn.open_table(ROLLOUTS)?
@@ -133,6 +261,7 @@ impl Store {
                 )?;
             }
         }
+        append(&txn, &self.key, audit)?;
         txn.commit()?;
         Ok(())
     }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod audit;
 pub mod certs;
 pub mod client;
 pub mod lab;
@@ -40,6 +41,15 @@ pub enum Command {
         /// The rollout command.
         #[command(subcommand)]
         cmd: rollout::RolloutCommand,
+    },
+    /// Read, report, export and verify the tamper-evident audit log.
+    Audit {
+        /// Which controller, as whom.
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The audit command.
+        #[command(subcommand)]
+        cmd: audit::AuditCommand,
     },
     /// The pre-change snapshots.
     Snapshot {
@@ -92,6 +102,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Certs(cmd) => certs::run(cmd),
         Command::Rollout { conn, cmd } => rollout::run(cmd, &conn).await,
         Command::Snapshot { conn, cmd } => snapshot::run(cmd, &conn).await,
+        Command::Audit { conn, cmd } => audit::run(cmd, &conn).await,
         Command::Lab(cmd) => lab::run(cmd).await,
     }
 }
