@@ -75,6 +75,7 @@ pub struct Settings {
 /// The engine.
 pub struct Engine {
     store: Store,
+    metrics: crate::metrics::Metrics,
     inventory_hash: String,
     hub: Arc<Hub>,
     fleet: Fleet,
@@ -200,6 +201,7 @@ impl Engine {
         let (changes, _) = watch::channel(0);
         Ok(Arc::new(Engine {
             store,
+            metrics: crate::metrics::Metrics::new().map_err(|e| anyhow::anyhow!("metrics: {e}"))?,
             inventory_hash,
             hub,
             fleet,
@@ -232,6 +234,11 @@ impl Engine {
         if let Err(e) = self.store.record_refusal(&format!("{} {text}", utc(now_ms()))) {
             error!(error = %e, "Could not record a refusal.");
         }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// The store (audit log reads).
@@ -498,7 +505,7 @@ impl Engine {
                 })
                 .collect()
         };
-        match self.hub.execute(host, cmd, deadline).await {
+        let records: Vec<DryRunRecord> = match self.hub.execute(host, cmd, deadline).await {
             Ok(r) => match serde_json::from_str::<Vec<StepReport>>(&r.report_json) {
                 Ok(reports) if reports.len() == steps.len() => reports
                     .into_iter()
@@ -513,7 +520,10 @@ impl Engine {
                 _ => blocked_all(format!("no dry-run report: {}", r.detail)),
             },
             Err(e) => blocked_all(format!("no dry-run: {e}")),
-        }
+        };
+        let blocked = records.iter().filter(|r| r.blocked).count();
+        self.metrics.dry_runs_blocked.inc_by(blocked as u64);
+        records
     }
 
     /// Approve, bound to the plan hash the approver saw.
@@ -637,6 +647,7 @@ impl Engine {
     }
 
     async fn run_wave(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
+        let started = Instant::now();
         let hosts = self.mutate(id, |e| {
             let wave = &mut e.rollout.waves[w];
             if wave.state == WaveState::Pending {
@@ -661,7 +672,12 @@ impl Engine {
         if !self.running(id) {
             return Ok(());
         }
-        self.bake(id, w).await
+        self.bake(id, w).await?;
+        if self.get(id)?.rollout.waves[w].state == WaveState::Confirmed {
+            self.metrics.waves_confirmed.inc();
+            self.metrics.wave_duration.observe(started.elapsed().as_secs_f64());
+        }
+        Ok(())
     }
 
     async fn bake(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
@@ -780,6 +796,7 @@ impl Engine {
                 }
                 r.halt(w, reason.clone())?;
                 event(r, format!("halted: {reason}"));
+                self.metrics.waves_halted.inc();
                 if r.on_failure == "rollback" {
                     r.rollback_pending = true;
                 }
@@ -1009,6 +1026,8 @@ impl Engine {
                         return Ok(());
                     };
                     let ok = r.outcome == pb::Outcome::Ok as i32;
+                    self.metrics.steps.with_label_values(&[outcome_name(r.outcome)]).inc();
+                    self.metrics.step_duration.observe(r.duration_ms as f64 / 1000.0);
                     let result = StepResult {
                         step: step_name.clone(),
                         command_id: r.command_id.clone(),

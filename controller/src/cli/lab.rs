@@ -220,6 +220,7 @@ async fn up(
     // The controller.
     let addr_file = dir.join("controller.addr");
     let _ = std::fs::remove_file(&addr_file);
+    let _ = std::fs::remove_file(dir.join("web.addr"));
     let server = certs.controller();
     let mut args: Vec<String> = vec![
         "serve".into(),
@@ -239,6 +240,10 @@ async fn up(
         server.key.display().to_string(),
         "--agent-grace".into(),
         grace.to_owned(),
+        "--web-listen".into(),
+        "127.0.0.1:0".into(),
+        "--web-addr-file".into(),
+        dir.join("web.addr").display().to_string(),
     ];
     let policy_dir = match &policies.policies {
         Some(p) => absolute(p)?,
@@ -290,9 +295,13 @@ async fn up(
             env_file(&url, &certs.ca(), pair),
         )?;
     }
+    let web_url = match std::fs::read_to_string(dir.join("web.addr")) {
+        Ok(a) => format!("http://{}", a.trim()),
+        Err(_) => bail!("the controller did not report its web address"),
+    };
     std::fs::write(
         dir.join("lab.json"),
-        serde_json::to_string_pretty(&json!({"controller": url, "web": null}))?,
+        serde_json::to_string_pretty(&json!({"controller": url, "web": web_url}))?,
     )?;
 
     // Wait for every agent.

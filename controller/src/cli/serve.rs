@@ -34,6 +34,13 @@ pub struct ServeArgs {
     /// Write the bound address here once listening (useful with port 0).
     #[arg(long, value_name = "FILE")]
     pub addr_file: Option<PathBuf>,
+    /// Address of the read-only web view, /metrics, /live and /ready. Keep it
+    /// on loopback or behind an authenticating proxy: it shows every rollout.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    pub web_listen: String,
+    /// Write the web view's bound address here once listening.
+    #[arg(long, value_name = "FILE")]
+    pub web_addr_file: Option<PathBuf>,
     /// CA certificate that signs agent and operator certificates.
     #[arg(long, value_name = "FILE", env = "WAVEGATE_CA")]
     pub ca: Option<PathBuf>,
@@ -108,7 +115,22 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
         std::fs::write(&tmp, addr.to_string())?;
         std::fs::rename(&tmp, f)?;
     }
-    info!(%addr, tls = tls.is_some(), "Controller listening.");
+    let web = tokio::net::TcpListener::bind(&args.web_listen)
+        .await
+        .with_context(|| format!("listening on {} for the web view", args.web_listen))?;
+    let web_addr = web.local_addr()?;
+    if let Some(f) = &args.web_addr_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, web_addr.to_string())?;
+        std::fs::rename(&tmp, f)?;
+    }
+    info!(%addr, %web_addr, tls = tls.is_some(), "Controller listening.");
+    let web_engine = Arc::clone(&engine);
+    tokio::spawn(async move {
+        if let Err(e) = crate::web::serve(web, web_engine, std::future::pending()).await {
+            tracing::error!(error = %e, "The web view stopped.");
+        }
+    });
     crate::server::serve(listener, engine, tls, shutdown()).await?;
     Ok(0)
 }
