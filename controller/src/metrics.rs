@@ -96,13 +96,21 @@ mod tests {
             }
         }
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        for file in ["deploy/prometheus/wavegate-alerts.yml", "deploy/grafana/wavegate-dashboard.json"] {
+        for file in [
+            "deploy/prometheus/wavegate-alerts.yml",
+            "deploy/grafana/wavegate-dashboard.json",
+        ] {
             let text = std::fs::read_to_string(root.join(file)).expect("deploy file");
             let mut found = 0;
             for (i, _) in text.match_indices("wavegate_controller_") {
-                let name: String =
-                    text[i..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
-                assert!(known.contains(&name), "{file} names `{name}`, which the controller does not export");
+                let name: String = text[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    known.contains(&name),
+                    "{file} names `{name}`, which the controller does not export"
+                );
                 found += 1;
             }
             assert!(found > 3, "{file} uses the metrics");
