@@ -551,7 +551,13 @@ impl Engine {
             })?;
             event(
                 r,
-                format!("approved by {who} ({} of {})", r.approvals.len(), r.approvals_required),
+                format!(
+                    "approved by {who} ({} of {}) for plan {} and dry-run reports {}",
+                    r.approvals.len(),
+                    r.approvals_required,
+                    r.plan_hash,
+                    r.dry_run_digest
+                ),
             );
             if started {
                 event(r, "all approvals in; rollout running");
