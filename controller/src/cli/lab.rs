@@ -17,6 +17,7 @@ use wavegate_domain::{Fleet, Source};
 use wavegate_proto::v1 as pb;
 
 use super::PolicyArgs;
+pub use super::client::Client;
 use super::client::Conn;
 use crate::tls::{CertDir, Pair, Role};
 
@@ -154,7 +155,8 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<u32> {
     Ok(child.id())
 }
 
-async fn up(
+/// Build and start a lab; returns the exit status.
+pub async fn up(
     fleet_path: &Path,
     dir: &Path,
     policies: &PolicyArgs,
@@ -365,7 +367,8 @@ fn lab_policies(dir: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-fn lab_conn(dir: &Path, url: &str, who: &str) -> Conn {
+/// A connection to a lab controller as one of its identities.
+pub fn lab_conn(dir: &Path, url: &str, who: &str) -> Conn {
     let certs = CertDir::new(dir.join("certs"));
     let pair = certs.operator(who);
     Conn {

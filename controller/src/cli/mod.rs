@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub mod audit;
 pub mod certs;
 pub mod client;
+pub mod demo;
 pub mod lab;
 pub mod plan;
 pub mod rollout;
@@ -25,6 +26,10 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// A hosting provider in a lab on this machine, and three stories: a good
+    /// fix in canary waves, the 2012 update program refused, a broken canary
+    /// halted and rolled back.
+    Demo(demo::DemoArgs),
     /// Work with patch plans without running anything.
     #[command(subcommand)]
     Plan(plan::PlanCommand),
@@ -98,6 +103,7 @@ impl PolicyArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Plan(cmd) => plan::run(cmd),
+        Command::Demo(args) => demo::run(args).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Certs(cmd) => certs::run(cmd),
         Command::Rollout { conn, cmd } => rollout::run(cmd, &conn).await,
