@@ -97,3 +97,25 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    #[test]
+    fn the_agent_units_command_line_parses() {
+        let unit = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/wavegate-agent.service"),
+        )
+        .expect("unit");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("ExecStart");
+        // %H is the unit's host name specifier; any valid id stands in for it.
+        let args: Vec<String> = exec.split_whitespace().map(|a| a.replace("%H", "p09")).collect();
+        if let Err(e) = super::Args::try_parse_from(&args) {
+            panic!("deploy/systemd/wavegate-agent.service runs a command the agent does not accept:\n{e}");
+        }
+    }
+}

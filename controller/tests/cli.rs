@@ -51,3 +51,20 @@ fn shipped_policy_list_matches_the_policies_directory() {
     built_in.sort();
     assert_eq!(built_in, on_disk, "add new policies/ files to policies::SHIPPED");
 }
+
+#[test]
+fn the_controller_units_command_line_parses() {
+    use clap::Parser as _;
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/wavegate-controller.service"),
+    )
+    .expect("unit");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
+    let args: Vec<&str> = exec.split_whitespace().collect();
+    if let Err(e) = wavegate::cli::Cli::try_parse_from(&args) {
+        panic!("deploy/systemd/wavegate-controller.service runs a command wavegate does not accept:\n{e}");
+    }
+}
