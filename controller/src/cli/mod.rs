@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+pub mod agent;
 pub mod audit;
 pub mod certs;
 pub mod client;
@@ -55,6 +56,15 @@ pub enum Command {
         /// The audit command.
         #[command(subcommand)]
         cmd: audit::AuditCommand,
+    },
+    /// Install or upgrade agents on hosts over SSH.
+    Agent {
+        /// The controller to confirm with, as whom.
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The agent command.
+        #[command(subcommand)]
+        cmd: agent::AgentCommand,
     },
     /// The pre-change snapshots.
     Snapshot {
@@ -109,6 +119,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Rollout { conn, cmd } => rollout::run(cmd, &conn).await,
         Command::Snapshot { conn, cmd } => snapshot::run(cmd, &conn).await,
         Command::Audit { conn, cmd } => audit::run(cmd, &conn).await,
+        Command::Agent { conn, cmd } => agent::run(cmd, &conn).await,
         Command::Lab(cmd) => lab::run(cmd).await,
     }
 }
