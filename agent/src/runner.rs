@@ -13,88 +13,33 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::{Pid, geteuid};
+use anyhow::{Context, Result};
+use nix::unistd::geteuid;
 use sha2::{Digest, Sha256};
 use wavegate_proto::v1::Outcome;
 
 use crate::journal::{self, Job, Mode, Stored};
+use crate::mounts;
 
-/// Directories of the machine a host root sees read-only.
-const SYSTEM_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 /// How much output the result carries.
 pub const TAIL: u64 = 16 * 1024;
 
-fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
-    mount(
-        Some(src),
-        dst,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .with_context(|| format!("binding {} on {}", src.display(), dst.display()))?;
-    if readonly {
-        mount(
-            None::<&str>,
-            dst,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .with_context(|| format!("making {} read-only", dst.display()))?;
-    }
-    Ok(())
-}
-
 /// Enter a private mount namespace and prepare `root` (when it is not `/`).
 fn prepare(root: &Path) -> Result<()> {
-    let is_root = geteuid().is_root();
     if root == Path::new("/") {
-        if is_root {
-            unshare(CloneFlags::CLONE_NEWNS).context("entering a mount namespace")?;
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )?;
-        }
-        return Ok(());
+        // Without root there is no namespace to enter, and none is needed.
+        return if geteuid().is_root() {
+            mounts::private_namespace("a step")
+        } else {
+            Ok(())
+        };
     }
-    if !is_root {
-        bail!("running steps under a host root needs root (mount namespaces); run the agent as root");
-    }
-    unshare(CloneFlags::CLONE_NEWNS).context("entering a mount namespace")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("making mounts private")?;
-    for d in SYSTEM_DIRS {
-        let src = Path::new("/").join(d);
-        let dst = root.join(d);
-        let is_link = src
-            .symlink_metadata()
-            .map(|m| m.file_type().is_symlink())
-            .unwrap_or(true);
-        if is_link || !src.is_dir() {
-            continue;
-        }
-        std::fs::create_dir_all(&dst)?;
-        bind(&src, &dst, true)?;
-    }
+    mounts::private_namespace("running steps under a host root")?;
+    mounts::bind_system_dirs(root)?;
     for (d, ro) in [("dev", false), ("proc", true)] {
         let dst = root.join(d);
         std::fs::create_dir_all(&dst)?;
-        bind(&Path::new("/").join(d), &dst, ro)?;
+        mounts::bind(&Path::new("/").join(d), &dst, ro)?;
     }
     Ok(())
 }
@@ -117,18 +62,7 @@ fn stored(outcome: Outcome, exit_code: i32, started: Instant, output: &Path, det
 /// line fails with "read-only file system" instead of deleting data.
 fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
     let root = &job.host_root;
-    if !geteuid().is_root() {
-        bail!("a confined run needs root (mount namespaces); run the agent as root");
-    }
-    unshare(CloneFlags::CLONE_NEWNS).context("entering a mount namespace")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("making mounts private")?;
+    mounts::private_namespace("a confined run")?;
     // Write-set paths the dry-run saw created must exist to be bound; only
     // the path itself is made, never a parent outside the write set.
     for (paths, dir) in [(&job.create_dirs, true), (&job.create_files, false)] {
@@ -145,7 +79,7 @@ fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
     }
     let m = base.join("root");
     std::fs::create_dir_all(&m)?;
-    bind(root, &m, false)?;
+    mounts::bind(root, &m, false)?;
     // Every mount under the view read-only, not just the top one.
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let prefix = m.display().to_string();
@@ -158,50 +92,25 @@ fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
     points.sort();
     points.dedup();
     for p in &points {
-        mount(
-            None::<&str>,
-            p.as_str(),
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .with_context(|| format!("making {p} read-only"))?;
+        mounts::remount_readonly(Path::new(p))?;
     }
     if root != Path::new("/") {
-        for d in SYSTEM_DIRS {
-            let src = Path::new("/").join(d);
-            let dst = m.join(d);
-            let is_link = src
-                .symlink_metadata()
-                .map(|x| x.file_type().is_symlink())
-                .unwrap_or(true);
-            if is_link || !src.is_dir() || !dst.is_dir() {
-                continue;
-            }
-            bind(&src, &dst, true)?;
-        }
+        mounts::bind_system_dirs(&m)?;
     }
     for (d, ro) in [("dev", false), ("proc", true)] {
         let dst = m.join(d);
         if dst.is_dir() {
-            bind(&Path::new("/").join(d), &dst, ro)?;
+            mounts::bind(&Path::new("/").join(d), &dst, ro)?;
         }
     }
     let tmp = m.join("tmp");
     if tmp.is_dir() {
-        mount(
-            Some("tmpfs"),
-            &tmp,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("size=512m,mode=1777"),
-        )
-        .context("a private /tmp")?;
+        mounts::tmpfs(&tmp, "size=512m,mode=1777").context("a private /tmp")?;
     }
     for w in &job.writes {
         let src = root.join(w.trim_start_matches('/'));
         if src.symlink_metadata().is_ok() {
-            bind(&src, &m.join(w.trim_start_matches('/')), false)?;
+            mounts::bind(&src, &m.join(w.trim_start_matches('/')), false)?;
         }
     }
     Ok(m)
@@ -305,19 +214,8 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
         .process_group(0)
         .spawn()
         .context("starting /bin/sh")?;
-    let pgid = Pid::from_raw(child.id() as i32);
-    let deadline = Instant::now() + Duration::from_millis(job.timeout_ms);
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Whatever the shell left behind in its group goes too.
-    let _ = killpg(pgid, Signal::SIGKILL);
+    // Whatever the shell leaves behind in its group goes too.
+    let status = mounts::wait_or_kill_group(&mut child, Duration::from_millis(job.timeout_ms))?;
     match status {
         Some(s) => {
             let code = s.code().unwrap_or(-1);
@@ -327,13 +225,10 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
                 Ok((Outcome::Failed, code, format!("exited with status {code}")))
             }
         }
-        None => {
-            let _ = child.wait();
-            Ok((
-                Outcome::TimedOut,
-                -1,
-                format!("killed after its timeout of {} ms", job.timeout_ms),
-            ))
-        }
+        None => Ok((
+            Outcome::TimedOut,
+            -1,
+            format!("killed after its timeout of {} ms", job.timeout_ms),
+        )),
     }
 }

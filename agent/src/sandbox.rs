@@ -14,15 +14,14 @@ use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use nix::mount::{MsFlags, mount};
-use nix::sched::{CloneFlags, unshare};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::{Pid, geteuid};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::mounts;
 
 pub use wavegate_domain::effects::{Category, SAMPLE, StepReport};
 
@@ -266,50 +265,12 @@ fn unix_socket_paths() -> Vec<PathBuf> {
         .collect()
 }
 
-fn bind(src: &Path, dst: &Path, flags: MsFlags) -> Result<()> {
-    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND | flags, None::<&str>)
-        .with_context(|| format!("binding {} on {}", src.display(), dst.display()))
-}
-
-fn remount_ro(dst: &Path) -> Result<()> {
-    mount(
-        None::<&str>,
-        dst,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-        None::<&str>,
-    )
-    .with_context(|| format!("making {} read-only", dst.display()))
-}
-
-fn tmpfs(dst: &Path, size: &str) -> Result<()> {
-    mount(
-        Some("tmpfs"),
-        dst,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        Some(size),
-    )
-    .with_context(|| format!("mounting a tmpfs on {}", dst.display()))
-}
-
 /// Set up the sandbox for `host_root` under `base` (which this process owns,
 /// in its own mount namespace). Returns the merged root and the upper layer.
 fn setup(host_root: &Path, base: &Path) -> Result<(PathBuf, PathBuf)> {
-    if !geteuid().is_root() {
-        bail!("the dry-run sandbox needs root (mount, PID and network namespaces)");
-    }
-    unshare(CloneFlags::CLONE_NEWNS).context("entering a mount namespace")?;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .context("making mounts private")?;
+    mounts::private_namespace("the dry-run sandbox (mount, PID and network namespaces)")?;
     std::fs::create_dir_all(base)?;
-    tmpfs(base, "size=1g,mode=0700")?;
+    mounts::tmpfs(base, "size=1g,mode=0700")?;
     let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
     for d in [&upper, &work, &merged] {
         std::fs::create_dir_all(d)?;
@@ -329,36 +290,24 @@ fn setup(host_root: &Path, base: &Path) -> Result<(PathBuf, PathBuf)> {
     )
     .context("mounting the copy-on-write overlay of the host root")?;
     if host_root != Path::new("/") {
-        for d in ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"] {
-            let src = Path::new("/").join(d);
-            let is_link = src
-                .symlink_metadata()
-                .map(|m| m.file_type().is_symlink())
-                .unwrap_or(true);
-            let dst = merged.join(d);
-            if is_link || !src.is_dir() || !dst.is_dir() {
-                continue;
-            }
-            bind(&src, &dst, MsFlags::MS_REC)?;
-            remount_ro(&dst)?;
-        }
+        mounts::bind_system_dirs(&merged)?;
     }
     // A minimal /dev: no disks to write to.
     let dev = merged.join("dev");
     std::fs::create_dir_all(&dev).ok();
-    tmpfs(&dev, "size=1m,mode=0755")?;
+    mounts::tmpfs(&dev, "size=1m,mode=0755")?;
     for d in ["null", "zero", "full", "random", "urandom", "tty"] {
         let src = Path::new("/dev").join(d);
         if src.exists() {
             std::fs::write(dev.join(d), b"")?;
-            bind(&src, &dev.join(d), MsFlags::empty())?;
+            mounts::bind(&src, &dev.join(d), false)?;
         }
     }
     // Private scratch where sockets usually live.
     for d in ["tmp", "run", "var/run", "var/tmp", "dev/shm"] {
         let p = merged.join(d);
         if p.is_dir() && !p.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(true) {
-            tmpfs(&p, "size=256m,mode=1777")?;
+            mounts::tmpfs(&p, "size=256m,mode=1777")?;
         }
     }
     // Every listening unix socket path of the host, masked.
@@ -374,7 +323,7 @@ fn setup(host_root: &Path, base: &Path) -> Result<(PathBuf, PathBuf)> {
             .map(|m| m.file_type().is_socket())
             .unwrap_or(false)
         {
-            bind(Path::new("/dev/null"), &target, MsFlags::empty())?;
+            mounts::bind(Path::new("/dev/null"), &target, false)?;
         }
     }
     std::fs::create_dir_all(merged.join("proc")).ok();
@@ -404,19 +353,7 @@ fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<
         .process_group(0)
         .spawn()
         .context("starting the sandbox (util-linux `unshare`)")?;
-    let pgid = Pid::from_raw(child.id() as i32);
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(s) = child.try_wait()? {
-            break Some(s);
-        }
-        if Instant::now() >= deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = killpg(pgid, Signal::SIGKILL);
-    let _ = child.wait();
+    let status = mounts::wait_or_kill_group(&mut child, timeout)?;
     Ok(status.and_then(|s| s.code()).unwrap_or(-1))
 }
 
