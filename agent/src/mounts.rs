@@ -111,3 +111,24 @@ pub fn wait_or_kill_group(child: &mut Child, timeout: Duration) -> Result<Option
     }
     Ok(status)
 }
+
+/// Set a step's process up the same way for its dry-run and its real run: a
+/// dry-run that a script could tell apart (by its environment, say) would
+/// let it behave differently there. A clean environment, `/` as working
+/// directory, no stdin, combined output to `out`, its own process group.
+pub fn step_process<'a>(
+    cmd: &'a mut std::process::Command,
+    out: &std::fs::File,
+) -> Result<&'a mut std::process::Command> {
+    use std::os::unix::process::CommandExt as _;
+    Ok(cmd
+        .env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", "/root")
+        .env("LANG", "C.UTF-8")
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out.try_clone()?)
+        .process_group(0))
+}

@@ -8,9 +8,8 @@
 //! timeout. The result goes to the journal atomically.
 
 use std::io::{Read as _, Seek as _, SeekFrom};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -192,7 +191,6 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
         }
     };
     let out = std::fs::File::create(output)?;
-    let err = out.try_clone()?;
     let mut cmd = if root == Path::new("/") {
         Command::new("/bin/sh")
     } else {
@@ -200,18 +198,8 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
         c.arg(&root).arg("/bin/sh");
         c
     };
-    let mut child = cmd
-        .arg("-c")
-        .arg(&job.run)
-        .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", "/root")
-        .env("LANG", "C.UTF-8")
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
+    cmd.arg("-c").arg(&job.run);
+    let mut child = mounts::step_process(&mut cmd, &out)?
         .spawn()
         .context("starting /bin/sh")?;
     // Whatever the shell leaves behind in its group goes too.

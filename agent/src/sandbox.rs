@@ -11,9 +11,8 @@
 use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -334,23 +333,13 @@ fn setup(host_root: &Path, base: &Path) -> Result<(PathBuf, PathBuf)> {
 /// namespaces, a fresh /proc, chrooted into the merged root.
 fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<i32> {
     let out = std::fs::OpenOptions::new().create(true).append(true).open(output)?;
-    let err = out.try_clone()?;
-    let mut child = Command::new("unshare")
-        .args(["--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child"])
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child"])
         .arg(format!("--mount-proc={}", merged.join("proc").display()))
         .arg("chroot")
         .arg(merged)
-        .args(["/bin/sh", "-c", run])
-        .env_clear()
-        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("HOME", "/root")
-        .env("LANG", "C.UTF-8")
-        .env("WAVEGATE_DRY_RUN", "1")
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .process_group(0)
+        .args(["/bin/sh", "-c", run]);
+    let mut child = mounts::step_process(&mut cmd, &out)?
         .spawn()
         .context("starting the sandbox (util-linux `unshare`)")?;
     let status = mounts::wait_or_kill_group(&mut child, timeout)?;

@@ -250,3 +250,29 @@ fn a_snapshot_restores_the_write_set_byte_for_byte() {
     f.read_to_string(&mut s).expect("read");
     assert_eq!(s, "customer data 0\n");
 }
+
+#[tokio::test]
+async fn a_step_cannot_tell_its_dry_run_from_its_real_run_by_its_environment() {
+    let (root, state) = host("env");
+    let scratch = state.join("scratch");
+    std::fs::create_dir_all(&scratch).expect("scratch");
+    let mut dry = Job::new("env-dry", "", 0, &root, Mode::DryRun);
+    dry.steps = vec![DryStep {
+        name: "env".into(),
+        run: "env | sort; pwd".into(),
+        writes: vec!["/etc/app".into()],
+        max_deletions: 0,
+        timeout_ms: 20_000,
+    }];
+    let seen_dry = run_supervised(&exe(), &scratch, &dry).await.expect("dry-run");
+    let journal = Journal::open(&state).expect("journal");
+    let mut real = Job::new("env-real", "env | sort; pwd", 20_000, &root, Mode::Confined);
+    real.writes = vec!["/etc/app".into()];
+    let (seen_real, _) = run_step_once(&exe(), &journal, real).await.expect("real run");
+    assert!(!seen_real.output_tail.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&seen_dry.output_tail),
+        String::from_utf8_lossy(&seen_real.output_tail),
+        "the dry-run's environment differs from the real run's"
+    );
+}
