@@ -253,13 +253,17 @@ impl OperatorService for Api {
     async fn approve(&self, req: Request<pb::ApproveRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
         let who = self.operator(&req, &[Role::Approver, Role::Admin], "approving")?;
         let r = req.into_inner();
-        let entry = self.engine.approve(&who, &r.id, &r.plan_hash).map_err(to_status)?;
+        let entry = self
+            .engine
+            .approve(&who, &r.id, &r.plan_hash)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
     }
 
     async fn status(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
         self.operator(&req, READERS, "reading status")?;
-        let entry = self.engine.get(&req.into_inner().id).map_err(to_status)?;
+        let entry = self.engine.get(&req.into_inner().id).await.map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
     }
 
@@ -267,13 +271,13 @@ impl OperatorService for Api {
         self.operator(&req, READERS, "watching")?;
         let id = req.into_inner().id;
         let engine = Arc::clone(&self.engine);
-        engine.get(&id).map_err(to_status)?;
+        engine.get(&id).await.map_err(to_status)?;
         let mut changes = engine.subscribe();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut last: Option<pb::RolloutStatus> = None;
             loop {
-                let Ok(entry) = engine.get(&id) else { break };
+                let Ok(entry) = engine.get(&id).await else { break };
                 let status = to_status_message(&entry);
                 if last.as_ref() != Some(&status) {
                     if tx.send(Ok(status.clone())).await.is_err() {
@@ -297,7 +301,7 @@ impl OperatorService for Api {
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
         self.operator(&req, READERS, "listing rollouts")?;
-        let rollouts = self.engine.list().iter().map(to_status_message).collect();
+        let rollouts = self.engine.list().await.iter().map(to_status_message).collect();
         Ok(Response::new(pb::ListResponse { rollouts }))
     }
 
@@ -306,6 +310,7 @@ impl OperatorService for Api {
         let entry = self
             .engine
             .control(&who, &req.into_inner().id, "pause")
+            .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
     }
@@ -315,6 +320,7 @@ impl OperatorService for Api {
         let entry = self
             .engine
             .control(&who, &req.into_inner().id, "resume")
+            .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
     }
@@ -341,7 +347,7 @@ impl OperatorService for Api {
     async fn dry_runs(&self, req: Request<pb::DryRunsRequest>) -> Result<Response<pb::DryRunsResponse>, Status> {
         self.operator(&req, READERS, "reading dry-run reports")?;
         let r = req.into_inner();
-        let records = self.engine.dry_runs(&r.id).map_err(to_status)?;
+        let records = self.engine.dry_runs(&r.id).await.map_err(to_status)?;
         let records: Vec<_> = records
             .into_iter()
             .filter(|(_, d)| r.host.is_empty() || d.host == r.host)
@@ -375,7 +381,7 @@ impl OperatorService for Api {
         self.operator(&req, READERS, "listing snapshots")?;
         let want = req.into_inner().rollout_id;
         let mut snapshots = Vec::new();
-        for e in self.engine.list().iter().rev() {
+        for e in self.engine.list().await.iter().rev() {
             if !want.is_empty() && e.rollout.id != want {
                 continue;
             }
@@ -454,6 +460,7 @@ impl OperatorService for Api {
         let entry = self
             .engine
             .control(&who, &req.into_inner().id, "abort")
+            .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
     }

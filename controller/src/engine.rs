@@ -6,13 +6,13 @@
 //! controller restart the same id is sent again and the agent answers from
 //! its journal instead of running the step twice.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 use wavegate_domain::audit::AuditBody;
@@ -26,8 +26,8 @@ use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};
 use wavegate_domain::{Fleet, PolicySet, Report, Source, check_plan};
 use wavegate_proto::v1 as pb;
 
-use crate::hub::Hub;
-use crate::store::Store;
+use crate::hub::{ExecError, Hub};
+use crate::store::{Store, host_key};
 
 /// A rollout and its hosts, as held in memory (mirrors the store).
 #[derive(Clone, Debug)]
@@ -72,18 +72,51 @@ pub struct Settings {
     pub agent_grace: Duration,
 }
 
+/// Changes applied in memory and waiting for their commit, in order.
+struct Pending {
+    rollout: String,
+    /// `<rollout>/<host>` keys and JSON of the host records it changed.
+    hosts: Vec<(String, Vec<u8>)>,
+    bodies: Vec<AuditBody>,
+}
+
+/// What the engine holds under its lock.
+#[derive(Default)]
+struct State {
+    rollouts: BTreeMap<String, Entry>,
+    /// Changes not yet committed (the group-commit queue).
+    queue: Vec<Pending>,
+    /// Sequence number of the last change queued.
+    queued: u64,
+    /// SHA-256 of each host record as last queued, so only real changes
+    /// become audit records.
+    host_digests: HashMap<String, [u8; 32]>,
+}
+
+/// How far the store has caught up with memory.
+#[derive(Clone, Debug, Default)]
+struct Durable {
+    /// Every change up to this sequence number is committed.
+    upto: u64,
+    /// A commit failed: nothing more is acted on (fail closed).
+    failed: Option<String>,
+}
+
 /// The engine.
 pub struct Engine {
-    store: Store,
+    store: Arc<Store>,
     metrics: crate::metrics::Metrics,
     inventory_hash: String,
     hub: Arc<Hub>,
     fleet: Fleet,
     policies: PolicySet,
     settings: Settings,
-    state: Mutex<BTreeMap<String, Entry>>,
+    state: Mutex<State>,
     drivers: Mutex<HashSet<String>>,
     changes: watch::Sender<u64>,
+    durable: watch::Sender<Durable>,
+    /// Wakes the writer when a change is queued.
+    wake: Arc<Notify>,
     /// Distinguishes this controller process's health-check rounds from an
     /// earlier one's, so a restarted bake never gets a journaled old answer.
     boot: String,
@@ -193,14 +226,22 @@ impl Engine {
     ) -> Result<Arc<Engine>> {
         let inventory_hash = hex::encode(Sha256::digest(fleet_text.as_bytes()));
         store.put_inventory(&inventory_hash, fleet_text)?;
-        let mut state = BTreeMap::new();
+        let mut state = State::default();
         for (rollout, hosts) in store.load()? {
+            for h in &hosts {
+                let json = serde_json::to_vec(h).map_err(anyhow::Error::from)?;
+                state
+                    .host_digests
+                    .insert(host_key(&rollout.id, &h.host), Sha256::digest(&json).into());
+            }
             let hosts = hosts.into_iter().map(|h| (h.host.clone(), h)).collect();
-            state.insert(rollout.id.clone(), Entry { rollout, hosts });
+            state.rollouts.insert(rollout.id.clone(), Entry { rollout, hosts });
         }
         let (changes, _) = watch::channel(0);
-        Ok(Arc::new(Engine {
-            store,
+        let (durable, _) = watch::channel(Durable::default());
+        let wake = Arc::new(Notify::new());
+        let engine = Arc::new(Engine {
+            store: Arc::new(store),
             metrics: crate::metrics::Metrics::new().map_err(|e| anyhow::anyhow!("metrics: {e}"))?,
             inventory_hash,
             hub,
@@ -210,12 +251,86 @@ impl Engine {
             state: Mutex::new(state),
             drivers: Mutex::new(HashSet::new()),
             changes,
+            durable,
+            wake: Arc::clone(&wake),
             boot: format!("{:x}", now_ms()),
-        }))
+        });
+        tokio::spawn(writer(Arc::downgrade(&engine), wake));
+        Ok(engine)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Why nothing more may be acted on, if a commit failed.
+    fn store_failed(&self) -> Option<String> {
+        self.durable.borrow().failed.clone()
+    }
+
+    /// Why the engine stopped acting, if a commit to the store failed.
+    pub fn store_failure(&self) -> Option<String> {
+        self.store_failed()
+    }
+
+    /// `f` of every rollout, under the lock (for figures; no copies).
+    pub fn rollup<R>(&self, f: impl Fn(&Entry) -> R) -> Vec<R> {
+        self.lock().rollouts.values().map(f).collect()
+    }
+
+    /// Wait until every change up to `seq` is committed.
+    async fn durable_upto(&self, seq: u64) -> Result<(), EngineError> {
+        let mut rx = self.durable.subscribe();
+        let d = rx
+            .wait_for(|d| d.upto >= seq || d.failed.is_some())
+            .await
+            .map_err(|_| EngineError::Store(anyhow::anyhow!("the store writer stopped")))?
+            .clone();
+        match d.failed {
+            Some(why) if d.upto < seq => Err(EngineError::Store(anyhow::anyhow!(why))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Read a rollout under the lock, and return once what was read is
+    /// committed: callers never see a state a power cut could take back.
+    async fn read_durable<R>(&self, id: &str, f: impl FnOnce(&Entry) -> R) -> Result<R, EngineError> {
+        let (out, seq) = {
+            let st = self.lock();
+            let e = st
+                .rollouts
+                .get(id)
+                .ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
+            (f(e), st.queued)
+        };
+        self.durable_upto(seq).await?;
+        Ok(out)
+    }
+
+    /// The dispatch gate of a rollout: open while it runs and the store
+    /// works. The guard it returns is the engine's lock, so a halt cannot
+    /// slip in between the check and the send.
+    fn gate<'a>(&'a self, id: &'a str) -> impl Fn() -> Result<std::sync::MutexGuard<'a, State>, String> + 'a {
+        move || {
+            let st = self.lock();
+            if let Some(why) = self.store_failed() {
+                return Err(why);
+            }
+            match st.rollouts.get(id).map(|e| e.rollout.state) {
+                Some(RolloutState::Running) => Ok(st),
+                Some(state) => Err(format!("rollout {id} is {state}")),
+                None => Err(format!("no rollout {id}")),
+            }
+        }
+    }
+
+    /// Run `f` on a rollout under the lock (for small reads).
+    fn with<R>(&self, id: &str, f: impl FnOnce(&Entry) -> R) -> Result<R, EngineError> {
+        let st = self.lock();
+        st.rollouts
+            .get(id)
+            .map(f)
+            .ok_or_else(|| EngineError::NotFound(id.to_owned()))
     }
 
     /// The inventory.
@@ -261,6 +376,7 @@ impl Engine {
     pub fn start(self: &Arc<Self>) {
         let ids: Vec<String> = self
             .lock()
+            .rollouts
             .values()
             .filter(|e| !e.rollout.state.is_final() && e.rollout.state != RolloutState::AwaitingApproval)
             .map(|e| e.rollout.id.clone())
@@ -299,33 +415,54 @@ impl Engine {
         }
     }
 
-    /// Apply `f` to a rollout and persist the header and the hosts it names
-    /// before anyone acts on the change.
-    fn mutate<R>(
+    /// Apply `f` to a rollout in memory, queue the header and the hosts it
+    /// names for the next group commit, and return once that commit is
+    /// durable, so nobody acts on the change before a power cut would keep
+    /// it. Changes are committed in the order they were made. `f` must not
+    /// change anything before it returns an error.
+    async fn mutate<R>(
         &self,
         id: &str,
         f: impl FnOnce(&mut Entry) -> Result<(R, Vec<String>), EngineError>,
     ) -> Result<R, EngineError> {
-        let mut state = self.lock();
-        let entry = state.get_mut(id).ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
-        let mut copy = entry.clone();
-        let (out, changed) = f(&mut copy)?;
-        let hosts: Vec<&HostRecord> = changed.iter().filter_map(|h| copy.hosts.get(h)).collect();
-        // The audit records of this change go into the same transaction.
-        let mut bodies: Vec<AuditBody> = copy.rollout.events
-            [entry.rollout.events.len().min(copy.rollout.events.len())..]
-            .iter()
-            .map(|text| AuditBody {
-                kind: "event".into(),
-                rollout: Some(id.to_owned()),
-                host: None,
-                actor: None,
-                text: text.clone(),
-                data: serde_json::Value::Null,
-            })
-            .collect();
-        for h in &hosts {
-            if entry.hosts.get(&h.host) != Some(*h) {
+        let (out, seq) = {
+            let mut st = self.lock();
+            if let Some(why) = self.store_failed() {
+                return Err(EngineError::Store(anyhow::anyhow!(why)));
+            }
+            let State {
+                rollouts,
+                queue,
+                queued,
+                host_digests,
+            } = &mut *st;
+            let entry = rollouts
+                .get_mut(id)
+                .ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
+            let events_before = entry.rollout.events.len();
+            let (out, changed) = f(entry)?;
+            // The audit records of this change go into the same commit.
+            let mut bodies: Vec<AuditBody> = entry.rollout.events[events_before.min(entry.rollout.events.len())..]
+                .iter()
+                .map(|text| AuditBody {
+                    kind: "event".into(),
+                    rollout: Some(id.to_owned()),
+                    host: None,
+                    actor: None,
+                    text: text.clone(),
+                    data: serde_json::Value::Null,
+                })
+                .collect();
+            let mut hosts = Vec::new();
+            for name in changed.iter().collect::<BTreeSet<_>>() {
+                let Some(h) = entry.hosts.get(name) else { continue };
+                let json = serde_json::to_vec(h).map_err(anyhow::Error::from)?;
+                let key = host_key(id, name);
+                let digest: [u8; 32] = Sha256::digest(&json).into();
+                if host_digests.get(&key) == Some(&digest) {
+                    continue;
+                }
+                host_digests.insert(key.clone(), digest);
                 bodies.push(AuditBody {
                     kind: "host".into(),
                     rollout: Some(id.to_owned()),
@@ -334,26 +471,36 @@ impl Engine {
                     text: format!("{}: {} ({})", h.host, h.state.as_str(), h.detail),
                     data: serde_json::to_value(h).unwrap_or_default(),
                 });
+                hosts.push((key, json));
             }
-        }
-        self.store.save(&copy.rollout, &hosts, bodies)?;
-        *entry = copy;
-        drop(state);
+            *queued += 1;
+            queue.push(Pending {
+                rollout: id.to_owned(),
+                hosts,
+                bodies,
+            });
+            (out, *queued)
+        };
+        self.wake.notify_one();
+        self.durable_upto(seq).await?;
         self.changes.send_modify(|n| *n += 1);
         Ok(out)
     }
 
-    /// A copy of one rollout.
-    pub fn get(&self, id: &str) -> Result<Entry, EngineError> {
-        self.lock()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| EngineError::NotFound(id.to_owned()))
+    /// A copy of one rollout, as committed.
+    pub async fn get(&self, id: &str) -> Result<Entry, EngineError> {
+        self.read_durable(id, Entry::clone).await
     }
 
-    /// Copies of every rollout, newest first.
-    pub fn list(&self) -> Vec<Entry> {
-        self.lock().values().rev().cloned().collect()
+    /// Copies of every rollout, newest first, as committed.
+    pub async fn list(&self) -> Vec<Entry> {
+        let (all, seq) = {
+            let st = self.lock();
+            (st.rollouts.values().rev().cloned().collect(), st.queued)
+        };
+        // On a failed store this still shows memory; /ready says why.
+        let _ = self.durable_upto(seq).await;
+        all
     }
 
     /// Validate a plan exactly as `plan check` does, dry-run every step on
@@ -460,7 +607,7 @@ impl Engine {
             hosts: hosts.into_iter().map(|h| (h.host.clone(), h)).collect(),
             rollout,
         };
-        self.lock().insert(entry.rollout.id.clone(), entry.clone());
+        self.lock().rollouts.insert(entry.rollout.id.clone(), entry.clone());
         self.changes.send_modify(|n| *n += 1);
         if !blocked.is_empty() {
             self.refuse(&format!(
@@ -527,59 +674,63 @@ impl Engine {
     }
 
     /// Approve, bound to the plan hash the approver saw.
-    pub fn approve(self: &Arc<Self>, who: &str, id: &str, plan_hash: &str) -> Result<Entry, EngineError> {
-        let started = self.mutate(id, |e| {
-            let r = &mut e.rollout;
-            if r.submitter == who {
-                return Err(EngineError::Denied(format!(
-                    "{who} submitted this rollout and cannot approve it; another person must"
-                )));
-            }
-            if !plan_hash.is_empty() && plan_hash != r.plan_hash {
-                return Err(EngineError::Denied(format!(
-                    "the plan changed: you approved {plan_hash}, this rollout runs {}; review the plan it runs",
-                    r.plan_hash
-                )));
-            }
-            let hash = r.plan_hash.clone();
-            let dry_run_digest = r.dry_run_digest.clone();
-            let started = r.approve(Approval {
-                who: who.to_owned(),
-                plan_hash: hash,
-                dry_run_digest,
-                at_ms: now_ms(),
-            })?;
-            event(
-                r,
-                format!(
-                    "approved by {who} ({} of {}) for plan {} and dry-run reports {}",
-                    r.approvals.len(),
-                    r.approvals_required,
-                    r.plan_hash,
-                    r.dry_run_digest
-                ),
-            );
-            if started {
-                event(r, "all approvals in; rollout running");
-            }
-            Ok((started, Vec::new()))
-        });
+    pub async fn approve(self: &Arc<Self>, who: &str, id: &str, plan_hash: &str) -> Result<Entry, EngineError> {
+        let started = self
+            .mutate(id, |e| {
+                let r = &mut e.rollout;
+                if r.submitter == who {
+                    return Err(EngineError::Denied(format!(
+                        "{who} submitted this rollout and cannot approve it; another person must"
+                    )));
+                }
+                if !plan_hash.is_empty() && plan_hash != r.plan_hash {
+                    return Err(EngineError::Denied(format!(
+                        "the plan changed: you approved {plan_hash}, this rollout runs {}; review the plan it runs",
+                        r.plan_hash
+                    )));
+                }
+                let hash = r.plan_hash.clone();
+                let dry_run_digest = r.dry_run_digest.clone();
+                let started = r.approve(Approval {
+                    who: who.to_owned(),
+                    plan_hash: hash,
+                    dry_run_digest,
+                    at_ms: now_ms(),
+                })?;
+                event(
+                    r,
+                    format!(
+                        "approved by {who} ({} of {}) for plan {} and dry-run reports {}",
+                        r.approvals.len(),
+                        r.approvals_required,
+                        r.plan_hash,
+                        r.dry_run_digest
+                    ),
+                );
+                if started {
+                    event(r, "all approvals in; rollout running");
+                }
+                Ok((started, Vec::new()))
+            })
+            .await;
         if let Err(EngineError::Denied(msg)) = &started {
             self.refuse(&format!("approval of {id} by {who}: {msg}"));
             // Record it on the rollout too (the transaction above did not commit).
-            let _ = self.mutate(id, |e| {
-                event(&mut e.rollout, format!("refused approval by {who}: {msg}"));
-                Ok(((), Vec::new()))
-            });
+            let _ = self
+                .mutate(id, |e| {
+                    event(&mut e.rollout, format!("refused approval by {who}: {msg}"));
+                    Ok(((), Vec::new()))
+                })
+                .await;
         }
         if started? {
             self.spawn_driver(id);
         }
-        self.get(id)
+        self.get(id).await
     }
 
     /// Pause, resume or abort, on an operator's word.
-    pub fn control(self: &Arc<Self>, who: &str, id: &str, action: &str) -> Result<Entry, EngineError> {
+    pub async fn control(self: &Arc<Self>, who: &str, id: &str, action: &str) -> Result<Entry, EngineError> {
         self.mutate(id, |e| {
             let r = &mut e.rollout;
             let mut changed = Vec::new();
@@ -605,11 +756,12 @@ impl Engine {
             }
             event(r, format!("{action} by {who}"));
             Ok(((), changed))
-        })?;
+        })
+        .await?;
         if action == "resume" {
             self.spawn_driver(id);
         }
-        self.get(id)
+        self.get(id).await
     }
 
     async fn wait_change(&self, rx: &mut watch::Receiver<u64>) {
@@ -619,11 +771,13 @@ impl Engine {
     async fn drive(self: Arc<Self>, id: &str) -> Result<(), EngineError> {
         let mut rx = self.subscribe();
         loop {
-            let entry = self.get(id)?;
-            match entry.rollout.state {
+            let (state, rollback_pending, current) = self.with(id, |e| {
+                (e.rollout.state, e.rollout.rollback_pending, e.rollout.current_wave())
+            })?;
+            match state {
                 RolloutState::Running => {}
                 RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused => return Ok(()),
-                RolloutState::Halted if entry.rollout.rollback_pending => {
+                RolloutState::Halted if rollback_pending => {
                     self.auto_rollback(id).await?;
                     continue;
                 }
@@ -632,13 +786,14 @@ impl Engine {
                     continue;
                 }
             }
-            match entry.rollout.current_wave() {
+            match current {
                 None => {
                     self.mutate(id, |e| {
                         e.rollout.complete()?;
                         event(&mut e.rollout, "every wave confirmed healthy; rollout completed");
                         Ok(((), Vec::new()))
-                    })?;
+                    })
+                    .await?;
                     return Ok(());
                 }
                 Some(w) => self.run_wave(id, w).await?,
@@ -648,21 +803,24 @@ impl Engine {
 
     fn running(&self, id: &str) -> bool {
         self.lock()
+            .rollouts
             .get(id)
             .is_some_and(|e| e.rollout.state == RolloutState::Running)
     }
 
     async fn run_wave(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
         let started = Instant::now();
-        let hosts = self.mutate(id, |e| {
-            let wave = &mut e.rollout.waves[w];
-            if wave.state == WaveState::Pending {
-                wave.state = WaveState::Running;
-                let text = format!("wave {} started: {}", wave.index, wave.hosts.join(", "));
-                event(&mut e.rollout, text);
-            }
-            Ok((e.rollout.waves[w].hosts.clone(), Vec::new()))
-        })?;
+        let hosts = self
+            .mutate(id, |e| {
+                let wave = &mut e.rollout.waves[w];
+                if wave.state == WaveState::Pending {
+                    wave.state = WaveState::Running;
+                    let text = format!("wave {} started: {}", wave.index, wave.hosts.join(", "));
+                    event(&mut e.rollout, text);
+                }
+                Ok((e.rollout.waves[w].hosts.clone(), Vec::new()))
+            })
+            .await?;
         let mut tasks = Vec::new();
         for host in hosts {
             let engine = Arc::clone(self);
@@ -679,7 +837,7 @@ impl Engine {
             return Ok(());
         }
         self.bake(id, w).await?;
-        if self.get(id)?.rollout.waves[w].state == WaveState::Confirmed {
+        if self.with(id, |e| e.rollout.waves[w].state)? == WaveState::Confirmed {
             self.metrics.waves_confirmed.inc();
             self.metrics.wave_duration.observe(started.elapsed().as_secs_f64());
         }
@@ -687,16 +845,18 @@ impl Engine {
     }
 
     async fn bake(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
-        let (bake, interval, checks, attempt) = self.mutate(id, |e| {
-            let r = &mut e.rollout;
-            r.waves[w].state = WaveState::Baking;
-            let text = format!("wave {} baking for {} ms", w + 1, r.bake_ms);
-            event(r, text);
-            Ok((
-                (r.bake_ms, r.interval_ms.max(1), r.checks.clone(), r.attempt),
-                Vec::new(),
-            ))
-        })?;
+        let (bake, interval, checks, attempt) = self
+            .mutate(id, |e| {
+                let r = &mut e.rollout;
+                r.waves[w].state = WaveState::Baking;
+                let text = format!("wave {} baking for {} ms", w + 1, r.bake_ms);
+                event(r, text);
+                Ok((
+                    (r.bake_ms, r.interval_ms.max(1), r.checks.clone(), r.attempt),
+                    Vec::new(),
+                ))
+            })
+            .await?;
         let end = Instant::now() + Duration::from_millis(bake);
         let mut round = 0u64;
         while Instant::now() < end {
@@ -711,7 +871,7 @@ impl Engine {
             }
             let healthy: Vec<String> = {
                 let state = self.lock();
-                let Some(e) = state.get(id) else { return Ok(()) };
+                let Some(e) = state.rollouts.get(id) else { return Ok(()) };
                 e.hosts
                     .values()
                     .filter(|h| h.wave == w && h.state == HostState::Healthy)
@@ -735,7 +895,7 @@ impl Engine {
                     Err(e) => Some(format!("during bake: {e}")),
                 };
                 if let Some(detail) = failed {
-                    self.host_failed(id, w, &host, detail)?;
+                    self.host_failed(id, w, &host, detail).await?;
                 }
             }
             if !self.running(id) {
@@ -762,60 +922,84 @@ impl Engine {
             }
             Ok(((), changed))
         })
+        .await
     }
 
     /// Mark a host failed; halt when the wave is over its budget.
-    fn host_failed(&self, id: &str, w: usize, host: &str, detail: String) -> Result<(), EngineError> {
-        self.mutate(id, |e| {
-            let h = e
-                .hosts
-                .get_mut(host)
-                .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
-            h.state = HostState::Failed;
-            h.in_flight = None;
-            h.detail = detail.clone();
-            let r = &mut e.rollout;
-            event(r, format!("host {host} failed: {detail}"));
-            let failed = e
-                .hosts
-                .values()
-                .filter(|h| h.wave == w && h.state == HostState::Failed)
-                .count();
-            let size = r.waves[w].hosts.len();
-            let budget = r.budget(w, size);
-            if over_budget(failed, budget) && matches!(r.state, RolloutState::Running | RolloutState::Paused) {
-                let in_flight: Vec<String> = e
+    async fn host_failed(&self, id: &str, w: usize, host: &str, detail: String) -> Result<(), EngineError> {
+        self.host_failed_at(id, w, host, detail, None).await
+    }
+
+    /// [`Engine::host_failed`] for a failure an agent reported at `received`:
+    /// when it halts the rollout, the time from then to the halt's commit is
+    /// measured.
+    async fn host_failed_at(
+        &self,
+        id: &str,
+        w: usize,
+        host: &str,
+        detail: String,
+        received: Option<Instant>,
+    ) -> Result<(), EngineError> {
+        let halted = self
+            .mutate(id, |e| {
+                let h = e
+                    .hosts
+                    .get_mut(host)
+                    .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+                h.state = HostState::Failed;
+                h.in_flight = None;
+                h.detail = detail.clone();
+                let r = &mut e.rollout;
+                event(r, format!("host {host} failed: {detail}"));
+                let failed = e
                     .hosts
                     .values()
-                    .filter(|h| h.in_flight.is_some())
-                    .map(|h| h.host.clone())
-                    .collect();
-                let what = if w == 0 {
-                    "the canary (wave 1)".to_string()
-                } else {
-                    format!("wave {}", w + 1)
-                };
-                let mut reason =
-                    format!("{what}: {failed} of {size} hosts failed, budget {budget}; last: {host}: {detail}");
-                if !in_flight.is_empty() {
-                    reason.push_str(&format!("; in flight at the halt: {}", in_flight.join(", ")));
-                }
-                r.halt(w, reason.clone())?;
-                event(r, format!("halted: {reason}"));
-                self.metrics.waves_halted.inc();
-                if r.on_failure == "rollback" {
-                    r.rollback_pending = true;
-                }
-                for h in e.hosts.values_mut() {
-                    if let Some(snap) = h.snapshot.as_mut() {
-                        snap.apply(&SnapshotEvent::Halted);
+                    .filter(|h| h.wave == w && h.state == HostState::Failed)
+                    .count();
+                let size = r.waves[w].hosts.len();
+                let budget = r.budget(w, size);
+                if over_budget(failed, budget) && matches!(r.state, RolloutState::Running | RolloutState::Paused) {
+                    let in_flight: Vec<String> = e
+                        .hosts
+                        .values()
+                        .filter(|h| h.in_flight.is_some())
+                        .map(|h| h.host.clone())
+                        .collect();
+                    let what = if w == 0 {
+                        "the canary (wave 1)".to_string()
+                    } else {
+                        format!("wave {}", w + 1)
+                    };
+                    let mut reason =
+                        format!("{what}: {failed} of {size} hosts failed, budget {budget}; last: {host}: {detail}");
+                    if !in_flight.is_empty() {
+                        reason.push_str(&format!("; in flight at the halt: {}", in_flight.join(", ")));
                     }
+                    r.halt(w, reason.clone())?;
+                    event(r, format!("halted: {reason}"));
+                    self.metrics.waves_halted.inc();
+                    if r.on_failure == "rollback" {
+                        r.rollback_pending = true;
+                    }
+                    let mut changed = vec![host.to_owned()];
+                    for h in e.hosts.values_mut() {
+                        if let Some(snap) = h.snapshot.as_mut() {
+                            snap.apply(&SnapshotEvent::Halted);
+                            changed.push(h.host.clone());
+                        }
+                    }
+                    return Ok((true, changed));
                 }
-                let all: Vec<String> = e.hosts.keys().cloned().collect();
-                return Ok(((), all));
-            }
-            Ok(((), vec![host.to_owned()]))
-        })
+                Ok((false, vec![host.to_owned()]))
+            })
+            .await?;
+        if halted && let Some(at) = received {
+            let secs = at.elapsed().as_secs_f64();
+            self.metrics.halt_commit.observe(secs);
+            self.metrics.last_halt_commit.set(secs);
+        }
+        Ok(())
     }
 
     fn next_for(&self, e: &mut Entry, host: &str) -> Result<(Next, Vec<String>), EngineError> {
@@ -865,7 +1049,7 @@ impl Engine {
         Ok((next, vec![host.to_owned()]))
     }
 
-    fn record_host(&self, id: &str, host: &str, f: impl FnOnce(&mut HostRecord)) -> Result<(), EngineError> {
+    async fn record_host(&self, id: &str, host: &str, f: impl FnOnce(&mut HostRecord)) -> Result<(), EngineError> {
         self.mutate(id, |e| {
             let h = e
                 .hosts
@@ -874,6 +1058,7 @@ impl Engine {
             f(h);
             Ok(((), vec![host.to_owned()]))
         })
+        .await
     }
 
     /// Dry-run step `index` on the host's current state, snapshot the write
@@ -887,14 +1072,16 @@ impl Engine {
         host: &str,
         index: usize,
         resend: Option<String>,
-    ) -> Result<Option<(String, pb::CommandResult)>, EngineError> {
-        let r = self.get(id)?.rollout;
-        let step = r.steps[index].clone();
+    ) -> Result<Option<(String, pb::CommandResult, Instant)>, EngineError> {
+        let (step, attempt, write_set) = self.with(id, |e| {
+            let r = &e.rollout;
+            (r.steps[index].clone(), r.attempt, r.write_set.clone())
+        })?;
         let cmd_id = match resend {
             Some(cmd_id) => cmd_id,
             None => {
                 // 1. Its own dry-run, right before the real run.
-                let tag = format!("{id}:{}:{}", r.attempt, self.boot);
+                let tag = format!("{id}:{attempt}:{}", self.boot);
                 let records = self
                     .dry_run(&format!("{tag}:step{index}"), host, std::slice::from_ref(&step))
                     .await;
@@ -904,7 +1091,8 @@ impl Engine {
                     self.record_host(id, host, |h| {
                         h.dry_runs.retain(|d| d.step != rec2.step);
                         h.dry_runs.push(rec2);
-                    })?;
+                    })
+                    .await?;
                 }
                 match &record {
                     Some(rec) if !rec.blocked => {}
@@ -914,26 +1102,37 @@ impl Engine {
                             w,
                             host,
                             format!("step `{}` not run: dry-run blocked: {}", step.name, rec.summary()),
-                        )?;
+                        )
+                        .await?;
                         return Ok(None);
                     }
                     None => {
-                        self.host_failed(id, w, host, format!("step `{}` not run: no dry-run report", step.name))?;
+                        self.host_failed(id, w, host, format!("step `{}` not run: no dry-run report", step.name))
+                            .await?;
                         return Ok(None);
                     }
                 }
                 // 2. A verified snapshot before the host's first real step.
-                let has_snapshot = self.get(id)?.hosts.get(host).is_some_and(|h| h.snapshot.is_some());
+                let has_snapshot = self.with(id, |e| e.hosts.get(host).is_some_and(|h| h.snapshot.is_some()))?;
                 if !has_snapshot {
                     let cmd = pb::Command {
                         id: format!("{id}:{host}:snapshot"),
                         kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
                             rollout_id: id.to_owned(),
-                            paths: r.write_set.clone(),
+                            paths: write_set.clone(),
                         })),
                     };
                     let deadline = Instant::now() + Duration::from_secs(600) + self.settings.agent_grace;
-                    match self.hub.execute(host, cmd, deadline).await {
+                    match self
+                        .hub
+                        .execute_gated(host, cmd, deadline, self.gate(id))
+                        .await
+                        .map(|(r, _)| r)
+                    {
+                        Err(ExecError::NotSent(why)) => {
+                            info!(rollout = %id, host, "Snapshot not sent: {why}.");
+                            return Ok(None);
+                        }
                         Ok(res) if res.outcome == pb::Outcome::Ok as i32 => {
                             let info: serde_json::Value = serde_json::from_str(&res.report_json).unwrap_or_default();
                             let snap = SnapshotRecord::pinned(
@@ -941,16 +1140,13 @@ impl Engine {
                                 info["files"].as_u64().unwrap_or(0),
                                 now_ms(),
                             );
-                            self.mutate(id, |e| {
-                                if let Some(h) = e.hosts.get_mut(host) {
-                                    h.snapshot = Some(snap);
-                                }
-                                event(
-                                    &mut e.rollout,
-                                    format!("host {host}: snapshot of its write set taken and verified"),
-                                );
-                                Ok(((), vec![host.to_owned()]))
-                            })?;
+                            // The host record (and its audit record) says so; no
+                            // rollout event per host, which would grow without bound.
+                            self.record_host(id, host, |h| {
+                                h.snapshot = Some(snap);
+                                h.detail = "snapshot of its write set taken and verified".into();
+                            })
+                            .await?;
                         }
                         Ok(res) => {
                             self.host_failed(
@@ -958,30 +1154,34 @@ impl Engine {
                                 w,
                                 host,
                                 format!("no verified snapshot, so no real step: {}", res.detail),
-                            )?;
+                            )
+                            .await?;
                             return Ok(None);
                         }
                         Err(e) => {
-                            self.host_failed(id, w, host, format!("no verified snapshot, so no real step: {e}"))?;
+                            self.host_failed(id, w, host, format!("no verified snapshot, so no real step: {e}"))
+                                .await?;
                             return Ok(None);
                         }
                     }
                 }
                 // 3. Persist the command id, unless a halt came in meanwhile.
-                let cmd_id = format!("{id}:{}:{host}:step{index}", r.attempt);
-                let sent = self.mutate(id, |e| {
-                    if e.rollout.state != RolloutState::Running {
-                        return Ok((false, Vec::new()));
-                    }
-                    let h = e
-                        .hosts
-                        .get_mut(host)
-                        .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
-                    h.in_flight = Some(cmd_id.clone());
-                    h.state = HostState::Running;
-                    h.detail = format!("running step `{}`", step.name);
-                    Ok((true, vec![host.to_owned()]))
-                })?;
+                let cmd_id = format!("{id}:{attempt}:{host}:step{index}");
+                let sent = self
+                    .mutate(id, |e| {
+                        if e.rollout.state != RolloutState::Running {
+                            return Ok((false, Vec::new()));
+                        }
+                        let h = e
+                            .hosts
+                            .get_mut(host)
+                            .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+                        h.in_flight = Some(cmd_id.clone());
+                        h.state = HostState::Running;
+                        h.detail = format!("running step `{}`", step.name);
+                        Ok((true, vec![host.to_owned()]))
+                    })
+                    .await?;
                 if !sent {
                     return Ok(None);
                 }
@@ -989,15 +1189,14 @@ impl Engine {
             }
         };
         let hints = self
-            .get(id)?
-            .hosts
-            .get(host)
-            .and_then(|h| {
-                h.dry_runs
-                    .iter()
-                    .find(|d| d.step == step.name)
-                    .and_then(|d| d.report.clone())
-            })
+            .with(id, |e| {
+                e.hosts.get(host).and_then(|h| {
+                    h.dry_runs
+                        .iter()
+                        .find(|d| d.step == step.name)
+                        .and_then(|d| d.report.clone())
+                })
+            })?
             .unwrap_or_default();
         let cmd = pb::Command {
             id: cmd_id.clone(),
@@ -1013,10 +1212,17 @@ impl Engine {
             })),
         };
         let deadline = Instant::now() + Duration::from_millis(step.timeout_ms) + self.settings.agent_grace;
-        match self.hub.execute(host, cmd, deadline).await {
-            Ok(res) => Ok(Some((step.name, res))),
+        match self.hub.execute_gated(host, cmd, deadline, self.gate(id)).await {
+            Ok((res, received)) => Ok(Some((step.name, res, received))),
+            // Halted, paused or aborted since the command id was stored: the
+            // id stays in flight, and a resume sends that same id again.
+            Err(ExecError::NotSent(why)) => {
+                info!(rollout = %id, host, "Step not sent: {why}.");
+                Ok(None)
+            }
             Err(e) => {
-                self.host_failed(id, w, host, format!("step `{}`: {e}", step.name))?;
+                self.host_failed(id, w, host, format!("step `{}`: {e}", step.name))
+                    .await?;
                 Ok(None)
             }
         }
@@ -1024,11 +1230,11 @@ impl Engine {
 
     async fn run_host(self: Arc<Self>, id: &str, w: usize, host: &str) -> Result<(), EngineError> {
         loop {
-            let next = self.mutate(id, |e| self.next_for(e, host))?;
+            let next = self.mutate(id, |e| self.next_for(e, host)).await?;
             match next {
                 Next::Stop => return Ok(()),
                 Next::Step { index, resend } => {
-                    let Some((step_name, r)) = self.real_step(id, w, host, index, resend).await? else {
+                    let Some((step_name, r, received)) = self.real_step(id, w, host, index, resend).await? else {
                         return Ok(());
                     };
                     let ok = r.outcome == pb::Outcome::Ok as i32;
@@ -1051,7 +1257,8 @@ impl Engine {
                             h.in_flight = None;
                             h.detail = format!("step `{step_name}` done");
                         }
-                    })?;
+                    })
+                    .await?;
                     if !ok {
                         let tail = String::from_utf8_lossy(&r.output_tail);
                         let last = tail.lines().last().unwrap_or_default().to_owned();
@@ -1070,22 +1277,31 @@ impl Engine {
                                 format!("; last output: {last}")
                             }
                         );
-                        return self.host_failed(id, w, host, detail);
+                        return self.host_failed_at(id, w, host, detail, Some(received)).await;
                     }
                 }
                 Next::Checks { cmd, timeout } => {
                     let deadline = Instant::now() + timeout + self.settings.agent_grace;
-                    match self.hub.execute(host, cmd, deadline).await {
-                        Ok(r) if r.outcome == pb::Outcome::Ok as i32 => {
+                    match self
+                        .hub
+                        .execute_gated(host, cmd, deadline, || Ok::<(), String>(()))
+                        .await
+                    {
+                        Ok((r, _)) if r.outcome == pb::Outcome::Ok as i32 => {
                             self.record_host(id, host, |h| {
                                 h.state = HostState::Healthy;
                                 h.in_flight = None;
                                 h.detail = "healthy".into();
-                            })?;
+                            })
+                            .await?;
                             return Ok(());
                         }
-                        Ok(r) => return self.host_failed(id, w, host, checks_detail(&r)),
-                        Err(e) => return self.host_failed(id, w, host, format!("health checks: {e}")),
+                        Ok((r, received)) => {
+                            return self
+                                .host_failed_at(id, w, host, checks_detail(&r), Some(received))
+                                .await;
+                        }
+                        Err(e) => return self.host_failed(id, w, host, format!("health checks: {e}")).await,
                     }
                 }
             }
@@ -1095,7 +1311,7 @@ impl Engine {
     /// After an automatic halt with `on_failure: rollback`: restore the
     /// halted wave's failed hosts, then clear the flag.
     async fn auto_rollback(self: &Arc<Self>, id: &str) -> Result<(), EngineError> {
-        let entry = self.get(id)?;
+        let entry = self.get(id).await?;
         let halted = entry.rollout.waves.iter().position(|w| w.state == WaveState::Halted);
         let hosts: Vec<String> = entry
             .hosts
@@ -1109,11 +1325,14 @@ impl Engine {
             e.rollout.rollback_pending = false;
             Ok(((), Vec::new()))
         })
+        .await
     }
 
     /// Restore hosts from their snapshots and run their health checks again.
     async fn restore_hosts(self: &Arc<Self>, id: &str, hosts: &[String], who: &str) -> Vec<(String, bool)> {
-        let Ok(entry) = self.get(id) else { return Vec::new() };
+        let Ok(entry) = self.get(id).await else {
+            return Vec::new();
+        };
         let checks = entry.rollout.checks.clone();
         let mut tasks = Vec::new();
         for host in hosts.iter().cloned() {
@@ -1140,23 +1359,25 @@ impl Engine {
                         _ => "; health checks still FAIL",
                     });
                 }
-                let _ = engine.mutate(&id, |e| {
-                    if let Some(h) = e.hosts.get_mut(&host) {
-                        h.rolled_back |= ok;
-                        if ok {
-                            // Back to its state before the first step: a
-                            // resume runs its steps again, from the start.
-                            h.next_step = 0;
-                            h.in_flight = None;
+                let _ = engine
+                    .mutate(&id, |e| {
+                        if let Some(h) = e.hosts.get_mut(&host) {
+                            h.rolled_back |= ok;
+                            if ok {
+                                // Back to its state before the first step: a
+                                // resume runs its steps again, from the start.
+                                h.next_step = 0;
+                                h.in_flight = None;
+                            }
+                            h.detail = format!("{} ({detail})", h.detail);
+                            if let Some(s) = h.snapshot.as_mut() {
+                                s.apply(&SnapshotEvent::Restored);
+                            }
                         }
-                        h.detail = format!("{} ({detail})", h.detail);
-                        if let Some(s) = h.snapshot.as_mut() {
-                            s.apply(&SnapshotEvent::Restored);
-                        }
-                    }
-                    event(&mut e.rollout, format!("host {host} {detail}; by {who}"));
-                    Ok(((), vec![host.clone()]))
-                });
+                        event(&mut e.rollout, format!("host {host} {detail}; by {who}"));
+                        Ok(((), vec![host.clone()]))
+                    })
+                    .await;
                 (host, ok)
             }));
         }
@@ -1177,7 +1398,7 @@ impl Engine {
         wave: Option<usize>,
         host: Option<&str>,
     ) -> Result<Entry, EngineError> {
-        let entry = self.get(id)?;
+        let entry = self.get(id).await?;
         if matches!(
             entry.rollout.state,
             RolloutState::Running | RolloutState::AwaitingApproval
@@ -1200,12 +1421,12 @@ impl Engine {
             ));
         }
         self.restore_hosts(id, &hosts, who).await;
-        self.get(id)
+        self.get(id).await
     }
 
     /// Every dry-run record of a rollout: (phase, record).
-    pub fn dry_runs(&self, id: &str) -> Result<Vec<(&'static str, DryRunRecord)>, EngineError> {
-        let e = self.get(id)?;
+    pub async fn dry_runs(&self, id: &str) -> Result<Vec<(&'static str, DryRunRecord)>, EngineError> {
+        let e = self.get(id).await?;
         let mut out: Vec<(&'static str, DryRunRecord)> =
             e.rollout.dry_runs.iter().map(|d| ("submit", d.clone())).collect();
         for h in e.hosts.values() {
@@ -1219,6 +1440,7 @@ impl Engine {
     async fn sweep_snapshots(self: &Arc<Self>) {
         let due: Vec<(String, String)> = self
             .lock()
+            .rollouts
             .values()
             .flat_map(|e| {
                 e.hosts.values().filter_map(|h| {
@@ -1239,16 +1461,71 @@ impl Engine {
             if let Ok(r) = self.hub.execute(&host, cmd, deadline).await
                 && r.outcome == pb::Outcome::Ok as i32
             {
-                let _ = self.mutate(&id, |e| {
-                    if let Some(s) = e.hosts.get_mut(&host).and_then(|h| h.snapshot.as_mut()) {
-                        s.apply(&SnapshotEvent::Tick { now_ms: now_ms() });
+                let _ = self
+                    .mutate(&id, |e| {
+                        if let Some(s) = e.hosts.get_mut(&host).and_then(|h| h.snapshot.as_mut()) {
+                            s.apply(&SnapshotEvent::Tick { now_ms: now_ms() });
+                        }
+                        event(
+                            &mut e.rollout,
+                            format!("host {host}: snapshot released after its retention"),
+                        );
+                        Ok(((), vec![host.clone()]))
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+/// The group-commit writer: takes every queued change at once, commits them
+/// in one transaction (one fdatasync), then releases their waiters. With many
+/// hosts in flight, one commit carries the changes of all of them.
+async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        loop {
+            let Some(engine) = engine.upgrade() else { return };
+            let (pending, headers, upto) = {
+                let mut st = engine.lock();
+                if st.queue.is_empty() {
+                    break;
+                }
+                let pending = std::mem::take(&mut st.queue);
+                let ids: BTreeSet<&str> = pending.iter().map(|p| p.rollout.as_str()).collect();
+                let headers: Result<Vec<(String, Vec<u8>)>, serde_json::Error> = ids
+                    .into_iter()
+                    .filter_map(|id| st.rollouts.get(id))
+                    .map(|e| Ok((e.rollout.id.clone(), serde_json::to_vec(&e.rollout)?)))
+                    .collect();
+                (pending, headers, st.queued)
+            };
+            let store = Arc::clone(&engine.store);
+            let result = match headers {
+                Ok(headers) => tokio::task::spawn_blocking(move || {
+                    let mut hosts = Vec::new();
+                    let mut bodies = Vec::new();
+                    for p in pending {
+                        hosts.extend(p.hosts);
+                        bodies.extend(p.bodies);
                     }
-                    event(
-                        &mut e.rollout,
-                        format!("host {host}: snapshot released after its retention"),
+                    store.commit(&headers, &hosts, bodies)
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r),
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(()) => engine.durable.send_modify(|d| d.upto = upto),
+                Err(e) => {
+                    let why = format!(
+                        "a commit to the store failed ({e:#}); nothing more is sent to any host until the controller is restarted"
                     );
-                    Ok(((), vec![host.clone()]))
-                });
+                    error!("{why}");
+                    engine.durable.send_modify(|d| d.failed = Some(why));
+                    return;
+                }
             }
         }
     }

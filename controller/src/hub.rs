@@ -24,7 +24,7 @@ struct Link {
 #[derive(Default)]
 struct Inner {
     agents: HashMap<String, Link>,
-    waiters: HashMap<String, oneshot::Sender<CommandResult>>,
+    waiters: HashMap<String, oneshot::Sender<(CommandResult, Instant)>>,
     next_session: u64,
 }
 
@@ -34,6 +34,10 @@ pub enum ExecError {
     /// No answer before the deadline (agent silent, gone, or too slow).
     #[error("no answer from the agent within {0:?}")]
     NoAnswer(Duration),
+    /// The gate refused right before sending (the rollout halted, paused or
+    /// was aborted meanwhile); nothing was sent this time.
+    #[error("not sent: {0}")]
+    NotSent(String),
 }
 
 /// The hub.
@@ -84,9 +88,10 @@ impl Hub {
     /// Deliver a result from an agent; returns false when nobody waits for it
     /// (a late or duplicate answer).
     pub fn deliver(&self, result: CommandResult) -> bool {
+        let received = Instant::now();
         let waiter = self.lock().waiters.remove(&result.command_id);
         match waiter {
-            Some(tx) => tx.send(result).is_ok(),
+            Some(tx) => tx.send((result, received)).is_ok(),
             None => false,
         }
     }
@@ -94,6 +99,23 @@ impl Hub {
     /// Send `cmd` to `host` and wait for its result, resending it (same id)
     /// whenever the agent reconnects, until `deadline`.
     pub async fn execute(&self, host: &str, cmd: Command, deadline: Instant) -> Result<CommandResult, ExecError> {
+        self.execute_gated(host, cmd, deadline, || Ok::<(), String>(()))
+            .await
+            .map(|(r, _)| r)
+    }
+
+    /// [`Hub::execute`], asking `gate` right before every send. What the
+    /// gate returns (a lock guard) is held while the command is handed to
+    /// the session, so a halt taken under that lock and this send cannot
+    /// interleave; when the gate refuses, nothing is sent. Returns the
+    /// result and when it arrived.
+    pub async fn execute_gated<G>(
+        &self,
+        host: &str,
+        cmd: Command,
+        deadline: Instant,
+        gate: impl Fn() -> Result<G, String>,
+    ) -> Result<(CommandResult, Instant), ExecError> {
         let (tx, mut rx) = oneshot::channel();
         self.lock().waiters.insert(cmd.id.clone(), tx);
         let started = Instant::now();
@@ -105,12 +127,17 @@ impl Hub {
             let link = self.lock().agents.get(host).map(|l| (l.session, l.tx.clone()));
             if let Some((session, link_tx)) = link
                 && sent_on != Some(session)
+                && let Ok(permit) = link_tx.reserve().await
             {
-                let msg = ControllerMessage {
-                    body: Some(controller_message::Body::Command(cmd.clone())),
-                };
-                if link_tx.send(Ok(msg)).await.is_ok() {
-                    sent_on = Some(session);
+                match gate() {
+                    Ok(guard) => {
+                        permit.send(Ok(ControllerMessage {
+                            body: Some(controller_message::Body::Command(cmd.clone())),
+                        }));
+                        drop(guard);
+                        sent_on = Some(session);
+                    }
+                    Err(why) => break Err(ExecError::NotSent(why)),
                 }
             }
             tokio::select! {

@@ -1,7 +1,7 @@
 //! Prometheus metrics on an explicit registry (never the global one). Names
 //! are `wavegate_controller_*`; a host id is never a label.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// Every metric the controller exports.
 pub struct Metrics {
@@ -27,6 +27,11 @@ pub struct Metrics {
     pub step_duration: Histogram,
     /// Wave durations, start to confirmation.
     pub wave_duration: Histogram,
+    /// From an agent's failing result arriving to the halt it caused being
+    /// committed to the store.
+    pub halt_commit: Histogram,
+    /// The same, for the latest halt.
+    pub last_halt_commit: Gauge,
 }
 
 impl Metrics {
@@ -54,6 +59,17 @@ impl Metrics {
                 )
                 .buckets(vec![1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 14_400.0]),
             )?,
+            halt_commit: Histogram::with_opts(
+                HistogramOpts::new(
+                    "wavegate_controller_halt_commit_seconds",
+                    "From a failing result arriving to its halt being committed to the store.",
+                )
+                .buckets(vec![0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0]),
+            )?,
+            last_halt_commit: Gauge::with_opts(name(
+                "last_halt_commit_seconds",
+                "From a failing result arriving to its halt being committed, for the latest halt.",
+            ))?,
             registry,
         };
         m.registry.register(Box::new(m.rollouts.clone()))?;
@@ -66,6 +82,8 @@ impl Metrics {
         m.registry.register(Box::new(m.audit_records.clone()))?;
         m.registry.register(Box::new(m.step_duration.clone()))?;
         m.registry.register(Box::new(m.wave_duration.clone()))?;
+        m.registry.register(Box::new(m.halt_commit.clone()))?;
+        m.registry.register(Box::new(m.last_halt_commit.clone()))?;
         Ok(m)
     }
 

@@ -89,7 +89,8 @@ fn append(txn: &WriteTransaction, key: &SigningKey, bodies: Vec<AuditBody>) -> R
     Ok(())
 }
 
-fn host_key(rollout: &str, host: &str) -> String {
+/// The key of a host record: `<rollout id>/<host id>`.
+pub fn host_key(rollout: &str, host: &str) -> String {
     format!("{rollout}/{host}")
 }
 
@@ -149,6 +150,13 @@ impl Store {
             .get("head")?
             .and_then(|v| serde_json::from_slice(v.value()).ok());
         Ok((records, cp))
+    }
+
+    /// How many records the audit log holds.
+    pub fn audit_len(&self) -> Result<u64> {
+        use redb::ReadableTableMetadata as _;
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(AUDIT)?.len()?)
     }
 
     /// Verify the live audit log.
@@ -246,19 +254,24 @@ impl Store {
         Ok(built)
     }
 
-    /// Store a rollout header and some of its host records, in one
-    /// transaction.
-    pub fn save(&self, rollout: &Rollout, hosts: &[&HostRecord], audit: Vec<AuditBody>) -> Result<()> {
+    /// Commit rollout headers, host records and their audit records (all
+    /// JSON, keyed by rollout id and by [`host_key`]) in one transaction:
+    /// one fdatasync for a whole batch of changes.
+    pub fn commit(
+        &self,
+        rollouts: &[(String, Vec<u8>)],
+        hosts: &[(String, Vec<u8>)],
+        audit: Vec<AuditBody>,
+    ) -> Result<()> {
         let txn = self.db.begin_write()?;
         {
-            txn.open_table(ROLLOUTS)?
-                .insert(rollout.id.as_str(), serde_json::to_vec(rollout)?.as_slice())?;
+            let mut table = txn.open_table(ROLLOUTS)?;
+            for (id, json) in rollouts {
+                table.insert(id.as_str(), json.as_slice())?;
+            }
             let mut table = txn.open_table(HOSTS)?;
-            for h in hosts {
-                table.insert(
-                    host_key(&rollout.id, &h.host).as_str(),
-                    serde_json::to_vec(h)?.as_slice(),
-                )?;
+            for (key, json) in hosts {
+                table.insert(key.as_str(), json.as_slice())?;
             }
         }
         append(&txn, &self.key, audit)?;

@@ -82,7 +82,7 @@ async fn index(State(engine): State<Arc<Engine>>) -> Html<String> {
     let mut b = String::from(
         "<h1>Rollouts</h1><table><tr><th>Rollout</th><th>Plan</th><th>State</th><th>Waves</th><th>Hosts healthy</th><th>Submitted by</th><th>Approved by</th></tr>",
     );
-    for e in engine.list() {
+    for e in engine.list().await {
         let r = &e.rollout;
         let healthy = e.hosts.values().filter(|h| h.state.as_str() == "healthy").count();
         let _ = write!(
@@ -234,7 +234,7 @@ fn rollout_body(e: &Entry) -> String {
 }
 
 async fn rollout(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -> Response {
-    match engine.get(&id) {
+    match engine.get(&id).await {
         Ok(e) => page(&format!("Rollout {id}"), &rollout_body(&e)).into_response(),
         Err(_) => (
             StatusCode::NOT_FOUND,
@@ -286,16 +286,24 @@ async fn audit(State(engine): State<Arc<Engine>>) -> Response {
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     let m = engine.metrics();
     m.rollouts.reset();
-    let mut pinned = 0u64;
-    for e in engine.list() {
-        m.rollouts.with_label_values(&[e.rollout.state.as_str()]).inc();
-        pinned += e
-            .hosts
-            .values()
-            .filter_map(|h| h.snapshot.as_ref())
-            .filter(|s| s.state == SnapshotState::Pinned)
-            .map(|s| s.bytes)
-            .sum::<u64>();
+    let (states, pinned) = engine
+        .rollup(|e| {
+            let pinned = e
+                .hosts
+                .values()
+                .filter_map(|h| h.snapshot.as_ref())
+                .filter(|s| s.state == SnapshotState::Pinned)
+                .map(|s| s.bytes)
+                .sum::<u64>();
+            (e.rollout.state, pinned)
+        })
+        .into_iter()
+        .fold((Vec::new(), 0u64), |(mut v, p), (state, bytes)| {
+            v.push(state);
+            (v, p + bytes)
+        });
+    for state in states {
+        m.rollouts.with_label_values(&[state.as_str()]).inc();
     }
     for s in [
         "awaiting_approval",
@@ -310,14 +318,17 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     }
     m.snapshot_pinned_bytes.set(pinned as i64);
     m.agents_connected.set(engine.hub().connected().len() as i64);
-    if let Ok((records, _)) = engine.store().audit() {
-        m.audit_records.set(records.len() as i64);
+    if let Ok(n) = engine.store().audit_len() {
+        m.audit_records.set(n as i64);
     }
     ([("content-type", "text/plain; version=0.0.4")], m.render()).into_response()
 }
 
 async fn ready(State(engine): State<Arc<Engine>>) -> Response {
-    match engine.store().audit() {
+    if let Some(why) = engine.store_failure() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+    }
+    match engine.store().audit_len() {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the store cannot be read\n").into_response(),
     }

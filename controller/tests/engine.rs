@@ -90,8 +90,11 @@ async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
     assert!(matches!(err, EngineError::Denied(_)), "{err}");
     let (entry, _) = e.submit("sam", "plan.yaml", PLAN, &[]).await.expect("submit");
     let id = entry.rollout.id.clone();
-    assert!(matches!(e.approve("sam", &id, ""), Err(EngineError::Denied(_))));
-    assert_eq!(e.get(&id).expect("get").rollout.state, RolloutState::AwaitingApproval);
+    assert!(matches!(e.approve("sam", &id, "").await, Err(EngineError::Denied(_))));
+    assert_eq!(
+        e.get(&id).await.expect("get").rollout.state,
+        RolloutState::AwaitingApproval
+    );
     drop(e);
 
     // A restart on the same directory still knows all of it.
@@ -105,7 +108,7 @@ async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
         refusals.iter().any(|r| r.contains(&format!("approval of {id} by sam"))),
         "{refusals:#?}"
     );
-    let entry = e.get(&id).expect("rollout survives a restart");
+    let entry = e.get(&id).await.expect("rollout survives a restart");
     assert_eq!(
         entry.rollout.dry_runs.len(),
         1,
@@ -140,6 +143,6 @@ async fn a_refused_plan_creates_no_rollout() {
         e.submit("sam", "plan.yaml", &typo, &[]).await,
         Err(EngineError::BadPlan(_))
     ));
-    assert!(e.list().is_empty(), "nothing is half-created");
+    assert!(e.list().await.is_empty(), "nothing is half-created");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -350,7 +350,7 @@ pub async fn up(
 /// The lab's own copy of the shipped policies, written to `DIR/policies` so
 /// it can be read: every rule as shipped, except that the bake minimum is
 /// lifted, because lab plans bake for seconds, not minutes.
-fn lab_policies(dir: &Path) -> Result<PathBuf> {
+pub fn lab_policies(dir: &Path) -> Result<PathBuf> {
     let out = dir.join("policies");
     std::fs::create_dir_all(&out)?;
     for (name, text) in crate::policies::SHIPPED {

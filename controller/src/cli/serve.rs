@@ -96,6 +96,7 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
             return Ok(2);
         }
     };
+    raise_open_file_limit();
     let store = Store::open(&args.data)?;
     let engine = Engine::new(
         store,
@@ -133,6 +134,18 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
     });
     crate::server::serve(listener, engine, tls, shutdown()).await?;
     Ok(0)
+}
+
+/// Every agent session is a socket: raise the soft open-file limit to the
+/// hard one, as servers for thousands of connections do.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(error = %e, soft, "Could not raise the open-file limit; agents beyond it are refused.");
+    }
 }
 
 async fn shutdown() {
