@@ -558,6 +558,7 @@ impl Engine {
             .filter(|r| r.blocked)
             .map(DryRunRecord::summary)
             .collect();
+        crate::failpoint::hit("submit-dry-run-done");
         let (rollout, hosts) = self.store.create_rollout(&hash, plan_yaml, |id| {
             let (mut r, h) = build(id, submitter, &hash, &plan, &waves);
             r.inventory_hash.clone_from(&self.inventory_hash);
@@ -603,6 +604,7 @@ impl Engine {
             }));
             (r, h, bodies)
         })?;
+        crate::failpoint::hit("submit-committed");
         let entry = Entry {
             hosts: hosts.into_iter().map(|h| (h.host.clone(), h)).collect(),
             rollout,
@@ -724,6 +726,7 @@ impl Engine {
                 .await;
         }
         if started? {
+            crate::failpoint::hit("approval-committed");
             self.spawn_driver(id);
         }
         self.get(id).await
@@ -821,6 +824,7 @@ impl Engine {
                 Ok((e.rollout.waves[w].hosts.clone(), Vec::new()))
             })
             .await?;
+        crate::failpoint::hit("wave-start-committed");
         let mut tasks = Vec::new();
         for host in hosts {
             let engine = Arc::clone(self);
@@ -857,6 +861,7 @@ impl Engine {
                 ))
             })
             .await?;
+        crate::failpoint::hit("bake-committed");
         let end = Instant::now() + Duration::from_millis(bake);
         let mut round = 0u64;
         while Instant::now() < end {
@@ -922,7 +927,11 @@ impl Engine {
             }
             Ok(((), changed))
         })
-        .await
+        .await?;
+        if self.with(id, |e| e.rollout.waves[w].state)? == WaveState::Confirmed {
+            crate::failpoint::hit("wave-confirmed");
+        }
+        Ok(())
     }
 
     /// Mark a host failed; halt when the wave is over its budget.
@@ -994,6 +1003,9 @@ impl Engine {
                 Ok((false, vec![host.to_owned()]))
             })
             .await?;
+        if halted {
+            crate::failpoint::hit("halt-committed");
+        }
         if halted && let Some(at) = received {
             let secs = at.elapsed().as_secs_f64();
             self.metrics.halt_commit.observe(secs);
@@ -1185,6 +1197,7 @@ impl Engine {
                 if !sent {
                     return Ok(None);
                 }
+                crate::failpoint::hit("step-persisted");
                 cmd_id
             }
         };
@@ -1351,6 +1364,9 @@ impl Engine {
                     Ok(r) => (false, format!("rollback FAILED: {}", r.detail)),
                     Err(e) => (false, format!("rollback FAILED: {e}")),
                 };
+                if ok {
+                    crate::failpoint::hit("rollback-restored");
+                }
                 if ok && !checks.is_empty() {
                     let cmd = checks_command(format!("{id}:{host}:after-restore:{}", now_ms()), &checks);
                     let deadline = Instant::now() + checks_timeout(&checks) + engine.settings.agent_grace;

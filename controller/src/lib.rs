@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cli;
 pub mod engine;
+pub mod failpoint;
 pub mod hub;
 pub mod metrics;
 pub mod policies;

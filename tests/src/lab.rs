@@ -37,24 +37,65 @@ pub struct Lab {
 impl Lab {
     /// Start a lab for a fixture fleet.
     pub fn up(name: &str, fleet: &str) -> Lab {
+        Lab::up_with(name, fleet, "10s", &[])
+    }
+
+    /// Start a lab with another agent grace, and extra environment for the
+    /// controller (a failpoint).
+    pub fn up_with(name: &str, fleet: &str, grace: &str, env: &[(&str, &str)]) -> Lab {
         let dir = std::env::temp_dir().join(format!("wavegate-lab-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let lab = Lab {
             dir,
             children: std::sync::Mutex::new(Vec::new()),
         };
-        let run = wavegate([
-            "lab".as_ref(),
-            "up".as_ref(),
-            "--fleet".as_ref(),
-            fixture(fleet).as_os_str(),
-            "--dir".as_ref(),
-            lab.dir.as_os_str(),
-            "--agent-grace".as_ref(),
-            "10s".as_ref(),
-        ]);
+        let mut cmd = Command::new(wavegate_bin());
+        cmd.current_dir(crate::repo_root())
+            .args(["lab", "up", "--fleet"])
+            .arg(fixture(fleet))
+            .arg("--dir")
+            .arg(&lab.dir)
+            .args(["--agent-grace", grace])
+            .env_remove("WAVEGATE_FAILPOINT")
+            .envs(env.iter().copied());
+        let run: Run = cmd.output().expect("lab up").into();
         assert_eq!(run.status, 0, "lab up failed:\n{}\n{}", run.stdout, run.stderr);
         lab
+    }
+
+    /// Start `wavegate` as `who` in the background (for a call that a
+    /// failpoint will freeze).
+    pub fn spawn_as(&self, who: &str, args: &[&str]) -> std::process::Child {
+        let mut cmd = Command::new(wavegate_bin());
+        cmd.args(args)
+            .current_dir(crate::repo_root())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in self.identity(who) {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn wavegate")
+    }
+
+    /// Wait until the controller's log says it stopped at `point`.
+    pub fn wait_failpoint(&self, point: &str) {
+        let needle = format!("failpoint `{point}` reached");
+        eventually(Duration::from_secs(60), &needle, || {
+            self.log("controller").contains(&needle).then_some(())
+        });
+    }
+
+    /// SIGKILL the controller and start it again on the same data and
+    /// address, without any failpoint; wait for every agent.
+    pub fn restart_controller(&self) {
+        let addr = std::fs::read_to_string(self.dir.join("controller.addr")).expect("addr");
+        let mut args = self.kill9(&["serve", "--data"], "exec-step");
+        // The same gRPC address again, so the agents find it; the web view may move.
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = addr.trim().to_owned();
+        }
+        self.respawn(&args, "controller-restarted");
+        self.wait_agents();
     }
 
     /// The controller's URL.
@@ -253,6 +294,7 @@ impl Lab {
         let out = std::fs::File::create(self.dir.join("logs").join(format!("{log}.log"))).expect("log");
         let err = out.try_clone().expect("log");
         let child = Command::new(&args[0])
+            .env_remove("WAVEGATE_FAILPOINT")
             .args(&args[1..])
             .stdin(Stdio::null())
             .stdout(out)

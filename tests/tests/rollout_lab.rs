@@ -289,14 +289,7 @@ fn a_controller_killed_mid_wave_continues_where_it_stopped() {
         (s["waves"][1]["state"] == "running" && wave2.iter().any(|h| !marker_lines(&lab, h).is_empty())).then_some(s)
     });
     assert_eq!(status["state"], "running");
-    let addr = std::fs::read_to_string(lab.dir.join("controller.addr")).expect("addr");
-    let mut args = lab.kill9(&["serve", "--data"], "exec-step");
-    // The same gRPC address again, so the agents find it; the web view may move.
-    if let Some(i) = args.iter().position(|a| a == "--listen") {
-        args[i + 1] = addr.trim().to_owned();
-    }
-    lab.respawn(&args, "controller-restarted");
-    lab.wait_agents();
+    lab.restart_controller();
     let status = lab.wait_state(&id, "completed", LONG);
     for h in TARGETS {
         assert_eq!(host_state(&status, h), "healthy", "{h} was skipped");

@@ -1,0 +1,42 @@
+//! Crash points for the fault tests. With `WAVEGATE_FAILPOINT=<name>` in
+//! its environment the controller stops dead at that point (it says so on
+//! stderr and never goes on), so a test can SIGKILL it at a known state
+//! transition and restart it on the same data. Without the variable, a
+//! point costs one load of a cached value. Never set it in production.
+
+use std::sync::OnceLock;
+
+/// Every point, in the order a rollout meets them.
+pub const POINTS: &[&str] = &[
+    "submit-dry-run-done",
+    "submit-committed",
+    "approval-committed",
+    "wave-start-committed",
+    "step-persisted",
+    "bake-committed",
+    "wave-confirmed",
+    "halt-committed",
+    "rollback-restored",
+];
+
+fn armed() -> Option<&'static str> {
+    static ARMED: OnceLock<Option<String>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| std::env::var("WAVEGATE_FAILPOINT").ok().filter(|p| !p.is_empty()))
+        .as_deref()
+}
+
+/// Stop here for good if this point is armed: the whole process stops
+/// (SIGSTOP), so no other task moves on either; the test then kills it.
+pub fn hit(name: &str) {
+    debug_assert!(POINTS.contains(&name), "unknown failpoint {name}");
+    if armed() == Some(name) {
+        use std::io::Write as _;
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "wavegate: failpoint `{name}` reached; stopping to be killed");
+        let _ = err.flush();
+        loop {
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+}
