@@ -308,6 +308,49 @@ impl Lab {
             .push(child);
     }
 
+    /// Restart one host's agent so that it dials `controller` instead (a
+    /// proxy); waits until every agent is connected.
+    pub fn reroute_agent(&self, host: &str, controller: &str) {
+        let mut args = self.kill9(&["wavegate-agent", "--host-id", host], "exec-step");
+        let i = args.iter().position(|a| a == "--controller").expect("--controller");
+        args[i + 1] = controller.to_owned();
+        self.respawn(&args, &format!("agent-{host}-rerouted"));
+        self.wait_agents();
+    }
+
+    /// The host ids of each wave of a rollout, in order.
+    pub fn waves(&self, id: &str) -> Vec<Vec<String>> {
+        self.status(id)["waves"]
+            .as_array()
+            .expect("waves")
+            .iter()
+            .map(|w| {
+                w["hosts"]
+                    .as_array()
+                    .expect("hosts")
+                    .iter()
+                    .map(|h| h["id"].as_str().expect("id").to_owned())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// A host's state in a rollout.
+    pub fn host_state(&self, id: &str, host: &str) -> (String, String) {
+        let s = self.status(id);
+        for w in s["waves"].as_array().expect("waves") {
+            for h in w["hosts"].as_array().expect("hosts") {
+                if h["id"] == host {
+                    return (
+                        h["state"].as_str().unwrap_or_default().to_owned(),
+                        h["detail"].as_str().unwrap_or_default().to_owned(),
+                    );
+                }
+            }
+        }
+        panic!("{host} is not in rollout {id}");
+    }
+
     /// Wait until every agent of the lab is connected again.
     pub fn wait_agents(&self) {
         eventually(Duration::from_secs(30), "every agent to connect", || {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod lab;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
