@@ -100,12 +100,29 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
         let path = dir.join("wavegate.redb");
-        let db = Database::create(&path).with_context(|| {
+        let damaged = || {
             format!(
                 "opening the store {} (if it is damaged, restore it from a backup; wavegate will not overwrite it)",
                 path.display()
             )
-        })?;
+        };
+        // redb asserts on some damage (a truncated file) instead of returning
+        // an error; that must be a clear refusal too, not a crash.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(|| Database::create(&path));
+        std::panic::set_hook(hook);
+        let db = match opened {
+            Ok(db) => db.with_context(damaged)?,
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "an inconsistency".into());
+                return Err(anyhow::anyhow!("the store file is damaged: {why}")).with_context(damaged);
+            }
+        };
         let key = signing_key(dir)?;
         let txn = db.begin_write()?;
         {
