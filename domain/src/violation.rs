@@ -129,12 +129,13 @@ pub struct Loc {
 }
 
 impl Loc {
-    /// A whole file, no position inside it.
+    /// A whole file, or a key missing from it: its first line and column,
+    /// where a missing top-level key belongs. Every problem has a place.
     pub fn file(file: &str) -> Loc {
         Loc {
             file: Some(file.to_owned()),
-            line: None,
-            column: None,
+            line: Some(1),
+            column: Some(1),
         }
     }
 

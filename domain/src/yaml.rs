@@ -28,7 +28,7 @@ pub fn loc_of<T>(file: &str, spanned: &Spanned<T>) -> Loc {
 pub fn parse<T: DeserializeOwned>(source: Source<'_>, what: &str) -> Result<T, Box<Violation>> {
     if source.text.trim().is_empty() {
         return Err(Box::new(
-            Violation::new(Code::ParseError, format!("the {what} file is empty"))
+            Violation::new(Code::ParseError, format!("the {what} is empty"))
                 .at(&Loc::file(source.name))
                 .fix(format!("write the {what} as a YAML mapping; see FORMATS.md")),
         ));
