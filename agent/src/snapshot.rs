@@ -4,7 +4,7 @@
 //! manifest of every path and its content hash.
 
 use std::collections::BTreeMap;
-use std::io::Read as _;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
@@ -70,6 +70,70 @@ fn hash_file(p: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// A hashing tee: what passes through is also hashed.
+struct Tee<T> {
+    inner: T,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<T> Tee<T> {
+    fn new(inner: T) -> Tee<T> {
+        Tee {
+            inner,
+            hash: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn finish(self) -> (T, String, u64) {
+        (self.inner, hex::encode(self.hash.finalize()), self.bytes)
+    }
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+impl<W: Write> Write for Tee<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Fill in the content hash of every file entry, on every core.
+fn hash_entries(root: &Path, entries: &mut [Entry]) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = entries.len().div_ceil(cores).max(1);
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = entries
+            .chunks_mut(chunk)
+            .map(|part| {
+                s.spawn(move || {
+                    for e in part.iter_mut().filter(|e| e.kind == "file") {
+                        e.sha256 = hash_file(&root.join(rel(&e.path)))?;
+                    }
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .try_for_each(|j| j.join().map_err(|_| anyhow::anyhow!("a hashing thread panicked"))?)
+    })
+}
+
 fn entry(root: &Path, path: &str) -> Result<Entry> {
     let full = root.join(rel(path));
     let m = full.symlink_metadata()?;
@@ -88,11 +152,8 @@ fn entry(root: &Path, path: &str) -> Result<Entry> {
         gid: m.gid(),
         mtime: m.mtime(),
         size: if kind == "file" { m.len() } else { 0 },
-        sha256: if kind == "file" {
-            hash_file(&full)?
-        } else {
-            String::new()
-        },
+        // Filled in by whoever reads the content anyway.
+        sha256: String::new(),
         link: if kind == "symlink" {
             std::fs::read_link(&full)?.display().to_string()
         } else {
@@ -153,73 +214,131 @@ pub fn take(state_dir: &Path, host: &str, root: &Path, rollout: &str, writes: &[
     let tmp = d.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
-    let (roots, entries) = walk(root, writes)?;
-    {
+    let (roots, mut entries) = walk(root, writes)?;
+    // One pass over the write set: each file is hashed as it is archived,
+    // and the archive is hashed as it is written; zstd compresses on every
+    // core.
+    let (archive_sha256, archive_bytes) = {
         let file = std::fs::File::create(tmp.join("data.tar.zst"))?;
-        let enc = zstd::Encoder::new(file, 3)?.auto_finish();
+        let mut enc = zstd::Encoder::new(Tee::new(file), 3)?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        enc.multithread(u32::try_from(cores).unwrap_or(1))?;
         let mut tar = tar::Builder::new(enc);
         tar.follow_symlinks(false);
         tar.mode(tar::HeaderMode::Complete);
-        for e in &entries {
-            tar.append_path_with_name(root.join(rel(&e.path)), rel(&e.path))
-                .with_context(|| format!("archiving {}", e.path))?;
+        for e in &mut entries {
+            let full = root.join(rel(&e.path));
+            if e.kind == "file" {
+                let f = std::fs::File::open(&full).with_context(|| format!("archiving {}", e.path))?;
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata_in_mode(&f.metadata()?, tar::HeaderMode::Complete);
+                let mut tee = Tee::new(f.take(e.size));
+                tar.append_data(&mut header, rel(&e.path), &mut tee)
+                    .with_context(|| format!("archiving {}", e.path))?;
+                let (_, sha, n) = tee.finish();
+                if n != e.size {
+                    bail!("{} changed size while it was archived", e.path);
+                }
+                e.sha256 = sha;
+            } else {
+                tar.append_path_with_name(&full, rel(&e.path))
+                    .with_context(|| format!("archiving {}", e.path))?;
+            }
         }
-        tar.into_inner()?;
-    }
-    let archive = tmp.join("data.tar.zst");
+        let (file, sha, bytes) = tar.into_inner()?.finish()?.finish();
+        file.sync_all()?;
+        (sha, bytes)
+    };
     let m = Manifest {
         host: host.to_owned(),
         rollout: rollout.to_owned(),
         roots,
         entries,
-        archive_bytes: std::fs::metadata(&archive)?.len(),
-        archive_sha256: hash_file(&archive)?,
+        archive_bytes,
+        archive_sha256,
     };
     crate::journal::write_durably(&tmp.join("manifest.json"), &serde_json::to_vec_pretty(&m)?)?;
-    std::fs::File::open(&archive)?.sync_all()?;
     verify(&tmp, &m).context("reading the new snapshot back")?;
     std::fs::create_dir_all(d.parent().unwrap_or(state_dir))?;
     std::fs::rename(&tmp, &d)?;
     Ok(m)
 }
 
-/// Read the archive back and check it against the manifest.
+/// Read the archive back and check it against the manifest, in one pass:
+/// the archive's hash, every entry, every file's content hash.
 pub fn verify(d: &Path, m: &Manifest) -> Result<()> {
     let archive = d.join("data.tar.zst");
-    if hash_file(&archive)? != m.archive_sha256 {
+    let raw = Tee::new(std::fs::File::open(&archive)?);
+    // Decompress (and hash the archive) on one core, read the entries and
+    // hash their content on another.
+    let (pipe_in, mut pipe_out) = std::io::pipe()?;
+    let decompress = std::thread::spawn(move || -> std::io::Result<String> {
+        let mut dec = zstd::Decoder::new(raw)?;
+        std::io::copy(&mut dec, &mut pipe_out)?;
+        // Whatever follows the frame counts too: the hash covers every byte.
+        let mut raw = dec.finish().into_inner();
+        std::io::copy(&mut raw, &mut std::io::sink())?;
+        Ok(raw.finish().1)
+    });
+    let checked = check_entries(pipe_in, m);
+    let archive_sha256 = decompress
+        .join()
+        .map_err(|_| anyhow::anyhow!("the decompressor panicked"))?
+        .context("reading the snapshot archive")?;
+    checked?;
+    if archive_sha256 != m.archive_sha256 {
         bail!("the snapshot archive does not match its manifest hash");
     }
+    Ok(())
+}
+
+/// Check a tar stream against the manifest, then read it to its end.
+fn check_entries(stream: impl Read, m: &Manifest) -> Result<()> {
     let want: BTreeMap<&str, &Entry> = m.entries.iter().map(|e| (rel(&e.path), e)).collect();
     let mut seen = 0usize;
-    let mut tar = tar::Archive::new(zstd::Decoder::new(std::fs::File::open(&archive)?)?);
-    for item in tar.entries()? {
-        let mut item = item?;
-        let path = item.path()?.display().to_string();
-        let path = path.trim_end_matches('/').to_owned();
-        let Some(e) = want.get(path.as_str()) else {
-            bail!("the snapshot holds {path}, which its manifest does not list")
-        };
-        if e.kind == "file" {
-            let mut h = Sha256::new();
-            let mut buf = [0u8; 64 * 1024];
-            loop {
-                let n = item.read(&mut buf)?;
-                if n == 0 {
-                    break;
+    let mut tar = tar::Archive::new(stream);
+    let result = (|| {
+        for item in tar.entries()? {
+            let mut item = item?;
+            let path = item.path()?.display().to_string();
+            let path = path.trim_end_matches('/').to_owned();
+            let Some(e) = want.get(path.as_str()) else {
+                bail!("the snapshot holds {path}, which its manifest does not list")
+            };
+            if e.kind == "file" {
+                let mut h = Sha256::new();
+                let mut buf = [0u8; 64 * 1024];
+                loop {
+                    let n = item.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
                 }
-                h.update(&buf[..n]);
+                if hex::encode(h.finalize()) != e.sha256 {
+                    bail!("{} in the snapshot does not match its manifest hash", e.path);
+                }
             }
-            if hex::encode(h.finalize()) != e.sha256 {
-                bail!("{} in the snapshot does not match its manifest hash", e.path);
-            }
+            seen += 1;
         }
-        seen += 1;
-    }
-    if seen != m.entries.len() {
-        bail!(
-            "the snapshot holds {seen} entries; its manifest lists {}",
-            m.entries.len()
-        );
+        if seen != m.entries.len() {
+            bail!(
+                "the snapshot holds {seen} entries; its manifest lists {}",
+                m.entries.len()
+            );
+        }
+        Ok(())
+    })();
+    // Drain, so the writer on the other end always finishes.
+    let _ = std::io::copy(&mut tar.into_inner(), &mut std::io::sink());
+    result
+}
+
+/// Check the archive's bytes against the manifest (its content was checked
+/// against the manifest when the snapshot was taken).
+fn check_archive(d: &Path, m: &Manifest) -> Result<()> {
+    if hash_file(&d.join("data.tar.zst"))? != m.archive_sha256 {
+        bail!("the snapshot archive does not match its manifest hash");
     }
     Ok(())
 }
@@ -238,7 +357,7 @@ pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Resu
             m.host
         );
     }
-    verify(&d, &m)?;
+    check_archive(&d, &m)?;
     for w in m.roots.keys() {
         let full = root.join(rel(w));
         match full.symlink_metadata() {
@@ -247,12 +366,28 @@ pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Resu
             Err(_) => {}
         }
     }
-    let mut tar = tar::Archive::new(zstd::Decoder::new(std::fs::File::open(d.join("data.tar.zst"))?)?);
+    // Decompress on one core and unpack on another, as `zstd -d | tar -x`.
+    let (pipe_in, mut pipe_out) = std::io::pipe()?;
+    let archive = std::fs::File::open(d.join("data.tar.zst"))?;
+    let decompress = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut dec = zstd::Decoder::new(archive)?;
+        std::io::copy(&mut dec, &mut pipe_out)
+    });
+    let mut tar = tar::Archive::new(pipe_in);
     tar.set_preserve_permissions(true);
     tar.set_preserve_ownerships(true);
     tar.set_preserve_mtime(true);
     tar.set_overwrite(true);
-    tar.unpack(root).context("unpacking the snapshot")?;
+    let unpacked = tar.unpack(root).context("unpacking the snapshot");
+    // Drain the pipe so the decompressor always ends, then judge both.
+    let mut rest = tar.into_inner();
+    let _ = std::io::copy(&mut rest, &mut std::io::sink());
+    drop(rest);
+    let decompressed = decompress
+        .join()
+        .map_err(|_| anyhow::anyhow!("the decompressor panicked"))?;
+    unpacked?;
+    decompressed.context("decompressing the snapshot")?;
     // Directory mtimes change as their children are written; set them last.
     for e in m.entries.iter().rev().filter(|e| e.kind == "dir") {
         let full = root.join(rel(&e.path));
@@ -265,7 +400,10 @@ pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Resu
             nix::sys::stat::UtimensatFlags::NoFollowSymlink,
         );
     }
-    let (_, now) = walk(root, &m.roots.keys().cloned().collect::<Vec<_>>())?;
+    // A rollback that a power cut could undo is no rollback.
+    nix::unistd::syncfs(std::fs::File::open(root)?).context("syncing the restored files")?;
+    let (_, mut now) = walk(root, &m.roots.keys().cloned().collect::<Vec<_>>())?;
+    hash_entries(root, &mut now)?;
     if now != m.entries {
         let diff: Vec<&str> = now
             .iter()
