@@ -72,6 +72,13 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         runs: usize,
     },
+    /// Benchmark 4: a real `wavegate-agent`'s memory and CPU while idle and
+    /// connected (heartbeats only).
+    AgentIdle {
+        /// How long to watch it.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -109,6 +116,7 @@ async fn run(cmd: Cmd) -> Result<()> {
             Ok(())
         }
         Cmd::Halt { hosts, runs } => halt(hosts, runs).await,
+        Cmd::AgentIdle { seconds } => agent_idle(seconds).await,
     }
 }
 
@@ -461,4 +469,57 @@ async fn halt(n: usize, runs: usize) -> Result<()> {
         bail!("{after} hosts got a step after the halt");
     }
     Ok(())
+}
+
+async fn agent_idle(seconds: u64) -> Result<()> {
+    println!(
+        "benchmark 4: an idle, connected wavegate-agent over {seconds} s ({})",
+        machine()
+    );
+    let rig = Rig::up("agent-idle", 1).await?;
+    let host = &rig.hosts[0];
+    let exe = std::env::current_exe()?;
+    let agent = exe.parent().map(|p| p.join("wavegate-agent")).unwrap_or_default();
+    let pair = rig.certs.agent(host);
+    let (root, state) = (rig.dir.join("host-root"), rig.dir.join("agent-state"));
+    std::fs::create_dir_all(&root)?;
+    let log = std::fs::File::create(rig.dir.join("agent.log"))?;
+    let mut child = std::process::Command::new(&agent)
+        .args(["--controller", &rig.url, "--host-id", host])
+        .arg("--ca")
+        .arg(rig.certs.ca())
+        .arg("--cert")
+        .arg(&pair.cert)
+        .arg("--key")
+        .arg(&pair.key)
+        .arg("--host-root")
+        .arg(&root)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", agent.display()))?;
+    let mut admin = rig.operator("admin").await?;
+    let measured = async {
+        rig.wait_connected(&mut admin, 1).await?;
+        let pid = child.id();
+        let (rss0, cpu0, t0) = (rss_kib(pid)?, cpu_time(pid)?, Instant::now());
+        // The measurement window: the agent only sends heartbeats.
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let (rss1, cpu1, wall) = (rss_kib(pid)?, cpu_time(pid)?, t0.elapsed());
+        let cpu = cpu1.saturating_sub(cpu0);
+        println!("  resident memory: {rss0} KiB after connecting, {rss1} KiB at the end (target < 10 MB)");
+        println!(
+            "  CPU: {:.0} ms over {:.0} s, {:.3}% of one core (target: not measurable)",
+            cpu.as_secs_f64() * 1000.0,
+            wall.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / wall.as_secs_f64()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    measured
 }
