@@ -125,9 +125,11 @@ impl Hub {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let link = self.lock().agents.get(host).map(|l| (l.session, l.tx.clone()));
+            // Waiting for room in a session's queue counts against the
+            // deadline too: an agent that stopped reading is a silent one.
             if let Some((session, link_tx)) = link
                 && sent_on != Some(session)
-                && let Ok(permit) = link_tx.reserve().await
+                && let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, link_tx.reserve()).await
             {
                 match gate() {
                     Ok(guard) => {
@@ -153,5 +155,49 @@ impl Hub {
         };
         self.lock().waiters.remove(&cmd.id);
         outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+    use tokio::time::Instant;
+    use wavegate_proto::v1::{Command, ControllerMessage};
+
+    use super::{ExecError, Hub};
+
+    /// Before: a full session queue made `execute` wait for room with no
+    /// deadline, so a host whose agent stopped reading was never failed.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_that_stops_reading_is_silent_not_stuck() {
+        let hub = Hub::default();
+        let (tx, _never_read) = mpsc::channel(1);
+        tx.try_send(Ok(ControllerMessage::default())).expect("room for one");
+        hub.connect("h1", tx);
+        let cmd = Command {
+            id: "c1".into(),
+            kind: None,
+        };
+        let r = hub.execute("h1", cmd, Instant::now() + Duration::from_secs(5)).await;
+        assert!(matches!(r, Err(ExecError::NoAnswer(_))), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_gate_sends_nothing() {
+        let hub = Hub::default();
+        let (tx, mut rx) = mpsc::channel(4);
+        hub.connect("h1", tx);
+        let cmd = Command {
+            id: "c2".into(),
+            kind: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let r = hub
+            .execute_gated("h1", cmd, deadline, || Err::<(), String>("halted".into()))
+            .await;
+        assert!(matches!(r, Err(ExecError::NotSent(_))), "{r:?}");
+        assert!(rx.try_recv().is_err(), "nothing reached the session");
     }
 }
