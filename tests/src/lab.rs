@@ -189,6 +189,13 @@ impl Lab {
         std::fs::read_to_string(self.host_path(host, path)).ok()
     }
 
+    /// The lines of a host file (none when it does not exist).
+    pub fn host_lines(&self, host: &str, path: &str) -> Vec<String> {
+        self.read_host(host, path)
+            .map(|s| s.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
     /// Every file of every host's own tree (not the machine's system
     /// directories): path -> (bytes, mode, owner). For "nothing changed".
     pub fn all_host_files(&self) -> std::collections::BTreeMap<String, (Vec<u8>, u32, u32)> {

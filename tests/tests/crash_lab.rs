@@ -15,9 +15,7 @@ const LONG: Duration = Duration::from_secs(90);
 const TARGETS: &[&str] = &["p1", "p2", "p3", "p4", "b1", "b2", "b3", "bb1"];
 
 fn marker_lines(lab: &Lab, host: &str) -> usize {
-    lab.read_host(host, "/etc/wavegate-marker")
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
+    lab.host_lines(host, "/etc/wavegate-marker").len()
 }
 
 fn host_states(status: &Value) -> Vec<(String, String)> {

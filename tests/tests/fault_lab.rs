@@ -12,12 +12,6 @@ use wavegate_tests::proxy::Proxy;
 
 const LONG: Duration = Duration::from_secs(90);
 
-fn lines(lab: &Lab, host: &str, path: &str) -> Vec<String> {
-    lab.read_host(host, path)
-        .map(|s| s.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
-}
-
 /// Put the canary of a freshly submitted rollout behind a proxy.
 fn canary_behind_proxy(lab: &Lab, id: &str) -> (String, Proxy) {
     let canary = lab.waves(id)[0][0].clone();
@@ -40,7 +34,7 @@ fn silent_canary_halts(lab: &Lab, id: &str, canary: &str, proxy: &Proxy, later: 
     assert_eq!(state, "failed", "a silent host is never healthy: {detail}");
     for h in later {
         assert!(
-            lines(lab, h, "/etc/wavegate-marker").is_empty(),
+            lab.host_lines(h, "/etc/wavegate-marker").is_empty(),
             "{h} ran after the canary went silent"
         );
     }
@@ -59,12 +53,12 @@ fn a_partition_during_a_step_fails_the_host_for_silence_and_halts() {
     let (canary, proxy) = canary_behind_proxy(&lab, &id);
     lab.approve(&id);
     eventually(LONG, "the canary's step to start", || {
-        (lines(&lab, &canary, "/etc/wavegate-marker") == ["start"]).then_some(())
+        (lab.host_lines(&canary, "/etc/wavegate-marker") == ["start"]).then_some(())
     });
     proxy.partition();
     // The step itself finishes on the host; only its answer is lost.
     eventually(LONG, "the step to finish on the host", || {
-        (lines(&lab, &canary, "/etc/wavegate-marker") == ["start", "done"]).then_some(())
+        (lab.host_lines(&canary, "/etc/wavegate-marker") == ["start", "done"]).then_some(())
     });
     let later: Vec<String> = lab.waves(&id)[1].clone();
     silent_canary_halts(&lab, &id, &canary, &proxy, &later);
@@ -128,7 +122,7 @@ fn an_agent_killed_while_writing_a_snapshot_takes_it_again_and_runs_the_step_onc
     lab.respawn(&args, &format!("agent-{canary}-restarted"));
     lab.wait_state(&id, "completed", LONG);
     assert_eq!(
-        lines(&lab, &canary, "/srv/app/marker"),
+        lab.host_lines(&canary, "/srv/app/marker"),
         ["patched"],
         "the step ran once"
     );
@@ -194,7 +188,7 @@ fn a_full_snapshot_store_leaves_the_host_unchanged_and_the_budget_decides() {
         .filter(|k| k.starts_with(&format!("{later}:")) && before.get(*k) != after.get(*k))
         .collect();
     assert!(changed_on_later.is_empty(), "{later} changed: {changed_on_later:?}");
-    assert_eq!(lines(&lab, &canary, "/srv/app/marker"), ["patched"]);
+    assert_eq!(lab.host_lines(&canary, "/srv/app/marker"), ["patched"]);
     drop(full);
 
     // The canary tolerates none: the same fault on the canary halts.

@@ -37,9 +37,7 @@ fn host_state(status: &Value, host: &str) -> String {
 }
 
 fn marker_lines(lab: &Lab, host: &str) -> Vec<String> {
-    lab.read_host(host, "/etc/wavegate-marker")
-        .map(|s| s.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
+    lab.host_lines(host, "/etc/wavegate-marker")
 }
 
 /// The nanosecond timestamp a three-waves step wrote on a host.
