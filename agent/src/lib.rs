@@ -7,6 +7,7 @@
 pub mod checks;
 pub mod exec;
 pub mod journal;
+pub mod mountinfo;
 pub mod mounts;
 pub mod runner;
 pub mod sandbox;
