@@ -95,7 +95,15 @@ fn main() -> anyhow::Result<()> {
 
     let writes = vec!["/srv/data".to_owned()];
     let t = Instant::now();
-    let m = wavegate_agent::snapshot::take(&state, "bench", &root, "r-bench", &writes)?;
+    let m = wavegate_agent::snapshot::take(&wavegate_agent::snapshot::Request {
+        state_dir: &state,
+        host: "bench",
+        root: &root,
+        rollout: "r-bench",
+        writes: &writes,
+        untouchable: &[],
+        force: None,
+    })?;
     let take = t.elapsed().as_secs_f64();
 
     let out = scratch.join("baseline.tar.zst");
@@ -135,7 +143,7 @@ fn main() -> anyhow::Result<()> {
 
     println!(
         "  archive: ours {:.0} MB, tar | zstd -3 {:.0} MB",
-        m.archive_bytes as f64 / 1e6,
+        m.bytes() as f64 / 1e6,
         std::fs::metadata(&out)?.len() as f64 / 1e6
     );
     println!(

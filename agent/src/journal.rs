@@ -48,6 +48,14 @@ pub struct Job {
     /// Steps of a dry-run.
     #[serde(default)]
     pub steps: Vec<crate::sandbox::DryStep>,
+    /// Host paths no step may change (the plan's and the site's
+    /// `untouchable`): read-only in the dry-run and in the real run.
+    #[serde(default)]
+    pub untouchable: Vec<String>,
+    /// Host paths of the agent's own that stay read-only in a confined run
+    /// even inside a write set (its journal and snapshots).
+    #[serde(default)]
+    pub protect: Vec<String>,
 }
 
 impl Job {
@@ -63,6 +71,8 @@ impl Job {
             create_dirs: Vec::new(),
             create_files: Vec::new(),
             steps: Vec::new(),
+            untouchable: Vec::new(),
+            protect: Vec::new(),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Mount-namespace and process-group plumbing shared by the supervisor's
 //! three ways of running a command (plain, confined, dry-run sandbox).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,17 @@ pub fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
     Ok(())
 }
 
+/// Bind `src` on `dst` without the mounts below `src`, read-only if asked
+/// (the sandbox handles each mount below on its own).
+pub fn bind_one(src: &Path, dst: &Path, readonly: bool) -> Result<()> {
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .with_context(|| format!("binding {} on {}", src.display(), dst.display()))?;
+    if readonly {
+        remount_readonly(dst)?;
+    }
+    Ok(())
+}
+
 /// Make an existing bind mount read-only.
 pub fn remount_readonly(dst: &Path) -> Result<()> {
     mount(
@@ -56,6 +67,23 @@ pub fn remount_readonly(dst: &Path) -> Result<()> {
         None::<&str>,
     )
     .with_context(|| format!("making {} read-only", dst.display()))
+}
+
+/// Make every mount at or below `dir` read-only (a recursive bind keeps the
+/// flags of the mounts it copies, so each one is remounted on its own).
+pub fn readonly_tree(dir: &Path) -> Result<()> {
+    let prefix = dir.display().to_string();
+    let mut points: Vec<PathBuf> = crate::mountinfo::read()?
+        .into_iter()
+        .map(|m| m.point)
+        .filter(|p| crate::mountinfo::within(&p.display().to_string(), &prefix))
+        .collect();
+    points.sort();
+    points.dedup();
+    for p in &points {
+        remount_readonly(p)?;
+    }
+    Ok(())
 }
 
 /// Mount a tmpfs with `options` (like `size=1g,mode=0700`).

@@ -56,12 +56,55 @@ fn stored(outcome: Outcome, exit_code: i32, started: Instant, output: &Path, det
     }
 }
 
-/// Confine a real run: a read-only view of the host root with only the
-/// write set bound writable, and a private /tmp. A step with a missing target
-/// line fails with "read-only file system" instead of deleting data.
+/// Snapshot directories the btrfs backend keeps beside the data (see
+/// `snapshot::btrfs`); a confined step never writes them.
+pub const BTRFS_SNAPSHOT_DIR: &str = ".wavegate-snapshots";
+
+/// Paths under the write set that stay read-only anyway: untouchable ones,
+/// the agent's own files, and btrfs snapshot directories.
+fn protected(job: &Job, mounts: &[crate::mountinfo::HostMount]) -> Vec<String> {
+    let inside = |p: &str| job.writes.iter().any(|w| crate::mountinfo::within(p, w));
+    let mut out: Vec<String> = job
+        .untouchable
+        .iter()
+        .chain(&job.protect)
+        .filter(|p| inside(p))
+        .cloned()
+        .collect();
+    let mut tops: Vec<String> = job.writes.clone();
+    tops.extend(
+        mounts
+            .iter()
+            .filter(|m| m.rel != "/" && inside(&m.rel))
+            .map(|m| m.rel.clone()),
+    );
+    for t in tops {
+        let p = format!("{}/{BTRFS_SNAPSHOT_DIR}", t.trim_end_matches('/'));
+        if job.host_root.join(p.trim_start_matches('/')).is_dir() {
+            out.push(p);
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Confine a real run: a read-only view of the host root, every mount in it
+/// included, with only the write set bound writable (whichever filesystem
+/// each path lives on), and a private /tmp. A step with a missing target
+/// line fails with "read-only file system" instead of deleting data. A write
+/// set that is reached through a symlink, that holds the same files as a
+/// path outside it (a bind mount), or that reaches a mount the dry-run could
+/// not overlay is refused before anything runs.
 fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
     let root = &job.host_root;
     mounts::private_namespace("a confined run")?;
+    let table = crate::mountinfo::read()?;
+    let host = crate::mountinfo::host_mounts(&table, root, &job.untouchable, &[base]);
+    let problems = crate::sandbox::write_set_problems(root, &host, &job.writes);
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("; "));
+    }
     // Write-set paths the dry-run saw created must exist to be bound; only
     // the path itself is made, never a parent outside the write set.
     for (paths, dir) in [(&job.create_dirs, true), (&job.create_files, false)] {
@@ -80,19 +123,7 @@ fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&m)?;
     mounts::bind(root, &m, false)?;
     // Every mount under the view read-only, not just the top one.
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let prefix = m.display().to_string();
-    let mut points: Vec<String> = mountinfo
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|p| *p == prefix || p.starts_with(&format!("{prefix}/")))
-        .map(str::to_owned)
-        .collect();
-    points.sort();
-    points.dedup();
-    for p in &points {
-        mounts::remount_readonly(Path::new(p))?;
-    }
+    mounts::readonly_tree(&m)?;
     if root != Path::new("/") {
         mounts::bind_system_dirs(&m)?;
     }
@@ -110,6 +141,13 @@ fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
         let src = root.join(w.trim_start_matches('/'));
         if src.symlink_metadata().is_ok() {
             mounts::bind(&src, &m.join(w.trim_start_matches('/')), false)?;
+        }
+    }
+    for p in protected(job, &host) {
+        let at = m.join(p.trim_start_matches('/'));
+        if at.symlink_metadata().is_ok() {
+            mounts::bind(&at, &at, false)?;
+            mounts::readonly_tree(&at)?;
         }
     }
     Ok(m)
@@ -142,7 +180,13 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
     let output = job_dir.join("output.log");
     let started = Instant::now();
     let result = match job.mode {
-        Mode::DryRun => match crate::sandbox::dry_run(&job.host_root, &job_dir.join("sandbox"), &job.steps, &output) {
+        Mode::DryRun => match crate::sandbox::dry_run(
+            &job.host_root,
+            &job_dir.join("sandbox"),
+            &job.steps,
+            &job.untouchable,
+            &output,
+        ) {
             Ok(reports) => {
                 let blocked: Vec<String> = reports
                     .iter()

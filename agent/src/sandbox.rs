@@ -1,12 +1,18 @@
 //! The dry-run sandbox and the effect set.
 //!
-//! A dry-run runs the plan's steps on a copy-on-write overlay of the host
-//! root (upper layer on tmpfs), in new PID, network, IPC and UTS namespaces:
-//! it cannot see or signal host processes, reach the network (or a local TCP
-//! server), or connect to the host's unix sockets (a private /tmp, /run and
-//! /var/run, and every listening socket path masked). Afterwards the upper
-//! layer says exactly what the steps would delete, modify and create. If any
-//! part of this cannot be set up, the dry-run is blocked.
+//! A dry-run runs the plan's steps on copy-on-write overlays of the host:
+//! one overlay per filesystem mounted under the host root (the root's own,
+//! and every mount below it at any depth, each with its own upper layer on
+//! tmpfs), so a step sees the host's whole tree and its effects on every
+//! filesystem are collected. It runs in new PID, network, IPC and UTS
+//! namespaces: it cannot see or signal host processes, reach the network (or
+//! a local TCP server), or connect to the host's unix sockets (a private
+//! /tmp, /run and /var/run, and every listening socket path masked).
+//! Afterwards the upper layers say exactly what the steps would delete,
+//! modify and create. A mount that cannot be overlaid (FUSE, network, an
+//! unknown type, or one the kernel refuses as a lower layer) is bound
+//! read-only and blocks every step whose write set reaches it; if the
+//! sandbox itself cannot be set up, every step is blocked.
 
 use std::collections::BTreeMap;
 use std::io::Read as _;
@@ -15,11 +21,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use nix::mount::{MsFlags, mount};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::mountinfo::{self, HostMount, Treatment};
 use crate::mounts;
 
 pub use wavegate_domain::effects::{Category, SAMPLE, StepReport};
@@ -129,17 +136,39 @@ fn opaque(p: &Path) -> bool {
 /// Every path of the upper layer, as effects against the lower layer.
 pub fn scan(upper: &Path, lower: &Path) -> BTreeMap<String, Effect> {
     let mut out = BTreeMap::new();
-    walk(upper, lower, Path::new(""), &mut out);
+    walk(upper, lower, "", Path::new(""), &mut out);
     out
 }
 
-fn walk(upper: &Path, lower: &Path, rel: &Path, out: &mut BTreeMap<String, Effect>) {
+/// One overlay of the sandbox: the host path it covers, its upper layer and
+/// the filesystem under it.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// Host path of the mount (`/` for the host root's own filesystem).
+    pub rel: String,
+    /// Its upper layer (on the sandbox's tmpfs).
+    pub upper: PathBuf,
+    /// The mount itself, as the sandbox process sees it.
+    pub lower: PathBuf,
+}
+
+/// Every layer's effects, keyed by host path.
+pub fn scan_layers(layers: &[Layer]) -> BTreeMap<String, Effect> {
+    let mut out = BTreeMap::new();
+    for l in layers {
+        let prefix = if l.rel == "/" { "" } else { l.rel.as_str() };
+        walk(&l.upper, &l.lower, prefix, Path::new(""), &mut out);
+    }
+    out
+}
+
+fn walk(upper: &Path, lower: &Path, prefix: &str, rel: &Path, out: &mut BTreeMap<String, Effect>) {
     let Ok(rd) = std::fs::read_dir(upper.join(rel)) else {
         return;
     };
     for e in rd.flatten() {
         let rel_p = rel.join(e.file_name());
-        let key = format!("/{}", rel_p.display());
+        let key = format!("{prefix}/{}", rel_p.display());
         let up = upper.join(&rel_p);
         let low = lower.join(&rel_p);
         let Ok(m) = up.symlink_metadata() else { continue };
@@ -161,7 +190,7 @@ fn walk(upper: &Path, lower: &Path, rel: &Path, out: &mut BTreeMap<String, Effec
                 if differs(&up, &low) {
                     out.insert(key.clone(), Effect::Modified { bytes: 0 });
                 }
-                walk(upper, lower, &rel_p, out);
+                walk(upper, lower, prefix, &rel_p, out);
             }
         } else if !low_exists {
             out.insert(
@@ -197,13 +226,69 @@ fn walk_created(dir: &Path, key: &str, out: &mut BTreeMap<String, Effect>) {
     }
 }
 
+/// Why a step's write set cannot be dry-run or confined on this host: it
+/// reaches a mount the sandbox cannot overlay, it is the same files as a
+/// path outside the write set (a bind mount), or it is reached through a
+/// symlink. Empty when there is nothing in the way.
+pub fn write_set_problems(host_root: &Path, mounts: &[HostMount], writes: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for w in writes {
+        for m in mountinfo::reached_by(mounts, w) {
+            if let Treatment::Refused(why) = &m.treatment {
+                out.push(format!(
+                    "`writes` path {w} reaches the mount {}, which cannot be overlaid: {why}; the dry-run cannot see what the step would do there (list {} as `untouchable` if no step may change it)",
+                    m.describe(),
+                    m.rel
+                ));
+            }
+        }
+        if let Some(alias) = mountinfo::alias_outside(mounts, w, writes) {
+            out.push(format!(
+                "`writes` path {w} holds the same files as {alias} (a bind mount or a filesystem mounted twice); a change there would change {alias}, which the write set does not name"
+            ));
+        }
+        if let Some((link, target)) = symlink_on_path(host_root, w) {
+            out.push(format!(
+                "`writes` path {w} goes through the symlink {link} -> {target}; declare the path it points to"
+            ));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The first symlink on the way from the host root to `path`, and where it
+/// points.
+pub fn symlink_on_path(host_root: &Path, path: &str) -> Option<(String, String)> {
+    let mut at = String::new();
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        at.push('/');
+        at.push_str(part);
+        let full = host_root.join(at.trim_start_matches('/'));
+        match full.symlink_metadata() {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&full)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default();
+                return Some((at, target));
+            }
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Judge one step's effects against its write set and deletion budget.
-pub fn judge(step: &DryStep, effects: &BTreeMap<String, Effect>, exit_code: i32) -> StepReport {
+/// `blocks` are reasons found before it ran ([`write_set_problems`]).
+pub fn judge(step: &DryStep, effects: &BTreeMap<String, Effect>, exit_code: i32, blocks: &[String]) -> StepReport {
     let mut r = StepReport {
         step: step.name.clone(),
         exit_code,
         ..StepReport::default()
     };
+    r.reasons.extend(blocks.iter().cloned());
     for (path, effect) in effects {
         let ok = inside(path, &step.writes);
         match effect {
@@ -264,30 +349,123 @@ fn unix_socket_paths() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Set up the sandbox for `host_root` under `base` (which this process owns,
-/// in its own mount namespace). Returns the merged root and the upper layer.
-fn setup(host_root: &Path, base: &Path) -> Result<(PathBuf, PathBuf)> {
-    mounts::private_namespace("the dry-run sandbox (mount, PID and network namespaces)")?;
-    std::fs::create_dir_all(base)?;
-    mounts::tmpfs(base, "size=1g,mode=0700")?;
-    let (upper, work, merged) = (base.join("upper"), base.join("work"), base.join("merged"));
-    for d in [&upper, &work, &merged] {
-        std::fs::create_dir_all(d)?;
+/// The sandbox as set up: the merged view, its overlays, and the mounts of
+/// the host it was built from.
+pub struct Sandbox {
+    /// The root a step is chrooted into.
+    pub merged: PathBuf,
+    /// One overlay per filesystem that can be overlaid.
+    pub layers: Vec<Layer>,
+    /// The host's mounts, with what the sandbox did with each (a mount the
+    /// kernel refused as a lower layer is marked refused here).
+    pub mounts: Vec<HostMount>,
+}
+
+/// Escape a path for an overlay mount option (`\`, `:` and `,` are special).
+fn overlay_escape(p: &Path) -> String {
+    let mut out = String::new();
+    for c in p.display().to_string().chars() {
+        if matches!(c, '\\' | ':' | ',') {
+            out.push('\\');
+        }
+        out.push(c);
     }
+    out
+}
+
+fn overlay(lower: &Path, upper: &Path, work: &Path, at: &Path) -> Result<()> {
+    std::fs::create_dir_all(upper)?;
+    std::fs::create_dir_all(work)?;
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
-        host_root.display(),
-        upper.display(),
-        work.display()
+        overlay_escape(lower),
+        overlay_escape(upper),
+        overlay_escape(work)
     );
     mount(
         Some("overlay"),
-        &merged,
+        at,
         Some("overlay"),
         MsFlags::empty(),
         Some(opts.as_str()),
     )
-    .context("mounting the copy-on-write overlay of the host root")?;
+    .with_context(|| format!("mounting a copy-on-write overlay of {}", lower.display()))
+}
+
+/// Set up the sandbox for `host_root` under `base` (which this process owns,
+/// in its own mount namespace): an overlay of the host root's filesystem,
+/// then one of every mount below it, parents first. `untouchable` paths are
+/// bound read-only instead.
+pub fn setup(host_root: &Path, base: &Path, untouchable: &[String]) -> Result<Sandbox> {
+    mounts::private_namespace("the dry-run sandbox (mount, PID and network namespaces)")?;
+    std::fs::create_dir_all(base)?;
+    // The host's mounts before the sandbox adds its own.
+    let table = mountinfo::read()?;
+    let mut host = mountinfo::host_mounts(&table, host_root, untouchable, &[base]);
+    mounts::tmpfs(base, "size=1g,mode=0700")?;
+    let merged = base.join("merged");
+    std::fs::create_dir_all(&merged)?;
+    let mut layers = Vec::new();
+    for (n, m) in host.iter_mut().enumerate() {
+        let (lower, at) = if m.rel == "/" {
+            (host_root.to_path_buf(), merged.clone())
+        } else {
+            (
+                host_root.join(m.rel.trim_start_matches('/')),
+                merged.join(m.rel.trim_start_matches('/')),
+            )
+        };
+        if m.rel == "/" {
+            // Without its root filesystem there is no sandbox at all.
+            if !matches!(m.treatment, Treatment::Overlay | Treatment::ReadOnly(_)) {
+                bail!(
+                    "the host root's filesystem {} cannot be overlaid: {:?}",
+                    m.describe(),
+                    m.treatment
+                );
+            }
+            let (upper, work) = (base.join(format!("upper/{n}")), base.join(format!("work/{n}")));
+            overlay(&lower, &upper, &work, &at)?;
+            layers.push(Layer {
+                rel: m.rel.clone(),
+                upper,
+                lower,
+            });
+            continue;
+        }
+        if !at.is_dir() || !lower.is_dir() {
+            // A file mounted on a file, or a mount point the view does not
+            // reach: nothing to overlay, and nothing a step could count on.
+            if matches!(m.treatment, Treatment::Overlay) {
+                m.treatment = Treatment::Refused("it is not a directory mount".into());
+            }
+            if lower.exists() && at.exists() && !matches!(m.treatment, Treatment::Virtual) {
+                mounts::bind_one(&lower, &at, true)?;
+            }
+            continue;
+        }
+        match m.treatment.clone() {
+            Treatment::Overlay => {
+                let (upper, work) = (base.join(format!("upper/{n}")), base.join(format!("work/{n}")));
+                match overlay(&lower, &upper, &work, &at) {
+                    Ok(()) => layers.push(Layer {
+                        rel: m.rel.clone(),
+                        upper,
+                        lower,
+                    }),
+                    Err(e) => {
+                        // The kernel refused it as a lower layer: keep the
+                        // view (read-only) and block what reaches it.
+                        m.treatment = Treatment::Refused(format!("the kernel refused to overlay it ({e:#})"));
+                        mounts::bind_one(&lower, &at, true)?;
+                    }
+                }
+            }
+            Treatment::ReadOnly(_) | Treatment::Refused(_) => mounts::bind_one(&lower, &at, true)?,
+            // /proc and /dev are the sandbox's own; the rest stays out.
+            Treatment::Virtual => {}
+        }
+    }
     if host_root != Path::new("/") {
         mounts::bind_system_dirs(&merged)?;
     }
@@ -326,7 +504,11 @@ fn setup(host_root: &Path, base: &Path) -> Result<(PathBuf, PathBuf)> {
         }
     }
     std::fs::create_dir_all(merged.join("proc")).ok();
-    Ok((merged, upper))
+    Ok(Sandbox {
+        merged,
+        layers,
+        mounts: host,
+    })
 }
 
 /// Run one command inside the sandbox: new PID, network, IPC and UTS
@@ -348,24 +530,31 @@ fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<
 
 /// Dry-run `steps` in order in one sandbox over `host_root`; each step's
 /// effects are those its run added. Never changes the host.
-pub fn dry_run(host_root: &Path, base: &Path, steps: &[DryStep], output: &Path) -> Result<Vec<StepReport>> {
-    let (merged, upper) = setup(host_root, base)?;
+pub fn dry_run(
+    host_root: &Path,
+    base: &Path,
+    steps: &[DryStep],
+    untouchable: &[String],
+    output: &Path,
+) -> Result<Vec<StepReport>> {
+    let sandbox = setup(host_root, base, untouchable)?;
     let mut before: BTreeMap<String, Effect> = BTreeMap::new();
     let mut reports = Vec::new();
     for step in steps {
+        let blocks = write_set_problems(host_root, &sandbox.mounts, &step.writes);
         let code = run_in(
-            &merged,
+            &sandbox.merged,
             &step.run,
             Duration::from_millis(step.timeout_ms.max(1)),
             output,
         )?;
-        let after = scan(&upper, host_root);
+        let after = scan_layers(&sandbox.layers);
         let delta: BTreeMap<String, Effect> = after
             .iter()
             .filter(|(k, v)| before.get(*k) != Some(*v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        reports.push(judge(step, &delta, code));
+        reports.push(judge(step, &delta, code, &blocks));
         before = after;
     }
     Ok(reports)
@@ -395,10 +584,10 @@ mod tests {
         };
         let mut effects = BTreeMap::new();
         effects.insert("/etc/app/a".to_string(), Effect::Deleted { files: 1, bytes: 3 });
-        let r = judge(&step, &effects, 0);
+        let r = judge(&step, &effects, 0, &[]);
         assert!(!r.blocked, "{r:?}");
         effects.insert("/home/alice".to_string(), Effect::Deleted { files: 40, bytes: 4000 });
-        let r = judge(&step, &effects, 0);
+        let r = judge(&step, &effects, 0, &[]);
         assert!(r.blocked);
         assert_eq!(r.outside_deleted.count, 40);
         assert_eq!(r.outside_deleted.sample, ["/home/alice"]);

@@ -118,6 +118,15 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
     result
 }
 
+/// The agent's own files as host paths, when they live under the host
+/// root: a step never changes them, whatever its write set.
+fn own_paths(cfg: &Config) -> Vec<String> {
+    match cfg.state_dir.strip_prefix(&cfg.host_root) {
+        Ok(rel) => vec![format!("/{}", rel.display())],
+        Err(_) => Vec::new(),
+    }
+}
+
 fn result_of(id: &str, s: crate::journal::Stored, replayed: bool) -> pb::CommandResult {
     pb::CommandResult {
         command_id: id.to_owned(),
@@ -153,6 +162,8 @@ async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::Comman
             job.writes = step.writes;
             job.create_dirs = step.create_dirs;
             job.create_files = step.create_files;
+            job.untouchable = step.untouchable;
+            job.protect = own_paths(cfg);
             match run_step_once(&cfg.exe, journal, job).await {
                 Ok((s, replayed)) => {
                     info!(command = %id, outcome = s.outcome, replayed, "Step finished.");
@@ -163,6 +174,7 @@ async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::Comman
         }
         Some(command::Kind::DryRun(d)) => {
             let mut job = Job::new(&id, "", 0, &cfg.host_root, Mode::DryRun);
+            job.untouchable = d.untouchable.clone();
             job.steps = d
                 .steps
                 .into_iter()
@@ -181,9 +193,25 @@ async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::Comman
         }
         Some(command::Kind::TakeSnapshot(t)) => {
             let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
-            let res =
-                tokio::task::spawn_blocking(move || snapshot::take(&state, &host, &root, &t.rollout_id, &t.paths))
-                    .await;
+            let force = match t.backend.as_str() {
+                "" => None,
+                name => match snapshot::BackendKind::parse(name) {
+                    Some(k) => Some(k),
+                    None => return refused(format!("unknown snapshot backend `{name}`")),
+                },
+            };
+            let res = tokio::task::spawn_blocking(move || {
+                snapshot::take(&snapshot::Request {
+                    state_dir: &state,
+                    host: &host,
+                    root: &root,
+                    rollout: &t.rollout_id,
+                    writes: &t.paths,
+                    untouchable: &t.untouchable,
+                    force,
+                })
+            })
+            .await;
             snapshot_result(&id, res, "snapshot taken and verified")
         }
         Some(command::Kind::RestoreSnapshot(r)) => {
@@ -192,8 +220,8 @@ async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::Comman
             snapshot_result(&id, res, "restored from the snapshot")
         }
         Some(command::Kind::ReleaseSnapshot(r)) => {
-            let state = cfg.state_dir.clone();
-            match tokio::task::spawn_blocking(move || snapshot::release(&state, &r.rollout_id)).await {
+            let (state, root) = (cfg.state_dir.clone(), cfg.host_root.clone());
+            match tokio::task::spawn_blocking(move || snapshot::release(&state, &root, &r.rollout_id)).await {
                 Ok(Ok(())) => pb::CommandResult {
                     command_id: id.clone(),
                     outcome: pb::Outcome::Ok as i32,
@@ -232,14 +260,8 @@ fn snapshot_result(
         Ok(Ok(m)) => pb::CommandResult {
             command_id: id.to_owned(),
             outcome: pb::Outcome::Ok as i32,
-            detail: what.to_owned(),
-            report_json: serde_json::json!({
-                "files": m.entries.len(),
-                "archive_bytes": m.archive_bytes,
-                "archive_sha256": m.archive_sha256,
-                "roots": m.roots,
-            })
-            .to_string(),
+            detail: format!("{what}: {}", m.describe()),
+            report_json: m.summary().to_string(),
             ..Default::default()
         },
         Ok(Err(e)) => pb::CommandResult {

@@ -215,6 +215,18 @@ async fn a_confined_run_cannot_write_outside_its_write_set() {
     );
 }
 
+fn take(state: &Path, root: &Path, writes: &[String]) -> anyhow::Result<snapshot::Manifest> {
+    snapshot::take(&snapshot::Request {
+        state_dir: state,
+        host: "p1",
+        root,
+        rollout: "r0001",
+        writes,
+        untouchable: &[],
+        force: None,
+    })
+}
+
 #[test]
 fn a_snapshot_restores_the_write_set_byte_for_byte() {
     let (root, state) = host("snapshot");
@@ -224,7 +236,7 @@ fn a_snapshot_restores_the_write_set_byte_for_byte() {
     std::os::unix::fs::symlink("1", mail.join("latest")).expect("symlink");
     let writes = vec!["/home/alice".to_string(), "/etc/new-dir".to_string()];
     let before = tree(&root);
-    let m = snapshot::take(&state, "p1", &root, "r0001", &writes).expect("take");
+    let m = take(&state, &root, &writes).expect("take");
     assert_eq!(
         m.roots.get("/etc/new-dir"),
         Some(&false),
@@ -243,7 +255,7 @@ fn a_snapshot_restores_the_write_set_byte_for_byte() {
     assert_eq!(tree(&root), before, "the restore is not exact");
     // Taking it again keeps the first snapshot (the state before the first step).
     std::fs::write(mail.join("1"), "changed again").expect("write");
-    snapshot::take(&state, "p1", &root, "r0001", &writes).expect("take again");
+    take(&state, &root, &writes).expect("take again");
     snapshot::restore(&state, "p1", &root, "r0001").expect("restore");
     let mut f = std::fs::File::open(mail.join("1")).expect("open");
     let mut s = String::new();

@@ -398,6 +398,19 @@ impl OperatorService for Api {
                             wavegate_domain::snapshot::SnapshotState::Retained { release_after_ms } => release_after_ms,
                             _ => 0,
                         },
+                        parts: s
+                            .parts
+                            .iter()
+                            .map(|p| pb::SnapshotPart {
+                                backend: p.backend.clone(),
+                                mount: p.mount.clone(),
+                                fstype: p.fstype.clone(),
+                                roots: p.roots.clone(),
+                                files: p.files,
+                                bytes: p.bytes,
+                                note: p.note.clone(),
+                            })
+                            .collect(),
                     });
                 }
             }

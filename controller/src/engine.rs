@@ -536,15 +536,18 @@ impl Engine {
         };
         let hash = hex::encode(Sha256::digest(plan_yaml.as_bytes()));
         let waves: Vec<Vec<String>> = report.waves.iter().map(|w| w.hosts.clone()).collect();
-        let (template, _) = build(String::new(), submitter, &hash, &plan, &waves);
+        let (template, _) = build(String::new(), submitter, &hash, &plan, &waves, &self.policies);
         let first = waves.first().cloned().unwrap_or_default();
         let tag = format!("submit:{}:{}", &hash[..12], self.boot);
         let mut probes = Vec::new();
         for host in first {
             let engine = Arc::clone(self);
             let steps = template.steps.clone();
+            let untouchable = template.untouchable.clone();
             let tag = tag.clone();
-            probes.push(tokio::spawn(async move { engine.dry_run(&tag, &host, &steps).await }));
+            probes.push(tokio::spawn(async move {
+                engine.dry_run(&tag, &host, &steps, &untouchable).await
+            }));
         }
         let mut records = Vec::new();
         for p in probes {
@@ -560,7 +563,7 @@ impl Engine {
             .collect();
         crate::failpoint::hit("submit-dry-run-done");
         let (rollout, hosts) = self.store.create_rollout(&hash, plan_yaml, |id| {
-            let (mut r, h) = build(id, submitter, &hash, &plan, &waves);
+            let (mut r, h) = build(id, submitter, &hash, &plan, &waves, &self.policies);
             r.inventory_hash.clone_from(&self.inventory_hash);
             r.dry_runs = records.clone();
             r.dry_run_digest = hex::encode(Sha256::digest(serde_json::to_vec(&records).unwrap_or_default()));
@@ -623,11 +626,12 @@ impl Engine {
 
     /// Dry-run `steps` in one sandbox on `host`; one record per step. A host
     /// that cannot answer, or whose sandbox fails, is blocked.
-    async fn dry_run(&self, tag: &str, host: &str, steps: &[StepSpec]) -> Vec<DryRunRecord> {
+    async fn dry_run(&self, tag: &str, host: &str, steps: &[StepSpec], untouchable: &[String]) -> Vec<DryRunRecord> {
         let cmd = pb::Command {
             id: format!("{tag}:{host}:dry-run"),
             kind: Some(pb::command::Kind::DryRun(pb::DryRun {
                 rollout_id: String::new(),
+                untouchable: untouchable.to_vec(),
                 steps: steps
                     .iter()
                     .map(|s| pb::DryRunStep {
@@ -1091,9 +1095,15 @@ impl Engine {
         index: usize,
         resend: Option<String>,
     ) -> Result<Option<(String, pb::CommandResult, Instant)>, EngineError> {
-        let (step, attempt, write_set) = self.with(id, |e| {
+        let (step, attempt, write_set, untouchable, backend) = self.with(id, |e| {
             let r = &e.rollout;
-            (r.steps[index].clone(), r.attempt, r.write_set.clone())
+            (
+                r.steps[index].clone(),
+                r.attempt,
+                r.write_set.clone(),
+                r.untouchable.clone(),
+                r.snapshot_backend.clone(),
+            )
         })?;
         let cmd_id = match resend {
             Some(cmd_id) => cmd_id,
@@ -1101,7 +1111,12 @@ impl Engine {
                 // 1. Its own dry-run, right before the real run.
                 let tag = format!("{id}:{attempt}:{}", self.boot);
                 let records = self
-                    .dry_run(&format!("{tag}:step{index}"), host, std::slice::from_ref(&step))
+                    .dry_run(
+                        &format!("{tag}:step{index}"),
+                        host,
+                        std::slice::from_ref(&step),
+                        &untouchable,
+                    )
                     .await;
                 let record = records.into_iter().next();
                 if let Some(rec) = &record {
@@ -1138,6 +1153,8 @@ impl Engine {
                         kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
                             rollout_id: id.to_owned(),
                             paths: write_set.clone(),
+                            untouchable: untouchable.clone(),
+                            backend: backend.clone(),
                         })),
                     };
                     let deadline = Instant::now() + Duration::from_secs(600) + self.settings.agent_grace;
@@ -1153,16 +1170,19 @@ impl Engine {
                         }
                         Ok(res) if res.outcome == pb::Outcome::Ok as i32 => {
                             let info: serde_json::Value = serde_json::from_str(&res.report_json).unwrap_or_default();
-                            let snap = SnapshotRecord::pinned(
+                            let mut snap = SnapshotRecord::pinned(
                                 info["archive_bytes"].as_u64().unwrap_or(0),
                                 info["files"].as_u64().unwrap_or(0),
                                 now_ms(),
                             );
-                            // The host record (and its audit record) says so; no
-                            // rollout event per host, which would grow without bound.
+                            snap.parts = serde_json::from_value(info["parts"].clone()).unwrap_or_default();
+                            // The host record (and its audit record) says so, with
+                            // the backend of every part; no rollout event per host,
+                            // which would grow without bound.
                             self.record_host(id, host, |h| {
+                                h.detail =
+                                    format!("snapshot of its write set taken and verified ({})", snap.backends());
                                 h.snapshot = Some(snap);
-                                h.detail = "snapshot of its write set taken and verified".into();
                             })
                             .await?;
                         }
@@ -1228,6 +1248,7 @@ impl Engine {
                 max_deletions: step.max_deletions,
                 create_dirs: hints.created_dirs,
                 create_files: hints.created_files,
+                untouchable,
             })),
         };
         let deadline = Instant::now() + Duration::from_millis(step.timeout_ms) + self.settings.agent_grace;
@@ -1553,7 +1574,22 @@ async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
     }
 }
 
-fn build(id: String, submitter: &str, hash: &str, plan: &Plan, waves: &[Vec<String>]) -> (Rollout, Vec<HostRecord>) {
+fn build(
+    id: String,
+    submitter: &str,
+    hash: &str,
+    plan: &Plan,
+    waves: &[Vec<String>],
+    policies: &PolicySet,
+) -> (Rollout, Vec<HostRecord>) {
+    let mut untouchable: Vec<String> = plan
+        .untouchable
+        .iter()
+        .map(|u| u.value.clone())
+        .chain(policies.untouchable())
+        .collect();
+    untouchable.sort();
+    untouchable.dedup();
     let steps = plan
         .steps
         .iter()
@@ -1622,6 +1658,8 @@ fn build(id: String, submitter: &str, hash: &str, plan: &Plan, waves: &[Vec<Stri
         dry_runs: Vec::new(),
         dry_run_digest: String::new(),
         rollback_pending: false,
+        untouchable,
+        snapshot_backend: policies.snapshot_backend().unwrap_or_default(),
         events: Vec::new(),
     };
     event(

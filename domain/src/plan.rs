@@ -41,6 +41,7 @@ struct PlanDoc {
     on_failure: Option<Spanned<String>>,
     snapshot: Option<SnapshotDoc>,
     approvals: Option<Spanned<i64>>,
+    untouchable: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -267,6 +268,10 @@ pub struct Plan {
     pub approvals: u32,
     /// Where `approvals` is written (the file when absent).
     pub approvals_loc: Loc,
+    /// Host paths no step of this plan may change (a network share, a
+    /// FUSE mount, a database it must not touch): read-only in the dry-run
+    /// and in the real run, and never in a snapshot.
+    pub untouchable: Vec<At<String>>,
 }
 
 impl Plan {
@@ -446,6 +451,38 @@ fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
         }
     };
 
+    let mut untouchable = Vec::new();
+    for (i, p) in doc.untouchable.into_iter().flatten().enumerate() {
+        let at = loc_of(file, &p);
+        match normalise_write_path(&p.value) {
+            Ok(norm) => untouchable.push(At { value: norm, loc: at }),
+            Err(why) => v.push(parse_error(
+                &at,
+                format!("untouchable[{i}]"),
+                format!("`untouchable` path `{}` {why}", p.value),
+                "list absolute paths no step may change, like `/srv/nfs`",
+            )),
+        }
+    }
+    for (i, step) in steps.iter().enumerate() {
+        for w in &step.writes {
+            if let Some(u) = untouchable.iter().find(|u| within(w, &u.value)) {
+                v.push(
+                    Violation::new(
+                        Code::WritesInvalid,
+                        format!(
+                            "step `{}`: `writes` path `{w}` is inside `{}`, which the plan marks untouchable (at {})",
+                            step.name, u.value, u.loc
+                        ),
+                    )
+                    .at(&step.writes_loc)
+                    .field(format!("steps[{i}].writes"))
+                    .fix("take the path out of `writes`, or out of `untouchable` if the step may change it"),
+                );
+            }
+        }
+    }
+
     Plan {
         file: file.to_owned(),
         name,
@@ -460,7 +497,13 @@ fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
         snapshot_retain,
         approvals,
         approvals_loc,
+        untouchable,
     }
+}
+
+/// Whether `path` is `base` or inside it, by whole path components.
+pub fn within(path: &str, base: &str) -> bool {
+    path == base || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
 }
 
 fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Violation>) -> Vec<Step> {
@@ -934,6 +977,20 @@ approvals: 0
             "{v:#?}"
         );
         assert!(v.iter().all(|x| x.line.is_some()), "every problem has a line: {v:#?}");
+    }
+
+    #[test]
+    fn untouchable_paths_are_checked_and_a_step_may_not_write_inside_one() {
+        let (plan, v) = parse_ok(
+            "name: x\nsteps: [{name: a, run: b, writes: [/srv/nfs/cache, /srv]}]\nuntouchable: [/srv/nfs/, relative]\n",
+        );
+        let codes: Vec<String> = v.iter().map(|x| x.code.to_string()).collect();
+        assert_eq!(codes, ["parse-error", "writes-invalid"], "{v:#?}");
+        assert!(v[1].message.contains("/srv/nfs/cache"), "{}", v[1].message);
+        assert_eq!(
+            plan.untouchable.iter().map(|u| u.value.as_str()).collect::<Vec<_>>(),
+            ["/srv/nfs"]
+        );
     }
 
     #[test]

@@ -43,6 +43,7 @@ struct RuleDoc {
     min_approvals: Option<Spanned<i64>>,
     label: Option<Spanned<String>>,
     patterns: Option<Vec<Spanned<String>>>,
+    backend: Option<Spanned<String>>,
 }
 
 /// The rule kinds, with the fields each accepts.
@@ -55,7 +56,13 @@ const KINDS: &[(&str, &[&str])] = &[
     ("destructive-command", &["patterns"]),
     ("require-expect-count", &[]),
     ("require-health-checks", &[]),
+    ("untouchable", &["paths"]),
+    ("snapshot-backend", &["backend"]),
 ];
+
+/// Snapshot backends a site policy may force: tar + zstd works on every
+/// filesystem, so forcing it can never leave a host without a snapshot.
+pub const FORCEABLE_BACKENDS: &[&str] = &["tar+zstd"];
 
 /// What a rule checks.
 #[derive(Clone, Debug)]
@@ -91,6 +98,19 @@ pub enum RuleKind {
     RequireExpectCount,
     /// At least one health check is required.
     RequireHealthChecks,
+    /// No step may change these paths: they are read-only in the dry-run
+    /// and the real run, and a step whose `writes` lies inside one is
+    /// refused.
+    Untouchable {
+        /// The paths, normalised.
+        paths: Vec<String>,
+    },
+    /// Every snapshot is taken by this backend (`tar+zstd`), whatever the
+    /// host's filesystem offers.
+    SnapshotBackend {
+        /// The backend's name.
+        backend: String,
+    },
 }
 
 /// One site policy rule.
@@ -210,6 +230,29 @@ impl PolicySet {
     /// The rules, in file order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// Paths the site marks untouchable.
+    pub fn untouchable(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .rules
+            .iter()
+            .flat_map(|r| match &r.kind {
+                RuleKind::Untouchable { paths } => paths.clone(),
+                _ => Vec::new(),
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The snapshot backend the site forces, if any.
+    pub fn snapshot_backend(&self) -> Option<String> {
+        self.rules.iter().find_map(|r| match &r.kind {
+            RuleKind::SnapshotBackend { backend } => Some(backend.clone()),
+            _ => None,
+        })
     }
 
     /// The caps the planner must honour.
@@ -352,7 +395,36 @@ impl PolicySet {
                         );
                     }
                 }
-                RuleKind::Cap(_) => {}
+                RuleKind::Untouchable { paths } => {
+                    for (i, step) in plan.steps.iter().enumerate() {
+                        let hits: Vec<String> = step
+                            .writes
+                            .iter()
+                            .flat_map(|w| {
+                                paths
+                                    .iter()
+                                    .filter(move |p| crate::plan::within(w, p))
+                                    .map(move |p| format!("`{w}` is inside `{p}`"))
+                            })
+                            .collect();
+                        if !hits.is_empty() {
+                            v.push(
+                                Violation::new(
+                                    code.clone(),
+                                    format!(
+                                        "step `{}` would change what the site marks untouchable: {}{why}",
+                                        step.name,
+                                        hits.join(", ")
+                                    ),
+                                )
+                                .at(&step.writes_loc)
+                                .field(format!("steps[{i}].writes"))
+                                .fix("take the path out of `writes`; no plan may change an untouchable path"),
+                            );
+                        }
+                    }
+                }
+                RuleKind::Cap(_) | RuleKind::SnapshotBackend { .. } => {}
             }
         }
         v
@@ -418,6 +490,7 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
         ("min_approvals", r.min_approvals.as_ref().map(|s| loc_of(file, s))),
         ("label", r.label.as_ref().map(|s| loc_of(file, s))),
         ("patterns", r.patterns.as_ref().map(|_| loc.clone())),
+        ("backend", r.backend.as_ref().map(|s| loc_of(file, s))),
     ]
     .into_iter()
     .filter_map(|(k, l)| l.map(|l| (k, l)))
@@ -506,6 +579,56 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
                 }),
             };
             RuleKind::MinBake { min }
+        }
+        "untouchable" => {
+            let mut paths = Vec::new();
+            for (j, p) in r.paths.iter().flatten().enumerate() {
+                match crate::plan::normalise_write_path(&p.value) {
+                    Ok(n) => paths.push(n),
+                    Err(why) => v.push(bad(
+                        &loc_of(file, p),
+                        format!("rules[{i}].paths[{j}]"),
+                        format!("rule `{id}`: path `{}` {why}", p.value),
+                        "write absolute paths like `/srv/nfs`",
+                    )),
+                }
+            }
+            if r.paths.as_ref().is_none_or(Vec::is_empty) {
+                v.push(bad(
+                    &loc,
+                    field("paths"),
+                    format!("rule `{id}` marks no paths untouchable"),
+                    "add `paths: [/srv/nfs]`",
+                ));
+            }
+            RuleKind::Untouchable { paths }
+        }
+        "snapshot-backend" => {
+            let backend = match &r.backend {
+                Some(b) if FORCEABLE_BACKENDS.contains(&b.value.as_str()) => b.value.clone(),
+                Some(b) => {
+                    v.push(bad(
+                        &loc_of(file, b),
+                        field("backend"),
+                        format!("rule `{id}`: `{}` is not a snapshot backend a site can force", b.value),
+                        format!(
+                            "write `backend: tar+zstd` (it works on every filesystem); the others are chosen per filesystem: {}",
+                            FORCEABLE_BACKENDS.join(", ")
+                        ),
+                    ));
+                    String::new()
+                }
+                None => {
+                    v.push(bad(
+                        &loc,
+                        field("backend"),
+                        format!("rule `{id}` names no `backend`"),
+                        "add `backend: tar+zstd`",
+                    ));
+                    String::new()
+                }
+            };
+            RuleKind::SnapshotBackend { backend }
         }
         "protected-paths" => {
             let mut paths = Vec::new();
@@ -648,6 +771,20 @@ mod tests {
 
     fn parse(text: &str) -> Result<PolicySet, Vec<Violation>> {
         PolicySet::parse(&[Source { name: "p.yaml", text }])
+    }
+
+    #[test]
+    fn untouchable_and_snapshot_backend_rules() {
+        let set = parse(
+            "rules:\n  - {id: nfs, kind: untouchable, paths: [/srv/nfs, /mnt/backup/]}\n  - {id: tar, kind: snapshot-backend, backend: tar+zstd}\n",
+        )
+        .expect("valid");
+        assert_eq!(set.untouchable(), ["/mnt/backup", "/srv/nfs"]);
+        assert_eq!(set.snapshot_backend().as_deref(), Some("tar+zstd"));
+        let errs = parse("rules:\n  - {id: b, kind: snapshot-backend, backend: zfs}\n  - {id: u, kind: untouchable}\n")
+            .expect_err("invalid");
+        assert_eq!(errs.len(), 2, "{errs:#?}");
+        assert!(errs[0].message.contains("`zfs` is not a snapshot backend"), "{errs:#?}");
     }
 
     #[test]

@@ -251,6 +251,13 @@ pub struct Rollout {
     /// A halt whose failed hosts still have to be restored.
     #[serde(default)]
     pub rollback_pending: bool,
+    /// Host paths no step may change (the plan's and the site's).
+    #[serde(default)]
+    pub untouchable: Vec<String>,
+    /// The snapshot backend the site policy forces (empty: the best per
+    /// filesystem).
+    #[serde(default)]
+    pub snapshot_backend: String,
     /// Human-readable events, oldest first.
     pub events: Vec<String>,
 }
@@ -485,6 +492,8 @@ mod tests {
             dry_runs: Vec::new(),
             dry_run_digest: "d1".into(),
             rollback_pending: false,
+            untouchable: Vec::new(),
+            snapshot_backend: String::new(),
             events: Vec::new(),
         }
     }

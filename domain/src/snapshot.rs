@@ -83,6 +83,49 @@ pub struct SnapshotRecord {
     pub wave_confirmed: bool,
     /// Who forced its release, if someone did.
     pub forced_by: Option<String>,
+    /// One per filesystem the write set lives on, with the backend that
+    /// keeps it.
+    #[serde(default)]
+    pub parts: Vec<SnapshotPart>,
+}
+
+/// One filesystem's share of a host's snapshot, as the agent reported it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPart {
+    /// `btrfs` or `tar+zstd`.
+    pub backend: String,
+    /// Host path of the mount holding it.
+    pub mount: String,
+    /// Its filesystem type.
+    #[serde(default)]
+    pub fstype: String,
+    /// The write-set paths it holds.
+    #[serde(default)]
+    pub roots: Vec<String>,
+    /// Paths in it.
+    #[serde(default)]
+    pub files: u64,
+    /// Bytes it keeps (the archive; for a btrfs snapshot, the data it
+    /// references).
+    #[serde(default)]
+    pub bytes: u64,
+    /// Why this backend, when it is not the filesystem's best.
+    #[serde(default)]
+    pub note: String,
+}
+
+impl SnapshotRecord {
+    /// The backends of its parts, like `btrfs:/home, tar+zstd:/`.
+    pub fn backends(&self) -> String {
+        if self.parts.is_empty() {
+            return "tar+zstd".into();
+        }
+        self.parts
+            .iter()
+            .map(|p| format!("{}:{}", p.backend, p.mount))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 impl SnapshotRecord {
@@ -95,6 +138,7 @@ impl SnapshotRecord {
             taken_ms,
             wave_confirmed: false,
             forced_by: None,
+            parts: Vec::new(),
         }
     }
 

@@ -11,7 +11,8 @@ use super::client::{Conn, exit_for};
 /// `wavegate snapshot ...`
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
-    /// Each snapshot's host, wave, size and state (pinned, retained, released).
+    /// Each snapshot's host, wave, size, state (pinned, retained, released)
+    /// and the backend of each filesystem it covers.
     List {
         /// Only this rollout.
         #[arg(long)]
@@ -20,6 +21,18 @@ pub enum SnapshotCommand {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+}
+
+/// `btrfs:/home, tar+zstd:/`: each part's backend and mount.
+fn backends(s: &pb::SnapshotInfo) -> String {
+    if s.parts.is_empty() {
+        return "tar+zstd".into();
+    }
+    s.parts
+        .iter()
+        .map(|p| format!("{}:{}", p.backend, p.mount))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Run a `snapshot` subcommand.
@@ -43,22 +56,40 @@ pub async fn run(cmd: SnapshotCommand, conn: &Conn) -> Result<u8> {
             let v: Vec<_> = list
                 .iter()
                 .map(|s| {
+                    let parts: Vec<_> = s
+                        .parts
+                        .iter()
+                        .map(|p| {
+                            json!({"backend": p.backend, "mount": p.mount, "fstype": p.fstype, "roots": p.roots,
+                                   "files": p.files, "bytes": p.bytes, "note": p.note})
+                        })
+                        .collect();
                     json!({"rollout": s.rollout_id, "host": s.host, "wave": s.wave, "bytes": s.bytes,
-                           "files": s.files, "state": s.state, "release_after_ms": s.release_after_ms})
+                           "files": s.files, "state": s.state, "release_after_ms": s.release_after_ms,
+                           "backend": backends(s), "parts": parts})
                 })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         Output::Text => {
             println!(
-                "{:<8} {:<12} {:>4} {:>12} {:>7}  STATE",
-                "ROLLOUT", "HOST", "WAVE", "BYTES", "FILES"
+                "{:<8} {:<12} {:>4} {:>12} {:>7}  {:<9} BACKEND",
+                "ROLLOUT", "HOST", "WAVE", "BYTES", "FILES", "STATE"
             );
             for s in &list {
                 println!(
-                    "{:<8} {:<12} {:>4} {:>12} {:>7}  {}",
-                    s.rollout_id, s.host, s.wave, s.bytes, s.files, s.state
+                    "{:<8} {:<12} {:>4} {:>12} {:>7}  {:<9} {}",
+                    s.rollout_id,
+                    s.host,
+                    s.wave,
+                    s.bytes,
+                    s.files,
+                    s.state,
+                    backends(s)
                 );
+                for p in s.parts.iter().filter(|p| !p.note.is_empty()) {
+                    println!("{:>46} {}: {}", "", p.mount, p.note);
+                }
             }
         }
     }

@@ -1,0 +1,780 @@
+//! Snapshots of a host's write set, taken before its first real step,
+//! verified, kept until the controller releases them, and restored exactly
+//! (content, modes, owners, timestamps, symlinks; files the step created are
+//! removed).
+//!
+//! A write set can span filesystems (`/etc` on the root, `/home` on its own
+//! btrfs, `/var/lib/mysql` on xfs), so a snapshot is made of *parts*, one
+//! per filesystem (and per btrfs subvolume), each taken by the best
+//! mechanism that filesystem has, behind one [`Backend`] interface:
+//!
+//! - [`btrfs`]: a read-only btrfs snapshot of the subvolume holding the
+//!   paths; verified by its read-only flag, generation and parent; restored
+//!   by putting back only what changed, as reflinks of the snapshot's data.
+//! - [`tar`]: tar + zstd with a manifest of every path and its content
+//!   hash; verified by reading it back; everywhere else, or when a site
+//!   policy forces it.
+//! - LVM thin and ZFS snapshots are not built yet ([`unsupported`] says so
+//!   where they would apply); such filesystems get tar + zstd.
+//!
+//! A part never crosses into another filesystem: a mount or a nested
+//! subvolume below a write path is a part of its own, and untouchable paths
+//! and the agent's own snapshot directories are left out.
+
+pub mod btrfs;
+pub mod tar;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read as _;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::mountinfo::{self, HostMount, Treatment, within};
+
+/// A snapshot mechanism.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum BackendKind {
+    /// An archive of the files (any filesystem).
+    #[serde(rename = "tar+zstd")]
+    TarZstd,
+    /// A read-only btrfs snapshot.
+    #[serde(rename = "btrfs")]
+    Btrfs,
+}
+
+impl BackendKind {
+    /// Its name, as shown and as a site policy writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::TarZstd => "tar+zstd",
+            BackendKind::Btrfs => "btrfs",
+        }
+    }
+
+    /// Parse a name (`tar+zstd`, `btrfs`).
+    pub fn parse(s: &str) -> Option<BackendKind> {
+        match s {
+            "tar+zstd" => Some(BackendKind::TarZstd),
+            "btrfs" => Some(BackendKind::Btrfs),
+            _ => None,
+        }
+    }
+}
+
+/// One path of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Path relative to the host root, starting with `/`.
+    pub path: String,
+    /// file | dir | symlink
+    pub kind: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time, seconds.
+    pub mtime: i64,
+    /// Size (files).
+    pub size: u64,
+    /// SHA-256 (files; tar + zstd only: a btrfs snapshot is checked by the
+    /// filesystem, not by reading every byte).
+    pub sha256: String,
+    /// Target (symlinks).
+    pub link: String,
+}
+
+/// The archive of a tar + zstd part.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TarInfo {
+    /// File name in the snapshot directory.
+    pub file: String,
+    /// Bytes of the archive.
+    pub bytes: u64,
+    /// SHA-256 of the archive.
+    pub sha256: String,
+}
+
+/// The snapshot subvolume of a btrfs part.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BtrfsInfo {
+    /// Host path of the subvolume it is a snapshot of.
+    pub subvolume: String,
+    /// Host path of the read-only snapshot.
+    pub snapshot: String,
+    /// The snapshot's UUID.
+    pub uuid: String,
+    /// The UUID of the subvolume it was taken from.
+    pub parent_uuid: String,
+    /// The snapshot's generation when it was taken; a read-only snapshot
+    /// that was written to since has a higher one.
+    pub generation: u64,
+}
+
+/// One filesystem's share of a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Part {
+    /// How it is kept.
+    pub backend: BackendKind,
+    /// Host path of the mount holding it.
+    pub mount: String,
+    /// Its filesystem type.
+    pub fstype: String,
+    /// Why this backend, when it is not the filesystem's best (for people).
+    #[serde(default)]
+    pub note: String,
+    /// The paths it holds, and whether each existed.
+    pub roots: BTreeMap<String, bool>,
+    /// Host paths below the roots that are not in it (other parts,
+    /// untouchable paths, snapshot directories).
+    #[serde(default)]
+    pub skip: Vec<String>,
+    /// Every path it holds, sorted.
+    pub entries: Vec<Entry>,
+    /// The archive (tar + zstd).
+    #[serde(default)]
+    pub tar: Option<TarInfo>,
+    /// The snapshot subvolume (btrfs).
+    #[serde(default)]
+    pub btrfs: Option<BtrfsInfo>,
+}
+
+impl Part {
+    /// Bytes the part keeps: the archive's size, or for a btrfs snapshot
+    /// the data it references (it shares it with the live files).
+    pub fn bytes(&self) -> u64 {
+        match &self.tar {
+            Some(t) => t.bytes,
+            None => self.entries.iter().map(|e| e.size).sum(),
+        }
+    }
+}
+
+/// What a snapshot holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The host it was taken on; a restore elsewhere is refused.
+    pub host: String,
+    /// The rollout it belongs to.
+    pub rollout: String,
+    /// The write set, and whether each path existed.
+    pub roots: BTreeMap<String, bool>,
+    /// One part per filesystem.
+    #[serde(default)]
+    pub parts: Vec<Part>,
+    /// Before parts: every path of the one tar archive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entries: Vec<Entry>,
+    /// Before parts: bytes of the one archive.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub archive_bytes: u64,
+    /// Before parts: SHA-256 of the one archive.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub archive_sha256: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Manifest {
+    /// A manifest written before snapshots had parts is one tar part.
+    fn upgrade(mut self) -> Manifest {
+        if self.parts.is_empty() && !self.archive_sha256.is_empty() {
+            self.parts.push(Part {
+                backend: BackendKind::TarZstd,
+                mount: "/".into(),
+                fstype: String::new(),
+                note: String::new(),
+                roots: self.roots.clone(),
+                skip: Vec::new(),
+                entries: std::mem::take(&mut self.entries),
+                tar: Some(TarInfo {
+                    file: "data.tar.zst".into(),
+                    bytes: self.archive_bytes,
+                    sha256: std::mem::take(&mut self.archive_sha256),
+                }),
+                btrfs: None,
+            });
+        }
+        self
+    }
+
+    /// Paths in every part.
+    pub fn files(&self) -> usize {
+        self.parts.iter().map(|p| p.entries.len()).sum()
+    }
+
+    /// Bytes every part keeps.
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(Part::bytes).sum()
+    }
+
+    /// A line for people: `btrfs on /home (1 path); tar+zstd on / (2 paths)`.
+    pub fn describe(&self) -> String {
+        self.parts
+            .iter()
+            .map(|p| {
+                let mut s = format!("{} on {} ({})", p.backend.as_str(), p.mount, p.fstype);
+                if !p.note.is_empty() {
+                    s.push_str(&format!(" [{}]", p.note));
+                }
+                s
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The summary the controller keeps and shows.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "files": self.files(),
+            "archive_bytes": self.bytes(),
+            "roots": self.roots,
+            "describe": self.describe(),
+            "parts": self.parts.iter().map(|p| serde_json::json!({
+                "backend": p.backend.as_str(),
+                "mount": p.mount,
+                "fstype": p.fstype,
+                "roots": p.roots.keys().collect::<Vec<_>>(),
+                "files": p.entries.len(),
+                "bytes": p.bytes(),
+                "note": p.note,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// What to snapshot, and where.
+#[derive(Clone, Debug)]
+pub struct Request<'a> {
+    /// The agent's state directory (manifests and archives live there).
+    pub state_dir: &'a Path,
+    /// This host's id.
+    pub host: &'a str,
+    /// The host root.
+    pub root: &'a Path,
+    /// The rollout.
+    pub rollout: &'a str,
+    /// The write set.
+    pub writes: &'a [String],
+    /// Paths no step may change: never in a snapshot.
+    pub untouchable: &'a [String],
+    /// A backend a site policy forces (only tar + zstd can be forced: it
+    /// works on every filesystem).
+    pub force: Option<BackendKind>,
+}
+
+/// What one backend does with one part. Implementations are stateless; the
+/// part's manifest carries everything they need later.
+pub trait Backend {
+    /// Take the part's snapshot into `dir` and fill in `part` (its entries
+    /// and the backend's own record). Verified before it returns. Returns
+    /// the directories below its roots that turned out to be on another
+    /// filesystem (now in `part.skip`): each becomes a part of its own.
+    fn take(&self, root: &Path, dir: &Path, part: &mut Part) -> Result<Vec<String>>;
+    /// Check that the snapshot is intact.
+    fn verify(&self, root: &Path, dir: &Path, part: &Part) -> Result<()>;
+    /// Put the part's paths back as they were, then check them.
+    fn restore(&self, root: &Path, dir: &Path, part: &Part) -> Result<()>;
+    /// Delete the snapshot.
+    fn release(&self, root: &Path, dir: &Path, part: &Part) -> Result<()>;
+}
+
+fn backend(kind: BackendKind) -> &'static dyn Backend {
+    match kind {
+        BackendKind::TarZstd => &tar::TarZstd,
+        BackendKind::Btrfs => &btrfs::Btrfs,
+    }
+}
+
+/// Snapshot mechanisms this agent does not have yet, and what it says where
+/// one of them would be the best choice.
+pub mod unsupported {
+    use crate::mountinfo::HostMount;
+
+    /// Why a better backend than tar + zstd is not used for this mount, if
+    /// one would apply: ZFS datasets and LVM thin volumes.
+    pub fn note(m: &HostMount) -> Option<String> {
+        if m.mount.fstype == "zfs" {
+            return Some(
+                "zfs snapshots: not supported on this host (this agent has no ZFS backend yet); tar+zstd used".into(),
+            );
+        }
+        let src = &m.mount.source;
+        if src.starts_with("/dev/mapper/") || src.starts_with("/dev/dm-") {
+            return Some(format!(
+                "lvm-thin snapshots: not supported on this host (this agent has no device-mapper backend yet; {src}); tar+zstd used"
+            ));
+        }
+        None
+    }
+}
+
+/// `p` relative to the host root, as a path under `root`.
+pub fn host_path(root: &Path, p: &str) -> PathBuf {
+    root.join(p.trim_start_matches('/'))
+}
+
+pub(crate) fn hash_file(p: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(p)?;
+    let mut h = Sha256::new();
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The entry of a path as it is on disk under `base` (which shows host path
+/// `path` at `base/<path>`), without its content hash.
+pub(crate) fn entry_at(full: &Path, path: &str) -> Result<Entry> {
+    let m = full.symlink_metadata().with_context(|| format!("reading {path}"))?;
+    let kind = if m.file_type().is_symlink() {
+        "symlink"
+    } else if m.is_dir() {
+        "dir"
+    } else {
+        "file"
+    };
+    Ok(Entry {
+        path: path.to_owned(),
+        kind: kind.into(),
+        mode: m.mode() & 0o7777,
+        uid: m.uid(),
+        gid: m.gid(),
+        mtime: m.mtime(),
+        size: if kind == "file" { m.len() } else { 0 },
+        sha256: String::new(),
+        link: if kind == "symlink" {
+            std::fs::read_link(full)?.display().to_string()
+        } else {
+            String::new()
+        },
+    })
+}
+
+/// Every path under `roots` (host paths), read under `base` where host path
+/// `p` is at `base + (p - prefix)`, sorted, leaving out `skip` and
+/// everything below it. A directory on another filesystem than its parent
+/// (`dev` of the live tree under `live`) is not walked: it is returned as a
+/// boundary, to be a part of its own.
+pub(crate) fn walk(
+    base: &Path,
+    prefix: &str,
+    live: &Path,
+    roots: &[String],
+    skip: &[String],
+) -> Result<(Vec<Entry>, Vec<String>)> {
+    let at = |p: &str| -> PathBuf {
+        let rest = if prefix == "/" {
+            p
+        } else {
+            p.strip_prefix(prefix).unwrap_or(p)
+        };
+        base.join(rest.trim_start_matches('/'))
+    };
+    let skipped = |p: &str| skip.iter().any(|s| within(p, s));
+    let mut entries = Vec::new();
+    let mut boundaries = Vec::new();
+    for r in roots {
+        let full = at(r);
+        if full.symlink_metadata().is_err() || skipped(r) {
+            continue;
+        }
+        let root_dev = host_path(live, r).symlink_metadata().map(|m| m.dev()).ok();
+        let mut stack = vec![r.clone()];
+        while let Some(p) = stack.pop() {
+            let full = at(&p);
+            let e = entry_at(&full, &p)?;
+            if e.kind == "dir" {
+                let mut children: Vec<String> = std::fs::read_dir(&full)
+                    .with_context(|| format!("reading {p}"))?
+                    .flatten()
+                    .map(|c| format!("{}/{}", p.trim_end_matches('/'), c.file_name().to_string_lossy()))
+                    .collect();
+                children.sort();
+                children.reverse();
+                for c in children {
+                    if skipped(&c) {
+                        continue;
+                    }
+                    // A directory on another filesystem (a nested btrfs
+                    // subvolume, or a mount nobody listed) is its own part.
+                    let live_c = host_path(live, &c).symlink_metadata().ok();
+                    if let (Some(dev), Some(m)) = (root_dev, live_c)
+                        && m.is_dir()
+                        && m.dev() != dev
+                    {
+                        boundaries.push(c);
+                        continue;
+                    }
+                    stack.push(c);
+                }
+            }
+            entries.push(e);
+        }
+    }
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((entries, boundaries))
+}
+
+/// Remove `p` (a host path under `root`) and everything below it, except
+/// `skip` paths and the directories leading to them; `keep_self` keeps `p`
+/// itself (a mount point or a subvolume root: its contents go, it stays).
+pub(crate) fn remove_except(root: &Path, p: &str, skip: &[String], keep_self: bool) -> Result<()> {
+    if skip.iter().any(|s| within(p, s)) {
+        return Ok(());
+    }
+    let full = host_path(root, p);
+    let Ok(m) = full.symlink_metadata() else { return Ok(()) };
+    let below = skip
+        .iter()
+        .any(|s| s != p && within(s, p) && host_path(root, s).symlink_metadata().is_ok());
+    if !m.is_dir() {
+        return std::fs::remove_file(&full).with_context(|| format!("removing {p}"));
+    }
+    if !below && !keep_self {
+        return std::fs::remove_dir_all(&full).with_context(|| format!("removing {p}"));
+    }
+    for c in std::fs::read_dir(&full)?.flatten() {
+        let child = format!("{}/{}", p.trim_end_matches('/'), c.file_name().to_string_lossy());
+        remove_except(root, &child, skip, false)?;
+    }
+    Ok(())
+}
+
+/// Whether host path `p` is where a filesystem or subvolume begins (it
+/// cannot be removed, only emptied).
+pub(crate) fn is_boundary(root: &Path, p: &str) -> bool {
+    let full = host_path(root, p);
+    let (Ok(m), Some(parent)) = (full.symlink_metadata(), full.parent()) else {
+        return false;
+    };
+    parent.symlink_metadata().is_ok_and(|pm| pm.dev() != m.dev())
+}
+
+/// Where a rollout's snapshot lives.
+pub fn dir(state_dir: &Path, rollout: &str) -> PathBuf {
+    state_dir.join("snapshots").join(safe_name(rollout))
+}
+
+/// A rollout id as a file name.
+pub fn safe_name(rollout: &str) -> String {
+    rollout
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect()
+}
+
+/// The parts a write set falls into on this host, before anything is taken:
+/// one per filesystem (and per btrfs subvolume) the paths live on, with
+/// their backend chosen.
+pub fn plan_parts(req: &Request<'_>, mounts: &[HostMount]) -> Vec<Part> {
+    // Inner paths are covered by the outer ones.
+    let mut writes: Vec<String> = req.writes.to_vec();
+    writes.sort();
+    writes.dedup();
+    let outer: Vec<String> = writes
+        .iter()
+        .filter(|w| !writes.iter().any(|o| o != *w && within(w, o)))
+        .cloned()
+        .collect();
+    let mut parts: BTreeMap<(BackendKind, String), Part> = BTreeMap::new();
+    let mut queue: Vec<(String, bool)> = outer
+        .iter()
+        .map(|w| (w.clone(), host_path(req.root, w).symlink_metadata().is_ok()))
+        .collect();
+    // Mounts below a write path are parts of their own.
+    for w in &outer {
+        for m in mounts
+            .iter()
+            .filter(|m| m.rel != "/" && m.rel != *w && within(&m.rel, w))
+        {
+            if matches!(m.treatment, Treatment::Overlay) {
+                queue.push((m.rel.clone(), true));
+            }
+        }
+    }
+    for (path, exists) in queue {
+        let Some((key, part)) = new_part(req, mounts, &path, exists) else {
+            continue;
+        };
+        parts
+            .entry(key)
+            .and_modify(|p| {
+                p.roots.insert(path.clone(), exists);
+            })
+            .or_insert(part);
+    }
+    let mut out: Vec<Part> = parts.into_values().collect();
+    // Each part leaves out every other part's roots below its own, and
+    // everything excluded.
+    let all_roots: Vec<String> = out.iter().flat_map(|p| p.roots.keys().cloned()).collect();
+    let excluded = excluded(req, mounts);
+    for p in &mut out {
+        set_skip(p, &all_roots, &excluded);
+    }
+    out
+}
+
+/// Paths that are in no part: untouchable ones, and mounts that cannot
+/// change (read-only) or cannot be overlaid (a step reaching those is
+/// refused anyway).
+fn excluded(req: &Request<'_>, mounts: &[HostMount]) -> Vec<String> {
+    mounts
+        .iter()
+        .filter(|m| !matches!(m.treatment, Treatment::Overlay))
+        .map(|m| m.rel.clone())
+        .chain(req.untouchable.iter().cloned())
+        .collect()
+}
+
+fn set_skip(p: &mut Part, all_roots: &[String], excluded: &[String]) {
+    let mine: Vec<String> = p.roots.keys().cloned().collect();
+    let mut skip: BTreeSet<String> = p.skip.iter().cloned().collect();
+    for r in &mine {
+        for o in all_roots.iter().chain(excluded) {
+            if o != r && within(o, r) && !mine.contains(o) {
+                skip.insert(o.clone());
+            }
+        }
+        skip.insert(format!("{}/{}", r.trim_end_matches('/'), btrfs::SNAPSHOT_DIR));
+    }
+    if let Some(b) = &p.btrfs {
+        skip.insert(format!("{}/{}", b.subvolume.trim_end_matches('/'), btrfs::SNAPSHOT_DIR));
+    }
+    p.skip = skip.into_iter().collect();
+}
+
+/// A part holding `path`, keyed by what it snapshots (parts with the same
+/// key are one).
+fn new_part(
+    req: &Request<'_>,
+    mounts: &[HostMount],
+    path: &str,
+    exists: bool,
+) -> Option<((BackendKind, String), Part)> {
+    let home = mountinfo::mount_of(mounts, path)?;
+    let (kind, key, note) = choose(req, home, path);
+    let part = Part {
+        backend: kind,
+        mount: home.rel.clone(),
+        fstype: home.mount.fstype.clone(),
+        note,
+        roots: BTreeMap::from([(path.to_owned(), exists)]),
+        skip: Vec::new(),
+        entries: Vec::new(),
+        tar: None,
+        btrfs: (kind == BackendKind::Btrfs).then(|| BtrfsInfo {
+            subvolume: key.clone(),
+            snapshot: String::new(),
+            uuid: String::new(),
+            parent_uuid: String::new(),
+            generation: 0,
+        }),
+    };
+    Some(((kind, key), part))
+}
+
+/// The backend for a path on mount `home`: (kind, part key, note).
+fn choose(req: &Request<'_>, home: &HostMount, path: &str) -> (BackendKind, String, String) {
+    let tar = |note: String| (BackendKind::TarZstd, home.rel.clone(), note);
+    if req.force == Some(BackendKind::TarZstd) {
+        let note = if home.mount.fstype == "btrfs" {
+            "tar+zstd forced by the site policy".to_owned()
+        } else {
+            String::new()
+        };
+        return tar(note);
+    }
+    if home.mount.fstype == "btrfs" {
+        if !btrfs::available() {
+            return tar("btrfs-progs is not installed on this host; tar+zstd used".into());
+        }
+        return match btrfs::subvolume_of(req.root, path) {
+            Some(sub) => (BackendKind::Btrfs, sub, String::new()),
+            None => tar("the subvolume holding it is not visible under the host root; tar+zstd used".into()),
+        };
+    }
+    tar(unsupported::note(home).unwrap_or_default())
+}
+
+/// Take (once) and verify the snapshot of the write set for a rollout. A
+/// verified snapshot that already exists is returned as it is, never
+/// retaken: it holds the state before the first step.
+pub fn take(req: &Request<'_>) -> Result<Manifest> {
+    let d = dir(req.state_dir, req.rollout);
+    if let Ok(bytes) = std::fs::read(d.join("manifest.json")) {
+        let m: Manifest = serde_json::from_slice::<Manifest>(&bytes)?.upgrade();
+        verify(req.root, &d, &m)?;
+        return Ok(m);
+    }
+    let tmp = d.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let table = mountinfo::read()?;
+    let mounts = mountinfo::host_mounts(&table, req.root, req.untouchable, &[req.state_dir]);
+    let mut parts = plan_parts(req, &mounts);
+    let mut i = 0;
+    while i < parts.len() {
+        let part = &mut parts[i];
+        if part.backend == BackendKind::TarZstd {
+            part.tar = Some(TarInfo {
+                file: format!("part-{i}.tar.zst"),
+                bytes: 0,
+                sha256: String::new(),
+            });
+        }
+        if let Some(b) = part.btrfs.as_mut() {
+            b.snapshot = format!(
+                "{}/{}/{}-{i}",
+                b.subvolume.trim_end_matches('/'),
+                btrfs::SNAPSHOT_DIR,
+                safe_name(req.rollout)
+            );
+        }
+        let found = backend(part.backend)
+            .take(req.root, &tmp, part)
+            .with_context(|| format!("{} snapshot of {}", part.backend.as_str(), part.mount))?;
+        // A nested subvolume (or a mount below) found on the way is a part
+        // of its own.
+        for b in found {
+            if parts.iter().any(|p| p.roots.contains_key(&b)) {
+                continue;
+            }
+            if let Some((_, mut p)) = new_part(req, &mounts, &b, true) {
+                set_skip(&mut p, &[], &excluded(req, &mounts));
+                parts.push(p);
+            }
+        }
+        i += 1;
+    }
+    let roots = req
+        .writes
+        .iter()
+        .map(|w| (w.clone(), host_path(req.root, w).symlink_metadata().is_ok()))
+        .collect();
+    let m = Manifest {
+        host: req.host.to_owned(),
+        rollout: req.rollout.to_owned(),
+        roots,
+        parts,
+        entries: Vec::new(),
+        archive_bytes: 0,
+        archive_sha256: String::new(),
+    };
+    crate::journal::write_durably(&tmp.join("manifest.json"), &serde_json::to_vec_pretty(&m)?)?;
+    std::fs::create_dir_all(d.parent().unwrap_or(req.state_dir))?;
+    std::fs::rename(&tmp, &d)?;
+    Ok(m)
+}
+
+/// Check every part of a snapshot.
+pub fn verify(root: &Path, d: &Path, m: &Manifest) -> Result<()> {
+    for p in &m.parts {
+        backend(p.backend)
+            .verify(root, d, p)
+            .with_context(|| format!("the {} snapshot of {}", p.backend.as_str(), p.mount))?;
+    }
+    Ok(())
+}
+
+fn load(state_dir: &Path, host: &str, rollout: &str) -> Result<(PathBuf, Manifest)> {
+    let d = dir(state_dir, rollout);
+    let m: Manifest = serde_json::from_slice::<Manifest>(
+        &std::fs::read(d.join("manifest.json"))
+            .with_context(|| format!("no snapshot for rollout {rollout} on this host"))?,
+    )?
+    .upgrade();
+    if m.host != host {
+        bail!(
+            "this snapshot was taken on host {}, not {host}; refusing to restore it here",
+            m.host
+        );
+    }
+    Ok((d, m))
+}
+
+/// Restore the write set from the snapshot, part by part: each part's paths
+/// are put back as they were, then checked against its manifest.
+pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Result<Manifest> {
+    let (d, m) = load(state_dir, host, rollout)?;
+    // Every part is checked before any is touched: a restore that would stop
+    // half way on a damaged snapshot is worse than none.
+    verify(root, &d, &m)?;
+    for p in &m.parts {
+        backend(p.backend)
+            .restore(root, &d, p)
+            .with_context(|| format!("restoring {} from its {} snapshot", p.mount, p.backend.as_str()))?;
+    }
+    // A rollback that a power cut could undo is no rollback.
+    nix::unistd::syncfs(std::fs::File::open(root)?).context("syncing the restored files")?;
+    for p in &m.parts {
+        if let Some(first) = p.roots.keys().next() {
+            let at = host_path(root, first);
+            let at = if at.exists() { at } else { host_path(root, &p.mount) };
+            if let Ok(f) = std::fs::File::open(&at) {
+                nix::unistd::syncfs(f).with_context(|| format!("syncing {}", p.mount))?;
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// Release (delete) a snapshot.
+pub fn release(state_dir: &Path, root: &Path, rollout: &str) -> Result<()> {
+    let d = dir(state_dir, rollout);
+    if let Ok(bytes) = std::fs::read(d.join("manifest.json"))
+        && let Ok(m) = serde_json::from_slice::<Manifest>(&bytes)
+    {
+        for p in &m.upgrade().parts {
+            backend(p.backend).release(root, &d, p)?;
+        }
+    }
+    for x in [d.clone(), d.with_extension("partial")] {
+        if x.exists() {
+            std::fs::remove_dir_all(&x)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_old_manifest_is_one_tar_part() {
+        let old = serde_json::json!({
+            "host": "h1", "rollout": "r1", "roots": {"/etc/app": true},
+            "entries": [{"path": "/etc/app", "kind": "dir", "mode": 493, "uid": 0, "gid": 0,
+                         "mtime": 1, "size": 0, "sha256": "", "link": ""}],
+            "archive_bytes": 10, "archive_sha256": "ab"
+        });
+        let m: Manifest = serde_json::from_value::<Manifest>(old).expect("parses").upgrade();
+        assert_eq!(m.parts.len(), 1);
+        let p = &m.parts[0];
+        assert_eq!(p.backend, BackendKind::TarZstd);
+        assert_eq!(p.tar.as_ref().map(|t| t.file.as_str()), Some("data.tar.zst"));
+        assert_eq!(p.entries.len(), 1);
+        assert_eq!(m.bytes(), 10);
+    }
+
+    #[test]
+    fn backend_names_round_trip() {
+        for k in [BackendKind::TarZstd, BackendKind::Btrfs] {
+            assert_eq!(BackendKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(BackendKind::parse("zfs"), None);
+    }
+}
