@@ -40,9 +40,19 @@ impl Lab {
         Lab::up_with(name, fleet, "10s", &[])
     }
 
+    /// Start a lab whose hosts have filesystems of their own
+    /// (`--fs PATH=TYPE[:SIZE]` each).
+    pub fn up_fs(name: &str, fleet: &str, fs: &[&str]) -> Lab {
+        Lab::up_args(name, fleet, "10s", &[], fs)
+    }
+
     /// Start a lab with another agent grace, and extra environment for the
     /// controller (a failpoint).
     pub fn up_with(name: &str, fleet: &str, grace: &str, env: &[(&str, &str)]) -> Lab {
+        Lab::up_args(name, fleet, grace, env, &[])
+    }
+
+    fn up_args(name: &str, fleet: &str, grace: &str, env: &[(&str, &str)], fs: &[&str]) -> Lab {
         let dir = std::env::temp_dir().join(format!("wavegate-lab-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let lab = Lab {
@@ -56,6 +66,7 @@ impl Lab {
             .arg("--dir")
             .arg(&lab.dir)
             .args(["--agent-grace", grace])
+            .args(fs.iter().flat_map(|f| ["--fs", f]))
             .env_remove("WAVEGATE_FAILPOINT")
             .envs(env.iter().copied());
         let run: Run = cmd.output().expect("lab up").into();
@@ -197,7 +208,9 @@ impl Lab {
     }
 
     /// Every file of every host's own tree (not the machine's system
-    /// directories): path -> (bytes, mode, owner). For "nothing changed".
+    /// directories, nor the btrfs snapshots wavegate keeps beside the
+    /// data), on every filesystem mounted in it: path -> (bytes, mode,
+    /// owner). For "nothing changed".
     pub fn all_host_files(&self) -> std::collections::BTreeMap<String, (Vec<u8>, u32, u32)> {
         use std::os::unix::fs::MetadataExt as _;
         let mut out = std::collections::BTreeMap::new();
@@ -213,6 +226,7 @@ impl Lab {
                         "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "dev", "proc", "tmp",
                     ]
                     .contains(&rel.as_str())
+                        || rel.ends_with(".wavegate-snapshots")
                     {
                         continue;
                     }

@@ -281,7 +281,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     let fleet_path = dir.join("fleet.yaml");
     std::fs::write(&fleet_path, fleet())?;
     let policies = PolicyArgs { policies: None };
-    let status = lab::up(&fleet_path, &dir.join("lab"), &policies, None, "10s").await?;
+    let status = lab::up(&fleet_path, &dir.join("lab"), &policies, None, "10s", &[]).await?;
     if status != 0 {
         bail!("the lab did not start");
     }
@@ -294,6 +294,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         );
     } else {
         lab::down(&lab_dir)?;
+        lab::unmount_all(&lab_dir)?;
         let _ = std::fs::remove_dir_all(&dir);
         println!("\nThe lab is stopped and removed (run `wavegate demo --keep` to browse it afterwards).");
     }

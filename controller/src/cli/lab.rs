@@ -41,6 +41,12 @@ pub enum LabCommand {
         /// How long the controller waits past a step's timeout for a silent agent.
         #[arg(long, default_value = "20s")]
         agent_grace: String,
+        /// Give every host its own filesystem at PATH (inside its root):
+        /// `PATH=TYPE[:SIZE]`, TYPE ext4, xfs or btrfs, SIZE like 64M or 1G
+        /// (default 64M), on a loop device whose image lies under
+        /// `DIR/hosts/<id>/disks/`. Repeatable.
+        #[arg(long = "fs", value_name = "PATH=TYPE[:SIZE]", value_parser = FsSpec::parse)]
+        fs: Vec<FsSpec>,
     },
     /// Show the lab's controller and which agents are connected.
     Status {
@@ -48,7 +54,9 @@ pub enum LabCommand {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Stop everything the lab started (its files stay for inspection).
+    /// Stop everything the lab started, unmount its filesystems and detach
+    /// their loop devices (its files stay for inspection). Works on a lab
+    /// that never finished starting.
     Down {
         /// The lab directory.
         #[arg(long)]
@@ -65,12 +73,17 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             policies,
             agent_bin,
             agent_grace,
-        } => up(&fleet, &dir, &policies, agent_bin, &agent_grace).await,
+            fs,
+        } => up(&fleet, &dir, &policies, agent_bin, &agent_grace, &fs).await,
         LabCommand::Status { dir } => status(&dir).await,
         LabCommand::Down { dir } => {
             let dir = absolute(&dir)?;
             let n = down(&dir)?;
-            println!("lab in {} stopped ({n} processes)", dir.display());
+            let (mounts, loops) = unmount_all(&dir)?;
+            println!(
+                "lab in {} stopped ({n} processes, {mounts} filesystems unmounted, {loops} loop devices detached)",
+                dir.display()
+            );
             Ok(0)
         }
     }
@@ -155,6 +168,179 @@ fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<u32> {
     Ok(child.id())
 }
 
+/// A filesystem every lab host gets (`--fs PATH=TYPE[:SIZE]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsSpec {
+    /// Where it is mounted, inside each host's root.
+    pub path: String,
+    /// ext4, xfs or btrfs.
+    pub fstype: String,
+    /// Size of its image, bytes.
+    pub bytes: u64,
+}
+
+/// Filesystem types a lab host can have, and the package with their mkfs.
+const LAB_FS: &[(&str, &str)] = &[("ext4", "e2fsprogs"), ("xfs", "xfsprogs"), ("btrfs", "btrfs-progs")];
+
+impl FsSpec {
+    /// Parse `PATH=TYPE[:SIZE]`.
+    pub fn parse(s: &str) -> Result<FsSpec, String> {
+        let usage = "write --fs PATH=TYPE[:SIZE], like --fs /home=ext4 or --fs /var/lib/mysql=xfs:256M";
+        let (path, rest) = s.split_once('=').ok_or_else(|| format!("`{s}` has no `=`; {usage}"))?;
+        let path = wavegate_domain::plan::normalise_write_path(path)
+            .map_err(|why| format!("the path `{path}` {why}; {usage}"))?;
+        let (fstype, size) = match rest.split_once(':') {
+            Some((t, z)) => (t, Some(z)),
+            None => (rest, None),
+        };
+        if !LAB_FS.iter().any(|(t, _)| *t == fstype) {
+            return Err(format!(
+                "`{fstype}` is not a filesystem type a lab host can have; use one of: {}",
+                LAB_FS.iter().map(|(t, _)| *t).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let bytes = match size {
+            None => 64 << 20,
+            Some(z) => parse_size(z).ok_or_else(|| format!("`{z}` is not a size; write it like 64M, 512M or 2G"))?,
+        };
+        if bytes < 16 << 20 {
+            return Err(format!(
+                "{bytes} bytes is too small for a filesystem; give at least 16M"
+            ));
+        }
+        Ok(FsSpec {
+            path,
+            fstype: fstype.to_owned(),
+            bytes,
+        })
+    }
+
+    /// The image file of this filesystem for a host.
+    fn image(&self, host_dir: &Path) -> PathBuf {
+        host_dir.join("disks").join(format!(
+            "{}.{}.img",
+            self.path.trim_start_matches('/').replace('/', "-"),
+            self.fstype
+        ))
+    }
+}
+
+fn parse_size(z: &str) -> Option<u64> {
+    let (num, unit) = z.split_at(z.find(|c: char| !c.is_ascii_digit()).unwrap_or(z.len()));
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit {
+        "K" | "k" => 1 << 10,
+        "M" | "m" | "" => 1 << 20,
+        "G" | "g" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn sh(cmd: &mut std::process::Command, what: &str) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Make (once) and mount every `--fs` filesystem of one host, shallowest
+/// first. An image that exists already keeps its files.
+fn mount_disks(host_dir: &Path, specs: &[FsSpec]) -> Result<()> {
+    let mut specs: Vec<&FsSpec> = specs.iter().collect();
+    specs.sort_by_key(|s| s.path.matches('/').count());
+    std::fs::create_dir_all(host_dir.join("disks"))?;
+    for spec in specs {
+        let img = spec.image(host_dir);
+        if !img.exists() {
+            let f = std::fs::File::create(&img).with_context(|| format!("creating {}", img.display()))?;
+            f.set_len(spec.bytes)?;
+            drop(f);
+            let mut mkfs = std::process::Command::new(format!("mkfs.{}", spec.fstype));
+            match spec.fstype.as_str() {
+                // xfsprogs refuses new filesystems under 300 MB unless it is
+                // making them for a test suite, as xfstests does.
+                "xfs" => mkfs
+                    .args(["-q", "-f"])
+                    .env("TEST_DIR", "1")
+                    .env("TEST_DEV", "1")
+                    .env("QA_CHECK_FS", "1"),
+                // Mixed block groups: what btrfs-progs advises under 1 GiB.
+                "btrfs" if spec.bytes < 1 << 30 => mkfs.args(["-q", "-f", "--mixed"]),
+                "btrfs" => mkfs.args(["-q", "-f"]),
+                _ => mkfs.args(["-q", "-F"]),
+            };
+            let package = LAB_FS.iter().find(|(t, _)| *t == spec.fstype).map_or("", |(_, p)| *p);
+            sh(
+                mkfs.arg(&img),
+                &format!(
+                    "making a {} filesystem (mkfs.{} from {package})",
+                    spec.fstype, spec.fstype
+                ),
+            )?;
+        }
+        let point = host_dir.join("root").join(spec.path.trim_start_matches('/'));
+        std::fs::create_dir_all(&point)?;
+        sh(
+            std::process::Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&img)
+                .arg(&point),
+            &format!("mounting {} at {}", img.display(), point.display()),
+        )?;
+    }
+    Ok(())
+}
+
+/// Unmount every filesystem mounted under `dir` (deepest first) and detach
+/// every loop device whose image lies under it, whatever state the lab is
+/// in. Returns how many of each.
+pub fn unmount_all(dir: &Path) -> Result<(usize, usize)> {
+    let prefix = dir.display().to_string();
+    let inside = |p: &str| p == prefix || p.starts_with(&format!("{prefix}/"));
+    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let mut points: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| inside(p))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.matches('/').count()));
+    points.dedup();
+    let mut mounts = 0;
+    for p in &points {
+        use nix::mount::{MntFlags, umount2};
+        if umount2(p.as_str(), MntFlags::empty()).is_err() {
+            // Something still holds it: detach it now, it goes when released.
+            umount2(p.as_str(), MntFlags::MNT_DETACH).with_context(|| format!("unmounting {p}"))?;
+        }
+        mounts += 1;
+    }
+    let mut loops = 0;
+    for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue;
+        };
+        if inside(backing.trim()) {
+            sh(
+                std::process::Command::new("losetup").args(["-d", &format!("/dev/{name}")]),
+                &format!("detaching /dev/{name}"),
+            )?;
+            loops += 1;
+        }
+    }
+    Ok((mounts, loops))
+}
+
 /// Build and start a lab; returns the exit status.
 pub async fn up(
     fleet_path: &Path,
@@ -162,6 +348,7 @@ pub async fn up(
     policies: &PolicyArgs,
     agent_bin: Option<PathBuf>,
     grace: &str,
+    fs: &[FsSpec],
 ) -> Result<u8> {
     let dir = absolute(dir)?;
     let fleet_path = absolute(fleet_path)?;
@@ -209,10 +396,20 @@ pub async fn up(
         v.sort();
         v
     };
+    if !fs.is_empty() && !nix::unistd::geteuid().is_root() {
+        bail!("--fs needs root (loop devices and mounts)");
+    }
     for h in &hosts {
         certs.issue_agent(h)?;
         host_root(&dir.join("hosts").join(h).join("root"))?;
         std::fs::create_dir_all(dir.join("hosts").join(h).join("agent"))?;
+    }
+    // Every host's filesystems, before any agent starts.
+    for h in &hosts {
+        if let Err(e) = mount_disks(&dir.join("hosts").join(h), fs) {
+            let _ = unmount_all(&dir);
+            return Err(e.context(format!("giving host {h} its filesystems")));
+        }
     }
     let mut identities = Vec::new();
     for (stem, name, role) in IDENTITIES {
@@ -263,6 +460,7 @@ pub async fn up(
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(&controller_log).unwrap_or_default();
             let _ = down(&dir);
+            let _ = unmount_all(&dir);
             bail!("the controller did not start within 30 s; its log:\n{log}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -332,6 +530,14 @@ pub async fn up(
         dir.display(),
         hosts.len()
     );
+    for spec in fs {
+        println!(
+            "  every host has {} on its own {} filesystem ({} MiB, a loop device)",
+            spec.path,
+            spec.fstype,
+            spec.bytes >> 20
+        );
+    }
     println!(
         "  policies: {} (the shipped set; in a lab the bake minimum is lifted)",
         policy_dir.display()
@@ -451,4 +657,31 @@ pub fn down(dir: &Path) -> Result<usize> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(pids.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FsSpec;
+
+    #[test]
+    fn fs_specs() {
+        let s = FsSpec::parse("/var/lib/mysql=xfs:256M").expect("valid");
+        assert_eq!(
+            (s.path.as_str(), s.fstype.as_str(), s.bytes),
+            ("/var/lib/mysql", "xfs", 256 << 20)
+        );
+        assert_eq!(FsSpec::parse("/home/=ext4").expect("valid").bytes, 64 << 20);
+        assert_eq!(FsSpec::parse("/home=btrfs:1G").expect("valid").bytes, 1 << 30);
+        for (bad, says) in [
+            ("/home", "no `=`"),
+            ("home=ext4", "relative"),
+            ("/=ext4", "whole filesystem"),
+            ("/home=zfs", "not a filesystem type"),
+            ("/home=ext4:lots", "not a size"),
+            ("/home=ext4:1M", "too small"),
+        ] {
+            let e = FsSpec::parse(bad).expect_err(bad);
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }
