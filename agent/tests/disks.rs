@@ -393,6 +393,18 @@ fn a_write_set_across_filesystems_is_snapshotted_per_filesystem_and_restored_byt
     assert!(h.path("/var/lib/mysql").is_dir(), "the mount point stays");
 }
 
+fn subvolume_id(h: &Host, at: &str) -> String {
+    let out = Command::new("btrfs")
+        .args(["subvolume", "show"])
+        .arg(h.path(at))
+        .output()
+        .expect("btrfs");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Subvolume ID:").map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
 fn btrfs_subvolume(h: &Host, at: &str) {
     sh(&format!("btrfs -q subvolume create {}", h.path(at).display()));
 }
@@ -440,7 +452,18 @@ fn a_btrfs_subvolume_gets_a_read_only_snapshot_that_restores_byte_for_byte() {
     // And something outside the write set that the restore must not touch.
     std::fs::write(h.path("/home/acme/public_html/index.html"), "edited by its owner\n").expect("write");
     let untouched = std::fs::read(h.path("/home/acme/public_html/index.html")).expect("read");
+    let (home_id, t2_id) = (subvolume_id(&h, "/home"), subvolume_id(&h, "/home/t2"));
     snapshot::restore(&h.state, "h1", &h.root, "r2").expect("restore");
+    assert_eq!(
+        subvolume_id(&h, "/home"),
+        home_id,
+        "a mounted subvolume is restored in place"
+    );
+    assert_ne!(
+        subvolume_id(&h, "/home/t2"),
+        t2_id,
+        "a whole subvolume that is not a mount point is swapped for a copy of its snapshot"
+    );
     let mut expected = before.clone();
     for e in expected.iter_mut() {
         if e.0 == "home/acme/public_html/index.html" {
@@ -460,7 +483,19 @@ fn a_btrfs_snapshot_that_was_written_to_fails_verification() {
     let mut h = Host::new("snap-btrfs-verify");
     h.disk("/home", "btrfs", 256);
     customers(&h, "/home");
+    // Two snapshots of one subvolume, then its files change: btrfs moves
+    // the second one's root generation on its own, which must not count as
+    // tampering.
+    h.take("r3-first", &["/home/acme"], None);
     let m = h.take("r3", &["/home/acme"], None);
+    std::fs::remove_dir_all(h.path("/home/bluefin")).expect("rm");
+    std::fs::write(h.path("/home/acme/public_html/index.html"), "changed\n").expect("write");
+    sh("sync");
+    snapshot::restore(&h.state, "h1", &h.root, "r3").expect("an untouched snapshot verifies");
+    assert_eq!(
+        std::fs::read_to_string(h.path("/home/acme/public_html/index.html")).expect("read"),
+        "<h1>acme</h1>\n"
+    );
     let b = m.parts[0].btrfs.clone().expect("btrfs");
     let snap = h.path(&b.snapshot);
     sh(&format!("btrfs property set -ts {} ro false", snap.display()));

@@ -111,9 +111,19 @@ pub struct BtrfsInfo {
     pub uuid: String,
     /// The UUID of the subvolume it was taken from.
     pub parent_uuid: String,
-    /// The snapshot's generation when it was taken; a read-only snapshot
-    /// that was written to since has a higher one.
+    /// The snapshot's generation when it was taken (for people: btrfs moves
+    /// a snapshot's root generation on its own when its source changes, so
+    /// it proves nothing about the snapshot's content).
     pub generation: u64,
+    /// The transaction the snapshot was made in ("Gen at creation"); it
+    /// never changes.
+    #[serde(default)]
+    pub created_gen: u64,
+    /// SHA-256 over every inode of the snapshot (path, inode number, change
+    /// time to the nanosecond, mode, owner, size, link): any write to it,
+    /// even with its read-only flag turned off and on again, changes this.
+    #[serde(default)]
+    pub tree_sha256: String,
 }
 
 /// One filesystem's share of a snapshot.
@@ -339,6 +349,16 @@ pub(crate) fn hash_file(p: &Path) -> Result<String> {
 /// `path` at `base/<path>`), without its content hash.
 pub(crate) fn entry_at(full: &Path, path: &str) -> Result<Entry> {
     let m = full.symlink_metadata().with_context(|| format!("reading {path}"))?;
+    let link = if m.file_type().is_symlink() {
+        std::fs::read_link(full)?.display().to_string()
+    } else {
+        String::new()
+    };
+    Ok(entry_of(path, &m, link))
+}
+
+/// The entry of host path `path` from its metadata (and link target).
+pub(crate) fn entry_of(path: &str, m: &std::fs::Metadata, link: String) -> Entry {
     let kind = if m.file_type().is_symlink() {
         "symlink"
     } else if m.is_dir() {
@@ -346,7 +366,7 @@ pub(crate) fn entry_at(full: &Path, path: &str) -> Result<Entry> {
     } else {
         "file"
     };
-    Ok(Entry {
+    Entry {
         path: path.to_owned(),
         kind: kind.into(),
         mode: m.mode() & 0o7777,
@@ -355,12 +375,8 @@ pub(crate) fn entry_at(full: &Path, path: &str) -> Result<Entry> {
         mtime: m.mtime(),
         size: if kind == "file" { m.len() } else { 0 },
         sha256: String::new(),
-        link: if kind == "symlink" {
-            std::fs::read_link(full)?.display().to_string()
-        } else {
-            String::new()
-        },
-    })
+        link,
+    }
 }
 
 /// Every path under `roots` (host paths), read under `base` where host path
@@ -581,6 +597,8 @@ fn new_part(
             uuid: String::new(),
             parent_uuid: String::new(),
             generation: 0,
+            created_gen: 0,
+            tree_sha256: String::new(),
         }),
     };
     Some(((kind, key), part))
@@ -717,15 +735,14 @@ pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Resu
             .restore(root, &d, p)
             .with_context(|| format!("restoring {} from its {} snapshot", p.mount, p.backend.as_str()))?;
     }
-    // A rollback that a power cut could undo is no rollback.
-    nix::unistd::syncfs(std::fs::File::open(root)?).context("syncing the restored files")?;
+    // A rollback that a power cut could undo is no rollback: every
+    // filesystem that was written is synced, once.
+    let mut synced = BTreeSet::new();
     for p in &m.parts {
-        if let Some(first) = p.roots.keys().next() {
-            let at = host_path(root, first);
-            let at = if at.exists() { at } else { host_path(root, &p.mount) };
-            if let Ok(f) = std::fs::File::open(&at) {
-                nix::unistd::syncfs(f).with_context(|| format!("syncing {}", p.mount))?;
-            }
+        let at = host_path(root, &p.mount);
+        let Ok(meta) = at.metadata() else { continue };
+        if synced.insert(meta.dev()) {
+            nix::unistd::syncfs(std::fs::File::open(&at)?).with_context(|| format!("syncing {}", p.mount))?;
         }
     }
     Ok(m)

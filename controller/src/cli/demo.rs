@@ -144,7 +144,12 @@ fn preflight() -> Vec<String> {
                 .into(),
         );
     }
-    for (cmd, pkg) in [("unshare", "util-linux"), ("chroot", "coreutils")] {
+    for (cmd, pkg) in [
+        ("unshare", "util-linux"),
+        ("chroot", "coreutils"),
+        ("mount", "mount"),
+        ("mkfs.ext4", "e2fsprogs"),
+    ] {
         if !on_path(cmd) {
             missing.push(format!("`{cmd}`: install it with `apt-get install {pkg}`"));
         }
@@ -277,11 +282,13 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
         dir.display()
     );
     println!("(20 hosts: 8 shared-hosting servers w01-w08, a backup for each bk01-bk08 in another rack,");
-    println!(" name servers, a mail relay and a management host; nothing outside that directory is touched)\n");
+    println!(" name servers, a mail relay and a management host. Each keeps its customers' /home on an");
+    println!(" ext4 filesystem of its own, on a loop device; nothing outside that directory is touched)\n");
     let fleet_path = dir.join("fleet.yaml");
     std::fs::write(&fleet_path, fleet())?;
     let policies = PolicyArgs { policies: None };
-    let status = lab::up(&fleet_path, &dir.join("lab"), &policies, None, "10s", &[]).await?;
+    let homes = lab::FsSpec::parse("/home=ext4").map_err(anyhow::Error::msg)?;
+    let status = lab::up(&fleet_path, &dir.join("lab"), &policies, None, "10s", &[homes]).await?;
     if status != 0 {
         bail!("the lab did not start");
     }
