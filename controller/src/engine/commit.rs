@@ -1,0 +1,187 @@
+//! The durable commit pipeline: changes are applied in memory in order,
+//! queued, and committed in batches by one writer (one fdatasync for many
+//! hosts' changes); whoever made a change acts on it only once its batch is
+//! durable. A failed commit stops every dispatch (fail closed).
+
+use super::*;
+
+/// The group-commit writer: takes every queued change at once, commits them
+/// in one transaction (one fdatasync), then releases their waiters. With many
+/// hosts in flight, one commit carries the changes of all of them.
+pub(super) async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        loop {
+            let Some(engine) = engine.upgrade() else { return };
+            let (pending, headers, upto) = {
+                let mut st = engine.lock();
+                if st.queue.is_empty() {
+                    break;
+                }
+                let pending = std::mem::take(&mut st.queue);
+                let ids: BTreeSet<&str> = pending.iter().map(|p| p.rollout.as_str()).collect();
+                let headers: Result<Vec<(String, Vec<u8>)>, serde_json::Error> = ids
+                    .into_iter()
+                    .filter_map(|id| st.rollouts.get(id))
+                    .map(|e| Ok((e.rollout.id.clone(), serde_json::to_vec(&e.rollout)?)))
+                    .collect();
+                (pending, headers, st.queued)
+            };
+            let store = Arc::clone(&engine.store);
+            let result = match headers {
+                Ok(headers) => tokio::task::spawn_blocking(move || {
+                    let mut hosts = Vec::new();
+                    let mut bodies = Vec::new();
+                    for p in pending {
+                        hosts.extend(p.hosts);
+                        bodies.extend(p.bodies);
+                    }
+                    store.commit(&headers, &hosts, bodies)
+                })
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|r| r),
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(()) => engine.durable.send_modify(|d| d.upto = upto),
+                Err(e) => {
+                    let why = format!(
+                        "a commit to the store failed ({e:#}); nothing more is sent to any host until the controller is restarted"
+                    );
+                    error!("{why}");
+                    engine.durable.send_modify(|d| d.failed = Some(why));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Why nothing more may be acted on, if a commit failed.
+    pub(super) fn store_failed(&self) -> Option<String> {
+        self.durable.borrow().failed.clone()
+    }
+
+    /// Wait until every change up to `seq` is committed.
+    pub(super) async fn durable_upto(&self, seq: u64) -> Result<(), EngineError> {
+        let mut rx = self.durable.subscribe();
+        let d = rx
+            .wait_for(|d| d.upto >= seq || d.failed.is_some())
+            .await
+            .map_err(|_| EngineError::Store(anyhow::anyhow!("the store writer stopped")))?
+            .clone();
+        match d.failed {
+            Some(why) if d.upto < seq => Err(EngineError::Store(anyhow::anyhow!(why))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Read a rollout under the lock, and return once what was read is
+    /// committed: callers never see a state a power cut could take back.
+    pub(super) async fn read_durable<R>(&self, id: &str, f: impl FnOnce(&Entry) -> R) -> Result<R, EngineError> {
+        let (out, seq) = {
+            let st = self.lock();
+            let e = st
+                .rollouts
+                .get(id)
+                .ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
+            (f(e), st.queued)
+        };
+        self.durable_upto(seq).await?;
+        Ok(out)
+    }
+
+    /// The dispatch gate of a rollout: open while it runs and the store
+    /// works. The guard it returns is the engine's lock, so a halt cannot
+    /// slip in between the check and the send.
+    pub(super) fn gate<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> impl Fn() -> Result<std::sync::MutexGuard<'a, State>, String> + 'a {
+        move || {
+            let st = self.lock();
+            if let Some(why) = self.store_failed() {
+                return Err(why);
+            }
+            match st.rollouts.get(id).map(|e| e.rollout.state) {
+                Some(RolloutState::Running) => Ok(st),
+                Some(state) => Err(format!("rollout {id} is {state}")),
+                None => Err(format!("no rollout {id}")),
+            }
+        }
+    }
+
+    /// Apply `f` to a rollout in memory, queue the header and the hosts it
+    /// names for the next group commit, and return once that commit is
+    /// durable, so nobody acts on the change before a power cut would keep
+    /// it. Changes are committed in the order they were made. `f` must not
+    /// change anything before it returns an error.
+    pub(super) async fn mutate<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Entry) -> Result<(R, Vec<String>), EngineError>,
+    ) -> Result<R, EngineError> {
+        let (out, seq) = {
+            let mut st = self.lock();
+            if let Some(why) = self.store_failed() {
+                return Err(EngineError::Store(anyhow::anyhow!(why)));
+            }
+            let State {
+                rollouts,
+                queue,
+                queued,
+                host_digests,
+            } = &mut *st;
+            let entry = rollouts
+                .get_mut(id)
+                .ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
+            let events_before = entry.rollout.events.len();
+            let (out, changed) = f(entry)?;
+            // The audit records of this change go into the same commit.
+            let mut bodies: Vec<AuditBody> = entry.rollout.events[events_before.min(entry.rollout.events.len())..]
+                .iter()
+                .map(|text| AuditBody {
+                    kind: "event".into(),
+                    rollout: Some(id.to_owned()),
+                    host: None,
+                    actor: None,
+                    text: text.clone(),
+                    data: serde_json::Value::Null,
+                })
+                .collect();
+            let mut hosts = Vec::new();
+            for name in changed.iter().collect::<BTreeSet<_>>() {
+                let Some(h) = entry.hosts.get(name) else { continue };
+                let json = serde_json::to_vec(h).map_err(anyhow::Error::from)?;
+                let key = host_key(id, name);
+                let digest: [u8; 32] = Sha256::digest(&json).into();
+                if host_digests.get(&key) == Some(&digest) {
+                    continue;
+                }
+                host_digests.insert(key.clone(), digest);
+                bodies.push(AuditBody {
+                    kind: "host".into(),
+                    rollout: Some(id.to_owned()),
+                    host: Some(h.host.clone()),
+                    actor: None,
+                    text: format!("{}: {} ({})", h.host, h.state.as_str(), h.detail),
+                    data: serde_json::to_value(h).unwrap_or_default(),
+                });
+                hosts.push((key, json));
+            }
+            *queued += 1;
+            queue.push(Pending {
+                rollout: id.to_owned(),
+                hosts,
+                bodies,
+            });
+            (out, *queued)
+        };
+        self.wake.notify_one();
+        self.durable_upto(seq).await?;
+        self.changes.send_modify(|n| *n += 1);
+        Ok(out)
+    }
+}

@@ -1,0 +1,343 @@
+//! The host driver: for each host of a wave, its steps in order, each
+//! dry-run on the host's current state, snapshotted before the first,
+//! persisted before it is sent, then its health checks.
+
+use super::*;
+
+/// What a host task does next.
+pub(super) enum Next {
+    Stop,
+    Step { index: usize, resend: Option<String> },
+    Checks { cmd: pb::Command, timeout: Duration },
+}
+
+impl Engine {
+    pub(super) fn next_for(&self, e: &mut Entry, host: &str) -> Result<(Next, Vec<String>), EngineError> {
+        let r = &e.rollout;
+        if r.state != RolloutState::Running {
+            return Ok((Next::Stop, Vec::new()));
+        }
+        let (rid, attempt, steps, checks) = (r.id.clone(), r.attempt, r.steps.clone(), r.checks.clone());
+        let h = e
+            .hosts
+            .get_mut(host)
+            .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+        let next = match h.state {
+            HostState::Healthy | HostState::Failed => Next::Stop,
+            HostState::Untouched | HostState::Running if h.next_step < steps.len() => {
+                let index = h.next_step;
+                match h.in_flight.clone() {
+                    // Sent before a restart or a reconnect: send the same id again.
+                    Some(id) => Next::Step {
+                        index,
+                        resend: Some(id),
+                    },
+                    None => Next::Step { index, resend: None },
+                }
+            }
+            HostState::Untouched | HostState::Running | HostState::Succeeded => {
+                if checks.is_empty() {
+                    h.state = HostState::Healthy;
+                    h.detail = "steps done; the plan has no health checks".into();
+                    Next::Stop
+                } else {
+                    let cmd_id = h
+                        .in_flight
+                        .clone()
+                        .unwrap_or_else(|| format!("{rid}:{attempt}:{host}:checks:{}", self.boot));
+                    h.in_flight = Some(cmd_id.clone());
+                    h.state = HostState::Succeeded;
+                    h.detail = "steps done; running health checks".into();
+                    Next::Checks {
+                        cmd: checks_command(cmd_id, &checks),
+                        timeout: checks_timeout(&checks),
+                    }
+                }
+            }
+        };
+        let _ = rid;
+        Ok((next, vec![host.to_owned()]))
+    }
+
+    pub(super) async fn record_host(
+        &self,
+        id: &str,
+        host: &str,
+        f: impl FnOnce(&mut HostRecord),
+    ) -> Result<(), EngineError> {
+        self.mutate(id, |e| {
+            let h = e
+                .hosts
+                .get_mut(host)
+                .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+            f(h);
+            Ok(((), vec![host.to_owned()]))
+        })
+        .await
+    }
+
+    /// Dry-run step `index` on the host's current state, snapshot the write
+    /// set before the first real step, then persist the command id and send
+    /// the confined real step. Returns the step's result, or why it did not
+    /// run (the host has then failed).
+    pub(super) async fn real_step(
+        self: &Arc<Self>,
+        id: &str,
+        w: usize,
+        host: &str,
+        index: usize,
+        resend: Option<String>,
+    ) -> Result<Option<(String, pb::CommandResult, Instant)>, EngineError> {
+        let (step, attempt, write_set, untouchable, backend) = self.with(id, |e| {
+            let r = &e.rollout;
+            (
+                r.steps[index].clone(),
+                r.attempt,
+                r.write_set.clone(),
+                r.untouchable.clone(),
+                r.snapshot_backend.clone(),
+            )
+        })?;
+        let cmd_id = match resend {
+            Some(cmd_id) => cmd_id,
+            None => {
+                // 1. Its own dry-run, right before the real run.
+                let tag = format!("{id}:{attempt}:{}", self.boot);
+                let records = self
+                    .dry_run(
+                        &format!("{tag}:step{index}"),
+                        host,
+                        std::slice::from_ref(&step),
+                        &untouchable,
+                    )
+                    .await;
+                let record = records.into_iter().next();
+                if let Some(rec) = &record {
+                    let rec2 = rec.clone();
+                    self.record_host(id, host, |h| {
+                        h.dry_runs.retain(|d| d.step != rec2.step);
+                        h.dry_runs.push(rec2);
+                    })
+                    .await?;
+                }
+                match &record {
+                    Some(rec) if !rec.blocked => {}
+                    Some(rec) => {
+                        self.host_failed(
+                            id,
+                            w,
+                            host,
+                            format!("step `{}` not run: dry-run blocked: {}", step.name, rec.summary()),
+                        )
+                        .await?;
+                        return Ok(None);
+                    }
+                    None => {
+                        self.host_failed(id, w, host, format!("step `{}` not run: no dry-run report", step.name))
+                            .await?;
+                        return Ok(None);
+                    }
+                }
+                // 2. A verified snapshot before the host's first real step.
+                let has_snapshot = self.with(id, |e| e.hosts.get(host).is_some_and(|h| h.snapshot.is_some()))?;
+                if !has_snapshot {
+                    let cmd = pb::Command {
+                        id: format!("{id}:{host}:snapshot"),
+                        kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
+                            rollout_id: id.to_owned(),
+                            paths: write_set.clone(),
+                            untouchable: untouchable.clone(),
+                            backend: backend.clone(),
+                        })),
+                    };
+                    let deadline = Instant::now() + Duration::from_secs(600) + self.settings.agent_grace;
+                    match self
+                        .hub
+                        .execute_gated(host, cmd, deadline, self.gate(id))
+                        .await
+                        .map(|(r, _)| r)
+                    {
+                        Err(ExecError::NotSent(why)) => {
+                            info!(rollout = %id, host, "Snapshot not sent: {why}.");
+                            return Ok(None);
+                        }
+                        Ok(res) if res.outcome == pb::Outcome::Ok as i32 => {
+                            let info: serde_json::Value = serde_json::from_str(&res.report_json).unwrap_or_default();
+                            let mut snap = SnapshotRecord::pinned(
+                                info["archive_bytes"].as_u64().unwrap_or(0),
+                                info["files"].as_u64().unwrap_or(0),
+                                now_ms(),
+                            );
+                            snap.parts = serde_json::from_value(info["parts"].clone()).unwrap_or_default();
+                            // The host record (and its audit record) says so, with
+                            // the backend of every part; no rollout event per host,
+                            // which would grow without bound.
+                            self.record_host(id, host, |h| {
+                                h.detail =
+                                    format!("snapshot of its write set taken and verified ({})", snap.backends());
+                                h.snapshot = Some(snap);
+                            })
+                            .await?;
+                        }
+                        Ok(res) => {
+                            self.host_failed(
+                                id,
+                                w,
+                                host,
+                                format!("no verified snapshot, so no real step: {}", res.detail),
+                            )
+                            .await?;
+                            return Ok(None);
+                        }
+                        Err(e) => {
+                            self.host_failed(id, w, host, format!("no verified snapshot, so no real step: {e}"))
+                                .await?;
+                            return Ok(None);
+                        }
+                    }
+                }
+                // 3. Persist the command id, unless a halt came in meanwhile.
+                let cmd_id = format!("{id}:{attempt}:{host}:step{index}");
+                let sent = self
+                    .mutate(id, |e| {
+                        if e.rollout.state != RolloutState::Running {
+                            return Ok((false, Vec::new()));
+                        }
+                        let h = e
+                            .hosts
+                            .get_mut(host)
+                            .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+                        h.in_flight = Some(cmd_id.clone());
+                        h.state = HostState::Running;
+                        h.detail = format!("running step `{}`", step.name);
+                        Ok((true, vec![host.to_owned()]))
+                    })
+                    .await?;
+                if !sent {
+                    return Ok(None);
+                }
+                crate::failpoint::hit("step-persisted");
+                cmd_id
+            }
+        };
+        let hints = self
+            .with(id, |e| {
+                e.hosts.get(host).and_then(|h| {
+                    h.dry_runs
+                        .iter()
+                        .find(|d| d.step == step.name)
+                        .and_then(|d| d.report.clone())
+                })
+            })?
+            .unwrap_or_default();
+        let cmd = pb::Command {
+            id: cmd_id.clone(),
+            kind: Some(pb::command::Kind::RunStep(pb::RunStep {
+                rollout_id: id.to_owned(),
+                step_name: step.name.clone(),
+                run: step.run.clone(),
+                writes: step.writes.clone(),
+                timeout_ms: step.timeout_ms,
+                max_deletions: step.max_deletions,
+                create_dirs: hints.created_dirs,
+                create_files: hints.created_files,
+                untouchable,
+            })),
+        };
+        let deadline = Instant::now() + Duration::from_millis(step.timeout_ms) + self.settings.agent_grace;
+        match self.hub.execute_gated(host, cmd, deadline, self.gate(id)).await {
+            Ok((res, received)) => Ok(Some((step.name, res, received))),
+            // Halted, paused or aborted since the command id was stored: the
+            // id stays in flight, and a resume sends that same id again.
+            Err(ExecError::NotSent(why)) => {
+                info!(rollout = %id, host, "Step not sent: {why}.");
+                Ok(None)
+            }
+            Err(e) => {
+                self.host_failed(id, w, host, format!("step `{}`: {e}", step.name))
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub(super) async fn run_host(self: Arc<Self>, id: &str, w: usize, host: &str) -> Result<(), EngineError> {
+        loop {
+            let next = self.mutate(id, |e| self.next_for(e, host)).await?;
+            match next {
+                Next::Stop => return Ok(()),
+                Next::Step { index, resend } => {
+                    let Some((step_name, r, received)) = self.real_step(id, w, host, index, resend).await? else {
+                        return Ok(());
+                    };
+                    let ok = r.outcome == pb::Outcome::Ok as i32;
+                    self.metrics.steps.with_label_values(&[outcome_name(r.outcome)]).inc();
+                    self.metrics.step_duration.observe(r.duration_ms as f64 / 1000.0);
+                    let result = StepResult {
+                        step: step_name.clone(),
+                        command_id: r.command_id.clone(),
+                        outcome: outcome_name(r.outcome).into(),
+                        exit_code: r.exit_code,
+                        duration_ms: r.duration_ms,
+                        output_sha256: r.output_sha256.clone(),
+                        replayed: r.replayed,
+                        output_tail: String::from_utf8_lossy(&r.output_tail).into_owned(),
+                    };
+                    self.record_host(id, host, |h| {
+                        h.results.push(result);
+                        if ok {
+                            h.next_step += 1;
+                            h.in_flight = None;
+                            h.detail = format!("step `{step_name}` done");
+                        }
+                    })
+                    .await?;
+                    if !ok {
+                        let tail = String::from_utf8_lossy(&r.output_tail);
+                        let last = tail.lines().last().unwrap_or_default().to_owned();
+                        let detail = format!(
+                            "step `{step_name}` {} (exit {}){}{}",
+                            outcome_name(r.outcome),
+                            r.exit_code,
+                            if r.detail.is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", r.detail)
+                            },
+                            if last.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; last output: {last}")
+                            }
+                        );
+                        return self.host_failed_at(id, w, host, detail, Some(received)).await;
+                    }
+                }
+                Next::Checks { cmd, timeout } => {
+                    let deadline = Instant::now() + timeout + self.settings.agent_grace;
+                    match self
+                        .hub
+                        .execute_gated(host, cmd, deadline, || Ok::<(), String>(()))
+                        .await
+                    {
+                        Ok((r, _)) if r.outcome == pb::Outcome::Ok as i32 => {
+                            self.record_host(id, host, |h| {
+                                h.state = HostState::Healthy;
+                                h.in_flight = None;
+                                h.detail = "healthy".into();
+                            })
+                            .await?;
+                            return Ok(());
+                        }
+                        Ok((r, received)) => {
+                            return self
+                                .host_failed_at(id, w, host, checks_detail(&r), Some(received))
+                                .await;
+                        }
+                        Err(e) => return self.host_failed(id, w, host, format!("health checks: {e}")).await,
+                    }
+                }
+            }
+        }
+    }
+}

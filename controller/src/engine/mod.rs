@@ -1,0 +1,393 @@
+//! The rollout engine: submit, approve, then wave by wave (steps, health
+//! checks, bake), halting by itself when a wave fails beyond its budget.
+//!
+//! Every state change is persisted before it is acted on: a command's id is
+//! stored as the host's `in_flight` before the command is sent, so after a
+//! controller restart the same id is sent again and the agent answers from
+//! its journal instead of running the step twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+use wavegate_domain::audit::AuditBody;
+use wavegate_domain::effects::{DryRunRecord, StepReport};
+use wavegate_domain::plan::{CheckKind, OnFailure, Plan};
+use wavegate_domain::rollout::{
+    Approval, CheckSpec, HostRecord, HostState, ProbeSpec, Rollout, RolloutState, StepResult, StepSpec,
+    TransitionError, Wave, WaveState, over_budget,
+};
+use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};
+use wavegate_domain::{Fleet, PolicySet, Report, Source, check_plan};
+use wavegate_proto::v1 as pb;
+
+use crate::hub::{ExecError, Hub};
+use crate::store::{Store, host_key};
+
+mod commit;
+mod host;
+mod rollback;
+mod submit;
+mod wave;
+
+/// A rollout and its hosts, as held in memory (mirrors the store).
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Header.
+    pub rollout: Rollout,
+    /// Host records by id.
+    pub hosts: BTreeMap<String, HostRecord>,
+}
+
+/// Why a request was not carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The plan is bad input (parse errors); the report says where.
+    #[error("the plan is not valid")]
+    BadPlan(Box<Report>),
+    /// A safety rule refused the plan.
+    #[error("the plan was refused by the safety rules")]
+    Refused(Box<Report>),
+    /// The first wave's dry-run was blocked; the rollout is stored refused.
+    #[error("the dry-run was blocked")]
+    DryRunBlocked(Box<Entry>),
+    /// A request refused by a gate (self-approval, bypass, wrong hash...).
+    #[error("{0}")]
+    Denied(String),
+    /// No such rollout.
+    #[error("no rollout `{0}`")]
+    NotFound(String),
+    /// Not allowed in the rollout's state.
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    /// The store failed; nothing was acted on.
+    #[error("the store failed: {0}")]
+    Store(#[from] anyhow::Error),
+}
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long past a step's own timeout the controller waits for an agent
+    /// (to reconnect and answer) before the host counts as failed.
+    pub agent_grace: Duration,
+}
+
+/// Changes applied in memory and waiting for their commit, in order.
+struct Pending {
+    rollout: String,
+    /// `<rollout>/<host>` keys and JSON of the host records it changed.
+    hosts: Vec<(String, Vec<u8>)>,
+    bodies: Vec<AuditBody>,
+}
+
+/// What the engine holds under its lock.
+#[derive(Default)]
+struct State {
+    rollouts: BTreeMap<String, Entry>,
+    /// Changes not yet committed (the group-commit queue).
+    queue: Vec<Pending>,
+    /// Sequence number of the last change queued.
+    queued: u64,
+    /// SHA-256 of each host record as last queued, so only real changes
+    /// become audit records.
+    host_digests: HashMap<String, [u8; 32]>,
+}
+
+/// How far the store has caught up with memory.
+#[derive(Clone, Debug, Default)]
+struct Durable {
+    /// Every change up to this sequence number is committed.
+    upto: u64,
+    /// A commit failed: nothing more is acted on (fail closed).
+    failed: Option<String>,
+}
+
+/// The engine.
+pub struct Engine {
+    store: Arc<Store>,
+    metrics: crate::metrics::Metrics,
+    inventory_hash: String,
+    hub: Arc<Hub>,
+    fleet: Fleet,
+    policies: PolicySet,
+    settings: Settings,
+    state: Mutex<State>,
+    drivers: Mutex<HashSet<String>>,
+    changes: watch::Sender<u64>,
+    durable: watch::Sender<Durable>,
+    /// Wakes the writer when a change is queued.
+    wake: Arc<Notify>,
+    /// Distinguishes this controller process's health-check rounds from an
+    /// earlier one's, so a restarted bake never gets a journaled old answer.
+    boot: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time in milliseconds.
+pub fn utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn event(r: &mut Rollout, text: impl Into<String>) {
+    let text = text.into();
+    info!(rollout = %r.id, "{text}");
+    r.events.push(format!("{} {text}", utc(now_ms())));
+}
+
+fn outcome_name(o: i32) -> &'static str {
+    match pb::Outcome::try_from(o).unwrap_or(pb::Outcome::Unspecified) {
+        pb::Outcome::Ok => "ok",
+        pb::Outcome::Failed => "failed",
+        pb::Outcome::TimedOut => "timed_out",
+        pb::Outcome::Interrupted => "interrupted",
+        pb::Outcome::Refused => "refused",
+        pb::Outcome::Unspecified => "unknown",
+    }
+}
+
+fn checks_command(id: String, checks: &[CheckSpec]) -> pb::Command {
+    let checks = checks
+        .iter()
+        .map(|c| pb::HealthCheck {
+            name: c.name.clone(),
+            timeout_ms: c.timeout_ms,
+            probe: Some(match &c.probe {
+                ProbeSpec::Tcp(a) => pb::health_check::Probe::Tcp(a.clone()),
+                ProbeSpec::Http { url, expect_status } => pb::health_check::Probe::Http(pb::HttpProbe {
+                    url: url.clone(),
+                    expect_status: u32::from(*expect_status),
+                }),
+                ProbeSpec::Exec(cmd) => pb::health_check::Probe::Exec(cmd.clone()),
+            }),
+        })
+        .collect();
+    pb::Command {
+        id,
+        kind: Some(pb::command::Kind::RunChecks(pb::RunChecks { checks })),
+    }
+}
+
+fn checks_timeout(checks: &[CheckSpec]) -> Duration {
+    Duration::from_millis(checks.iter().map(|c| c.timeout_ms).sum::<u64>())
+}
+
+/// Summarise a checks result for people.
+fn checks_detail(r: &pb::CommandResult) -> String {
+    let failed: Vec<String> = r
+        .checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("{}: {}", c.name, c.detail))
+        .collect();
+    if failed.is_empty() {
+        r.detail.clone()
+    } else {
+        format!("health check failed: {}", failed.join("; "))
+    }
+}
+
+impl Engine {
+    /// An engine over an open store; rollouts in it are loaded.
+    pub fn new(
+        store: Store,
+        hub: Arc<Hub>,
+        (fleet, fleet_text): (Fleet, &str),
+        policies: PolicySet,
+        settings: Settings,
+    ) -> Result<Arc<Engine>> {
+        let inventory_hash = hex::encode(Sha256::digest(fleet_text.as_bytes()));
+        store.put_inventory(&inventory_hash, fleet_text)?;
+        let mut state = State::default();
+        for (rollout, hosts) in store.load()? {
+            for h in &hosts {
+                let json = serde_json::to_vec(h).map_err(anyhow::Error::from)?;
+                state
+                    .host_digests
+                    .insert(host_key(&rollout.id, &h.host), Sha256::digest(&json).into());
+            }
+            let hosts = hosts.into_iter().map(|h| (h.host.clone(), h)).collect();
+            state.rollouts.insert(rollout.id.clone(), Entry { rollout, hosts });
+        }
+        let (changes, _) = watch::channel(0);
+        let (durable, _) = watch::channel(Durable::default());
+        let wake = Arc::new(Notify::new());
+        let engine = Arc::new(Engine {
+            store: Arc::new(store),
+            metrics: crate::metrics::Metrics::new().map_err(|e| anyhow::anyhow!("metrics: {e}"))?,
+            inventory_hash,
+            hub,
+            fleet,
+            policies,
+            settings,
+            state: Mutex::new(state),
+            drivers: Mutex::new(HashSet::new()),
+            changes,
+            durable,
+            wake: Arc::clone(&wake),
+            boot: format!("{:x}", now_ms()),
+        });
+        tokio::spawn(commit::writer(Arc::downgrade(&engine), wake));
+        Ok(engine)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Run `f` on a rollout under the lock (for small reads).
+    fn with<R>(&self, id: &str, f: impl FnOnce(&Entry) -> R) -> Result<R, EngineError> {
+        let st = self.lock();
+        st.rollouts
+            .get(id)
+            .map(f)
+            .ok_or_else(|| EngineError::NotFound(id.to_owned()))
+    }
+
+    /// Why the engine stopped acting, if a commit to the store failed.
+    pub fn store_failure(&self) -> Option<String> {
+        self.store_failed()
+    }
+
+    /// `f` of every rollout, under the lock (for figures; no copies).
+    pub fn rollup<R>(&self, f: impl Fn(&Entry) -> R) -> Vec<R> {
+        self.lock().rollouts.values().map(f).collect()
+    }
+
+    /// The inventory.
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    /// The agent hub.
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Record a refused request durably (and in the log).
+    pub fn refuse(&self, text: &str) {
+        warn!(refusal = text, "Refused a request.");
+        if let Err(e) = self.store.record_refusal(&format!("{} {text}", utc(now_ms()))) {
+            error!(error = %e, "Could not record a refusal.");
+        }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The store (audit log reads).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Every refusal recorded so far.
+    pub fn refusals(&self) -> Result<Vec<String>> {
+        self.store.refusals()
+    }
+
+    /// Subscribe to "something changed".
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Start drivers for every approved rollout that is not finished (after a
+    /// restart, they continue where they stopped).
+    pub fn start(self: &Arc<Self>) {
+        let ids: Vec<String> = self
+            .lock()
+            .rollouts
+            .values()
+            .filter(|e| !e.rollout.state.is_final() && e.rollout.state != RolloutState::AwaitingApproval)
+            .map(|e| e.rollout.id.clone())
+            .collect();
+        for id in ids {
+            self.spawn_driver(&id);
+        }
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                engine.sweep_snapshots().await;
+            }
+        });
+    }
+
+    fn spawn_driver(self: &Arc<Self>, id: &str) {
+        let fresh = self
+            .drivers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned());
+        if fresh {
+            let engine = Arc::clone(self);
+            let id = id.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = engine.clone().drive(&id).await {
+                    error!(rollout = %id, error = %e, "Rollout driver stopped; nothing more is sent for it.");
+                }
+                engine
+                    .drivers
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
+            });
+        }
+    }
+
+    /// A copy of one rollout, as committed.
+    pub async fn get(&self, id: &str) -> Result<Entry, EngineError> {
+        self.read_durable(id, Entry::clone).await
+    }
+
+    /// Copies of every rollout, newest first, as committed.
+    pub async fn list(&self) -> Vec<Entry> {
+        let (all, seq) = {
+            let st = self.lock();
+            (st.rollouts.values().rev().cloned().collect(), st.queued)
+        };
+        // On a failed store this still shows memory; /ready says why.
+        let _ = self.durable_upto(seq).await;
+        all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn utc_formats_known_instants() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(1_340_182_800_000), "2012-06-20T09:00:00Z");
+        assert_eq!(utc(951_782_400_000), "2000-02-29T00:00:00Z");
+    }
+}

@@ -1,0 +1,377 @@
+//! Submit and approval: a plan checked exactly as `plan check` does, the
+//! first wave dry-run, a rollout created (or stored refused), approvals
+//! bound to the plan and the dry-run reports, and an operator's pause,
+//! resume and abort.
+
+use super::*;
+
+pub(super) fn build(
+    id: String,
+    submitter: &str,
+    hash: &str,
+    plan: &Plan,
+    waves: &[Vec<String>],
+    policies: &PolicySet,
+) -> (Rollout, Vec<HostRecord>) {
+    let mut untouchable: Vec<String> = plan
+        .untouchable
+        .iter()
+        .map(|u| u.value.clone())
+        .chain(policies.untouchable())
+        .collect();
+    untouchable.sort();
+    untouchable.dedup();
+    let steps = plan
+        .steps
+        .iter()
+        .map(|s| StepSpec {
+            name: s.name.clone(),
+            run: s.run.clone(),
+            writes: s.writes.clone(),
+            timeout_ms: s.timeout.as_millis() as u64,
+            max_deletions: s.max_deletions,
+        })
+        .collect();
+    let checks = plan
+        .health
+        .checks
+        .iter()
+        .map(|c| CheckSpec {
+            name: c.name.clone(),
+            timeout_ms: c.timeout.as_millis() as u64,
+            probe: match &c.kind {
+                CheckKind::Tcp(a) => ProbeSpec::Tcp(a.clone()),
+                CheckKind::Http { url, expect_status } => ProbeSpec::Http {
+                    url: url.clone(),
+                    expect_status: *expect_status,
+                },
+                CheckKind::Exec(e) => ProbeSpec::Exec(e.clone()),
+            },
+        })
+        .collect();
+    let mut hosts = Vec::new();
+    let waves: Vec<Wave> = waves
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            hosts.extend(w.iter().map(|h| HostRecord::new(h.clone(), i)));
+            Wave {
+                index: i + 1,
+                state: WaveState::Pending,
+                hosts: w.clone(),
+            }
+        })
+        .collect();
+    let mut rollout = Rollout {
+        id,
+        plan_name: plan.name.clone(),
+        plan_hash: hash.to_owned(),
+        inventory_hash: String::new(),
+        submitter: submitter.to_owned(),
+        approvals: Vec::new(),
+        approvals_required: plan.approvals,
+        state: RolloutState::AwaitingApproval,
+        halt_reason: None,
+        waves,
+        steps,
+        checks,
+        bake_ms: plan.health.bake.as_millis() as u64,
+        interval_ms: plan.health.interval.as_millis() as u64,
+        budget_canary: plan.failure_budget.canary,
+        budget_wave: plan.failure_budget.wave,
+        attempt: 0,
+        on_failure: match plan.on_failure {
+            OnFailure::Rollback => "rollback".into(),
+            OnFailure::Halt => "halt".into(),
+        },
+        retain_ms: plan.snapshot_retain.as_millis() as u64,
+        write_set: plan.write_set().into_iter().map(str::to_owned).collect(),
+        dry_runs: Vec::new(),
+        dry_run_digest: String::new(),
+        rollback_pending: false,
+        untouchable,
+        snapshot_backend: policies.snapshot_backend().unwrap_or_default(),
+        events: Vec::new(),
+    };
+    event(
+        &mut rollout,
+        format!("submitted by {submitter}: plan `{}` ({hash})", plan.name),
+    );
+    (rollout, hosts)
+}
+
+impl Engine {
+    /// Validate a plan exactly as `plan check` does, dry-run every step on
+    /// the first wave's hosts, and create a rollout. A blocked dry-run (or a
+    /// host that cannot dry-run) stores the rollout as refused: it can never
+    /// be approved, and its reports say what would have happened.
+    pub async fn submit(
+        self: &Arc<Self>,
+        submitter: &str,
+        plan_file: &str,
+        plan_yaml: &str,
+        bypass: &[String],
+    ) -> Result<(Entry, Report), EngineError> {
+        if !bypass.is_empty() {
+            self.refuse(&format!("{submitter} asked to bypass: {}", bypass.join(", ")));
+            return Err(EngineError::Denied(format!(
+                "refused: nothing skips the canary, the approval or the backup rule (asked to bypass: {})",
+                bypass.join(", ")
+            )));
+        }
+        let (report, plan) = check_plan(
+            &self.fleet,
+            Source {
+                name: plan_file,
+                text: plan_yaml,
+            },
+            &self.policies,
+        );
+        let plan = match plan {
+            Some(p) if report.ok => p,
+            _ if report.exit_status() == 2 => return Err(EngineError::BadPlan(Box::new(report))),
+            _ => return Err(EngineError::Refused(Box::new(report))),
+        };
+        let hash = hex::encode(Sha256::digest(plan_yaml.as_bytes()));
+        let waves: Vec<Vec<String>> = report.waves.iter().map(|w| w.hosts.clone()).collect();
+        let (template, _) = build(String::new(), submitter, &hash, &plan, &waves, &self.policies);
+        let first = waves.first().cloned().unwrap_or_default();
+        let tag = format!("submit:{}:{}", &hash[..12], self.boot);
+        let mut probes = Vec::new();
+        for host in first {
+            let engine = Arc::clone(self);
+            let steps = template.steps.clone();
+            let untouchable = template.untouchable.clone();
+            let tag = tag.clone();
+            probes.push(tokio::spawn(async move {
+                engine.dry_run(&tag, &host, &steps, &untouchable).await
+            }));
+        }
+        let mut records = Vec::new();
+        for p in probes {
+            match p.await {
+                Ok(r) => records.extend(r),
+                Err(e) => return Err(EngineError::Store(anyhow::anyhow!("dry-run task failed: {e}"))),
+            }
+        }
+        let blocked: Vec<String> = records
+            .iter()
+            .filter(|r| r.blocked)
+            .map(DryRunRecord::summary)
+            .collect();
+        crate::failpoint::hit("submit-dry-run-done");
+        let (rollout, hosts) = self.store.create_rollout(&hash, plan_yaml, |id| {
+            let (mut r, h) = build(id, submitter, &hash, &plan, &waves, &self.policies);
+            r.inventory_hash.clone_from(&self.inventory_hash);
+            r.dry_runs = records.clone();
+            r.dry_run_digest = hex::encode(Sha256::digest(serde_json::to_vec(&records).unwrap_or_default()));
+            for rec in &records {
+                event(&mut r, format!("dry-run at submit: {}", rec.summary()));
+            }
+            if !blocked.is_empty() {
+                r.state = RolloutState::Refused;
+                r.halt_reason = Some(format!(
+                    "refused at submit: the first wave's dry-run was blocked: {}",
+                    blocked.join(" | ")
+                ));
+                event(&mut r, "refused: a blocked dry-run; this rollout can never be approved");
+            }
+            let mut bodies = vec![AuditBody {
+                kind: "submit".into(),
+                rollout: Some(r.id.clone()),
+                host: None,
+                actor: Some(submitter.to_owned()),
+                text: format!("{submitter} submitted plan `{}` ({hash})", r.plan_name),
+                data: serde_json::json!({
+                    "plan_hash": hash,
+                    "plan_file": plan_file,
+                    "plan_yaml": plan_yaml,
+                    "inventory_hash": r.inventory_hash,
+                    "targets": report.targets,
+                    "waves": report.waves,
+                    "notes": report.notes,
+                    "policies": report.policies,
+                    "violations": report.violations,
+                    "dry_runs": r.dry_runs,
+                }),
+            }];
+            bodies.extend(r.events.iter().map(|text| AuditBody {
+                kind: "event".into(),
+                rollout: Some(r.id.clone()),
+                host: None,
+                actor: None,
+                text: text.clone(),
+                data: serde_json::Value::Null,
+            }));
+            (r, h, bodies)
+        })?;
+        crate::failpoint::hit("submit-committed");
+        let entry = Entry {
+            hosts: hosts.into_iter().map(|h| (h.host.clone(), h)).collect(),
+            rollout,
+        };
+        self.lock().rollouts.insert(entry.rollout.id.clone(), entry.clone());
+        self.changes.send_modify(|n| *n += 1);
+        if !blocked.is_empty() {
+            self.refuse(&format!(
+                "submission {} by {submitter}: dry-run blocked",
+                entry.rollout.id
+            ));
+            return Err(EngineError::DryRunBlocked(Box::new(entry)));
+        }
+        Ok((entry, report))
+    }
+
+    /// Dry-run `steps` in one sandbox on `host`; one record per step. A host
+    /// that cannot answer, or whose sandbox fails, is blocked.
+    pub(super) async fn dry_run(
+        &self,
+        tag: &str,
+        host: &str,
+        steps: &[StepSpec],
+        untouchable: &[String],
+    ) -> Vec<DryRunRecord> {
+        let cmd = pb::Command {
+            id: format!("{tag}:{host}:dry-run"),
+            kind: Some(pb::command::Kind::DryRun(pb::DryRun {
+                rollout_id: String::new(),
+                untouchable: untouchable.to_vec(),
+                steps: steps
+                    .iter()
+                    .map(|s| pb::DryRunStep {
+                        name: s.name.clone(),
+                        run: s.run.clone(),
+                        writes: s.writes.clone(),
+                        max_deletions: s.max_deletions,
+                        timeout_ms: s.timeout_ms,
+                    })
+                    .collect(),
+            })),
+        };
+        let timeout = Duration::from_millis(steps.iter().map(|s| s.timeout_ms).sum::<u64>());
+        let deadline = Instant::now() + timeout + self.settings.agent_grace;
+        let blocked_all = |why: String| {
+            steps
+                .iter()
+                .map(|s| DryRunRecord {
+                    host: host.to_owned(),
+                    step: s.name.clone(),
+                    blocked: true,
+                    reasons: vec![why.clone()],
+                    report: None,
+                })
+                .collect()
+        };
+        let records: Vec<DryRunRecord> = match self.hub.execute(host, cmd, deadline).await {
+            Ok(r) => match serde_json::from_str::<Vec<StepReport>>(&r.report_json) {
+                Ok(reports) if reports.len() == steps.len() => reports
+                    .into_iter()
+                    .map(|rep| DryRunRecord {
+                        host: host.to_owned(),
+                        step: rep.step.clone(),
+                        blocked: rep.blocked,
+                        reasons: rep.reasons.clone(),
+                        report: Some(rep),
+                    })
+                    .collect(),
+                _ => blocked_all(format!("no dry-run report: {}", r.detail)),
+            },
+            Err(e) => blocked_all(format!("no dry-run: {e}")),
+        };
+        let blocked = records.iter().filter(|r| r.blocked).count();
+        self.metrics.dry_runs_blocked.inc_by(blocked as u64);
+        records
+    }
+
+    /// Approve, bound to the plan hash the approver saw.
+    pub async fn approve(self: &Arc<Self>, who: &str, id: &str, plan_hash: &str) -> Result<Entry, EngineError> {
+        let started = self
+            .mutate(id, |e| {
+                let r = &mut e.rollout;
+                if r.submitter == who {
+                    return Err(EngineError::Denied(format!(
+                        "{who} submitted this rollout and cannot approve it; another person must"
+                    )));
+                }
+                if !plan_hash.is_empty() && plan_hash != r.plan_hash {
+                    return Err(EngineError::Denied(format!(
+                        "the plan changed: you approved {plan_hash}, this rollout runs {}; review the plan it runs",
+                        r.plan_hash
+                    )));
+                }
+                let hash = r.plan_hash.clone();
+                let dry_run_digest = r.dry_run_digest.clone();
+                let started = r.approve(Approval {
+                    who: who.to_owned(),
+                    plan_hash: hash,
+                    dry_run_digest,
+                    at_ms: now_ms(),
+                })?;
+                event(
+                    r,
+                    format!(
+                        "approved by {who} ({} of {}) for plan {} and dry-run reports {}",
+                        r.approvals.len(),
+                        r.approvals_required,
+                        r.plan_hash,
+                        r.dry_run_digest
+                    ),
+                );
+                if started {
+                    event(r, "all approvals in; rollout running");
+                }
+                Ok((started, Vec::new()))
+            })
+            .await;
+        if let Err(EngineError::Denied(msg)) = &started {
+            self.refuse(&format!("approval of {id} by {who}: {msg}"));
+            // Record it on the rollout too (the transaction above did not commit).
+            let _ = self
+                .mutate(id, |e| {
+                    event(&mut e.rollout, format!("refused approval by {who}: {msg}"));
+                    Ok(((), Vec::new()))
+                })
+                .await;
+        }
+        if started? {
+            crate::failpoint::hit("approval-committed");
+            self.spawn_driver(id);
+        }
+        self.get(id).await
+    }
+
+    /// Pause, resume or abort, on an operator's word.
+    pub async fn control(self: &Arc<Self>, who: &str, id: &str, action: &str) -> Result<Entry, EngineError> {
+        self.mutate(id, |e| {
+            let r = &mut e.rollout;
+            let mut changed = Vec::new();
+            match action {
+                "pause" => r.pause()?,
+                "resume" => {
+                    let was_halted = r.state == RolloutState::Halted;
+                    r.resume()?;
+                    if was_halted {
+                        // Failed hosts of the re-entered wave are retried.
+                        for h in e.hosts.values_mut() {
+                            if h.state == HostState::Failed
+                                && r.waves.get(h.wave).is_some_and(|w| w.state == WaveState::Pending)
+                            {
+                                h.state = HostState::Running;
+                                h.in_flight = None;
+                                changed.push(h.host.clone());
+                            }
+                        }
+                    }
+                }
+                _ => r.abort()?,
+            }
+            event(r, format!("{action} by {who}"));
+            Ok(((), changed))
+        })
+        .await?;
+        if action == "resume" {
+            self.spawn_driver(id);
+        }
+        self.get(id).await
+    }
+}

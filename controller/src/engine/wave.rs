@@ -1,0 +1,260 @@
+//! The wave driver: each wave's hosts in parallel, then the bake with its
+//! repeated health checks, the wave confirmed healthy or the rollout halted
+//! when a wave fails beyond its budget.
+
+use super::*;
+
+impl Engine {
+    pub(super) async fn wait_change(&self, rx: &mut watch::Receiver<u64>) {
+        let _ = rx.changed().await;
+    }
+
+    pub(super) async fn drive(self: Arc<Self>, id: &str) -> Result<(), EngineError> {
+        let mut rx = self.subscribe();
+        loop {
+            let (state, rollback_pending, current) = self.with(id, |e| {
+                (e.rollout.state, e.rollout.rollback_pending, e.rollout.current_wave())
+            })?;
+            match state {
+                RolloutState::Running => {}
+                RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused => return Ok(()),
+                RolloutState::Halted if rollback_pending => {
+                    self.auto_rollback(id).await?;
+                    continue;
+                }
+                _ => {
+                    self.wait_change(&mut rx).await;
+                    continue;
+                }
+            }
+            match current {
+                None => {
+                    self.mutate(id, |e| {
+                        e.rollout.complete()?;
+                        event(&mut e.rollout, "every wave confirmed healthy; rollout completed");
+                        Ok(((), Vec::new()))
+                    })
+                    .await?;
+                    return Ok(());
+                }
+                Some(w) => self.run_wave(id, w).await?,
+            }
+        }
+    }
+
+    pub(super) fn running(&self, id: &str) -> bool {
+        self.lock()
+            .rollouts
+            .get(id)
+            .is_some_and(|e| e.rollout.state == RolloutState::Running)
+    }
+
+    pub(super) async fn run_wave(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let hosts = self
+            .mutate(id, |e| {
+                let wave = &mut e.rollout.waves[w];
+                if wave.state == WaveState::Pending {
+                    wave.state = WaveState::Running;
+                    let text = format!("wave {} started: {}", wave.index, wave.hosts.join(", "));
+                    event(&mut e.rollout, text);
+                }
+                Ok((e.rollout.waves[w].hosts.clone(), Vec::new()))
+            })
+            .await?;
+        crate::failpoint::hit("wave-start-committed");
+        let mut tasks = Vec::new();
+        for host in hosts {
+            let engine = Arc::clone(self);
+            let id = id.to_owned();
+            tasks.push(tokio::spawn(async move { engine.run_host(&id, w, &host).await }));
+        }
+        for t in tasks {
+            match t.await {
+                Ok(r) => r?,
+                Err(e) => return Err(EngineError::Store(anyhow::anyhow!("host task failed: {e}"))),
+            }
+        }
+        if !self.running(id) {
+            return Ok(());
+        }
+        self.bake(id, w).await?;
+        if self.with(id, |e| e.rollout.waves[w].state)? == WaveState::Confirmed {
+            self.metrics.waves_confirmed.inc();
+            self.metrics.wave_duration.observe(started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    pub(super) async fn bake(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
+        let (bake, interval, checks, attempt) = self
+            .mutate(id, |e| {
+                let r = &mut e.rollout;
+                r.waves[w].state = WaveState::Baking;
+                let text = format!("wave {} baking for {} ms", w + 1, r.bake_ms);
+                event(r, text);
+                Ok((
+                    (r.bake_ms, r.interval_ms.max(1), r.checks.clone(), r.attempt),
+                    Vec::new(),
+                ))
+            })
+            .await?;
+        crate::failpoint::hit("bake-committed");
+        let end = Instant::now() + Duration::from_millis(bake);
+        let mut round = 0u64;
+        while Instant::now() < end {
+            let pause = Duration::from_millis(interval).min(end - Instant::now());
+            tokio::time::sleep(pause).await;
+            if !self.running(id) {
+                return Ok(());
+            }
+            round += 1;
+            if checks.is_empty() {
+                continue;
+            }
+            let healthy: Vec<String> = {
+                let state = self.lock();
+                let Some(e) = state.rollouts.get(id) else { return Ok(()) };
+                e.hosts
+                    .values()
+                    .filter(|h| h.wave == w && h.state == HostState::Healthy)
+                    .map(|h| h.host.clone())
+                    .collect()
+            };
+            let mut probes = Vec::new();
+            for host in healthy {
+                let cmd = checks_command(format!("{id}:{attempt}:{host}:bake:{}:{round}", self.boot), &checks);
+                let deadline = Instant::now() + checks_timeout(&checks) + self.settings.agent_grace;
+                let engine = Arc::clone(self);
+                probes.push(tokio::spawn(async move {
+                    (host.clone(), engine.hub.execute(&host, cmd, deadline).await)
+                }));
+            }
+            for p in probes {
+                let Ok((host, res)) = p.await else { continue };
+                let failed = match res {
+                    Ok(r) if r.outcome == pb::Outcome::Ok as i32 => None,
+                    Ok(r) => Some(format!("during bake: {}", checks_detail(&r))),
+                    Err(e) => Some(format!("during bake: {e}")),
+                };
+                if let Some(detail) = failed {
+                    self.host_failed(id, w, &host, detail).await?;
+                }
+            }
+            if !self.running(id) {
+                return Ok(());
+            }
+        }
+        self.mutate(id, |e| {
+            let r = &mut e.rollout;
+            if r.state != RolloutState::Running {
+                return Ok(((), Vec::new()));
+            }
+            r.waves[w].state = WaveState::Confirmed;
+            event(r, format!("wave {} confirmed healthy", w + 1));
+            let retain_ms = r.retain_ms;
+            let mut changed = Vec::new();
+            for h in e.hosts.values_mut().filter(|h| h.wave == w) {
+                if let Some(snap) = h.snapshot.as_mut() {
+                    snap.apply(&SnapshotEvent::WaveConfirmed {
+                        now_ms: now_ms(),
+                        retain_ms,
+                    });
+                    changed.push(h.host.clone());
+                }
+            }
+            Ok(((), changed))
+        })
+        .await?;
+        if self.with(id, |e| e.rollout.waves[w].state)? == WaveState::Confirmed {
+            crate::failpoint::hit("wave-confirmed");
+        }
+        Ok(())
+    }
+
+    /// Mark a host failed; halt when the wave is over its budget.
+    pub(super) async fn host_failed(&self, id: &str, w: usize, host: &str, detail: String) -> Result<(), EngineError> {
+        self.host_failed_at(id, w, host, detail, None).await
+    }
+
+    /// [`Engine::host_failed`] for a failure an agent reported at `received`:
+    /// when it halts the rollout, the time from then to the halt's commit is
+    /// measured.
+    pub(super) async fn host_failed_at(
+        &self,
+        id: &str,
+        w: usize,
+        host: &str,
+        detail: String,
+        received: Option<Instant>,
+    ) -> Result<(), EngineError> {
+        let halted = self
+            .mutate(id, |e| {
+                let h = e
+                    .hosts
+                    .get_mut(host)
+                    .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+                h.state = HostState::Failed;
+                h.in_flight = None;
+                h.detail = detail.clone();
+                let r = &mut e.rollout;
+                event(r, format!("host {host} failed: {detail}"));
+                let failed = e
+                    .hosts
+                    .values()
+                    .filter(|h| h.wave == w && h.state == HostState::Failed)
+                    .count();
+                let size = r.waves[w].hosts.len();
+                let budget = r.budget(w, size);
+                if over_budget(failed, budget) && matches!(r.state, RolloutState::Running | RolloutState::Paused) {
+                    let in_flight: Vec<String> = e
+                        .hosts
+                        .values()
+                        .filter(|h| h.in_flight.is_some())
+                        .map(|h| h.host.clone())
+                        .collect();
+                    let what = if w == 0 {
+                        "the canary (wave 1)".to_string()
+                    } else {
+                        format!("wave {}", w + 1)
+                    };
+                    let mut reason =
+                        format!("{what}: {failed} of {size} hosts failed, budget {budget}; last: {host}: {detail}");
+                    if !in_flight.is_empty() {
+                        reason.push_str(&format!("; in flight at the halt: {}", in_flight.join(", ")));
+                    }
+                    r.halt(w, reason.clone())?;
+                    event(r, format!("halted: {reason}"));
+                    self.metrics.waves_halted.inc();
+                    if r.on_failure == "rollback" {
+                        r.rollback_pending = true;
+                    }
+                    // Only hosts whose snapshot record changes are written
+                    // again: at 10,000 hosts, serialising every record here
+                    // made the halt several times slower to commit.
+                    let mut changed = vec![host.to_owned()];
+                    for h in e.hosts.values_mut() {
+                        if let Some(snap) = h.snapshot.as_mut() {
+                            let before = snap.clone();
+                            snap.apply(&SnapshotEvent::Halted);
+                            if *snap != before {
+                                changed.push(h.host.clone());
+                            }
+                        }
+                    }
+                    return Ok((true, changed));
+                }
+                Ok((false, vec![host.to_owned()]))
+            })
+            .await?;
+        if halted {
+            crate::failpoint::hit("halt-committed");
+        }
+        if halted && let Some(at) = received {
+            let secs = at.elapsed().as_secs_f64();
+            self.metrics.halt_commit.observe(secs);
+            self.metrics.last_halt_commit.set(secs);
+        }
+        Ok(())
+    }
+}
