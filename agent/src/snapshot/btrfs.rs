@@ -447,12 +447,7 @@ fn swappable(root: &Path, part: &Part, b: &BtrfsInfo) -> Result<Option<Vec<Strin
 /// what was there.
 fn swap(root: &Path, b: &BtrfsInfo, snap: &Path, nested: &[String]) -> Result<()> {
     let live = host_path(root, &b.subvolume);
-    let name = live
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let parent = live.parent().context("a subvolume has a parent directory")?;
-    let fresh = parent.join(format!(".{name}.wavegate-restore"));
+    let fresh = replaced(root, b).context("a subvolume has a parent directory")?;
     if fresh.exists() {
         btrfs(&["subvolume", "delete"], &fresh)?;
     }
@@ -496,8 +491,26 @@ fn swap(root: &Path, b: &BtrfsInfo, snap: &Path, nested: &[String]) -> Result<()
         nix::fcntl::RenameFlags::RENAME_EXCHANGE,
     )
     .with_context(|| format!("swapping the restored {} into place", b.subvolume))?;
-    // `fresh` now holds what the step left; it goes.
-    btrfs(&["subvolume", "delete"], &fresh)?;
+    // `fresh` now holds what the step left: it goes once the restore is
+    // durable ([`discard_replaced`]), so the sync does not wait for it.
+    Ok(())
+}
+
+/// Where a swap leaves the tree it replaced.
+fn replaced(root: &Path, b: &BtrfsInfo) -> Option<PathBuf> {
+    let live = host_path(root, &b.subvolume);
+    let name = live.file_name()?.to_string_lossy().into_owned();
+    Some(live.parent()?.join(format!(".{name}.wavegate-restore")))
+}
+
+/// Delete what a swap replaced (btrfs frees it in the background).
+pub fn discard_replaced(root: &Path, part: &Part) -> Result<()> {
+    let Some(b) = part.btrfs.as_ref() else { return Ok(()) };
+    if let Some(old) = replaced(root, b)
+        && old.exists()
+    {
+        btrfs(&["subvolume", "delete"], &old)?;
+    }
     Ok(())
 }
 

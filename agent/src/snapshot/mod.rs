@@ -745,6 +745,9 @@ pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Resu
             nix::unistd::syncfs(std::fs::File::open(&at)?).with_context(|| format!("syncing {}", p.mount))?;
         }
     }
+    for p in &m.parts {
+        btrfs::discard_replaced(root, p)?;
+    }
     Ok(m)
 }
 
