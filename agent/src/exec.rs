@@ -46,6 +46,7 @@ fn interrupted(why: &str) -> Stored {
         output_tail: Vec::new(),
         detail: why.to_owned(),
         report: String::new(),
+        boot_id: String::new(),
     }
 }
 

@@ -56,6 +56,9 @@ pub struct Job {
     /// even inside a write set (its journal and snapshots).
     #[serde(default)]
     pub protect: Vec<String>,
+    /// The boot it was accepted in.
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 impl Job {
@@ -73,6 +76,7 @@ impl Job {
             steps: Vec::new(),
             untouchable: Vec::new(),
             protect: Vec::new(),
+            boot_id: String::new(),
         }
     }
 }
@@ -95,6 +99,9 @@ pub struct Stored {
     /// Dry-run reports (JSON), when the job was a dry-run.
     #[serde(default)]
     pub report: String,
+    /// The boot the command ran in.
+    #[serde(default)]
+    pub boot_id: String,
 }
 
 /// What the journal knows of a command.

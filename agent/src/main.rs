@@ -35,6 +35,14 @@ struct Args {
     /// Where the journal lives.
     #[arg(long, default_value = "/var/lib/wavegate-agent")]
     state_dir: PathBuf,
+    /// Read this boot's id from this file instead of
+    /// /proc/sys/kernel/random/boot_id (a lab host's own boots).
+    #[arg(long, hide = true)]
+    boot_id_file: Option<PathBuf>,
+    /// Reboot by exiting for the lab to start the agent again, instead of
+    /// rebooting the machine. Only `wavegate lab` uses it.
+    #[arg(long, hide = true)]
+    lab_reboot: bool,
 }
 
 fn main() -> ExitCode {
@@ -74,7 +82,16 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let boot_id = match wavegate_agent::session::boot_id(args.boot_id_file.as_deref()) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("wavegate-agent: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
     let cfg = wavegate_agent::session::Config {
+        boot_id,
+        lab_reboot: args.lab_reboot,
         exe,
         controller: args.controller,
         tls,

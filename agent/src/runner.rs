@@ -53,6 +53,7 @@ fn stored(outcome: Outcome, exit_code: i32, started: Instant, output: &Path, det
         output_tail: tail,
         detail,
         report: String::new(),
+        boot_id: String::new(),
     }
 }
 
@@ -221,6 +222,10 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
                 format!("the step was not run: {e:#}"),
             ),
         },
+    };
+    let result = Stored {
+        boot_id: job.boot_id.clone(),
+        ..result
     };
     journal::finish(job_dir, &result)?;
     Ok(result)

@@ -69,6 +69,33 @@ pub struct DryStep {
     pub max_deletions: u64,
     /// Time limit.
     pub timeout_ms: u64,
+    /// Why a failing dry-run is acceptable; without it, a dry-run that
+    /// exits non-zero, times out or is killed blocks the step.
+    #[serde(default)]
+    pub allow_failure: Option<String>,
+    /// A package step: resolved on the host before it is dry-run.
+    #[serde(default)]
+    pub packages: Option<wavegate_domain::packages::Packages>,
+}
+
+/// How a command ended in the sandbox.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ran {
+    /// Its exit code (-1: none, it was killed).
+    pub exit_code: i32,
+    /// Whether it was killed at its time limit.
+    pub timed_out: bool,
+    /// The last lines of its output.
+    pub tail: String,
+}
+
+/// How many lines of a dry-run's output its report keeps.
+pub const TAIL_LINES: usize = 20;
+
+/// The last `n` lines of `text`.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Whether `path` is one of `writes` or inside one.
@@ -280,17 +307,48 @@ pub fn symlink_on_path(host_root: &Path, path: &str) -> Option<(String, String)>
     None
 }
 
-/// Judge one step's effects against its write set and deletion budget.
-/// `blocks` are reasons found before it ran ([`write_set_problems`]).
-pub fn judge(step: &DryStep, effects: &BTreeMap<String, Effect>, exit_code: i32, blocks: &[String]) -> StepReport {
+/// Judge one step's effects against what it may change (`allowed`: its
+/// write set, or for a package step its packages' files) and its deletion
+/// budget, and how its run ended: a dry-run that failed, timed out or was
+/// killed says nothing about the real run, so it blocks unless the plan
+/// says why that is acceptable. `blocks` are reasons found before it ran
+/// ([`write_set_problems`]).
+pub fn judge(
+    step: &DryStep,
+    effects: &BTreeMap<String, Effect>,
+    ran: &Ran,
+    blocks: &[String],
+    allowed: &dyn Fn(&str) -> bool,
+) -> StepReport {
     let mut r = StepReport {
         step: step.name.clone(),
-        exit_code,
+        exit_code: ran.exit_code,
+        timed_out: ran.timed_out,
+        output_tail: ran.tail.clone(),
         ..StepReport::default()
     };
     r.reasons.extend(blocks.iter().cloned());
+    let failed = if ran.timed_out {
+        Some(format!(
+            "the dry-run was killed at its time limit of {} ms",
+            step.timeout_ms
+        ))
+    } else if ran.exit_code < 0 {
+        Some("the dry-run was killed".to_owned())
+    } else if ran.exit_code != 0 {
+        Some(format!("the dry-run exited with status {}", ran.exit_code))
+    } else {
+        None
+    };
+    match (failed, &step.allow_failure) {
+        (Some(_), Some(why)) => r.allowed_failure = Some(why.clone()),
+        (Some(what), None) => r.reasons.push(format!(
+            "{what}, so its effects are no prediction of the real run (a step whose dry-run may fail says `dry_run: {{allow_failure: \"why\"}}`)"
+        )),
+        (None, _) => {}
+    }
     for (path, effect) in effects {
-        let ok = inside(path, &step.writes);
+        let ok = allowed(path);
         match effect {
             Effect::Deleted { files, bytes } => {
                 r.deleted.add(path, *files, *bytes);
@@ -512,8 +570,10 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String]) -> Result<Sa
 }
 
 /// Run one command inside the sandbox: new PID, network, IPC and UTS
-/// namespaces, a fresh /proc, chrooted into the merged root.
-fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<i32> {
+/// namespaces, a fresh /proc, chrooted into the merged root. Its output is
+/// appended to `output`; what it wrote there is returned with how it ended.
+fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<(Ran, String)> {
+    let start = std::fs::metadata(output).map_or(0, |m| m.len());
     let out = std::fs::OpenOptions::new().create(true).append(true).open(output)?;
     let mut cmd = Command::new("unshare");
     cmd.args(["--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child"])
@@ -525,7 +585,20 @@ fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<
         .spawn()
         .context("starting the sandbox (util-linux `unshare`)")?;
     let status = mounts::wait_or_kill_group(&mut child, timeout)?;
-    Ok(status.and_then(|s| s.code()).unwrap_or(-1))
+    let text = {
+        use std::io::{Read as _, Seek as _};
+        let mut f = std::fs::File::open(output)?;
+        f.seek(std::io::SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.take(4 << 20).read_to_end(&mut buf)?;
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let ran = Ran {
+        exit_code: status.and_then(|s| s.code()).unwrap_or(-1),
+        timed_out: status.is_none(),
+        tail: last_lines(&text, TAIL_LINES),
+    };
+    Ok((ran, text))
 }
 
 /// Dry-run `steps` in order in one sandbox over `host_root`; each step's
@@ -540,9 +613,30 @@ pub fn dry_run(
     let sandbox = setup(host_root, base, untouchable)?;
     let mut before: BTreeMap<String, Effect> = BTreeMap::new();
     let mut reports = Vec::new();
+    let scratch = base.join("scratch-output");
     for step in steps {
-        let blocks = write_set_problems(host_root, &sandbox.mounts, &step.writes);
-        let code = run_in(
+        let mut blocks = write_set_problems(host_root, &sandbox.mounts, &step.writes);
+        let mut resolved = None;
+        if let Some(p) = &step.packages {
+            let mut simulate = |cmd: &str| -> Result<(i32, String)> {
+                let _ = std::fs::remove_file(&scratch);
+                let (ran, text) = run_in(
+                    &sandbox.merged,
+                    cmd,
+                    Duration::from_millis(step.timeout_ms.max(1)),
+                    &scratch,
+                )?;
+                Ok((ran.exit_code, text))
+            };
+            match crate::packages::resolve(host_root, p, &step.writes, &mut simulate) {
+                Ok(r) => {
+                    blocks.extend(write_set_problems(host_root, &sandbox.mounts, &r.writes));
+                    resolved = Some(r);
+                }
+                Err(why) => blocks.push(why),
+            }
+        }
+        let (ran, _) = run_in(
             &sandbox.merged,
             &step.run,
             Duration::from_millis(step.timeout_ms.max(1)),
@@ -554,10 +648,59 @@ pub fn dry_run(
             .filter(|(k, v)| before.get(*k) != Some(*v))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        reports.push(judge(step, &delta, code, &blocks));
+        let allowed = |p: &str| match &resolved {
+            Some(r) => r.allows(p, &step.writes),
+            None => inside(p, &step.writes),
+        };
+        let mut report = judge(step, &delta, &ran, &blocks, &allowed);
+        report
+            .reasons
+            .extend(emptied(host_root, &sandbox.merged, &delta, &allowed));
+        if let Some(r) = resolved {
+            report.packages = r.changes;
+            report.implied_writes = r.writes;
+        }
+        report.blocked = !report.reasons.is_empty();
+        reports.push(report);
         before = after;
     }
     Ok(reports)
+}
+
+/// Directories outside what a step may change that its run would leave
+/// empty (or remove), for people: "it would empty /srv/customer-data".
+fn emptied(
+    host_root: &Path,
+    merged: &Path,
+    effects: &BTreeMap<String, Effect>,
+    allowed: &dyn Fn(&str) -> bool,
+) -> Vec<String> {
+    let mut parents: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for (path, e) in effects {
+        let Effect::Deleted { files, .. } = e else { continue };
+        if allowed(path) {
+            continue;
+        }
+        if host_root.join(path.trim_start_matches('/')).is_dir() && *files > 0 {
+            out.push(format!(
+                "it would remove {path} ({files} files), outside what it may change"
+            ));
+        }
+        if let Some((parent, _)) = path.rsplit_once('/')
+            && !parent.is_empty()
+        {
+            parents.insert(parent.to_owned());
+        }
+    }
+    for p in parents {
+        let had = std::fs::read_dir(host_root.join(p.trim_start_matches('/'))).map_or(0, |d| d.count());
+        let has = std::fs::read_dir(merged.join(p.trim_start_matches('/'))).map_or(0, |d| d.count());
+        if had > 0 && has == 0 {
+            out.push(format!("it would empty {p}, outside what it may change"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -581,17 +724,77 @@ mod tests {
             writes: vec!["/etc/app".into()],
             max_deletions: 1,
             timeout_ms: 1,
+            allow_failure: None,
+            packages: None,
         };
         let mut effects = BTreeMap::new();
         effects.insert("/etc/app/a".to_string(), Effect::Deleted { files: 1, bytes: 3 });
-        let r = judge(&step, &effects, 0, &[]);
+        let ok = Ran::default();
+        let allowed = |p: &str| inside(p, &step.writes);
+        let r = judge(&step, &effects, &ok, &[], &allowed);
         assert!(!r.blocked, "{r:?}");
         effects.insert("/home/alice".to_string(), Effect::Deleted { files: 40, bytes: 4000 });
-        let r = judge(&step, &effects, 0, &[]);
+        let r = judge(&step, &effects, &ok, &[], &allowed);
         assert!(r.blocked);
         assert_eq!(r.outside_deleted.count, 40);
         assert_eq!(r.outside_deleted.sample, ["/home/alice"]);
         assert_eq!(r.deleted.count, 41);
         assert_eq!(r.reasons.len(), 2, "outside and over budget: {:?}", r.reasons);
+    }
+
+    #[test]
+    fn a_failed_dry_run_blocks_unless_the_plan_says_why() {
+        let mut step = DryStep {
+            name: "s".into(),
+            run: String::new(),
+            writes: vec!["/etc/app".into()],
+            max_deletions: 0,
+            timeout_ms: 1000,
+            allow_failure: None,
+            packages: None,
+        };
+        let allowed = |p: &str| inside(p, &["/etc/app".to_owned()]);
+        let none = BTreeMap::new();
+        for (ran, says) in [
+            (
+                Ran {
+                    exit_code: 7,
+                    ..Ran::default()
+                },
+                "exited with status 7",
+            ),
+            (
+                Ran {
+                    exit_code: -1,
+                    timed_out: true,
+                    ..Ran::default()
+                },
+                "time limit of 1000 ms",
+            ),
+            (
+                Ran {
+                    exit_code: -1,
+                    ..Ran::default()
+                },
+                "was killed",
+            ),
+        ] {
+            let r = judge(&step, &none, &ran, &[], &allowed);
+            assert!(r.blocked, "{r:?}");
+            assert!(r.reasons[0].contains(says), "{:?}", r.reasons);
+        }
+        step.allow_failure = Some("needs the license server".into());
+        let r = judge(
+            &step,
+            &none,
+            &Ran {
+                exit_code: 7,
+                ..Ran::default()
+            },
+            &[],
+            &allowed,
+        );
+        assert!(!r.blocked, "{r:?}");
+        assert_eq!(r.allowed_failure.as_deref(), Some("needs the license server"));
     }
 }

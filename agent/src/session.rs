@@ -2,15 +2,16 @@
 //! run what arrives, send results; on any failure reconnect with jittered
 //! backoff.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use sha2::Digest as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 use wavegate_proto::v1::{
     self as pb, agent_message, agent_service_client::AgentServiceClient, command, controller_message,
 };
@@ -35,6 +36,82 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The agent binary, whose `exec-step` mode supervises each step.
     pub exe: PathBuf,
+    /// This boot of the host.
+    pub boot_id: String,
+    /// In a lab: a reboot ends the agent with [`LAB_REBOOT_EXIT`], and the
+    /// lab's host starts it again with a new boot id; no machine reboots.
+    pub lab_reboot: bool,
+}
+
+/// The exit code that asks a lab host for a reboot.
+pub use wavegate_domain::LAB_REBOOT_EXIT;
+
+/// The host's boot id: `/proc/sys/kernel/random/boot_id`, or a lab's file.
+pub fn boot_id(file: Option<&Path>) -> Result<String> {
+    let path = file.unwrap_or(Path::new("/proc/sys/kernel/random/boot_id"));
+    Ok(std::fs::read_to_string(path)
+        .with_context(|| format!("reading the boot id from {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+/// Whether the host says it needs a reboot: Debian's `/run/reboot-required`,
+/// or `needs-restarting -r` (dnf-utils) exiting 1 on the machine itself.
+fn reboot_required(host_root: &Path) -> bool {
+    if host_root.join("run/reboot-required").exists() {
+        return true;
+    }
+    host_root == Path::new("/")
+        && std::process::Command::new("needs-restarting")
+            .arg("-r")
+            .status()
+            .is_ok_and(|s| s.code() == Some(1))
+}
+
+/// Reboot the host (journaled by the caller first).
+fn reboot(cfg: &Config) {
+    warn!(host = %cfg.host_id, "Rebooting after a step that asked for it.");
+    if cfg.lab_reboot {
+        std::process::exit(LAB_REBOOT_EXIT);
+    }
+    for cmd in [&["systemctl", "reboot"][..], &["/sbin/reboot"][..]] {
+        if std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return;
+        }
+    }
+    error!(host = %cfg.host_id, "Could not reboot: neither `systemctl reboot` nor /sbin/reboot worked.");
+}
+
+/// SHA-256 over a fetch's write set: every path under it with its kind,
+/// size and modification time. A cache that matches it needs no new fetch.
+pub fn cache_digest(root: &Path, paths: &[String]) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut lines = Vec::new();
+    for p in paths {
+        let mut stack = vec![root.join(p.trim_start_matches('/'))];
+        while let Some(at) = stack.pop() {
+            let Ok(m) = at.symlink_metadata() else { continue };
+            lines.push(format!(
+                "{}\0{:o}\0{}\0{}.{}",
+                at.strip_prefix(root).unwrap_or(&at).display(),
+                m.mode(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec()
+            ));
+            if m.is_dir()
+                && let Ok(rd) = std::fs::read_dir(&at)
+            {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    lines.sort();
+    hex::encode(sha2::Sha256::digest(lines.join("\n").as_bytes()))
 }
 
 /// Run forever: keep a session open, reconnecting with jittered backoff.
@@ -72,6 +149,7 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
     let hello = pb::Hello {
         host_id: cfg.host_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
+        boot_id: cfg.boot_id.clone(),
     };
     tx.send(pb::AgentMessage {
         body: Some(agent_message::Body::Hello(hello)),
@@ -102,12 +180,20 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
             if let Some(controller_message::Body::Command(cmd)) = msg.body {
                 let (cfg, journal, tx) = (cfg.clone(), Arc::clone(journal), tx.clone());
                 tokio::spawn(async move {
-                    let result = handle(&cfg, &journal, cmd).await;
-                    let _ = tx
+                    let (result, reboot_now) = handle(&cfg, &journal, cmd).await;
+                    let sent = tx
                         .send(pb::AgentMessage {
                             body: Some(agent_message::Body::Result(result)),
                         })
                         .await;
+                    if reboot_now {
+                        // The result goes out first: the reboot is journaled,
+                        // and the controller waits for the new boot id.
+                        if sent.is_ok() {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        reboot(&cfg);
+                    }
                 });
             }
         }
@@ -129,6 +215,8 @@ fn own_paths(cfg: &Config) -> Vec<String> {
 
 fn result_of(id: &str, s: crate::journal::Stored, replayed: bool) -> pb::CommandResult {
     pb::CommandResult {
+        boot_id: s.boot_id,
+        reboot: String::new(),
         command_id: id.to_owned(),
         outcome: s.outcome,
         exit_code: s.exit_code,
@@ -142,7 +230,17 @@ fn result_of(id: &str, s: crate::journal::Stored, replayed: bool) -> pb::Command
     }
 }
 
-async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::CommandResult {
+/// Answer one command; the bool asks for a reboot once the answer is sent.
+async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> (pb::CommandResult, bool) {
+    let mut reboot_now = false;
+    let mut r = answer(cfg, journal, cmd, &mut reboot_now).await;
+    if r.boot_id.is_empty() {
+        r.boot_id.clone_from(&cfg.boot_id);
+    }
+    (r, reboot_now)
+}
+
+async fn answer(cfg: &Config, journal: &Journal, cmd: pb::Command, reboot_now: &mut bool) -> pb::CommandResult {
     let id = cmd.id.clone();
     let refused = |detail: String| pb::CommandResult {
         command_id: id.clone(),
@@ -164,10 +262,64 @@ async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::Comman
             job.create_files = step.create_files;
             job.untouchable = step.untouchable;
             job.protect = own_paths(cfg);
+            job.boot_id.clone_from(&cfg.boot_id);
             match run_step_once(&cfg.exe, journal, job).await {
                 Ok((s, replayed)) => {
                     info!(command = %id, outcome = s.outcome, replayed, "Step finished.");
-                    result_of(&id, s, replayed)
+                    let ok = s.outcome == pb::Outcome::Ok as i32;
+                    let mut r = result_of(&id, s, replayed);
+                    // A reboot is journaled before it happens, happens only
+                    // right after the step ran, and never again: a replayed
+                    // answer says it is pending and does nothing.
+                    let marker = journal.job_dir(&id).join("reboot.json");
+                    if ok && !replayed && !step.reboot.is_empty() && !marker.exists() {
+                        let wanted = step.reboot == "always" || reboot_required(&cfg.host_root);
+                        if wanted {
+                            let note = serde_json::json!({"boot_id": r.boot_id, "mode": step.reboot}).to_string();
+                            match crate::journal::write_durably(&marker, note.as_bytes()) {
+                                Ok(()) => *reboot_now = true,
+                                Err(e) => {
+                                    r.outcome = pb::Outcome::Failed as i32;
+                                    r.detail = format!("the step ran, but its reboot could not be journaled: {e:#}");
+                                }
+                            }
+                        }
+                    }
+                    if marker.exists() {
+                        r.reboot = "pending".into();
+                    }
+                    r
+                }
+                Err(e) => refused(format!("{e:#}")),
+            }
+        }
+        Some(command::Kind::Fetch(f)) => {
+            let (root, writes) = (cfg.host_root.clone(), f.writes.clone());
+            let before = tokio::task::spawn_blocking(move || cache_digest(&root, &writes))
+                .await
+                .unwrap_or_default();
+            if !f.skip_if_digest.is_empty() && before == f.skip_if_digest {
+                return pb::CommandResult {
+                    command_id: id.clone(),
+                    outcome: pb::Outcome::Ok as i32,
+                    detail: "the cache matches the last fetch; not fetched again".into(),
+                    report_json: serde_json::json!({"digest": before, "ran": false}).to_string(),
+                    ..Default::default()
+                };
+            }
+            let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::Confined);
+            job.writes = f.writes.clone();
+            job.protect = own_paths(cfg);
+            job.boot_id.clone_from(&cfg.boot_id);
+            match run_step_once(&cfg.exe, journal, job).await {
+                Ok((s, replayed)) => {
+                    let (root, writes) = (cfg.host_root.clone(), f.writes.clone());
+                    let after = tokio::task::spawn_blocking(move || cache_digest(&root, &writes))
+                        .await
+                        .unwrap_or_default();
+                    let mut r = result_of(&id, s, replayed);
+                    r.report_json = serde_json::json!({"digest": after, "ran": !replayed}).to_string();
+                    r
                 }
                 Err(e) => refused(format!("{e:#}")),
             }
@@ -184,6 +336,14 @@ async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> pb::Comman
                     writes: s.writes,
                     max_deletions: s.max_deletions,
                     timeout_ms: s.timeout_ms,
+                    allow_failure: (!s.allow_failure.is_empty()).then_some(s.allow_failure),
+                    packages: s.packages.and_then(|p| {
+                        Some(wavegate_domain::packages::Packages {
+                            manager: wavegate_domain::packages::Manager::parse(&p.manager)?,
+                            upgrade: p.upgrade,
+                            install: p.install.into_iter().collect(),
+                        })
+                    }),
                 })
                 .collect();
             match run_supervised(&cfg.exe, &scratch, &job).await {

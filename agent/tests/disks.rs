@@ -157,6 +157,8 @@ impl Host {
             writes: writes.iter().map(|w| (*w).to_owned()).collect(),
             max_deletions,
             timeout_ms: 20_000,
+            allow_failure: None,
+            packages: None,
         }];
         job.untouchable = untouchable.iter().map(|w| (*w).to_owned()).collect();
         let r = run_supervised(&exe(), &self.state.join("scratch"), &job)

@@ -211,8 +211,8 @@ impl AgentService for Api {
             .await
             .map_err(|_| Status::unavailable("session closed"))?;
         let hub = Arc::clone(self.engine.hub());
-        let session = hub.connect(&cert_host, tx);
-        info!(host = %cert_host, version = %hello.agent_version, "Agent connected.");
+        let session = hub.connect_boot(&cert_host, tx, &hello.boot_id);
+        info!(host = %cert_host, version = %hello.agent_version, boot = %hello.boot_id, "Agent connected.");
         tokio::spawn(async move {
             while let Ok(Some(msg)) = inbound.message().await {
                 if let Some(pb::agent_message::Body::Result(r)) = msg.body {
@@ -247,6 +247,7 @@ impl OperatorService for Api {
             id: entry.rollout.id.clone(),
             plan_hash: entry.rollout.plan_hash.clone(),
             report_json: serde_json::to_string(&report).unwrap_or_default(),
+            dry_runs: entry.rollout.dry_runs.iter().map(|d| d.summary()).collect(),
         }))
     }
 
@@ -359,7 +360,7 @@ impl OperatorService for Api {
         let json: Vec<serde_json::Value> = records
             .iter()
             .map(|(phase, d)| {
-                serde_json::json!({"phase": phase, "host": d.host, "step": d.step, "blocked": d.blocked, "reasons": d.reasons, "report": d.report})
+                serde_json::json!({"phase": phase, "host": d.host, "step": d.step, "blocked": d.blocked, "reasons": d.reasons, "report": d.report, "fetch": d.fetch})
             })
             .collect();
         Ok(Response::new(pb::DryRunsResponse {

@@ -13,6 +13,7 @@ pub const POINTS: &[&str] = &[
     "approval-committed",
     "wave-start-committed",
     "step-persisted",
+    "reboot-pending",
     "bake-committed",
     "wave-confirmed",
     "halt-committed",

@@ -24,6 +24,9 @@ struct Link {
 #[derive(Default)]
 struct Inner {
     agents: HashMap<String, Link>,
+    /// The boot id each host last said Hello with (kept while it is away,
+    /// as when it reboots).
+    boots: HashMap<String, String>,
     waiters: HashMap<String, oneshot::Sender<(CommandResult, Instant)>>,
     next_session: u64,
 }
@@ -56,11 +59,20 @@ impl Hub {
     /// Register a session for `host`, replacing an older one. Returns the
     /// session number to pass to [`Hub::disconnect`].
     pub fn connect(&self, host: &str, tx: AgentTx) -> u64 {
+        self.connect_boot(host, tx, "")
+    }
+
+    /// [`Hub::connect`] for an agent that said which boot of its host this
+    /// is.
+    pub fn connect_boot(&self, host: &str, tx: AgentTx, boot_id: &str) -> u64 {
         let session = {
             let mut inner = self.lock();
             inner.next_session += 1;
             let session = inner.next_session;
             inner.agents.insert(host.to_owned(), Link { session, tx });
+            if !boot_id.is_empty() {
+                inner.boots.insert(host.to_owned(), boot_id.to_owned());
+            }
             session
         };
         self.changed.notify_waiters();
@@ -76,6 +88,33 @@ impl Hub {
             }
         }
         self.changed.notify_waiters();
+    }
+
+    /// The boot id `host` last said Hello with.
+    pub fn boot_id(&self, host: &str) -> Option<String> {
+        self.lock().boots.get(host).cloned()
+    }
+
+    /// Wait until `host` is connected in a boot other than `from`, until
+    /// `deadline`; returns the new boot id.
+    pub async fn wait_new_boot(&self, host: &str, from: &str, deadline: Instant) -> Option<String> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let inner = self.lock();
+                if inner.agents.contains_key(host)
+                    && let Some(b) = inner.boots.get(host).filter(|b| b.as_str() != from)
+                {
+                    return Some(b.clone());
+                }
+            }
+            tokio::select! {
+                () = &mut changed => {}
+                () = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
     }
 
     /// Hosts with a live session, sorted.
@@ -182,6 +221,27 @@ mod tests {
         };
         let r = hub.execute("h1", cmd, Instant::now() + Duration::from_secs(5)).await;
         assert!(matches!(r, Err(ExecError::NoAnswer(_))), "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rebooted_host_is_seen_by_its_new_boot_id_and_a_silent_one_times_out() {
+        let hub = std::sync::Arc::new(Hub::default());
+        let (tx, _rx) = mpsc::channel(4);
+        hub.connect_boot("h1", tx.clone(), "boot-a");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        assert_eq!(
+            hub.wait_new_boot("h1", "boot-a", deadline).await,
+            None,
+            "the same boot is not back"
+        );
+        let h = std::sync::Arc::clone(&hub);
+        let waiter = tokio::spawn(async move {
+            h.wait_new_boot("h1", "boot-a", Instant::now() + Duration::from_secs(60))
+                .await
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        hub.connect_boot("h1", tx, "boot-b");
+        assert_eq!(waiter.await.expect("join").as_deref(), Some("boot-b"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -49,6 +49,39 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Ids of the policy rules the plan was checked against.
     pub policies: Vec<String>,
+    /// What each step is and may change, as the plan says it.
+    #[serde(default)]
+    pub steps: Vec<StepPlan>,
+}
+
+/// One step as `plan check` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct StepPlan {
+    /// Its name.
+    pub name: String,
+    /// `run` or `packages`.
+    pub kind: String,
+    /// What it runs (generated for a package step).
+    pub run: String,
+    /// Its write set as the plan gives it (a package step adds its
+    /// packages' files on each host).
+    pub writes: Vec<String>,
+    /// A package step: what it changes, like `apt: upgrade postfix`.
+    #[serde(default)]
+    pub packages: Option<String>,
+    /// Its fetch, run before the dry-run with the network.
+    #[serde(default)]
+    pub fetch: Option<String>,
+    /// What the fetch may write.
+    #[serde(default)]
+    pub fetch_writes: Vec<String>,
+    /// `never`, `always` or `if-required`.
+    pub reboot: String,
+    /// Deletion budget.
+    pub max_deletions: u64,
+    /// Why a failing dry-run is acceptable, if the plan says so.
+    #[serde(default)]
+    pub allow_failure: Option<String>,
 }
 
 impl Report {
@@ -160,7 +193,7 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
     }
     let target_ids = targets.hosts().iter().map(|h| fleet.id(*h).to_owned()).collect();
     let reports = wave_reports(fleet, &waves_out);
-    let report = finish(
+    let mut report = finish(
         fleet.file(),
         &plan.file,
         Some(plan.name.clone()),
@@ -170,6 +203,27 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
         notes,
         policies,
     );
+    report.steps = plan
+        .steps
+        .iter()
+        .map(|s| StepPlan {
+            name: s.name.clone(),
+            kind: if s.packages.is_some() { "packages" } else { "run" }.into(),
+            run: s.run.clone(),
+            writes: s.writes.clone(),
+            packages: s.packages.as_ref().map(crate::packages::Packages::describe),
+            fetch: s.fetch.clone(),
+            fetch_writes: s.fetch_writes.clone(),
+            reboot: match s.reboot {
+                plan::Reboot::Never => "never",
+                plan::Reboot::Always => "always",
+                plan::Reboot::IfRequired => "if-required",
+            }
+            .into(),
+            max_deletions: s.max_deletions,
+            allow_failure: s.allow_failure.clone(),
+        })
+        .collect();
     (report, Some(plan))
 }
 
@@ -240,6 +294,7 @@ fn finish(
         violations,
         notes,
         policies: policies.rules().iter().map(|r| r.id.clone()).collect(),
+        steps: Vec::new(),
     }
 }
 

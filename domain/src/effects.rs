@@ -54,6 +54,54 @@ pub struct StepReport {
     pub created_dirs: Vec<String>,
     /// Write-set paths created as files.
     pub created_files: Vec<String>,
+    /// Whether the step was killed at its time limit in the sandbox.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// The last lines of its output in the sandbox.
+    #[serde(default)]
+    pub output_tail: String,
+    /// The plan's reason why a failing dry-run is acceptable, when it
+    /// failed and that let it pass.
+    #[serde(default)]
+    pub allowed_failure: Option<String>,
+    /// A package step: the packages and versions that would change.
+    #[serde(default)]
+    pub packages: Vec<PackageChange>,
+    /// A package step: its write set on this host (the package manager's
+    /// state and the directories of the packages' files), which the real
+    /// run is confined to and the snapshot holds.
+    #[serde(default)]
+    pub implied_writes: Vec<String>,
+}
+
+/// One package a package step would change.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageChange {
+    /// Package name.
+    pub name: String,
+    /// The version installed now (empty: not installed).
+    pub from: String,
+    /// The version it would be (empty: removed).
+    pub to: String,
+}
+
+/// A fetch run before a dry-run: what it did to the host's cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRecord {
+    /// Its command id.
+    pub command_id: String,
+    /// ok | failed | timed_out | refused | ...
+    pub outcome: String,
+    /// Whether it ran (false: the cache still matched the last fetch).
+    pub ran: bool,
+    /// SHA-256 of the fetch's write set after it.
+    pub digest: String,
+    /// Exit code, -1 when none.
+    pub exit_code: i32,
+    /// SHA-256 of its output.
+    pub output_sha256: String,
+    /// For people.
+    pub detail: String,
 }
 
 /// A dry-run report as the controller keeps it.
@@ -69,6 +117,9 @@ pub struct DryRunRecord {
     pub reasons: Vec<String>,
     /// The report, when the sandbox produced one.
     pub report: Option<StepReport>,
+    /// The fetch that ran (or was found current) right before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<FetchRecord>,
 }
 
 impl DryRunRecord {
@@ -87,6 +138,27 @@ impl DryRunRecord {
             r.modified.count,
             r.created.count
         );
+        if !r.packages.is_empty() {
+            let changes: Vec<String> = r
+                .packages
+                .iter()
+                .map(|p| match (p.from.as_str(), p.to.as_str()) {
+                    ("", to) => format!("{} (new) -> {to}", p.name),
+                    (from, "") => format!("{} {from} -> removed", p.name),
+                    (from, to) => format!("{} {from} -> {to}", p.name),
+                })
+                .collect();
+            s.push_str(&format!("; packages: {}", changes.join(", ")));
+            if !r.modified.sample.is_empty() {
+                s.push_str(&format!(
+                    "; replaces {}",
+                    r.modified.sample.iter().take(8).cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        if let Some(why) = &r.allowed_failure {
+            s.push_str(&format!("; its dry-run exited {}, allowed: {why}", r.exit_code));
+        }
         if r.outside.count > 0 {
             s.push_str(&format!(
                 "; OUTSIDE the write set: {} effects, {} files deleted, e.g. {}",
@@ -97,6 +169,11 @@ impl DryRunRecord {
         }
         if !self.reasons.is_empty() {
             s.push_str(&format!("; {}", self.reasons.join("; ")));
+        }
+        if self.blocked && !r.output_tail.trim().is_empty() {
+            let last: Vec<&str> = r.output_tail.trim_end().lines().rev().take(5).collect();
+            let last: Vec<&str> = last.into_iter().rev().collect();
+            s.push_str(&format!("; last output: {}", last.join(" | ")));
         }
         s
     }

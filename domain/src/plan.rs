@@ -66,6 +66,33 @@ struct StepDoc {
     writes: Option<Spanned<Vec<Spanned<String>>>>,
     max_deletions: Option<Spanned<i64>>,
     timeout: Option<Spanned<Scalar>>,
+    dry_run: Option<Spanned<DryRunDoc>>,
+    fetch: Option<Spanned<String>>,
+    fetch_writes: Option<Spanned<Vec<Spanned<String>>>>,
+    packages: Option<Spanned<PackagesDoc>>,
+    reboot: Option<Spanned<RebootDoc>>,
+    reboot_timeout: Option<Spanned<Scalar>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DryRunDoc {
+    allow_failure: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PackagesDoc {
+    manager: Option<Spanned<String>>,
+    upgrade: Option<Vec<Spanned<String>>>,
+    install: Option<BTreeMap<String, Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RebootDoc {
+    Flag(bool),
+    Word(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,7 +197,42 @@ pub struct Step {
     pub run_loc: Loc,
     /// Where its `writes` is written (the step when absent).
     pub writes_loc: Loc,
+    /// Why a failing dry-run of this step is acceptable (`dry_run:
+    /// allow_failure:`); without it, a dry-run that fails blocks the step.
+    pub allow_failure: Option<String>,
+    /// A command run before the dry-run, with the network, that may write
+    /// only `fetch_writes` (a package cache, say), so that the step itself
+    /// needs no network.
+    pub fetch: Option<String>,
+    /// What the fetch may write.
+    pub fetch_writes: Vec<String>,
+    /// A package step: what it upgrades or installs. Its `run` and `fetch`
+    /// are generated, and its write set is the package manager's state plus
+    /// the packages' files on each host.
+    pub packages: Option<crate::packages::Packages>,
+    /// Whether the host reboots after the step.
+    pub reboot: Reboot,
+    /// How long the host may take to come back after its reboot.
+    pub reboot_timeout: Duration,
 }
+
+/// Whether a step ends with a reboot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reboot {
+    /// Never.
+    #[default]
+    Never,
+    /// Always.
+    Always,
+    /// When the host says it needs one (`/run/reboot-required`, or
+    /// `needs-restarting -r`).
+    IfRequired,
+}
+
+/// How long a host may take to come back after a reboot when the plan does
+/// not say.
+pub const DEFAULT_REBOOT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// How the waves are given.
 #[derive(Clone, Debug)]
@@ -275,7 +337,9 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Every `writes` path of every step, deduplicated and sorted.
+    /// Every `writes` path of every step, deduplicated and sorted: what
+    /// every host's snapshot holds at least (package steps add their
+    /// packages' files on each host).
     pub fn write_set(&self) -> BTreeSet<&str> {
         self.steps
             .iter()
@@ -553,8 +617,19 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
                 format!("step {}", i + 1)
             }
         };
-        let (run, run_loc) = match s.run {
-            Some(r) if !r.value.trim().is_empty() => {
+        let packages = s.packages.map(|p| packages(file, &field, &name, p, v));
+        let (run, run_loc) = match (s.run, &packages) {
+            (Some(r), Some(_)) => {
+                v.push(parse_error(
+                    &loc_of(file, &r),
+                    format!("{field}.run"),
+                    format!("step `{name}` has both `run` and `packages`"),
+                    "a package step's command is made by wavegate; remove `run`, or make it a step of its own",
+                ));
+                (r.value, loc.clone())
+            }
+            (None, Some((p, ploc))) => (p.as_ref().map(|p| p.run_command()).unwrap_or_default(), ploc.clone()),
+            (Some(r), None) if !r.value.trim().is_empty() => {
                 let at = loc_of(file, &r);
                 (r.value, at)
             }
@@ -563,12 +638,21 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
                     &loc,
                     format!("{field}.run"),
                     format!("step `{name}` has no `run` command"),
-                    "add `run: <command>`; it is run by /bin/sh -c on each target",
+                    "add `run: <command>` (it is run by /bin/sh -c on each target), or `packages:` for a package step",
                 ));
                 (String::new(), loc.clone())
             }
         };
+        let package_step = packages.is_some();
+        let packages = packages.and_then(|(p, _)| p);
         let (writes, writes_loc) = match s.writes {
+            // A package step's write set is its package manager's state and
+            // its packages' files; `writes` may add to it. (A broken
+            // `packages:` has been reported already.)
+            None if package_step => {
+                let state = packages.as_ref().map(|p| p.manager.state_paths()).unwrap_or_default();
+                (state.iter().map(|p| (*p).to_owned()).collect(), loc.clone())
+            }
             None => {
                 v.push(
                     Violation::new(Code::WritesMissing, format!("step `{name}` does not declare what it may change"))
@@ -606,9 +690,67 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
                         ),
                     }
                 }
+                if let Some(p) = &packages {
+                    paths.extend(p.manager.state_paths().iter().map(|p| (*p).to_owned()));
+                }
                 (paths.into_iter().collect(), wloc)
             }
         };
+        let allow_failure = s.dry_run.and_then(|d| {
+            let dloc = loc_of(file, &d);
+            match d.value.allow_failure {
+                Some(a) if !a.value.trim().is_empty() => Some(a.value),
+                Some(a) => {
+                    v.push(parse_error(
+                        &loc_of(file, &a),
+                        format!("{field}.dry_run.allow_failure"),
+                        format!("step `{name}`: `allow_failure` gives no reason"),
+                        "say why a failing dry-run of this step is acceptable, like `allow_failure: \"needs the license server\"`",
+                    ));
+                    None
+                }
+                None => {
+                    v.push(parse_error(
+                        &dloc,
+                        format!("{field}.dry_run"),
+                        format!("step `{name}`: `dry_run` says nothing"),
+                        "write `dry_run: {allow_failure: \"why a failing dry-run is acceptable\"}`, or remove `dry_run`",
+                    ));
+                    None
+                }
+            }
+        });
+        let (fetch, fetch_writes) = fetch_fields(file, &field, &name, s.fetch, s.fetch_writes, packages.as_ref(), v);
+        let reboot = match s.reboot.as_ref().map(|r| &r.value) {
+            None | Some(RebootDoc::Flag(false)) => Reboot::Never,
+            Some(RebootDoc::Flag(true)) => Reboot::Always,
+            Some(RebootDoc::Word(w)) if w == "if-required" => Reboot::IfRequired,
+            Some(RebootDoc::Word(w)) => {
+                let rloc = s.reboot.as_ref().map(|r| loc_of(file, r)).unwrap_or_default();
+                v.push(parse_error(
+                    &rloc,
+                    format!("{field}.reboot"),
+                    format!("step `{name}`: `reboot: {w}` is not a choice"),
+                    "write `reboot: true`, `reboot: false` or `reboot: if-required`",
+                ));
+                Reboot::Never
+            }
+        };
+        if let (Reboot::Never, Some(t)) = (reboot, &s.reboot_timeout) {
+            v.push(parse_error(
+                &loc_of(file, t),
+                format!("{field}.reboot_timeout"),
+                format!("step `{name}` has a `reboot_timeout` but does not reboot"),
+                "remove `reboot_timeout`, or add `reboot: true` or `reboot: if-required`",
+            ));
+        }
+        let reboot_timeout = duration(
+            file,
+            s.reboot_timeout,
+            &format!("{field}.reboot_timeout"),
+            DEFAULT_REBOOT_TIMEOUT,
+            v,
+        );
         let max_deletions = match s.max_deletions {
             None => 0,
             Some(m) => u64::try_from(m.value).unwrap_or_else(|_| {
@@ -631,9 +773,177 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
             loc,
             run_loc,
             writes_loc,
+            allow_failure,
+            fetch,
+            fetch_writes,
+            packages,
+            reboot,
+            reboot_timeout,
         });
     }
     out
+}
+
+/// A step's `packages:`, checked; the location is the block's.
+fn packages(
+    file: &str,
+    field: &str,
+    name: &str,
+    doc: Spanned<PackagesDoc>,
+    v: &mut Vec<Violation>,
+) -> (Option<crate::packages::Packages>, Loc) {
+    use crate::packages::{Manager, Packages, valid_name, valid_version};
+    let loc = loc_of(file, &doc);
+    let p = doc.value;
+    let before = v.len();
+    let manager = match &p.manager {
+        Some(m) => match Manager::parse(&m.value) {
+            Some(mgr) => Some(mgr),
+            None => {
+                v.push(parse_error(
+                    &loc_of(file, m),
+                    format!("{field}.packages.manager"),
+                    format!(
+                        "step `{name}`: `manager: {}` is not a package manager wavegate knows",
+                        m.value
+                    ),
+                    "write `manager: apt` (Debian, Ubuntu) or `manager: dnf` (Fedora, RHEL)",
+                ));
+                None
+            }
+        },
+        None => {
+            v.push(parse_error(
+                &loc,
+                format!("{field}.packages.manager"),
+                format!("step `{name}`: `packages` names no `manager`"),
+                "add `manager: apt` or `manager: dnf`",
+            ));
+            None
+        }
+    };
+    let mut upgrade = Vec::new();
+    for (j, n) in p.upgrade.into_iter().flatten().enumerate() {
+        if valid_name(&n.value) {
+            upgrade.push(n.value);
+        } else {
+            v.push(parse_error(
+                &loc_of(file, &n),
+                format!("{field}.packages.upgrade[{j}]"),
+                format!("step `{name}`: `{}` is not a package name", n.value),
+                "write package names as the package manager spells them, like `postfix` or `libssl3`",
+            ));
+        }
+    }
+    let mut install = Vec::new();
+    for (n, ver) in p.install.into_iter().flatten() {
+        if !valid_name(&n) {
+            v.push(parse_error(
+                &loc_of(file, &ver),
+                format!("{field}.packages.install.{n}"),
+                format!("step `{name}`: `{n}` is not a package name"),
+                "write package names as the package manager spells them, like `postfix` or `libssl3`",
+            ));
+        } else if !valid_version(&ver.value) {
+            v.push(parse_error(
+                &loc_of(file, &ver),
+                format!("{field}.packages.install.{n}"),
+                format!("step `{name}`: `{}` is not a version of `{n}`", ver.value),
+                "write the exact version to install, in quotes, like `openssl: \"3.0.15-1~deb12u1\"`",
+            ));
+        } else {
+            install.push((n, ver.value));
+        }
+    }
+    if upgrade.is_empty() && install.is_empty() && v.len() == before {
+        v.push(parse_error(
+            &loc,
+            format!("{field}.packages"),
+            format!("step `{name}`: `packages` names no package"),
+            "add `upgrade: [postfix]` or `install: {openssl: \"3.0.15-1\"}`",
+        ));
+    }
+    let pk = manager.filter(|_| v.len() == before).map(|manager| Packages {
+        manager,
+        upgrade,
+        install,
+    });
+    (pk, loc)
+}
+
+/// A step's `fetch` and `fetch_writes`, checked (a package step has its
+/// own fetch).
+fn fetch_fields(
+    file: &str,
+    field: &str,
+    name: &str,
+    fetch: Option<Spanned<String>>,
+    writes: Option<Spanned<Vec<Spanned<String>>>>,
+    packages: Option<&crate::packages::Packages>,
+    v: &mut Vec<Violation>,
+) -> (Option<String>, Vec<String>) {
+    if let Some(p) = packages {
+        if let Some(f) = &fetch {
+            v.push(parse_error(
+                &loc_of(file, f),
+                format!("{field}.fetch"),
+                format!("step `{name}` is a package step and has a `fetch` of its own"),
+                "remove `fetch`: a package step fetches its packages itself",
+            ));
+        }
+        let mut w: Vec<String> = p.manager.fetch_writes().iter().map(|s| (*s).to_owned()).collect();
+        w.extend(writes.into_iter().flat_map(|w| w.value).map(|s| s.value));
+        return (Some(p.fetch_command()), w);
+    }
+    match (fetch, writes) {
+        (None, None) => (None, Vec::new()),
+        (None, Some(w)) => {
+            v.push(parse_error(
+                &loc_of(file, &w),
+                format!("{field}.fetch_writes"),
+                format!("step `{name}` has `fetch_writes` but no `fetch`"),
+                "add the `fetch:` command that writes them, or remove `fetch_writes`",
+            ));
+            (None, Vec::new())
+        }
+        (Some(f), None) => {
+            v.push(
+                Violation::new(Code::WritesMissing, format!("step `{name}`: its `fetch` does not declare what it may write"))
+                    .at(&loc_of(file, &f))
+                    .field(format!("{field}.fetch_writes"))
+                    .fix("add `fetch_writes: [/var/cache/...]`, the paths the fetch may write; nothing else is writable for it"),
+            );
+            (Some(f.value), Vec::new())
+        }
+        (Some(f), Some(w)) if f.value.trim().is_empty() => {
+            v.push(parse_error(
+                &loc_of(file, &f),
+                format!("{field}.fetch"),
+                format!("step `{name}` has an empty `fetch`"),
+                "write the command that fetches what the step needs, or remove `fetch` and `fetch_writes`",
+            ));
+            let _ = w;
+            (None, Vec::new())
+        }
+        (Some(f), Some(w)) => {
+            let mut out = Vec::new();
+            for (j, p) in w.value.into_iter().enumerate() {
+                match normalise_write_path(&p.value) {
+                    Ok(n) => out.push(n),
+                    Err(why) => v.push(
+                        Violation::new(
+                            Code::WritesInvalid,
+                            format!("step `{name}`: `fetch_writes` path `{}` {why}", p.value),
+                        )
+                        .at(&loc_of(file, &p))
+                        .field(format!("{field}.fetch_writes[{j}]"))
+                        .fix("write the exact absolute directories the fetch fills, like `/var/cache/apt`"),
+                    ),
+                }
+            }
+            (Some(f.value), out)
+        }
+    }
 }
 
 /// Normalise a `writes` path, or say why it is refused.
@@ -991,6 +1301,58 @@ approvals: 0
             plan.untouchable.iter().map(|u| u.value.as_str()).collect::<Vec<_>>(),
             ["/srv/nfs"]
         );
+    }
+
+    #[test]
+    fn a_package_step_gets_its_commands_and_the_managers_state() {
+        let (plan, v) = parse_ok(
+            "name: x\nsteps:\n  - name: mail\n    packages: {manager: apt, upgrade: [postfix], install: {openssl: 3.0.15-1}}\n    reboot: if-required\n    reboot_timeout: 5m\n",
+        );
+        assert!(v.is_empty(), "{v:#?}");
+        let s = &plan.steps[0];
+        let p = s.packages.as_ref().expect("packages");
+        assert_eq!(p.install, [("openssl".to_owned(), "3.0.15-1".to_owned())]);
+        assert!(s.run.contains("--no-download"), "{}", s.run);
+        assert!(s.fetch.as_deref().is_some_and(|f| f.contains("--download-only")));
+        assert!(s.writes.contains(&"/var/lib/dpkg".to_owned()), "{:?}", s.writes);
+        assert!(s.fetch_writes.contains(&"/var/cache/apt".to_owned()));
+        assert_eq!(
+            (s.reboot, s.reboot_timeout),
+            (Reboot::IfRequired, Duration::from_secs(300))
+        );
+    }
+
+    #[test]
+    fn step_kinds_fetches_reboots_and_dry_run_failures_are_checked() {
+        let (_, v) = parse_ok(
+            "name: x
+steps:
+  - {name: a, run: b, writes: [/x], packages: {manager: apt, upgrade: [pkg]}}
+  - {name: c, packages: {manager: yum, upgrade: [pkg]}}
+  - {name: d, packages: {manager: apt, install: {pkg: latest}}}
+  - {name: e, run: b, writes: [/x], fetch: get}
+  - {name: f, run: b, writes: [/x], fetch_writes: [/c]}
+  - {name: g, run: b, writes: [/x], reboot: sometimes}
+  - {name: h, run: b, writes: [/x], reboot_timeout: 1m}
+  - {name: i, run: b, writes: [/x], dry_run: {allow_failure: ''}}
+",
+        );
+        let fields: Vec<String> = v.iter().map(|x| x.field.clone().unwrap_or_default()).collect();
+        assert_eq!(
+            fields,
+            [
+                "steps[0].run",
+                "steps[1].packages.manager",
+                "steps[2].packages.install.pkg",
+                "steps[3].fetch_writes",
+                "steps[4].fetch_writes",
+                "steps[5].reboot",
+                "steps[6].reboot_timeout",
+                "steps[7].dry_run.allow_failure",
+            ],
+            "{v:#?}"
+        );
+        assert!(v.iter().all(|x| x.line.is_some()), "{v:#?}");
     }
 
     #[test]

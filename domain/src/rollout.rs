@@ -154,6 +154,25 @@ pub struct StepSpec {
     pub timeout_ms: u64,
     /// Deletion budget per host.
     pub max_deletions: u64,
+    /// Why a failing dry-run is acceptable (the plan's `dry_run:
+    /// allow_failure`).
+    #[serde(default)]
+    pub allow_failure: Option<String>,
+    /// Run before the dry-run, with the network, confined to `fetch_writes`.
+    #[serde(default)]
+    pub fetch: Option<String>,
+    /// What the fetch may write.
+    #[serde(default)]
+    pub fetch_writes: Vec<String>,
+    /// A package step: what it changes.
+    #[serde(default)]
+    pub packages: Option<crate::packages::Packages>,
+    /// Whether the host reboots after the step.
+    #[serde(default)]
+    pub reboot: crate::plan::Reboot,
+    /// How long it may take to come back.
+    #[serde(default)]
+    pub reboot_timeout_ms: u64,
 }
 
 /// A health check as the engine runs it.
@@ -405,6 +424,23 @@ pub struct HostRecord {
     /// Whether it was restored from its snapshot.
     #[serde(default)]
     pub rolled_back: bool,
+    /// A reboot the controller waits for, after a step asked for one.
+    #[serde(default)]
+    pub reboot: Option<RebootWait>,
+    /// The boot id the host last reported.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+/// A host that is rebooting after a step.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebootWait {
+    /// The step it rebooted after.
+    pub step: String,
+    /// Its boot id before the reboot; it is back when it reports another.
+    pub from_boot: String,
+    /// When it has failed if it is not back, Unix milliseconds.
+    pub deadline_ms: u64,
 }
 
 impl HostRecord {
@@ -421,6 +457,8 @@ impl HostRecord {
             snapshot: None,
             dry_runs: Vec::new(),
             rolled_back: false,
+            reboot: None,
+            boot_id: String::new(),
         }
     }
 }

@@ -191,6 +191,7 @@ async fn open(endpoint: &Endpoint, host: &str) -> Result<(mpsc::Sender<pb::Agent
         body: Some(agent_message::Body::Hello(pb::Hello {
             host_id: host.to_owned(),
             agent_version: "loadgen".into(),
+            boot_id: "loadgen".into(),
         })),
     })
     .await?;

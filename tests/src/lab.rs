@@ -253,13 +253,46 @@ impl Lab {
         std::fs::write(p, text).expect("seed");
     }
 
+    /// Run a command on a host as its steps see it (`wavegate lab exec`).
+    pub fn exec(&self, host: &str, cmd: &[&str]) -> Run {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "lab".as_ref(),
+            "exec".as_ref(),
+            "--dir".as_ref(),
+            self.dir.as_os_str(),
+            host.as_ref(),
+            "--".as_ref(),
+        ];
+        args.extend(cmd.iter().map(std::ffi::OsStr::new));
+        wavegate(args)
+    }
+
+    /// A host's current boot id (the lab writes a new one at every boot).
+    pub fn boot_id(&self, host: &str) -> String {
+        std::fs::read_to_string(self.dir.join("hosts").join(host).join("boot-id"))
+            .expect("boot-id")
+            .trim()
+            .to_owned()
+    }
+
     /// A log of the lab (`controller`, `agent-<host>`).
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    /// Processes of this lab whose command line contains every needle.
+    /// Processes of this lab whose command line contains every needle, the
+    /// hosts' own `lab boot` processes included.
+    pub fn pids_all(&self, needles: &[&str]) -> Vec<(i32, Vec<String>)> {
+        self.find(needles, true)
+    }
+
+    /// Processes of this lab whose command line contains every needle (not
+    /// counting the hosts' `lab boot` processes, which name their agents).
     pub fn pids(&self, needles: &[&str]) -> Vec<(i32, Vec<String>)> {
+        self.find(needles, false)
+    }
+
+    fn find(&self, needles: &[&str], machines: bool) -> Vec<(i32, Vec<String>)> {
         let dir = self.dir.display().to_string();
         let mut out = Vec::new();
         for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
@@ -275,7 +308,10 @@ impl Lab {
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
             let line = args.join(" ");
-            if line.contains(&dir) && needles.iter().all(|n| line.contains(n)) {
+            // A host's `lab boot` names its agent's command line too; it is
+            // the host's machine, not the agent.
+            let machine = args.windows(2).any(|w| w[0] == "lab" && w[1] == "boot");
+            if line.contains(&dir) && needles.iter().all(|n| line.contains(n)) && (machines || !machine) {
                 out.push((pid, args));
             }
         }

@@ -85,6 +85,14 @@ fn a_partition_during_bake_fails_the_host_for_silence_and_halts() {
 }
 
 /// Fill a host's `/srv/app` with `mib` MiB that do not compress.
+/// The DNS hosts' /srv/app, before the submit-time dry-run: a step whose
+/// dry-run fails (no such directory) is blocked.
+fn seed_app_dirs(lab: &Lab) {
+    for h in ["s1", "s2"] {
+        std::fs::create_dir_all(lab.host_path(h, "/srv/app")).expect("mkdir");
+    }
+}
+
 fn seed_incompressible(lab: &Lab, host: &str, mib: usize) {
     let dir = lab.host_path(host, "/srv/app");
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -104,6 +112,7 @@ fn snapshot_dir(lab: &Lab, host: &str) -> PathBuf {
 #[test]
 fn an_agent_killed_while_writing_a_snapshot_takes_it_again_and_runs_the_step_once() {
     let lab = Lab::up("snapshot-kill", "lab-fleet.yaml");
+    seed_app_dirs(&lab);
     let id = lab.submit("lab/big-snapshot.yaml");
     let waves = lab.waves(&id);
     let canary = waves[0][0].clone();
@@ -174,6 +183,7 @@ impl Drop for FullStore {
 #[test]
 fn a_full_snapshot_store_leaves_the_host_unchanged_and_the_budget_decides() {
     let lab = Lab::up("snapshot-full", "lab-fleet.yaml");
+    seed_app_dirs(&lab);
     // Wave 2 tolerates one failed host: the rollout completes without it.
     let id = lab.submit("lab/snapshot-full.yaml");
     let waves = lab.waves(&id);

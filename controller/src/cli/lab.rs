@@ -54,6 +54,39 @@ pub enum LabCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Run a command on a lab host as its steps see it (its own root, the
+    /// machine's system directories read-only), outside any rollout: to
+    /// prepare or inspect a host (`wavegate lab exec --dir D p1 -- dpkg -s
+    /// postfix`). Exits with the command's status.
+    Exec {
+        /// The lab directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The host.
+        host: String,
+        /// The agent binary (default: `wavegate-agent` next to this binary).
+        #[arg(long, env = "WAVEGATE_AGENT_BIN")]
+        agent_bin: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Internal: one lab host's machine. Runs its agent with a fresh boot id
+    /// at every start; when the agent asks for a reboot, every process of
+    /// the host is killed and the agent starts again in a new boot.
+    #[command(hide = true)]
+    Boot {
+        /// The host's directory (`DIR/hosts/<id>`): a process whose command
+        /// line or root directory is in it belongs to the host.
+        #[arg(long)]
+        host_dir: PathBuf,
+        /// Where the agent reads its boot id.
+        #[arg(long)]
+        boot_id_file: PathBuf,
+        /// The agent's command line.
+        #[arg(last = true, required = true)]
+        agent: Vec<String>,
+    },
     /// Stop everything the lab started, unmount its filesystems and detach
     /// their loop devices (its files stay for inspection). Works on a lab
     /// that never finished starting.
@@ -76,6 +109,17 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             fs,
         } => up(&fleet, &dir, &policies, agent_bin, &agent_grace, &fs).await,
         LabCommand::Status { dir } => status(&dir).await,
+        LabCommand::Exec {
+            dir,
+            host,
+            agent_bin,
+            cmd,
+        } => exec(&absolute(&dir)?, &host, agent_bin, &cmd),
+        LabCommand::Boot {
+            host_dir,
+            boot_id_file,
+            agent,
+        } => boot(&host_dir, &boot_id_file, &agent),
         LabCommand::Down { dir } => {
             let dir = absolute(&dir)?;
             let n = down(&dir)?;
@@ -341,6 +385,172 @@ pub fn unmount_all(dir: &Path) -> Result<(usize, usize)> {
     Ok((mounts, loops))
 }
 
+/// Quote an argument for /bin/sh.
+fn sh_quote(a: &str) -> String {
+    if !a.is_empty()
+        && a.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
+    {
+        return a.to_owned();
+    }
+    format!("'{}'", a.replace('\'', "'\\''"))
+}
+
+/// `lab exec`: one command on one host, through the agent's own supervisor
+/// (the way the agent runs anything on its host).
+fn exec(dir: &Path, host: &str, agent_bin: Option<PathBuf>, cmd: &[String]) -> Result<u8> {
+    let host_dir = dir.join("hosts").join(host);
+    let root = host_dir.join("root");
+    if !root.is_dir() {
+        bail!("{} has no host `{host}` (no {})", dir.display(), root.display());
+    }
+    let agent = match agent_bin {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .map(|p| p.join("wavegate-agent"))
+            .unwrap_or_default(),
+    };
+    let job_dir =
+        host_dir
+            .join("agent")
+            .join("lab-exec")
+            .join(format!("{}-{:x}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&job_dir)?;
+    let run = cmd.iter().map(|a| sh_quote(a)).collect::<Vec<_>>().join(" ");
+    let job = json!({
+        "command_id": format!("lab-exec-{}", job_dir.display()),
+        "run": run,
+        "timeout_ms": 600_000,
+        "host_root": root,
+        "mode": "plain",
+    });
+    std::fs::write(job_dir.join("job.json"), serde_json::to_vec(&job)?)?;
+    let status = std::process::Command::new(&agent)
+        .arg("exec-step")
+        .arg(&job_dir)
+        .status()
+        .with_context(|| format!("starting {}", agent.display()))?;
+    let output = std::fs::read(job_dir.join("output.log")).unwrap_or_default();
+    use std::io::Write as _;
+    std::io::stdout().write_all(&output)?;
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job_dir.join("result.json")).unwrap_or_default()).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&job_dir);
+    if !status.success() {
+        bail!("the agent's supervisor failed on {host}: {}", result["detail"]);
+    }
+    let code = result["exit_code"].as_i64().unwrap_or(1);
+    if code != 0 && !result["detail"].as_str().unwrap_or_default().is_empty() {
+        eprintln!("wavegate lab exec: {}", result["detail"].as_str().unwrap_or_default());
+    }
+    Ok(u8::try_from(code).unwrap_or(1))
+}
+
+/// A new boot id, in the kernel's format.
+fn new_boot_id() -> String {
+    let b: [u8; 16] = rand::random();
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Every process of a lab host but the caller: its command line or its root
+/// directory lies in the host's directory (every step runs chrooted there).
+fn host_processes(host_dir: &Path) -> Vec<i32> {
+    let needle = format!("{}/", host_dir.display());
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        let root = std::fs::read_link(entry.path().join("root"))
+            .map(|r| format!("{}/", r.display()))
+            .unwrap_or_default();
+        if cmdline.contains(&needle) || root.starts_with(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Whether a process is a zombie (dead, waiting to be reaped).
+fn zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// Reap every child that has ended (this process is the host's subreaper,
+/// so the host's orphans are its children).
+fn reap() {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    while let Ok(s) = waitpid(nix::unistd::Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+        if s == WaitStatus::StillAlive {
+            break;
+        }
+    }
+}
+
+/// `lab boot`: run the host's agent, boot after boot. It is the child
+/// subreaper of everything the host starts, so after a reboot no process of
+/// the old boot is left, not even as a zombie.
+fn boot(host_dir: &Path, boot_id_file: &Path, agent: &[String]) -> Result<u8> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::Pid;
+    let Some((bin, args)) = agent.split_first() else {
+        bail!("give the agent's command line after --");
+    };
+    nix::sys::prctl::set_child_subreaper(true).context("becoming the host's subreaper")?;
+    loop {
+        std::fs::write(boot_id_file, format!("{}\n", new_boot_id()))
+            .with_context(|| format!("writing {}", boot_id_file.display()))?;
+        let child = std::process::Command::new(bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let agent_pid = Pid::from_raw(child.id() as i32);
+        // Every child is waited for here (orphans of the host come to this
+        // process); the agent's end decides what happens next.
+        let code = loop {
+            match waitpid(Pid::from_raw(-1), None) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == agent_pid => break Some(code),
+                Ok(WaitStatus::Signaled(pid, ..)) if pid == agent_pid => break None,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => bail!("waiting for the agent: {e}"),
+            }
+        };
+        if code != Some(wavegate_domain::LAB_REBOOT_EXIT) {
+            return Ok(code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1));
+        }
+        // A reboot: nothing of the host's survives it, not its steps, not
+        // what they started; nothing else is touched.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            reap();
+            let left: Vec<i32> = host_processes(host_dir).into_iter().filter(|p| !zombie(*p)).collect();
+            if left.is_empty() || std::time::Instant::now() > deadline {
+                break;
+            }
+            for p in left {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        reap();
+        eprintln!("lab: {} rebooted", host_dir.display());
+    }
+}
+
 /// Build and start a lab; returns the exit status.
 pub async fn up(
     fleet_path: &Path,
@@ -471,7 +681,15 @@ pub async fn up(
     for h in &hosts {
         let pair = certs.agent(h);
         let host_dir = dir.join("hosts").join(h);
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
+            "lab".into(),
+            "boot".into(),
+            "--host-dir".into(),
+            host_dir.display().to_string(),
+            "--boot-id-file".into(),
+            host_dir.join("boot-id").display().to_string(),
+            "--".into(),
+            agent_bin.display().to_string(),
             "--controller".into(),
             url.clone(),
             "--ca".into(),
@@ -486,8 +704,12 @@ pub async fn up(
             host_dir.join("root").display().to_string(),
             "--state-dir".into(),
             host_dir.join("agent").display().to_string(),
+            "--boot-id-file".into(),
+            host_dir.join("boot-id").display().to_string(),
+            "--lab-reboot".into(),
         ];
-        spawn(&agent_bin, &args, &dir.join(format!("logs/agent-{h}.log")))?;
+        args.shrink_to_fit();
+        spawn(&me, &args, &dir.join(format!("logs/agent-{h}.log")))?;
     }
     for (stem, pair) in &identities {
         std::fs::write(
@@ -627,7 +849,12 @@ fn running(dir: &Path) -> Result<Vec<i32>> {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(&needle) && !cmdline.contains(" lab ") {
+        // Not a lab command run by hand (this one, or an `up` or `status`);
+        // the hosts' own `lab boot` processes are the lab's.
+        let by_hand = [" lab up ", " lab down ", " lab status ", " lab exec "]
+            .iter()
+            .any(|c| cmdline.contains(c));
+        if cmdline.contains(&needle) && !by_hand {
             pids.push(pid);
         }
     }

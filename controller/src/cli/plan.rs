@@ -164,6 +164,42 @@ pub fn render(r: &Report) -> String {
             let _ = writeln!(out, "{}", line([&row[0], &row[1], &row[2], &row[3], &row[4]]));
         }
     }
+    if !r.steps.is_empty() {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "steps:");
+        for (i, st) in r.steps.iter().enumerate() {
+            match &st.packages {
+                Some(p) => {
+                    let _ = writeln!(out, "  {} {}: package step, {p}", i + 1, st.name);
+                    let _ = writeln!(
+                        out,
+                        "      writes: {} and the directories of the packages' files on each host (from its package database and the fetched packages)",
+                        st.writes.join(", ")
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "  {} {}: {}", i + 1, st.name, st.run);
+                    let _ = writeln!(out, "      writes: {}", st.writes.join(", "));
+                }
+            }
+            if let Some(f) = &st.fetch {
+                let _ = writeln!(
+                    out,
+                    "      fetch first, with the network, writing only {}: {f}",
+                    st.fetch_writes.join(", ")
+                );
+            }
+            if st.max_deletions > 0 {
+                let _ = writeln!(out, "      may delete {} files per host", st.max_deletions);
+            }
+            if let Some(why) = &st.allow_failure {
+                let _ = writeln!(out, "      a failing dry-run is allowed: {why}");
+            }
+            if st.reboot != "never" {
+                let _ = writeln!(out, "      reboots the host afterwards ({})", st.reboot);
+            }
+        }
+    }
     for note in &r.notes {
         let _ = writeln!(out, "note: {note}");
     }

@@ -205,7 +205,8 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                             let report: serde_json::Value = serde_json::from_str(&r.report_json).unwrap_or_default();
                             println!(
                                 "{}",
-                                json!({"id": r.id, "plan_hash": r.plan_hash, "targets": report["targets"], "waves": report["waves"]})
+                                json!({"id": r.id, "plan_hash": r.plan_hash, "targets": report["targets"],
+                                       "waves": report["waves"], "dry_runs": r.dry_runs})
                             );
                         }
                         Output::Text => {
@@ -213,6 +214,12 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                                 "submitted: rollout {} (plan {}), waiting for approval",
                                 r.id, r.plan_hash
                             );
+                            if !r.dry_runs.is_empty() {
+                                println!("dry-run of the first wave:");
+                                for d in &r.dry_runs {
+                                    println!("  {d}");
+                                }
+                            }
                         }
                     }
                     Ok(0)
@@ -363,9 +370,39 @@ fn render_blocked(v: &serde_json::Value) -> String {
                     let _ = writeln!(out, "      {}", p.as_str().unwrap_or("?"));
                 }
             }
+            for p in r["packages"].as_array().into_iter().flatten() {
+                let (name, from, to) = (
+                    p["name"].as_str().unwrap_or("?"),
+                    p["from"].as_str().unwrap_or(""),
+                    p["to"].as_str().unwrap_or(""),
+                );
+                let _ = writeln!(
+                    out,
+                    "    package {name} {} -> {}",
+                    if from.is_empty() { "(new)" } else { from },
+                    if to.is_empty() { "(removed)" } else { to }
+                );
+            }
+        }
+        if let Some(f) = d.get("fetch").filter(|f| !f.is_null())
+            && f["outcome"] != "ok"
+        {
+            let _ = writeln!(
+                out,
+                "    its fetch {}: {}",
+                f["outcome"].as_str().unwrap_or("?"),
+                f["detail"].as_str().unwrap_or("")
+            );
         }
         for reason in d["reasons"].as_array().into_iter().flatten() {
             let _ = writeln!(out, "    {}", reason.as_str().unwrap_or("?"));
+        }
+        let tail = d["report"]["output_tail"].as_str().unwrap_or_default().trim_end();
+        if d["blocked"] == true && !tail.is_empty() {
+            let _ = writeln!(out, "    its last output:");
+            for l in tail.lines() {
+                let _ = writeln!(out, "      | {l}");
+            }
         }
     }
     out

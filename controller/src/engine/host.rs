@@ -7,8 +7,40 @@ use super::*;
 /// What a host task does next.
 pub(super) enum Next {
     Stop,
-    Step { index: usize, resend: Option<String> },
-    Checks { cmd: pb::Command, timeout: Duration },
+    Step {
+        index: usize,
+        resend: Option<String>,
+    },
+    Checks {
+        cmd: pb::Command,
+        timeout: Duration,
+    },
+    /// The host is rebooting after a step: wait for its new boot.
+    Reboot(RebootWait),
+}
+
+/// The last fetch digest of each step on a host: from its own dry-runs,
+/// else from the submit-time dry-run (the first wave's hosts).
+fn digests(e: &Entry, host: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let from_submit = e.rollout.dry_runs.iter().filter(|d| d.host == host);
+    let own = e.hosts.get(host).into_iter().flat_map(|h| h.dry_runs.iter());
+    for d in from_submit.chain(own) {
+        if let Some(f) = d.fetch.as_ref().filter(|f| f.outcome == "ok" && !f.digest.is_empty()) {
+            out.insert(d.step.clone(), f.digest.clone());
+        }
+    }
+    out
+}
+
+/// A package step's write set on a host, from its latest dry-run there.
+fn implied(h: &HostRecord, step: &StepSpec) -> Option<Vec<String>> {
+    step.packages.as_ref()?;
+    h.dry_runs
+        .iter()
+        .find(|d| d.step == step.name)
+        .and_then(|d| d.report.as_ref())
+        .map(|r| r.implied_writes.clone())
 }
 
 impl Engine {
@@ -24,6 +56,11 @@ impl Engine {
             .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
         let next = match h.state {
             HostState::Healthy | HostState::Failed => Next::Stop,
+            _ if h.reboot.is_some() => Next::Reboot(h.reboot.clone().unwrap_or_else(|| RebootWait {
+                step: String::new(),
+                from_boot: String::new(),
+                deadline_ms: 0,
+            })),
             HostState::Untouched | HostState::Running if h.next_step < steps.len() => {
                 let index = h.next_step;
                 match h.in_flight.clone() {
@@ -88,38 +125,48 @@ impl Engine {
         index: usize,
         resend: Option<String>,
     ) -> Result<Option<(String, pb::CommandResult, Instant)>, EngineError> {
-        let (step, attempt, write_set, untouchable, backend) = self.with(id, |e| {
+        let (step, steps, attempt, write_set, untouchable, backend, digests, has_snapshot) = self.with(id, |e| {
             let r = &e.rollout;
             (
                 r.steps[index].clone(),
+                r.steps.clone(),
                 r.attempt,
                 r.write_set.clone(),
                 r.untouchable.clone(),
                 r.snapshot_backend.clone(),
+                digests(e, host),
+                e.hosts.get(host).is_some_and(|h| h.snapshot.is_some()),
             )
         })?;
         let cmd_id = match resend {
             Some(cmd_id) => cmd_id,
             None => {
-                // 1. Its own dry-run, right before the real run.
+                // 1. Its own dry-run (after its fetch, when it has one),
+                // right before the real run. Before the first real step,
+                // when a later step is a package step, every step from here
+                // is dry-run: their write sets on this host are what the
+                // snapshot must hold.
                 let tag = format!("{id}:{attempt}:{}", self.boot);
+                let later_packages = steps[index + 1..].iter().any(|s| s.packages.is_some());
+                let to_dry = if !has_snapshot && later_packages {
+                    &steps[index..]
+                } else {
+                    std::slice::from_ref(&step)
+                };
                 let records = self
-                    .dry_run(
-                        &format!("{tag}:step{index}"),
-                        host,
-                        std::slice::from_ref(&step),
-                        &untouchable,
-                    )
+                    .dry_run(&format!("{tag}:step{index}"), host, to_dry, &untouchable, &digests)
                     .await;
-                let record = records.into_iter().next();
-                if let Some(rec) = &record {
-                    let rec2 = rec.clone();
+                if !records.is_empty() {
+                    let recs = records.clone();
                     self.record_host(id, host, |h| {
-                        h.dry_runs.retain(|d| d.step != rec2.step);
-                        h.dry_runs.push(rec2);
+                        for rec in recs {
+                            h.dry_runs.retain(|d| d.step != rec.step);
+                            h.dry_runs.push(rec);
+                        }
                     })
                     .await?;
                 }
+                let record = records.into_iter().find(|r| r.step == step.name);
                 match &record {
                     Some(rec) if !rec.blocked => {}
                     Some(rec) => {
@@ -138,14 +185,23 @@ impl Engine {
                         return Ok(None);
                     }
                 }
-                // 2. A verified snapshot before the host's first real step.
-                let has_snapshot = self.with(id, |e| e.hosts.get(host).is_some_and(|h| h.snapshot.is_some()))?;
+                // 2. A verified snapshot before the host's first real step:
+                // of the plan's write set and every package step's on this
+                // host.
                 if !has_snapshot {
+                    let mut paths: BTreeSet<String> = write_set.iter().cloned().collect();
+                    self.with(id, |e| {
+                        if let Some(h) = e.hosts.get(host) {
+                            for s in &steps {
+                                paths.extend(implied(h, s).unwrap_or_default());
+                            }
+                        }
+                    })?;
                     let cmd = pb::Command {
                         id: format!("{id}:{host}:snapshot"),
                         kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
                             rollout_id: id.to_owned(),
-                            paths: write_set.clone(),
+                            paths: paths.into_iter().collect(),
                             untouchable: untouchable.clone(),
                             backend: backend.clone(),
                         })),
@@ -196,6 +252,36 @@ impl Engine {
                         }
                     }
                 }
+                // A package step's write set on this host must be inside
+                // what the snapshot holds, or a rollback could not undo it.
+                let uncovered: Vec<String> = self.with(id, |e| {
+                    let Some(h) = e.hosts.get(host) else { return Vec::new() };
+                    let held: Vec<String> = h
+                        .snapshot
+                        .iter()
+                        .flat_map(|s| s.parts.iter().flat_map(|p| p.roots.clone()))
+                        .chain(write_set.iter().cloned())
+                        .collect();
+                    implied(h, &step)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|w| !held.iter().any(|r| wavegate_domain::plan::within(w, r)))
+                        .collect()
+                })?;
+                if !uncovered.is_empty() {
+                    self.host_failed(
+                        id,
+                        w,
+                        host,
+                        format!(
+                            "step `{}` not run: its write set on this host is not in its snapshot: {}",
+                            step.name,
+                            uncovered.join(", ")
+                        ),
+                    )
+                    .await?;
+                    return Ok(None);
+                }
                 // 3. Persist the command id, unless a halt came in meanwhile.
                 let cmd_id = format!("{id}:{attempt}:{host}:step{index}");
                 let sent = self
@@ -220,28 +306,36 @@ impl Engine {
                 cmd_id
             }
         };
-        let hints = self
-            .with(id, |e| {
-                e.hosts.get(host).and_then(|h| {
+        let (hints, writes) = self.with(id, |e| {
+            let h = e.hosts.get(host);
+            let hints = h
+                .and_then(|h| {
                     h.dry_runs
                         .iter()
                         .find(|d| d.step == step.name)
                         .and_then(|d| d.report.clone())
                 })
-            })?
-            .unwrap_or_default();
+                .unwrap_or_default();
+            let writes = h.and_then(|h| implied(h, &step)).unwrap_or_else(|| step.writes.clone());
+            (hints, writes)
+        })?;
         let cmd = pb::Command {
             id: cmd_id.clone(),
             kind: Some(pb::command::Kind::RunStep(pb::RunStep {
                 rollout_id: id.to_owned(),
                 step_name: step.name.clone(),
                 run: step.run.clone(),
-                writes: step.writes.clone(),
+                writes,
                 timeout_ms: step.timeout_ms,
                 max_deletions: step.max_deletions,
                 create_dirs: hints.created_dirs,
                 create_files: hints.created_files,
                 untouchable,
+                reboot: match step.reboot {
+                    Reboot::Never => String::new(),
+                    Reboot::Always => "always".into(),
+                    Reboot::IfRequired => "if-required".into(),
+                },
             })),
         };
         let deadline = Instant::now() + Duration::from_millis(step.timeout_ms) + self.settings.agent_grace;
@@ -283,13 +377,41 @@ impl Engine {
                         replayed: r.replayed,
                         output_tail: String::from_utf8_lossy(&r.output_tail).into_owned(),
                     };
-                    self.record_host(id, host, |h| {
+                    let timeout_ms = self.with(id, |e| {
+                        e.rollout
+                            .steps
+                            .iter()
+                            .find(|s| s.name == step_name)
+                            .map_or(0, |s| s.reboot_timeout_ms)
+                    })?;
+                    let rebooting = ok && r.reboot == "pending";
+                    // The step's result and the reboot to wait for are one
+                    // change: after a controller restart the host is waited
+                    // for, never sent its step again.
+                    self.mutate(id, |e| {
+                        let h = e
+                            .hosts
+                            .get_mut(host)
+                            .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
                         h.results.push(result);
                         if ok {
                             h.next_step += 1;
                             h.in_flight = None;
                             h.detail = format!("step `{step_name}` done");
                         }
+                        if rebooting {
+                            h.reboot = Some(RebootWait {
+                                step: step_name.clone(),
+                                from_boot: r.boot_id.clone(),
+                                deadline_ms: now_ms() + timeout_ms,
+                            });
+                            h.detail = format!("rebooting after step `{step_name}`");
+                            event(
+                                &mut e.rollout,
+                                format!("host {host} rebooting after step `{step_name}` (boot {})", r.boot_id),
+                            );
+                        }
+                        Ok(((), vec![host.to_owned()]))
                     })
                     .await?;
                     if !ok {
@@ -311,6 +433,53 @@ impl Engine {
                             }
                         );
                         return self.host_failed_at(id, w, host, detail, Some(received)).await;
+                    }
+                }
+                Next::Reboot(wait) => {
+                    crate::failpoint::hit("reboot-pending");
+                    let left = Duration::from_millis(wait.deadline_ms.saturating_sub(now_ms()));
+                    match self
+                        .hub
+                        .wait_new_boot(host, &wait.from_boot, Instant::now() + left)
+                        .await
+                    {
+                        Some(boot) => {
+                            self.mutate(id, |e| {
+                                if let Some(h) = e.hosts.get_mut(host) {
+                                    h.reboot = None;
+                                    h.boot_id.clone_from(&boot);
+                                    h.detail = format!("back after its reboot (boot {boot})");
+                                }
+                                event(
+                                    &mut e.rollout,
+                                    format!("host {host} back after its reboot (boot {boot})"),
+                                );
+                                Ok(((), vec![host.to_owned()]))
+                            })
+                            .await?;
+                        }
+                        None => {
+                            self.mutate(id, |e| {
+                                if let Some(h) = e.hosts.get_mut(host) {
+                                    h.reboot = None;
+                                }
+                                Ok(((), vec![host.to_owned()]))
+                            })
+                            .await?;
+                            return self
+                                .host_failed(
+                                    id,
+                                    w,
+                                    host,
+                                    format!(
+                                        "did not come back after reboot within {} s (after step `{}`; its boot was {})",
+                                        left.as_secs(),
+                                        wait.step,
+                                        wait.from_boot
+                                    ),
+                                )
+                                .await;
+                        }
                     }
                 }
                 Next::Checks { cmd, timeout } => {

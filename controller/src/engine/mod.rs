@@ -16,10 +16,11 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 use wavegate_domain::audit::AuditBody;
-use wavegate_domain::effects::{DryRunRecord, StepReport};
+use wavegate_domain::effects::{DryRunRecord, FetchRecord, StepReport};
+use wavegate_domain::plan::Reboot;
 use wavegate_domain::plan::{CheckKind, OnFailure, Plan};
 use wavegate_domain::rollout::{
-    Approval, CheckSpec, HostRecord, HostState, ProbeSpec, Rollout, RolloutState, StepResult, StepSpec,
+    Approval, CheckSpec, HostRecord, HostState, ProbeSpec, RebootWait, Rollout, RolloutState, StepResult, StepSpec,
     TransitionError, Wave, WaveState, over_budget,
 };
 use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};

@@ -30,6 +30,12 @@ pub(super) fn build(
             writes: s.writes.clone(),
             timeout_ms: s.timeout.as_millis() as u64,
             max_deletions: s.max_deletions,
+            allow_failure: s.allow_failure.clone(),
+            fetch: s.fetch.clone(),
+            fetch_writes: s.fetch_writes.clone(),
+            packages: s.packages.clone(),
+            reboot: s.reboot,
+            reboot_timeout_ms: s.reboot_timeout.as_millis() as u64,
         })
         .collect();
     let checks = plan
@@ -144,7 +150,9 @@ impl Engine {
             let untouchable = template.untouchable.clone();
             let tag = tag.clone();
             probes.push(tokio::spawn(async move {
-                engine.dry_run(&tag, &host, &steps, &untouchable).await
+                engine
+                    .dry_run(&tag, &host, &steps, &untouchable, &BTreeMap::new())
+                    .await
             }));
         }
         let mut records = Vec::new();
@@ -222,15 +230,70 @@ impl Engine {
         Ok((entry, report))
     }
 
-    /// Dry-run `steps` in one sandbox on `host`; one record per step. A host
-    /// that cannot answer, or whose sandbox fails, is blocked.
+    /// Run a step's fetch on `host` (with the network, confined to its
+    /// `fetch_writes`), unless the cache still matches `skip`: the digest
+    /// of its last fetch there.
+    pub(super) async fn fetch(&self, tag: &str, host: &str, s: &StepSpec, skip: Option<String>) -> FetchRecord {
+        let id = format!("{tag}:{host}:{}:fetch", s.name);
+        let cmd = pb::Command {
+            id: id.clone(),
+            kind: Some(pb::command::Kind::Fetch(pb::Fetch {
+                rollout_id: String::new(),
+                step_name: s.name.clone(),
+                run: s.fetch.clone().unwrap_or_default(),
+                writes: s.fetch_writes.clone(),
+                timeout_ms: s.timeout_ms,
+                skip_if_digest: skip.unwrap_or_default(),
+            })),
+        };
+        let deadline = Instant::now() + Duration::from_millis(s.timeout_ms) + self.settings.agent_grace;
+        match self.hub.execute(host, cmd, deadline).await {
+            Ok(r) => {
+                let info: serde_json::Value = serde_json::from_str(&r.report_json).unwrap_or_default();
+                let tail = String::from_utf8_lossy(&r.output_tail);
+                let last: Vec<&str> = tail.trim_end().lines().rev().take(3).collect();
+                let last: Vec<&str> = last.into_iter().rev().collect();
+                FetchRecord {
+                    command_id: id,
+                    outcome: outcome_name(r.outcome).into(),
+                    ran: info["ran"].as_bool().unwrap_or(false),
+                    digest: info["digest"].as_str().unwrap_or_default().to_owned(),
+                    exit_code: r.exit_code,
+                    output_sha256: r.output_sha256.clone(),
+                    detail: if r.outcome == pb::Outcome::Ok as i32 {
+                        r.detail
+                    } else {
+                        format!("{} (exit {}); last output: {}", r.detail, r.exit_code, last.join(" | "))
+                    },
+                }
+            }
+            Err(e) => FetchRecord {
+                command_id: id,
+                outcome: "unreachable".into(),
+                exit_code: -1,
+                detail: e.to_string(),
+                ..FetchRecord::default()
+            },
+        }
+    }
+
+    /// Fetch what `steps` need, then dry-run them in one sandbox on `host`;
+    /// one record per step, each with its fetch. A host that cannot answer,
+    /// whose sandbox fails, or whose fetch failed, is blocked. `digests`
+    /// are the last fetches' digests on this host, by step name.
     pub(super) async fn dry_run(
         &self,
         tag: &str,
         host: &str,
         steps: &[StepSpec],
         untouchable: &[String],
+        digests: &BTreeMap<String, String>,
     ) -> Vec<DryRunRecord> {
+        let mut fetches: BTreeMap<String, FetchRecord> = BTreeMap::new();
+        for s in steps.iter().filter(|s| s.fetch.is_some()) {
+            let rec = self.fetch(tag, host, s, digests.get(&s.name).cloned()).await;
+            fetches.insert(s.name.clone(), rec);
+        }
         let cmd = pb::Command {
             id: format!("{tag}:{host}:dry-run"),
             kind: Some(pb::command::Kind::DryRun(pb::DryRun {
@@ -244,6 +307,12 @@ impl Engine {
                         writes: s.writes.clone(),
                         max_deletions: s.max_deletions,
                         timeout_ms: s.timeout_ms,
+                        allow_failure: s.allow_failure.clone().unwrap_or_default(),
+                        packages: s.packages.as_ref().map(|p| pb::PackageSpec {
+                            manager: p.manager.as_str().into(),
+                            upgrade: p.upgrade.clone(),
+                            install: p.install.iter().cloned().collect(),
+                        }),
                     })
                     .collect(),
             })),
@@ -259,6 +328,7 @@ impl Engine {
                     blocked: true,
                     reasons: vec![why.clone()],
                     report: None,
+                    fetch: None,
                 })
                 .collect()
         };
@@ -272,12 +342,23 @@ impl Engine {
                         blocked: rep.blocked,
                         reasons: rep.reasons.clone(),
                         report: Some(rep),
+                        fetch: None,
                     })
                     .collect(),
                 _ => blocked_all(format!("no dry-run report: {}", r.detail)),
             },
             Err(e) => blocked_all(format!("no dry-run: {e}")),
         };
+        let mut records = records;
+        for rec in &mut records {
+            if let Some(f) = fetches.remove(&rec.step) {
+                if f.outcome != "ok" {
+                    rec.blocked = true;
+                    rec.reasons.insert(0, format!("its fetch {}: {}", f.outcome, f.detail));
+                }
+                rec.fetch = Some(f);
+            }
+        }
         let blocked = records.iter().filter(|r| r.blocked).count();
         self.metrics.dry_runs_blocked.inc_by(blocked as u64);
         records

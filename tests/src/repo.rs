@@ -1,0 +1,193 @@
+//! A local Debian package repository for the tests: the package `wgtest` in
+//! a good version 1.1 and a broken 1.2 whose maintainer script empties a
+//! directory it does not own, built with dpkg-deb and apt-ftparchive, and
+//! served over HTTP on loopback (the fetch phase has the network; nothing
+//! leaves this machine).
+//!
+//! Layout under the repository's directory:
+//! - `debs/wgtest_1.0_all.deb`: the version the hosts start with;
+//! - `good/`: a flat repository holding 1.1;
+//! - `broken/`: a flat repository holding 1.2.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The test package's files, by version: (path, mode, content).
+fn files(version: &str) -> Vec<(&'static str, u32, String)> {
+    let mut v = vec![
+        (
+            "opt/wgtest/bin/wgtest",
+            0o755,
+            format!("#!/bin/sh\necho wgtest {version}\n"),
+        ),
+        ("opt/wgtest/share/VERSION", 0o644, format!("{version}\n")),
+        ("etc/wgtest/wgtest.conf", 0o644, "listen = 127.0.0.1:7070\n".to_owned()),
+    ];
+    if version != "1.0" {
+        v.push((
+            "opt/wgtest/share/CHANGES",
+            0o644,
+            format!("{version}: fixes the vulnerability\n"),
+        ));
+    }
+    v
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn build_deb(work: &Path, out: &Path, version: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tree = work.join(format!("wgtest-{version}"));
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(tree.join("DEBIAN")).expect("mkdir");
+    for (path, mode, content) in files(version) {
+        let p = tree.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, content).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    std::fs::write(
+        tree.join("DEBIAN/control"),
+        format!(
+            "Package: wgtest\nVersion: {version}\nArchitecture: all\nMaintainer: wavegate tests <tests@wavegate.invalid>\nSection: misc\nPriority: optional\nDescription: a package for wavegate's package-step tests\n"
+        ),
+    )
+    .expect("control");
+    std::fs::write(tree.join("DEBIAN/conffiles"), "/etc/wgtest/wgtest.conf\n").expect("conffiles");
+    if version == "1.2" {
+        // The broken version: its maintainer script empties a directory
+        // that belongs to no package (the customers' data).
+        let postinst = tree.join("DEBIAN/postinst");
+        std::fs::write(
+            &postinst,
+            "#!/bin/sh\nset -e\n# \"clean up old sessions\"\nrm -rf /srv/customer-data/*\n",
+        )
+        .expect("postinst");
+        std::fs::set_permissions(&postinst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    std::fs::create_dir_all(out).expect("mkdir");
+    let deb = out.join(format!("wgtest_{version}_all.deb"));
+    run(Command::new("dpkg-deb")
+        .args(["-Zgzip", "--root-owner-group", "-b"])
+        .arg(&tree)
+        .arg(&deb));
+    deb
+}
+
+fn index(dir: &Path) {
+    let packages = Command::new("apt-ftparchive")
+        .arg("packages")
+        .arg(".")
+        .current_dir(dir)
+        .output()
+        .expect("apt-ftparchive (package apt-utils, installed by scripts/test)");
+    assert!(
+        packages.status.success(),
+        "{}",
+        String::from_utf8_lossy(&packages.stderr)
+    );
+    std::fs::write(dir.join("Packages"), &packages.stdout).expect("Packages");
+    let release = Command::new("apt-ftparchive")
+        .arg("release")
+        .arg(".")
+        .current_dir(dir)
+        .output()
+        .expect("apt-ftparchive");
+    assert!(release.status.success());
+    std::fs::write(dir.join("Release"), &release.stdout).expect("Release");
+}
+
+/// A built repository, served on loopback while it lives.
+pub struct Repo {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its HTTP port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Repo {
+    /// Build the repository under `dir` and serve it.
+    pub fn start(dir: &Path) -> Repo {
+        let work = dir.join("work");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        build_deb(&work, &dir.join("debs"), "1.0");
+        build_deb(&work, &dir.join("good"), "1.1");
+        build_deb(&work, &dir.join("broken"), "1.2");
+        index(&dir.join("good"));
+        index(&dir.join("broken"));
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+        let port = listener.local_addr().expect("addr").port();
+        let root = dir.to_path_buf();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let root = root.clone();
+                std::thread::spawn(move || serve(&root, conn));
+            }
+        });
+        Repo {
+            dir: dir.to_path_buf(),
+            port,
+        }
+    }
+
+    /// The version-1.0 package the hosts start with.
+    pub fn first_deb(&self) -> PathBuf {
+        self.dir.join("debs/wgtest_1.0_all.deb")
+    }
+
+    /// An apt source line for one of the repositories (`good`, `broken`).
+    pub fn source(&self, which: &str) -> String {
+        format!("deb [trusted=yes] http://127.0.0.1:{}/{which} ./\n", self.port)
+    }
+}
+
+/// Answer GET requests with files under `root`, one per connection.
+fn serve(root: &Path, conn: std::net::TcpStream) {
+    let mut reader = BufReader::new(match conn.try_clone() {
+        Ok(c) => c,
+        Err(_) => return,
+    });
+    let mut request = String::new();
+    if reader.read_line(&mut request).is_err() {
+        return;
+    }
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+    }
+    let mut conn = conn;
+    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let rel = path.trim_start_matches('/');
+    let head = request.starts_with("HEAD ");
+    let file = if rel.split('/').any(|p| p == "..") {
+        None
+    } else {
+        std::fs::read(root.join(rel)).ok().filter(|_| root.join(rel).is_file())
+    };
+    let _ = match file {
+        Some(body) => {
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            if head { Ok(()) } else { conn.write_all(&body) }
+        }
+        None => write!(
+            conn,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    };
+}
