@@ -9,6 +9,7 @@ pub mod failpoint;
 pub mod hub;
 pub mod metrics;
 pub mod policies;
+pub mod repo;
 pub mod server;
 pub mod store;
 pub mod tls;

@@ -5,7 +5,6 @@
 
 pub mod lab;
 pub mod proxy;
-pub mod repo;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

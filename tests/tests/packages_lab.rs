@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use wavegate::repo::{self, Repo};
 use wavegate_tests::lab::Lab;
-use wavegate_tests::repo::Repo;
 
 const LONG: Duration = Duration::from_secs(120);
 const HOSTS: &[&str] = &["w1", "bk1", "s1"];
@@ -21,30 +21,7 @@ fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
 /// A host with apt pointed at one of the repository's suites and wgtest
 /// 1.0 installed by dpkg.
 fn apt_host(lab: &Lab, repo: &Repo, host: &str, suite: &str) {
-    for d in [
-        "/etc/apt/apt.conf.d",
-        "/etc/apt/preferences.d",
-        "/etc/apt/sources.list.d",
-        "/etc/apt/trusted.gpg.d",
-        "/var/lib/apt/lists/partial",
-        "/var/cache/apt/archives/partial",
-        "/var/lib/dpkg/info",
-        "/var/lib/dpkg/updates",
-        "/var/lib/dpkg/triggers",
-        "/var/lib/dpkg/alternatives",
-        "/var/log/apt",
-        "/var/cache/debconf",
-        "/var/tmp",
-    ] {
-        std::fs::create_dir_all(lab.host_path(host, d)).expect("mkdir");
-    }
-    lab.seed(host, "/etc/apt/sources.list", &repo.source(suite));
-    for f in ["status", "available", "lock", "lock-frontend"] {
-        lab.seed(host, &format!("/var/lib/dpkg/{f}"), "");
-    }
-    std::fs::copy(repo.first_deb(), lab.host_path(host, "/var/tmp/wgtest_1.0_all.deb")).expect("copy");
-    let run = lab.exec(host, &["dpkg", "-i", "/var/tmp/wgtest_1.0_all.deb"]);
-    assert_eq!(run.status, 0, "dpkg -i on {host}:\n{}\n{}", run.stdout, run.stderr);
+    repo::seed_host(&lab.dir, host, repo, suite).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn version(lab: &Lab, host: &str) -> String {
@@ -156,7 +133,7 @@ health:
 #[test]
 fn an_apt_upgrade_rolls_out_and_a_rollback_restores_the_old_version_byte_for_byte() {
     let lab = Lab::up("apt-upgrade", "disks-fleet.yaml");
-    let repo = Repo::start(&lab.dir.join("repo"));
+    let repo = Repo::start(&lab.dir.join("repo")).expect("the local repository");
     for h in HOSTS {
         apt_host(&lab, &repo, h, "good");
         assert_eq!(version(&lab, h), "1.0");
@@ -241,7 +218,7 @@ fn an_apt_upgrade_rolls_out_and_a_rollback_restores_the_old_version_byte_for_byt
 #[test]
 fn a_broken_version_is_refused_at_submit_naming_the_directory_it_would_empty() {
     let lab = Lab::up("apt-broken", "disks-fleet.yaml");
-    let repo = Repo::start(&lab.dir.join("repo"));
+    let repo = Repo::start(&lab.dir.join("repo")).expect("the local repository");
     for h in HOSTS {
         apt_host(&lab, &repo, h, "broken");
         lab.seed(h, "/srv/customer-data/acme.sql", "INSERT INTO orders VALUES (42);\n");
@@ -266,7 +243,7 @@ fn a_broken_version_is_refused_at_submit_naming_the_directory_it_would_empty() {
 #[test]
 fn a_package_step_fails_named_when_the_manager_is_locked_or_the_package_missing() {
     let lab = Lab::up("apt-locked", "disks-fleet.yaml");
-    let repo = Repo::start(&lab.dir.join("repo"));
+    let repo = Repo::start(&lab.dir.join("repo")).expect("the local repository");
     apt_host(&lab, &repo, "w1", "good");
     let plan = write_plan(
         &lab,

@@ -125,6 +125,25 @@ health:
 on_failure: rollback
 ";
 
+const PACKAGE_FIX: &str = "name: wgtest-fix
+description: the fix, as a package, through apt
+targets:
+  groups: [g-shared]
+  expect_count: 8
+steps:
+  - name: upgrade wgtest
+    packages: {manager: apt, upgrade: [wgtest]}
+    timeout: 2m
+waves:
+  - size: 1
+  - size: 50%
+health:
+  checks:
+    - {name: wgtest answers, exec: \"/opt/wgtest/bin/wgtest | grep -qx 'wgtest 1.1'\"}
+  bake: 300ms
+  interval: 100ms
+";
+
 fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
 }
@@ -149,6 +168,9 @@ fn preflight() -> Vec<String> {
         ("chroot", "coreutils"),
         ("mount", "mount"),
         ("mkfs.ext4", "e2fsprogs"),
+        ("dpkg-deb", "dpkg"),
+        ("apt-get", "apt"),
+        ("apt-ftparchive", "apt-utils"),
     ] {
         if !on_path(cmd) {
             missing.push(format!("`{cmd}`: install it with `apt-get install {pkg}`"));
@@ -443,12 +465,66 @@ async fn stories(lab_dir: &Path) -> Result<bool> {
         ok = false;
     }
 
+    println!("\n4. The fix as a package, through apt, from a local repository on loopback");
+    let repo = crate::repo::Repo::start(&lab_dir.join("repo"))?;
+    let shared: Vec<String> = (1..=CUSTOMERS.len()).map(|n| format!("w{n:02}")).collect();
+    for h in &shared {
+        crate::repo::seed_host(lab_dir, h, &repo, "good")?;
+    }
+    println!("   wgtest 1.0 is installed on the {} shared servers", shared.len());
+    let id4 = match submit(&mut submitter, lab_dir, "wgtest-fix", PACKAGE_FIX).await? {
+        Ok(id) => id,
+        Err(s) => bail!("the package plan was refused: {}", s.message()),
+    };
+    let dry = submitter
+        .dry_runs(pb::DryRunsRequest {
+            id: id4.clone(),
+            host: String::new(),
+        })
+        .await?
+        .into_inner();
+    for line in &dry.summaries {
+        println!("   {line}");
+    }
+    approver
+        .approve(pb::ApproveRequest {
+            id: id4.clone(),
+            plan_hash: String::new(),
+        })
+        .await?;
+    let s = follow(&mut submitter, &id4, &["completed", "halted", "aborted"]).await?;
+    let mut upgraded = 0;
+    for h in &shared {
+        let cmd: Vec<String> = ["dpkg-query", "-W", "-f", "${Version}", "wgtest"]
+            .map(str::to_owned)
+            .to_vec();
+        if let Ok((0, out, _)) = lab::exec_output(lab_dir, h, None, &cmd)
+            && out == b"1.1"
+        {
+            upgraded += 1;
+        }
+    }
+    if s.state == "completed" && upgraded == shared.len() {
+        println!(
+            "   COMPLETED: dpkg says wgtest 1.1 on all {upgraded} servers; fetched with the network, dry-run and run without it"
+        );
+    } else {
+        println!(
+            "   unexpected: the rollout ended {}, {upgraded} hosts upgraded",
+            s.state
+        );
+        ok = false;
+    }
+
     println!("\nSummary");
     println!("  patched:   {touched} hosts, canary first, backups last (rollout {id})");
     println!(
         "  prevented: the 2012 program's delete, refused by the dry-run on its canary, which alone would have lost {prevented} customer files"
     );
     println!("  halted:    the site-breaking change stopped at 1 host and was undone (rollout {id3})");
+    println!(
+        "  packages:  wgtest 1.0 -> 1.1 through apt on {upgraded} hosts, each dry-run offline first (rollout {id4})"
+    );
     println!("  look next: the web view {web}  (while the lab runs: `wavegate demo --keep`)");
     println!(
         "             `. {}/identities/auditor.env; wavegate audit report {id3}`; `wavegate audit verify`",

@@ -399,6 +399,23 @@ fn sh_quote(a: &str) -> String {
 /// `lab exec`: one command on one host, through the agent's own supervisor
 /// (the way the agent runs anything on its host).
 fn exec(dir: &Path, host: &str, agent_bin: Option<PathBuf>, cmd: &[String]) -> Result<u8> {
+    let (code, output, detail) = exec_output(dir, host, agent_bin, cmd)?;
+    use std::io::Write as _;
+    std::io::stdout().write_all(&output)?;
+    if code != 0 && !detail.is_empty() {
+        eprintln!("wavegate lab exec: {detail}");
+    }
+    Ok(code)
+}
+
+/// Run a command on a lab host as its steps see it; returns its exit
+/// status, its output and, when it failed, why.
+pub fn exec_output(
+    dir: &Path,
+    host: &str,
+    agent_bin: Option<PathBuf>,
+    cmd: &[String],
+) -> Result<(u8, Vec<u8>, String)> {
     let host_dir = dir.join("hosts").join(host);
     let root = host_dir.join("root");
     if !root.is_dir() {
@@ -432,8 +449,6 @@ fn exec(dir: &Path, host: &str, agent_bin: Option<PathBuf>, cmd: &[String]) -> R
         .status()
         .with_context(|| format!("starting {}", agent.display()))?;
     let output = std::fs::read(job_dir.join("output.log")).unwrap_or_default();
-    use std::io::Write as _;
-    std::io::stdout().write_all(&output)?;
     let result: serde_json::Value =
         serde_json::from_slice(&std::fs::read(job_dir.join("result.json")).unwrap_or_default()).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&job_dir);
@@ -441,10 +456,11 @@ fn exec(dir: &Path, host: &str, agent_bin: Option<PathBuf>, cmd: &[String]) -> R
         bail!("the agent's supervisor failed on {host}: {}", result["detail"]);
     }
     let code = result["exit_code"].as_i64().unwrap_or(1);
-    if code != 0 && !result["detail"].as_str().unwrap_or_default().is_empty() {
-        eprintln!("wavegate lab exec: {}", result["detail"].as_str().unwrap_or_default());
-    }
-    Ok(u8::try_from(code).unwrap_or(1))
+    Ok((
+        u8::try_from(code).unwrap_or(1),
+        output,
+        result["detail"].as_str().unwrap_or_default().to_owned(),
+    ))
 }
 
 /// A new boot id, in the kernel's format.

@@ -1,8 +1,8 @@
-//! A local Debian package repository for the tests: the package `wgtest` in
-//! a good version 1.1 and a broken 1.2 whose maintainer script empties a
-//! directory it does not own, built with dpkg-deb and apt-ftparchive, and
-//! served over HTTP on loopback (the fetch phase has the network; nothing
-//! leaves this machine).
+//! A local Debian package repository for labs, the demo and the tests: the
+//! package `wgtest` in a good version 1.1 and a broken 1.2 whose maintainer
+//! script empties a directory it does not own, built with dpkg-deb and
+//! apt-ftparchive, and served over HTTP on loopback (a package step's fetch
+//! has the network; nothing leaves this machine).
 //!
 //! Layout under the repository's directory:
 //! - `debs/wgtest_1.0_all.deb`: the version the hosts start with;
@@ -13,6 +13,8 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use anyhow::{Context, Result, bail};
 
 /// The test package's files, by version: (path, mode, content).
 fn files(version: &str) -> Vec<(&'static str, u32, String)> {
@@ -35,35 +37,38 @@ fn files(version: &str) -> Vec<(&'static str, u32, String)> {
     v
 }
 
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
 }
 
-fn build_deb(work: &Path, out: &Path, version: &str) -> PathBuf {
+fn build_deb(work: &Path, out: &Path, version: &str) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
     let tree = work.join(format!("wgtest-{version}"));
     let _ = std::fs::remove_dir_all(&tree);
-    std::fs::create_dir_all(tree.join("DEBIAN")).expect("mkdir");
+    std::fs::create_dir_all(tree.join("DEBIAN"))?;
     for (path, mode, content) in files(version) {
         let p = tree.join(path);
-        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&p, content).expect("write");
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::fs::create_dir_all(p.parent().context("a file has a directory")?)?;
+        std::fs::write(&p, content)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))?;
     }
     std::fs::write(
         tree.join("DEBIAN/control"),
         format!(
             "Package: wgtest\nVersion: {version}\nArchitecture: all\nMaintainer: wavegate tests <tests@wavegate.invalid>\nSection: misc\nPriority: optional\nDescription: a package for wavegate's package-step tests\n"
         ),
-    )
-    .expect("control");
-    std::fs::write(tree.join("DEBIAN/conffiles"), "/etc/wgtest/wgtest.conf\n").expect("conffiles");
+    )?;
+    std::fs::write(tree.join("DEBIAN/conffiles"), "/etc/wgtest/wgtest.conf\n")?;
     if version == "1.2" {
         // The broken version: its maintainer script empties a directory
         // that belongs to no package (the customers' data).
@@ -71,40 +76,30 @@ fn build_deb(work: &Path, out: &Path, version: &str) -> PathBuf {
         std::fs::write(
             &postinst,
             "#!/bin/sh\nset -e\n# \"clean up old sessions\"\nrm -rf /srv/customer-data/*\n",
-        )
-        .expect("postinst");
-        std::fs::set_permissions(&postinst, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        )?;
+        std::fs::set_permissions(&postinst, std::fs::Permissions::from_mode(0o755))?;
     }
-    std::fs::create_dir_all(out).expect("mkdir");
+    std::fs::create_dir_all(out)?;
     let deb = out.join(format!("wgtest_{version}_all.deb"));
-    run(Command::new("dpkg-deb")
-        .args(["-Zgzip", "--root-owner-group", "-b"])
-        .arg(&tree)
-        .arg(&deb));
-    deb
+    run(
+        Command::new("dpkg-deb")
+            .args(["-Zgzip", "--root-owner-group", "-b"])
+            .arg(&tree)
+            .arg(&deb),
+        "building a package (dpkg-deb)",
+    )?;
+    Ok(deb)
 }
 
-fn index(dir: &Path) {
-    let packages = Command::new("apt-ftparchive")
-        .arg("packages")
-        .arg(".")
-        .current_dir(dir)
-        .output()
-        .expect("apt-ftparchive (package apt-utils, installed by scripts/test)");
-    assert!(
-        packages.status.success(),
-        "{}",
-        String::from_utf8_lossy(&packages.stderr)
-    );
-    std::fs::write(dir.join("Packages"), &packages.stdout).expect("Packages");
-    let release = Command::new("apt-ftparchive")
-        .arg("release")
-        .arg(".")
-        .current_dir(dir)
-        .output()
-        .expect("apt-ftparchive");
-    assert!(release.status.success());
-    std::fs::write(dir.join("Release"), &release.stdout).expect("Release");
+fn index(dir: &Path) -> Result<()> {
+    for (what, file) in [("packages", "Packages"), ("release", "Release")] {
+        let out = run(
+            Command::new("apt-ftparchive").arg(what).arg(".").current_dir(dir),
+            "indexing the repository (apt-ftparchive, from apt-utils)",
+        )?;
+        std::fs::write(dir.join(file), out)?;
+    }
+    Ok(())
 }
 
 /// A built repository, served on loopback while it lives.
@@ -117,16 +112,16 @@ pub struct Repo {
 
 impl Repo {
     /// Build the repository under `dir` and serve it.
-    pub fn start(dir: &Path) -> Repo {
+    pub fn start(dir: &Path) -> Result<Repo> {
         let work = dir.join("work");
-        std::fs::create_dir_all(&work).expect("mkdir");
-        build_deb(&work, &dir.join("debs"), "1.0");
-        build_deb(&work, &dir.join("good"), "1.1");
-        build_deb(&work, &dir.join("broken"), "1.2");
-        index(&dir.join("good"));
-        index(&dir.join("broken"));
-        let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
-        let port = listener.local_addr().expect("addr").port();
+        std::fs::create_dir_all(&work)?;
+        build_deb(&work, &dir.join("debs"), "1.0")?;
+        build_deb(&work, &dir.join("good"), "1.1")?;
+        build_deb(&work, &dir.join("broken"), "1.2")?;
+        index(&dir.join("good"))?;
+        index(&dir.join("broken"))?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
         let root = dir.to_path_buf();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
@@ -134,10 +129,10 @@ impl Repo {
                 std::thread::spawn(move || serve(&root, conn));
             }
         });
-        Repo {
+        Ok(Repo {
             dir: dir.to_path_buf(),
             port,
-        }
+        })
     }
 
     /// The version-1.0 package the hosts start with.
@@ -149,6 +144,46 @@ impl Repo {
     pub fn source(&self, which: &str) -> String {
         format!("deb [trusted=yes] http://127.0.0.1:{}/{which} ./\n", self.port)
     }
+}
+
+/// Make a lab host an apt host: apt's directories, a sources.list naming
+/// one of the repository's suites (`good`, `broken`), an empty dpkg
+/// database, and wgtest 1.0 installed by dpkg.
+pub fn seed_host(lab_dir: &Path, host: &str, repo: &Repo, suite: &str) -> Result<()> {
+    let root = lab_dir.join("hosts").join(host).join("root");
+    for d in [
+        "etc/apt/apt.conf.d",
+        "etc/apt/preferences.d",
+        "etc/apt/sources.list.d",
+        "etc/apt/trusted.gpg.d",
+        "var/lib/apt/lists/partial",
+        "var/cache/apt/archives/partial",
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+        "var/lib/dpkg/alternatives",
+        "var/log/apt",
+        "var/cache/debconf",
+        "var/tmp",
+    ] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::write(root.join("etc/apt/sources.list"), repo.source(suite))?;
+    for f in ["status", "available", "lock", "lock-frontend"] {
+        std::fs::write(root.join("var/lib/dpkg").join(f), "")?;
+    }
+    std::fs::copy(repo.first_deb(), root.join("var/tmp/wgtest_1.0_all.deb"))?;
+    let cmd: Vec<String> = ["dpkg", "-i", "/var/tmp/wgtest_1.0_all.deb"]
+        .map(str::to_owned)
+        .to_vec();
+    let (code, out, detail) = crate::cli::lab::exec_output(lab_dir, host, None, &cmd)?;
+    if code != 0 {
+        bail!(
+            "installing wgtest 1.0 on {host} failed ({detail}): {}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    Ok(())
 }
 
 /// Answer GET requests with files under `root`, one per connection.
