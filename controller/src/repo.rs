@@ -148,8 +148,9 @@ impl Repo {
 
 /// Make a lab host an apt host: apt's directories, a sources.list naming
 /// one of the repository's suites (`good`, `broken`), an empty dpkg
-/// database, and wgtest 1.0 installed by dpkg.
-pub fn seed_host(lab_dir: &Path, host: &str, repo: &Repo, suite: &str) -> Result<()> {
+/// database, and wgtest 1.0 installed by dpkg (through `agent_bin`, default
+/// `wavegate-agent` next to this binary).
+pub fn seed_host(lab_dir: &Path, host: &str, repo: &Repo, suite: &str, agent_bin: Option<&Path>) -> Result<()> {
     let root = lab_dir.join("hosts").join(host).join("root");
     for d in [
         "etc/apt/apt.conf.d",
@@ -176,7 +177,7 @@ pub fn seed_host(lab_dir: &Path, host: &str, repo: &Repo, suite: &str) -> Result
     let cmd: Vec<String> = ["dpkg", "-i", "/var/tmp/wgtest_1.0_all.deb"]
         .map(str::to_owned)
         .to_vec();
-    let (code, out, detail) = crate::cli::lab::exec_output(lab_dir, host, None, &cmd)?;
+    let (code, out, detail) = crate::cli::lab::exec_output(lab_dir, host, agent_bin.map(Path::to_path_buf), &cmd)?;
     if code != 0 {
         bail!(
             "installing wgtest 1.0 on {host} failed ({detail}): {}",

@@ -21,7 +21,8 @@ fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
 /// A host with apt pointed at one of the repository's suites and wgtest
 /// 1.0 installed by dpkg.
 fn apt_host(lab: &Lab, repo: &Repo, host: &str, suite: &str) {
-    repo::seed_host(&lab.dir, host, repo, suite).unwrap_or_else(|e| panic!("{e:#}"));
+    let agent = wavegate_tests::wavegate_bin().with_file_name("wavegate-agent");
+    repo::seed_host(&lab.dir, host, repo, suite, Some(&agent)).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn version(lab: &Lab, host: &str) -> String {

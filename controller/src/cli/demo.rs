@@ -469,7 +469,7 @@ async fn stories(lab_dir: &Path) -> Result<bool> {
     let repo = crate::repo::Repo::start(&lab_dir.join("repo"))?;
     let shared: Vec<String> = (1..=CUSTOMERS.len()).map(|n| format!("w{n:02}")).collect();
     for h in &shared {
-        crate::repo::seed_host(lab_dir, h, &repo, "good")?;
+        crate::repo::seed_host(lab_dir, h, &repo, "good", None)?;
     }
     println!("   wgtest 1.0 is installed on the {} shared servers", shared.len());
     let id4 = match submit(&mut submitter, lab_dir, "wgtest-fix", PACKAGE_FIX).await? {
