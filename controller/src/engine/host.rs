@@ -459,11 +459,17 @@ impl Engine {
                             .await?;
                         }
                         None => {
-                            self.mutate(id, |e| {
+                            let timeout_ms = self.mutate(id, |e| {
                                 if let Some(h) = e.hosts.get_mut(host) {
                                     h.reboot = None;
                                 }
-                                Ok(((), vec![host.to_owned()]))
+                                let t = e
+                                    .rollout
+                                    .steps
+                                    .iter()
+                                    .find(|s| s.name == wait.step)
+                                    .map_or(0, |s| s.reboot_timeout_ms);
+                                Ok((t, vec![host.to_owned()]))
                             })
                             .await?;
                             return self
@@ -472,8 +478,8 @@ impl Engine {
                                     w,
                                     host,
                                     format!(
-                                        "did not come back after reboot within {} s (after step `{}`; its boot was {})",
-                                        left.as_secs(),
+                                        "did not come back after reboot within its reboot_timeout of {} s (after step `{}`; its boot was {})",
+                                        timeout_ms / 1000,
                                         wait.step,
                                         wait.from_boot
                                     ),
