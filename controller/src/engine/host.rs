@@ -459,19 +459,20 @@ impl Engine {
                             .await?;
                         }
                         None => {
-                            let timeout_ms = self.mutate(id, |e| {
-                                if let Some(h) = e.hosts.get_mut(host) {
-                                    h.reboot = None;
-                                }
-                                let t = e
-                                    .rollout
-                                    .steps
-                                    .iter()
-                                    .find(|s| s.name == wait.step)
-                                    .map_or(0, |s| s.reboot_timeout_ms);
-                                Ok((t, vec![host.to_owned()]))
-                            })
-                            .await?;
+                            let timeout_ms = self
+                                .mutate(id, |e| {
+                                    if let Some(h) = e.hosts.get_mut(host) {
+                                        h.reboot = None;
+                                    }
+                                    let t = e
+                                        .rollout
+                                        .steps
+                                        .iter()
+                                        .find(|s| s.name == wait.step)
+                                        .map_or(0, |s| s.reboot_timeout_ms);
+                                    Ok((t, vec![host.to_owned()]))
+                                })
+                                .await?;
                             return self
                                 .host_failed(
                                     id,
