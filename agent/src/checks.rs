@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use wavegate_proto::v1::{CheckResult, HealthCheck, health_check::Probe};
 
-use crate::exec::run_supervised;
+use crate::exec::run_supervised_tailed;
 use crate::journal::{Job, Mode};
 
 async fn tcp(addr: &str, timeout: Duration) -> Result<String, String> {
@@ -64,6 +64,20 @@ async fn http(url: &str, expect: u32, timeout: Duration) -> Result<String, Strin
 
 /// Run one check.
 pub async fn run(exe: &Path, check: &HealthCheck, host_root: &Path, scratch: &Path) -> CheckResult {
+    run_tailed(exe, check, host_root, scratch, None).await
+}
+
+/// [`run`], an exec check's output sent live through `tail` when given.
+pub async fn run_tailed(
+    exe: &Path,
+    check: &HealthCheck,
+    host_root: &Path,
+    scratch: &Path,
+    tail: Option<(
+        crate::output::Stream,
+        &tokio::sync::mpsc::Sender<wavegate_proto::v1::AgentMessage>,
+    )>,
+) -> CheckResult {
     let timeout = Duration::from_millis(check.timeout_ms.max(1));
     let res = match &check.probe {
         Some(Probe::Tcp(addr)) => tcp(addr, timeout).await,
@@ -77,7 +91,7 @@ pub async fn run(exe: &Path, check: &HealthCheck, host_root: &Path, scratch: &Pa
                 host_root,
                 Mode::Confined,
             );
-            match run_supervised(exe, scratch, &job).await {
+            match run_supervised_tailed(exe, scratch, &job, tail).await {
                 Ok(r) if r.exit_code == 0 && r.outcome == wavegate_proto::v1::Outcome::Ok as i32 => Ok("exit 0".into()),
                 Ok(r) => Err(format!(
                     "{} (exit {})",

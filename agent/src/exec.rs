@@ -53,10 +53,26 @@ fn interrupted(why: &str) -> Stored {
 /// Run a job through the supervisor in a scratch directory (health checks:
 /// not journaled, always run afresh).
 pub async fn run_supervised(exe: &Path, scratch: &Path, job: &Job) -> Result<Stored> {
+    run_supervised_tailed(exe, scratch, job, None).await
+}
+
+/// [`run_supervised`], its output sent live through `tail` when given.
+pub async fn run_supervised_tailed(
+    exe: &Path,
+    scratch: &Path,
+    job: &Job,
+    tail: Option<(
+        crate::output::Stream,
+        &tokio::sync::mpsc::Sender<wavegate_proto::v1::AgentMessage>,
+    )>,
+) -> Result<Stored> {
     let dir = scratch.join(format!("{}-{}", std::process::id(), rand::random::<u64>()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("job.json"), serde_json::to_vec(job)?)?;
-    let r = spawn_and_wait(exe, &dir).await;
+    let r = match tail {
+        Some((s, tx)) => crate::output::while_running(dir.join("output.log"), s, tx, spawn_and_wait(exe, &dir)).await,
+        None => spawn_and_wait(exe, &dir).await,
+    };
     let _ = std::fs::remove_dir_all(&dir);
     r
 }

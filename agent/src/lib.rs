@@ -9,6 +9,7 @@ pub mod exec;
 pub mod journal;
 pub mod mountinfo;
 pub mod mounts;
+pub mod output;
 pub mod packages;
 pub mod runner;
 pub mod sandbox;

@@ -180,7 +180,7 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
             if let Some(controller_message::Body::Command(cmd)) = msg.body {
                 let (cfg, journal, tx) = (cfg.clone(), Arc::clone(journal), tx.clone());
                 tokio::spawn(async move {
-                    let (result, reboot_now) = handle(&cfg, &journal, cmd).await;
+                    let (result, reboot_now) = handle(&cfg, &journal, cmd, &tx).await;
                     let sent = tx
                         .send(pb::AgentMessage {
                             body: Some(agent_message::Body::Result(result)),
@@ -231,16 +231,40 @@ fn result_of(id: &str, s: crate::journal::Stored, replayed: bool) -> pb::Command
 }
 
 /// Answer one command; the bool asks for a reboot once the answer is sent.
-async fn handle(cfg: &Config, journal: &Journal, cmd: pb::Command) -> (pb::CommandResult, bool) {
+async fn handle(
+    cfg: &Config,
+    journal: &Journal,
+    cmd: pb::Command,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) -> (pb::CommandResult, bool) {
     let mut reboot_now = false;
-    let mut r = answer(cfg, journal, cmd, &mut reboot_now).await;
+    let mut r = answer(cfg, journal, cmd, &mut reboot_now, tx).await;
     if r.boot_id.is_empty() {
         r.boot_id.clone_from(&cfg.boot_id);
     }
     (r, reboot_now)
 }
 
-async fn answer(cfg: &Config, journal: &Journal, cmd: pb::Command, reboot_now: &mut bool) -> pb::CommandResult {
+/// Run a step-like job once, its output sent live (again from the start on
+/// a replay, so a controller that lost part of it gets all of it).
+async fn run_streamed(
+    cfg: &Config,
+    journal: &Journal,
+    job: Job,
+    s: crate::output::Stream,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) -> anyhow::Result<(crate::journal::Stored, bool)> {
+    let path = journal.job_dir(&job.command_id).join("output.log");
+    crate::output::while_running(path, s, tx, run_step_once(&cfg.exe, journal, job)).await
+}
+
+async fn answer(
+    cfg: &Config,
+    journal: &Journal,
+    cmd: pb::Command,
+    reboot_now: &mut bool,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) -> pb::CommandResult {
     let id = cmd.id.clone();
     let refused = |detail: String| pb::CommandResult {
         command_id: id.clone(),
@@ -263,7 +287,12 @@ async fn answer(cfg: &Config, journal: &Journal, cmd: pb::Command, reboot_now: &
             job.untouchable = step.untouchable;
             job.protect = own_paths(cfg);
             job.boot_id.clone_from(&cfg.boot_id);
-            match run_step_once(&cfg.exe, journal, job).await {
+            let stream = crate::output::Stream {
+                command_id: id.clone(),
+                rollout_id: step.rollout_id.clone(),
+                step: step.step_name.clone(),
+            };
+            match run_streamed(cfg, journal, job, stream, tx).await {
                 Ok((s, replayed)) => {
                     info!(command = %id, outcome = s.outcome, replayed, "Step finished.");
                     let ok = s.outcome == pb::Outcome::Ok as i32;
@@ -311,7 +340,12 @@ async fn answer(cfg: &Config, journal: &Journal, cmd: pb::Command, reboot_now: &
             job.writes = f.writes.clone();
             job.protect = own_paths(cfg);
             job.boot_id.clone_from(&cfg.boot_id);
-            match run_step_once(&cfg.exe, journal, job).await {
+            let stream = crate::output::Stream {
+                command_id: id.clone(),
+                rollout_id: f.rollout_id.clone(),
+                step: format!("{} (fetch)", f.step_name),
+            };
+            match run_streamed(cfg, journal, job, stream, tx).await {
                 Ok((s, replayed)) => {
                     let (root, writes) = (cfg.host_root.clone(), f.writes.clone());
                     let after = tokio::task::spawn_blocking(move || cache_digest(&root, &writes))
@@ -395,7 +429,13 @@ async fn answer(cfg: &Config, journal: &Journal, cmd: pb::Command, reboot_now: &
             let started = std::time::Instant::now();
             let mut results = Vec::new();
             for c in &checks.checks {
-                results.push(crate::checks::run(&cfg.exe, c, &cfg.host_root, &scratch).await);
+                let stream = crate::output::Stream {
+                    command_id: id.clone(),
+                    rollout_id: checks.rollout_id.clone(),
+                    step: format!("health check {}", c.name),
+                };
+                results
+                    .push(crate::checks::run_tailed(&cfg.exe, c, &cfg.host_root, &scratch, Some((stream, tx))).await);
             }
             let ok = results.iter().all(|r| r.ok);
             pb::CommandResult {

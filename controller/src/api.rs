@@ -139,6 +139,11 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
             .map(|w| pb::WaveStatus {
                 index: w.index as u32,
                 state: w.state.as_str().into(),
+                bake_ends_ms: if w.state == wavegate_domain::rollout::WaveState::Baking {
+                    w.bake_ends_ms.unwrap_or(0)
+                } else {
+                    0
+                },
                 hosts: w
                     .hosts
                     .iter()
@@ -154,6 +159,14 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
                             .map(|s| s.state.as_str().to_owned())
                             .unwrap_or_default(),
                         rolled_back: h.rolled_back,
+                        last_output: h
+                            .results
+                            .last()
+                            .map(|s| {
+                                let lines: Vec<&str> = s.output_tail.trim_end().lines().rev().take(3).collect();
+                                lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+                            })
+                            .unwrap_or_default(),
                     })
                     .collect(),
             })
@@ -211,12 +224,17 @@ impl AgentService for Api {
             .await
             .map_err(|_| Status::unavailable("session closed"))?;
         let hub = Arc::clone(self.engine.hub());
+        let engine = Arc::clone(&self.engine);
         let session = hub.connect_boot(&cert_host, tx, &hello.boot_id);
         info!(host = %cert_host, version = %hello.agent_version, boot = %hello.boot_id, "Agent connected.");
         tokio::spawn(async move {
             while let Ok(Some(msg)) = inbound.message().await {
-                if let Some(pb::agent_message::Body::Result(r)) = msg.body {
-                    hub.deliver(r);
+                match msg.body {
+                    Some(pb::agent_message::Body::Result(r)) => {
+                        hub.deliver(r);
+                    }
+                    Some(pb::agent_message::Body::Output(chunk)) => engine.accept_output(&cert_host, chunk),
+                    _ => {}
                 }
             }
             hub.disconnect(&cert_host, session);
@@ -417,6 +435,86 @@ impl OperatorService for Api {
             }
         }
         Ok(Response::new(pb::SnapshotsResponse { snapshots }))
+    }
+
+    type LogsStream = Stream_<pb::LogChunk>;
+
+    async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
+        self.operator(&req, READERS, "reading output")?;
+        let r = req.into_inner();
+        let engine = Arc::clone(&self.engine);
+        let entry = engine.get(&r.id).await.map_err(to_status)?;
+        if !r.host.is_empty() && !entry.hosts.contains_key(&r.host) {
+            return Err(Status::not_found(format!(
+                "host `{}` is not in rollout {}",
+                r.host, r.id
+            )));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let host = (!r.host.is_empty()).then_some(r.host.clone());
+            let step = (!r.step.is_empty()).then_some(r.step.clone());
+            if r.summary {
+                for c in engine.output_summary(&r.id, host.as_deref(), step.as_deref()).await {
+                    if tx.send(Ok(c)).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+            let mut from: std::collections::HashMap<(String, String), u64> = std::collections::HashMap::new();
+            let mut changes = engine.output_changes();
+            let mut states = engine.subscribe();
+            loop {
+                // Whether it ended is asked before the read, so what came
+                // before the end is always read.
+                let ended = engine.output_ended(&r.id, host.as_deref(), step.as_deref()).await;
+                loop {
+                    let store_engine = Arc::clone(&engine);
+                    let (id, h, st, f) = (r.id.clone(), host.clone(), step.clone(), from.clone());
+                    let pieces = tokio::task::spawn_blocking(move || {
+                        store_engine
+                            .store()
+                            .read_output(&id, h.as_deref(), st.as_deref(), &f, 4 << 20)
+                    })
+                    .await;
+                    let Ok(Ok(pieces)) = pieces else { return };
+                    if pieces.is_empty() {
+                        break;
+                    }
+                    let bytes: usize = pieces.iter().map(|p| p.data.len()).sum();
+                    for p in pieces {
+                        let key = (p.host.clone(), p.step.clone());
+                        let missing = p.offset.saturating_sub(from.get(&key).copied().unwrap_or(0));
+                        from.insert(key, p.offset + p.data.len() as u64);
+                        let chunk = pb::LogChunk {
+                            host: p.host,
+                            step: p.step,
+                            offset: p.offset,
+                            missing,
+                            data: p.data,
+                            stored: 0,
+                            verified: String::new(),
+                        };
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if bytes < 4 << 20 {
+                        break;
+                    }
+                }
+                if !r.follow || ended {
+                    return;
+                }
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = states.changed() => {}
+                    () = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {

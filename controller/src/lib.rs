@@ -8,6 +8,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod hub;
 pub mod metrics;
+pub mod notify;
 pub mod policies;
 pub mod repo;
 pub mod server;

@@ -32,6 +32,12 @@ pub struct Metrics {
     pub halt_commit: Histogram,
     /// The same, for the latest halt.
     pub last_halt_commit: Gauge,
+    /// Bytes of steps' and checks' output stored.
+    pub output_bytes: IntCounter,
+    /// Output chunks dropped because the controller's queue was full.
+    pub output_dropped: IntCounter,
+    /// Bytes of output not stored because a host was over its cap.
+    pub output_capped: IntCounter,
 }
 
 impl Metrics {
@@ -70,6 +76,15 @@ impl Metrics {
                 "last_halt_commit_seconds",
                 "From a failing result arriving to its halt being committed, for the latest halt.",
             ))?,
+            output_bytes: IntCounter::with_opts(name("output_bytes_total", "Bytes of step and check output stored."))?,
+            output_dropped: IntCounter::with_opts(name(
+                "output_dropped_total",
+                "Output chunks dropped because the controller's queue was full.",
+            ))?,
+            output_capped: IntCounter::with_opts(name(
+                "output_capped_bytes_total",
+                "Bytes of output not stored because a host was over its cap.",
+            ))?,
             registry,
         };
         m.registry.register(Box::new(m.rollouts.clone()))?;
@@ -84,6 +99,9 @@ impl Metrics {
         m.registry.register(Box::new(m.wave_duration.clone()))?;
         m.registry.register(Box::new(m.halt_commit.clone()))?;
         m.registry.register(Box::new(m.last_halt_commit.clone()))?;
+        m.registry.register(Box::new(m.output_bytes.clone()))?;
+        m.registry.register(Box::new(m.output_dropped.clone()))?;
+        m.registry.register(Box::new(m.output_capped.clone()))?;
         Ok(m)
     }
 

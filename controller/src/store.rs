@@ -28,6 +28,39 @@ const REFUSALS: TableDefinition<u64, &str> = TableDefinition::new("refusals");
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// The signed head of the audit log.
 const CHECKPOINT: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoint");
+/// Notifications not yet delivered, in order: written in the transaction
+/// of the change they announce, deleted once a receiver took them.
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// Steps' and checks' output, by [`output_key`]: the bytes that start at
+/// that offset.
+const OUTPUT: TableDefinition<&str, &[u8]> = TableDefinition::new("output");
+
+/// A piece of a step's output, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutputPiece {
+    /// Rollout.
+    pub rollout: String,
+    /// Host.
+    pub host: String,
+    /// Step, fetch or check.
+    pub step: String,
+    /// Where `data` starts in the step's output.
+    pub offset: u64,
+    /// The bytes.
+    pub data: Vec<u8>,
+}
+
+/// The key of a piece of output: rollout, host, step and offset, so that a
+/// range scan reads one step's output in order.
+pub fn output_key(rollout: &str, host: &str, step: &str, offset: u64) -> String {
+    format!("{rollout}\u{0}{host}\u{0}{step}\u{0}{offset:020}")
+}
+
+fn parse_output_key(k: &str) -> Option<(String, String, String, u64)> {
+    let mut it = k.split('\u{0}');
+    let (r, h, s, o) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    Some((r.to_owned(), h.to_owned(), s.to_owned(), o.parse().ok()?))
+}
 
 /// The store.
 pub struct Store {
@@ -89,6 +122,19 @@ fn append(txn: &WriteTransaction, key: &SigningKey, bodies: Vec<AuditBody>) -> R
     Ok(())
 }
 
+/// Append notifications to the outbox inside `txn`.
+fn enqueue(txn: &WriteTransaction, outbox: &[Vec<u8>]) -> Result<()> {
+    if outbox.is_empty() {
+        return Ok(());
+    }
+    let mut t = txn.open_table(OUTBOX)?;
+    let first = t.last()?.map_or(1, |(k, _)| k.value() + 1);
+    for (seq, body) in (first..).zip(outbox) {
+        t.insert(seq, body.as_slice())?;
+    }
+    Ok(())
+}
+
 /// The key of a host record: `<rollout id>/<host id>`.
 pub fn host_key(rollout: &str, host: &str) -> String {
     format!("{rollout}/{host}")
@@ -134,6 +180,8 @@ impl Store {
             txn.open_table(HOSTS)?;
             txn.open_table(INVENTORIES)?;
             txn.open_table(REFUSALS)?;
+            txn.open_table(OUTPUT)?;
+            txn.open_table(OUTBOX)?;
         }
         txn.commit()?;
         Ok(Store { db, key })
@@ -243,18 +291,20 @@ impl Store {
         &self,
         plan_hash: &str,
         plan_yaml: &str,
-        build: impl FnOnce(String) -> (Rollout, Vec<HostRecord>, Vec<AuditBody>),
+        build: impl FnOnce(String) -> (Rollout, Vec<HostRecord>, Vec<AuditBody>, Vec<Vec<u8>>),
     ) -> Result<(Rollout, Vec<HostRecord>)> {
         let txn = self.db.begin_write()?;
         let built;
         let bodies;
+        let outbox;
         {
             let mut meta = txn.open_table(META)?;
             let next = meta.get("next_rollout")?.map_or(1, |v| v.value());
             meta.insert("next_rollout", next + 1)?;
-            let (r, h, b) = build(format!("r{next:04}"));
+            let (r, h, b, o) = build(format!("r{next:04}"));
             built = (r, h);
             bodies = b;
+            outbox = o;
             txn.open_table(PLANS)?.insert(plan_hash, plan_yaml)?;
             txn.open_table(ROLLOUTS)?
                 .insert(built.0.id.as_str(), serde_json::to_vec(&built.0)?.as_slice())?;
@@ -267,6 +317,7 @@ impl Store {
             }
         }
         append(&txn, &self.key, bodies)?;
+        enqueue(&txn, &outbox)?;
         txn.commit()?;
         Ok(built)
     }
@@ -279,8 +330,10 @@ impl Store {
         rollouts: &[(String, Vec<u8>)],
         hosts: &[(String, Vec<u8>)],
         audit: Vec<AuditBody>,
+        outbox: &[Vec<u8>],
     ) -> Result<()> {
         let txn = self.db.begin_write()?;
+        enqueue(&txn, outbox)?;
         {
             let mut table = txn.open_table(ROLLOUTS)?;
             for (id, json) in rollouts {
@@ -319,6 +372,138 @@ impl Store {
             out.push((rollout, records));
         }
         Ok(out)
+    }
+
+    /// The oldest notification not yet delivered.
+    pub fn outbox_first(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(OUTBOX)?;
+        Ok(t.first()?.map(|(k, v)| (k.value(), v.value().to_vec())))
+    }
+
+    /// A notification was delivered: it goes.
+    pub fn outbox_done(&self, seq: u64) -> Result<()> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(OUTBOX)?.remove(seq)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Store pieces of output. Output is not what the engine acts on, so
+    /// this commit is not synced on its own: the next state change's
+    /// commit makes it durable.
+    pub fn append_output(&self, pieces: &[OutputPiece]) -> Result<()> {
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)?;
+        {
+            let mut t = txn.open_table(OUTPUT)?;
+            for p in pieces {
+                t.insert(
+                    output_key(&p.rollout, &p.host, &p.step, p.offset).as_str(),
+                    p.data.as_slice(),
+                )?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Stored output of a rollout, in order of host, step and offset:
+    /// every piece that starts at or after `from` for its (host, step),
+    /// of `host` and `step` when given, up to about `max_bytes`.
+    pub fn read_output(
+        &self,
+        rollout: &str,
+        host: Option<&str>,
+        step: Option<&str>,
+        from: &std::collections::HashMap<(String, String), u64>,
+        max_bytes: usize,
+    ) -> Result<Vec<OutputPiece>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(OUTPUT)?;
+        let start = match host {
+            Some(h) => format!("{rollout}\u{0}{h}\u{0}"),
+            None => format!("{rollout}\u{0}"),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in t.range(start.as_str()..)? {
+            let (k, v) = e?;
+            if !k.value().starts_with(&start) {
+                break;
+            }
+            let Some((r, h, s, offset)) = parse_output_key(k.value()) else {
+                continue;
+            };
+            if step.is_some_and(|want| want != s) {
+                continue;
+            }
+            if from.get(&(h.clone(), s.clone())).is_some_and(|f| offset < *f) {
+                continue;
+            }
+            bytes += v.value().len();
+            out.push(OutputPiece {
+                rollout: r,
+                host: h,
+                step: s,
+                offset,
+                data: v.value().to_vec(),
+            });
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Bytes stored for one step's output, contiguous from its start, and
+    /// their SHA-256; and whether there is a gap (something missing).
+    pub fn output_digest(&self, rollout: &str, host: &str, step: &str) -> Result<(u64, String, bool)> {
+        use sha2::Digest as _;
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(OUTPUT)?;
+        let start = format!("{rollout}\u{0}{host}\u{0}{step}\u{0}");
+        let mut h = sha2::Sha256::new();
+        let mut end = 0u64;
+        let mut gap = false;
+        for e in t.range(start.as_str()..)? {
+            let (k, v) = e?;
+            if !k.value().starts_with(&start) {
+                break;
+            }
+            let Some((_, _, _, offset)) = parse_output_key(k.value()) else {
+                continue;
+            };
+            if offset != end {
+                gap = true;
+            }
+            h.update(v.value());
+            end = offset + v.value().len() as u64;
+        }
+        Ok((end, hex::encode(h.finalize()), gap))
+    }
+
+    /// Where each stored step's output of a rollout and host ends: (step,
+    /// bytes up to the end of its last piece).
+    pub fn output_ends(&self, rollout: &str, host: &str) -> Result<Vec<(String, u64)>> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(OUTPUT)?;
+        let start = format!("{rollout}\u{0}{host}\u{0}");
+        let mut ends: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+        for e in t.range(start.as_str()..)? {
+            let (k, v) = e?;
+            if !k.value().starts_with(&start) {
+                break;
+            }
+            let Some((_, _, s, offset)) = parse_output_key(k.value()) else {
+                continue;
+            };
+            ends.insert(s, offset + v.value().len() as u64);
+        }
+        Ok(ends.into_iter().collect())
     }
 
     /// The plan bytes with this hash.

@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
+use wavegate_domain::rollout::RolloutState;
 use wavegate_domain::snapshot::SnapshotState;
 
 use crate::engine::{Engine, Entry, utc};
@@ -66,8 +67,15 @@ th{background:#eef1f5;font-weight:600}
 ";
 
 fn page(title: &str, body: &str) -> Html<String> {
+    page_refreshing(title, body, None)
+}
+
+/// A page that reloads itself every `refresh` seconds (a rollout that is
+/// still moving).
+fn page_refreshing(title: &str, body: &str, refresh: Option<u32>) -> Html<String> {
+    let meta = refresh.map_or(String::new(), |s| format!("<meta http-equiv=refresh content={s}>"));
     Html(format!(
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>{} — wavegate</title><style>{STYLE}</style></head>\
+        "<!doctype html><html lang=en><head><meta charset=utf-8>{meta}<title>{} — wavegate</title><style>{STYLE}</style></head>\
          <body><header><b>wavegate</b><a href=\"/\">Rollouts</a><a href=\"/audit\">Audit log</a><a href=\"/metrics\">Metrics</a></header>\
          <main>{body}</main></body></html>",
         esc(title)
@@ -235,13 +243,68 @@ fn rollout_body(e: &Entry) -> String {
 
 async fn rollout(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -> Response {
     match engine.get(&id).await {
-        Ok(e) => page(&format!("Rollout {id}"), &rollout_body(&e)).into_response(),
+        Ok(e) => {
+            let moving = matches!(
+                e.rollout.state,
+                RolloutState::Running | RolloutState::Paused | RolloutState::AwaitingApproval
+            );
+            let body = format!("{}{}", rollout_body(&e), output_section(&engine, &e).await);
+            page_refreshing(&format!("Rollout {id}"), &body, moving.then_some(2)).into_response()
+        }
         Err(_) => (
             StatusCode::NOT_FOUND,
             page("Not found", &format!("<h1>No rollout {}</h1>", esc(&id))),
         )
             .into_response(),
     }
+}
+
+/// The last output of every host's steps and checks.
+async fn output_section(engine: &Arc<Engine>, e: &Entry) -> String {
+    const SHOWN: u64 = 8 << 10;
+    let mut b = String::from("<h2>Output</h2>");
+    let mut any = false;
+    for h in e.hosts.values() {
+        let store = engine.store_arc();
+        let (rid, host) = (e.rollout.id.clone(), h.host.clone());
+        let Ok(Ok((ends, pieces))) = tokio::task::spawn_blocking(move || {
+            let ends = store.output_ends(&rid, &host)?;
+            // Pieces are at most 32 KiB: starting that far before the last
+            // SHOWN bytes reads them all.
+            let from = ends
+                .iter()
+                .map(|(s, end)| ((host.clone(), s.clone()), end.saturating_sub(SHOWN + (32 << 10))))
+                .collect();
+            let pieces = store.read_output(&rid, Some(&host), None, &from, 4 << 20)?;
+            anyhow::Ok((ends, pieces))
+        })
+        .await
+        else {
+            continue;
+        };
+        for (step, end) in ends {
+            let mut text = Vec::new();
+            for p in pieces.iter().filter(|p| p.step == step) {
+                text.extend_from_slice(&p.data);
+            }
+            let keep = text.len().saturating_sub(SHOWN as usize);
+            let shown = String::from_utf8_lossy(&text[keep..]);
+            any = true;
+            let _ = write!(
+                b,
+                "<h3>{} — {} <span class=muted>({end} bytes; <code>wavegate rollout logs {} {}</code> for all)</span></h3><pre>{}</pre>",
+                esc(&h.host),
+                esc(&step),
+                esc(&e.rollout.id),
+                esc(&h.host),
+                esc(&shown)
+            );
+        }
+    }
+    if !any {
+        b.push_str("<p class=muted>No output yet.</p>");
+    }
+    b
 }
 
 async fn audit(State(engine): State<Arc<Engine>>) -> Response {

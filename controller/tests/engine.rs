@@ -74,6 +74,8 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
         PolicySet::default(),
         Settings {
             agent_grace: Duration::from_secs(1),
+            output_cap: wavegate::engine::DEFAULT_OUTPUT_CAP,
+            notify: false,
         },
     )
     .expect("engine")

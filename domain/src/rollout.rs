@@ -212,6 +212,9 @@ pub struct Wave {
     pub state: WaveState,
     /// Host ids, sorted.
     pub hosts: Vec<String>,
+    /// While it bakes: when its bake ends, Unix milliseconds.
+    #[serde(default)]
+    pub bake_ends_ms: Option<u64>,
 }
 
 /// A rollout's header: everything but the per-host records.
@@ -483,6 +486,13 @@ pub struct StepResult {
     /// The last part of its output (the agent keeps the whole of it).
     #[serde(default)]
     pub output_tail: String,
+    /// Bytes of its output the controller stored.
+    #[serde(default)]
+    pub output_stored: u64,
+    /// "ok" when the stored output is the whole output (its SHA-256 matches
+    /// the agent's), or why not.
+    #[serde(default)]
+    pub output_verified: String,
 }
 
 /// Whether a wave with `failed` failed hosts is over its budget.
@@ -510,11 +520,13 @@ mod tests {
                     index: 1,
                     state: WaveState::Pending,
                     hosts: vec!["a".into()],
+                    bake_ends_ms: None,
                 },
                 Wave {
                     index: 2,
                     state: WaveState::Pending,
                     hosts: vec!["b".into()],
+                    bake_ends_ms: None,
                 },
             ],
             steps: Vec::new(),

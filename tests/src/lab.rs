@@ -46,6 +46,11 @@ impl Lab {
         Lab::up_args(name, fleet, "10s", &[], fs)
     }
 
+    /// Start a lab with more `lab up` flags (`--webhook URL`, ...).
+    pub fn up_extra(name: &str, fleet: &str, args: &[&str]) -> Lab {
+        Lab::start(name, fleet, "10s", &[], &[], args)
+    }
+
     /// Start a lab with another agent grace, and extra environment for the
     /// controller (a failpoint).
     pub fn up_with(name: &str, fleet: &str, grace: &str, env: &[(&str, &str)]) -> Lab {
@@ -53,6 +58,10 @@ impl Lab {
     }
 
     fn up_args(name: &str, fleet: &str, grace: &str, env: &[(&str, &str)], fs: &[&str]) -> Lab {
+        Lab::start(name, fleet, grace, env, fs, &[])
+    }
+
+    fn start(name: &str, fleet: &str, grace: &str, env: &[(&str, &str)], fs: &[&str], extra: &[&str]) -> Lab {
         let dir = std::env::temp_dir().join(format!("wavegate-lab-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let lab = Lab {
@@ -67,6 +76,7 @@ impl Lab {
             .arg(&lab.dir)
             .args(["--agent-grace", grace])
             .args(fs.iter().flat_map(|f| ["--fs", f]))
+            .args(extra)
             .env_remove("WAVEGATE_FAILPOINT")
             .envs(env.iter().copied());
         let run: Run = cmd.output().expect("lab up").into();

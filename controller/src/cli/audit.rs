@@ -31,7 +31,7 @@ pub enum AuditCommand {
         #[arg(long)]
         since: Option<String>,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// A rollout's timeline, for a person.
@@ -283,9 +283,12 @@ pub async fn run(cmd: AuditCommand, conn: &Conn) -> Result<u8> {
             };
             let mut out = std::io::stdout().lock();
             for r in records.iter().filter(keep) {
+                // One record per line (JSON) or per document (YAML), so a
+                // long log streams.
                 let text = match output {
                     Output::Json => serde_json::to_string(r)?,
-                    Output::Text => line(r),
+                    Output::Yaml => format!("---\n{}", serde_saphyr::to_string(r)?.trim_end()),
+                    Output::Table => line(r),
                 };
                 // A reader that stops early (`| head`) is not an error.
                 if writeln!(out, "{text}").is_err() {

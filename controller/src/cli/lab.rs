@@ -47,6 +47,12 @@ pub enum LabCommand {
         /// `DIR/hosts/<id>/disks/`. Repeatable.
         #[arg(long = "fs", value_name = "PATH=TYPE[:SIZE]", value_parser = FsSpec::parse)]
         fs: Vec<FsSpec>,
+        /// Notifications for the lab's controller (`serve --webhook`).
+        #[arg(long, value_name = "URL")]
+        webhook: Option<String>,
+        /// Their signing secret (`serve --webhook-secret-file`).
+        #[arg(long, value_name = "FILE")]
+        webhook_secret_file: Option<PathBuf>,
     },
     /// Show the lab's controller and which agents are connected.
     Status {
@@ -107,7 +113,18 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             agent_bin,
             agent_grace,
             fs,
-        } => up(&fleet, &dir, &policies, agent_bin, &agent_grace, &fs).await,
+            webhook,
+            webhook_secret_file,
+        } => {
+            let mut extra = Vec::new();
+            if let Some(url) = webhook {
+                extra.extend(["--webhook".to_owned(), url]);
+            }
+            if let Some(f) = webhook_secret_file {
+                extra.extend(["--webhook-secret-file".to_owned(), absolute(&f)?.display().to_string()]);
+            }
+            up_with(&fleet, &dir, &policies, agent_bin, &agent_grace, &fs, &extra).await
+        }
         LabCommand::Status { dir } => status(&dir).await,
         LabCommand::Exec {
             dir,
@@ -576,6 +593,19 @@ pub async fn up(
     grace: &str,
     fs: &[FsSpec],
 ) -> Result<u8> {
+    up_with(fleet_path, dir, policies, agent_bin, grace, fs, &[]).await
+}
+
+/// [`up`], with more flags for the lab's `wavegate serve`.
+pub async fn up_with(
+    fleet_path: &Path,
+    dir: &Path,
+    policies: &PolicyArgs,
+    agent_bin: Option<PathBuf>,
+    grace: &str,
+    fs: &[FsSpec],
+    serve_args: &[String],
+) -> Result<u8> {
     let dir = absolute(dir)?;
     let fleet_path = absolute(fleet_path)?;
     let text = std::fs::read_to_string(&fleet_path).with_context(|| format!("reading {}", fleet_path.display()))?;
@@ -676,6 +706,7 @@ pub async fn up(
     };
     args.push("--policies".into());
     args.push(policy_dir.display().to_string());
+    args.extend(serve_args.iter().cloned());
     let controller_log = dir.join("logs/controller.log");
     spawn(&me, &args, &controller_log)?;
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -10,10 +10,13 @@ pub mod certs;
 pub mod client;
 pub mod demo;
 pub mod lab;
+pub mod logs;
 pub mod plan;
 pub mod rollout;
 pub mod serve;
+pub mod shell;
 pub mod snapshot;
+pub mod watch;
 
 /// wavegate: staged patch rollouts with a safety gate.
 #[derive(Debug, Parser)]
@@ -78,16 +81,45 @@ pub enum Command {
     /// A controller and agents for an inventory on this machine.
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// Print a shell completion script (`wavegate completions bash >
+    /// /etc/bash_completion.d/wavegate`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Man pages: `wavegate.1` on stdout, or one per subcommand in DIR.
+    Man {
+        /// Write every page into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Output {
-    /// For people.
+    /// For people: aligned columns and sentences (`text` is the same).
     #[default]
-    Text,
-    /// One JSON object, for scripts.
+    #[value(alias = "text")]
+    Table,
+    /// One JSON document, for scripts.
     Json,
+    /// The same document as YAML.
+    Yaml,
+}
+
+impl Output {
+    /// Print `value` as JSON or YAML and return true; for `table`, print
+    /// nothing and return false (the caller prints its own form).
+    pub fn emit(self, value: &impl serde::Serialize) -> anyhow::Result<bool> {
+        match self {
+            Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+            Output::Yaml => print!("{}", serde_saphyr::to_string(value)?),
+            Output::Table => return Ok(false),
+        }
+        Ok(true)
+    }
 }
 
 /// Policy directory flag shared by commands that check plans.
@@ -121,5 +153,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Audit { conn, cmd } => audit::run(cmd, &conn).await,
         Command::Agent { conn, cmd } => agent::run(cmd, &conn).await,
         Command::Lab(cmd) => lab::run(cmd).await,
+        Command::Completions { shell } => shell::completions(shell),
+        Command::Man { dir } => shell::man(dir.as_deref()),
     }
 }

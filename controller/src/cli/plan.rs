@@ -26,7 +26,7 @@ pub enum PlanCommand {
         #[command(flatten)]
         policies: PolicyArgs,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
 }
@@ -41,9 +41,8 @@ pub fn run(cmd: PlanCommand) -> anyhow::Result<u8> {
             output,
         } => {
             let report = check_files(&fleet, &plan, &policies);
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                Output::Text => print!("{}", render(&report)),
+            if !output.emit(&report)? {
+                print!("{}", render(&report));
             }
             Ok(report.exit_status())
         }

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
 use serde_json::json;
 use wavegate_domain::Report;
@@ -21,7 +21,7 @@ pub enum RolloutCommand {
         /// The plan file.
         plan: PathBuf,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
         /// Always refused (and recorded): there is no way to skip the canary.
         #[arg(long)]
@@ -46,19 +46,43 @@ pub enum RolloutCommand {
         /// Rollout id.
         id: String,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Follow a rollout wave by wave until it completes, halts or is aborted.
-    /// Exit 0 when it completed, 3 when it halted, 1 when aborted.
+    /// Follow a rollout live until it completes, halts or is aborted: on a
+    /// terminal, a row per wave with its progress, hosts by state and bake
+    /// countdown, then the failing hosts' last output and the halt reason;
+    /// piped, plain lines. Exit 0 when it completed, 1 otherwise.
     Watch {
         /// Rollout id.
         id: String,
     },
+    /// The output of a rollout's steps and health checks: one host's, or
+    /// every host's with each line prefixed by its host. With -f, live
+    /// until the steps end.
+    Logs {
+        /// Rollout id.
+        id: String,
+        /// Only this host.
+        host: Option<String>,
+        /// Only this step (or `NAME (fetch)`, or `health check NAME`).
+        #[arg(long)]
+        step: Option<String>,
+        /// Keep following the output until the steps end.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// One line per host and step: bytes stored, and whether that is the
+        /// whole output (its SHA-256 checked against the agent's).
+        #[arg(long)]
+        summary: bool,
+        /// Output format (json and yaml: one document per chunk).
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// List rollouts, newest first.
     List {
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// Stop starting new hosts.
@@ -85,7 +109,7 @@ pub enum RolloutCommand {
         #[arg(long)]
         host: Option<String>,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// Restore hosts of a halted, paused, aborted or completed rollout from
@@ -201,15 +225,14 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                 Ok(r) => {
                     let r = r.into_inner();
                     match output {
-                        Output::Json => {
+                        Output::Json | Output::Yaml => {
                             let report: serde_json::Value = serde_json::from_str(&r.report_json).unwrap_or_default();
-                            println!(
-                                "{}",
-                                json!({"id": r.id, "plan_hash": r.plan_hash, "targets": report["targets"],
-                                       "waves": report["waves"], "dry_runs": r.dry_runs})
-                            );
+                            output.emit(
+                                &json!({"id": r.id, "plan_hash": r.plan_hash, "targets": report["targets"],
+                                       "waves": report["waves"], "dry_runs": r.dry_runs}),
+                            )?;
                         }
-                        Output::Text => {
+                        Output::Table => {
                             println!(
                                 "submitted: rollout {} (plan {}), waiting for approval",
                                 r.id, r.plan_hash
@@ -228,15 +251,13 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                     if let Ok(blocked) = serde_json::from_slice::<serde_json::Value>(status.details())
                         && blocked.get("dry_runs").is_some()
                     {
-                        match output {
-                            Output::Json => println!("{blocked}"),
-                            Output::Text => print!("{}", render_blocked(&blocked)),
+                        if !output.emit(&blocked)? {
+                            print!("{}", render_blocked(&blocked));
                         }
-                    } else if let Ok(report) = serde_json::from_slice::<Report>(status.details()) {
-                        match output {
-                            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                            Output::Text => print!("{}", super::plan::render(&report)),
-                        }
+                    } else if let Ok(report) = serde_json::from_slice::<Report>(status.details())
+                        && !output.emit(&report)?
+                    {
+                        print!("{}", super::plan::render(&report));
                     }
                     Ok(fail(&status))
                 }
@@ -261,38 +282,46 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
             Ok(s) => {
                 let s = s.into_inner();
                 match output {
-                    Output::Json => println!("{}", serde_json::to_string_pretty(&status_json(&s))?),
-                    Output::Text => print!("{}", render_status(&s)),
+                    Output::Json | Output::Yaml => {
+                        output.emit(&status_json(&s))?;
+                    }
+                    Output::Table => print!("{}", render_status(&s)),
                 }
                 Ok(0)
             }
             Err(status) => Ok(fail(&status)),
         },
-        RolloutCommand::Watch { id } => {
-            let mut stream = match client.watch(pb::RolloutRequest { id }).await {
-                Ok(s) => s.into_inner(),
-                Err(status) => return Ok(fail(&status)),
-            };
-            let mut last = None;
-            while let Some(s) = stream.message().await.context("the controller closed the watch")? {
-                println!("{}", render_status(&s));
-                last = Some(s);
-            }
-            Ok(match last.as_ref().map(|s| s.state.as_str()) {
-                Some("completed") => 0,
-                Some("halted" | "refused") => 3,
-                _ => 1,
-            })
+        RolloutCommand::Watch { id } => super::watch::run(&mut client, id).await,
+        RolloutCommand::Logs {
+            id,
+            host,
+            step,
+            follow,
+            summary,
+            output,
+        } => {
+            super::logs::run(
+                &mut client,
+                super::logs::Args {
+                    id,
+                    host,
+                    step,
+                    follow,
+                    summary,
+                    output,
+                },
+            )
+            .await
         }
         RolloutCommand::List { output } => match client.list(pb::ListRequest {}).await {
             Ok(l) => {
                 let l = l.into_inner();
                 match output {
-                    Output::Json => {
+                    Output::Json | Output::Yaml => {
                         let all: Vec<_> = l.rollouts.iter().map(status_json).collect();
-                        println!("{}", serde_json::to_string_pretty(&all)?);
+                        output.emit(&all)?;
                     }
-                    Output::Text => {
+                    Output::Table => {
                         for s in &l.rollouts {
                             println!("{}  {:<18} {}", s.id, s.state, s.plan_name);
                         }
@@ -313,8 +342,11 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                 Ok(r) => {
                     let r = r.into_inner();
                     match output {
-                        Output::Json => println!("{}", r.reports_json),
-                        Output::Text => {
+                        Output::Json | Output::Yaml => {
+                            let v: serde_json::Value = serde_json::from_str(&r.reports_json).unwrap_or_default();
+                            output.emit(&v)?;
+                        }
+                        Output::Table => {
                             for line in &r.summaries {
                                 println!("{line}");
                             }

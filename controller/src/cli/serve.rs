@@ -58,6 +58,38 @@ pub struct ServeArgs {
     /// and answer) before the host counts as failed.
     #[arg(long, default_value = "60s", value_parser = duration)]
     pub agent_grace: Duration,
+    /// How much of the steps' and checks' output to keep per host and
+    /// rollout, like 256M or 1G (the rest stays in the agents' journals).
+    #[arg(long, default_value = "256M", value_parser = bytes)]
+    pub output_cap: u64,
+    /// POST a signed JSON notification to this URL when a rollout awaits
+    /// approval, halts, completes or is aborted (retried until delivered).
+    #[arg(long, value_name = "URL", env = "WAVEGATE_WEBHOOK")]
+    pub webhook: Option<String>,
+    /// The shared secret the notifications are signed with
+    /// (X-Wavegate-Signature-256: sha256=HMAC-SHA256 of the body).
+    #[arg(long, value_name = "FILE", env = "WAVEGATE_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for an https webhook, besides the
+    /// system's.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_ca: Option<PathBuf>,
+}
+
+/// Parse a size flag: a count of bytes with K, M or G.
+pub fn bytes(s: &str) -> Result<u64, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size; write it like 256M or 1G"))?;
+    let mult = match unit {
+        "" => 1,
+        "K" | "k" => 1 << 10,
+        "M" | "m" => 1 << 20,
+        "G" | "g" => 1 << 30,
+        _ => return Err(format!("`{s}` is not a size; write it like 256M or 1G")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// Parse a duration flag the way plans write them.
@@ -96,6 +128,38 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
             return Ok(2);
         }
     };
+    let webhook = match &args.webhook {
+        None => None,
+        Some(url) => {
+            let Some(secret_file) = &args.webhook_secret_file else {
+                eprintln!("wavegate serve: --webhook needs --webhook-secret-file: notifications are always signed");
+                return Ok(2);
+            };
+            let secret = std::fs::read(secret_file)
+                .with_context(|| format!("reading the webhook secret {}", secret_file.display()))?;
+            let secret = String::from_utf8_lossy(&secret).trim().as_bytes().to_vec();
+            if secret.len() < 16 {
+                eprintln!(
+                    "wavegate serve: the webhook secret in {} is shorter than 16 bytes; write a long random one (like `openssl rand -hex 32`)",
+                    secret_file.display()
+                );
+                return Ok(2);
+            }
+            let tls = if url.starts_with("https://") {
+                Some(crate::notify::tls_config(args.webhook_ca.as_deref())?)
+            } else if url.starts_with("http://") {
+                None
+            } else {
+                eprintln!("wavegate serve: --webhook `{url}` is not an http:// or https:// URL");
+                return Ok(2);
+            };
+            Some(crate::notify::Webhook {
+                url: url.clone(),
+                secret,
+                tls,
+            })
+        }
+    };
     raise_open_file_limit();
     let store = Store::open(&args.data)?;
     let engine = Engine::new(
@@ -105,8 +169,13 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
         policies,
         Settings {
             agent_grace: args.agent_grace,
+            output_cap: args.output_cap,
+            notify: webhook.is_some(),
         },
     )?;
+    if let Some(hook) = webhook {
+        tokio::spawn(crate::notify::sender(engine.store_arc(), hook, engine.notified()));
+    }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

@@ -18,7 +18,7 @@ pub enum SnapshotCommand {
         #[arg(long)]
         rollout: Option<String>,
         /// Output format.
-        #[arg(long, value_enum, default_value_t = Output::Text)]
+        #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
 }
@@ -52,7 +52,7 @@ pub async fn run(cmd: SnapshotCommand, conn: &Conn) -> Result<u8> {
         }
     };
     match output {
-        Output::Json => {
+        Output::Json | Output::Yaml => {
             let v: Vec<_> = list
                 .iter()
                 .map(|s| {
@@ -69,9 +69,9 @@ pub async fn run(cmd: SnapshotCommand, conn: &Conn) -> Result<u8> {
                            "backend": backends(s), "parts": parts})
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            output.emit(&v)?;
         }
-        Output::Text => {
+        Output::Table => {
             println!(
                 "{:<8} {:<12} {:>4} {:>12} {:>7}  {:<9} BACKEND",
                 "ROLLOUT", "HOST", "WAVE", "BYTES", "FILES", "STATE"

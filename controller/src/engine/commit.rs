@@ -32,11 +32,14 @@ pub(super) async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
                 Ok(headers) => tokio::task::spawn_blocking(move || {
                     let mut hosts = Vec::new();
                     let mut bodies = Vec::new();
+                    let mut outbox = Vec::new();
                     for p in pending {
                         hosts.extend(p.hosts);
                         bodies.extend(p.bodies);
+                        outbox.extend(p.outbox);
                     }
-                    store.commit(&headers, &hosts, bodies)
+                    let notify = !outbox.is_empty();
+                    store.commit(&headers, &hosts, bodies, &outbox).map(|()| notify)
                 })
                 .await
                 .map_err(anyhow::Error::from)
@@ -44,7 +47,12 @@ pub(super) async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
                 Err(e) => Err(e.into()),
             };
             match result {
-                Ok(()) => engine.durable.send_modify(|d| d.upto = upto),
+                Ok(notify) => {
+                    engine.durable.send_modify(|d| d.upto = upto);
+                    if notify {
+                        engine.notified.notify_one();
+                    }
+                }
                 Err(e) => {
                     let why = format!(
                         "a commit to the store failed ({e:#}); nothing more is sent to any host until the controller is restarted"
@@ -138,7 +146,17 @@ impl Engine {
                 .get_mut(id)
                 .ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
             let events_before = entry.rollout.events.len();
+            let state_before = entry.rollout.state;
             let (out, changed) = f(entry)?;
+            // A state worth a person's attention is announced in the same
+            // commit as the change that reached it.
+            let mut outbox = Vec::new();
+            if self.settings.notify
+                && entry.rollout.state != state_before
+                && let Some(ev) = crate::notify::event_of(entry.rollout.state)
+            {
+                outbox.push(crate::notify::body(&entry.rollout, ev, &utc(now_ms())));
+            }
             // The audit records of this change go into the same commit.
             let mut bodies: Vec<AuditBody> = entry.rollout.events[events_before.min(entry.rollout.events.len())..]
                 .iter()
@@ -176,6 +194,7 @@ impl Engine {
                 rollout: id.to_owned(),
                 hosts,
                 bodies,
+                outbox,
             });
             (out, *queued)
         };

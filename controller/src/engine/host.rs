@@ -367,6 +367,8 @@ impl Engine {
                     let ok = r.outcome == pb::Outcome::Ok as i32;
                     self.metrics.steps.with_label_values(&[outcome_name(r.outcome)]).inc();
                     self.metrics.step_duration.observe(r.duration_ms as f64 / 1000.0);
+                    let (output_stored, output_verified) =
+                        self.verify_output(id, host, &step_name, &r.output_sha256).await;
                     let result = StepResult {
                         step: step_name.clone(),
                         command_id: r.command_id.clone(),
@@ -376,6 +378,8 @@ impl Engine {
                         output_sha256: r.output_sha256.clone(),
                         replayed: r.replayed,
                         output_tail: String::from_utf8_lossy(&r.output_tail).into_owned(),
+                        output_stored,
+                        output_verified,
                     };
                     let timeout_ms = self.with(id, |e| {
                         e.rollout

@@ -32,6 +32,7 @@ use crate::store::{Store, host_key};
 
 mod commit;
 mod host;
+mod output;
 mod rollback;
 mod submit;
 mod wave;
@@ -77,7 +78,15 @@ pub struct Settings {
     /// How long past a step's own timeout the controller waits for an agent
     /// (to reconnect and answer) before the host counts as failed.
     pub agent_grace: Duration,
+    /// How much output the controller keeps per host and rollout.
+    pub output_cap: u64,
+    /// Whether state changes are announced (a webhook is configured):
+    /// their notifications go into the outbox with each change.
+    pub notify: bool,
 }
+
+/// The output kept per host and rollout when the controller is not told.
+pub const DEFAULT_OUTPUT_CAP: u64 = 256 << 20;
 
 /// Changes applied in memory and waiting for their commit, in order.
 struct Pending {
@@ -85,6 +94,8 @@ struct Pending {
     /// `<rollout>/<host>` keys and JSON of the host records it changed.
     hosts: Vec<(String, Vec<u8>)>,
     bodies: Vec<AuditBody>,
+    /// Notifications of the change, committed with it.
+    outbox: Vec<Vec<u8>>,
 }
 
 /// What the engine holds under its lock.
@@ -127,6 +138,10 @@ pub struct Engine {
     /// Distinguishes this controller process's health-check rounds from an
     /// earlier one's, so a restarted bake never gets a journaled old answer.
     boot: String,
+    /// Live output on its way to the store.
+    output: output::OutputSink,
+    /// Wakes the notification sender when something was put in the outbox.
+    notified: Arc<Notify>,
 }
 
 fn now_ms() -> u64 {
@@ -175,6 +190,7 @@ fn outcome_name(o: i32) -> &'static str {
 }
 
 fn checks_command(id: String, checks: &[CheckSpec]) -> pb::Command {
+    let rollout_id = id.split(':').next().unwrap_or_default().to_owned();
     let checks = checks
         .iter()
         .map(|c| pb::HealthCheck {
@@ -192,7 +208,7 @@ fn checks_command(id: String, checks: &[CheckSpec]) -> pb::Command {
         .collect();
     pb::Command {
         id,
-        kind: Some(pb::command::Kind::RunChecks(pb::RunChecks { checks })),
+        kind: Some(pb::command::Kind::RunChecks(pb::RunChecks { checks, rollout_id })),
     }
 }
 
@@ -240,7 +256,11 @@ impl Engine {
         let (changes, _) = watch::channel(0);
         let (durable, _) = watch::channel(Durable::default());
         let wake = Arc::new(Notify::new());
+        let (output, output_rx) = output::OutputSink::new();
+        let cap = settings.output_cap;
         let engine = Arc::new(Engine {
+            output,
+            notified: Arc::new(Notify::new()),
             store: Arc::new(store),
             metrics: crate::metrics::Metrics::new().map_err(|e| anyhow::anyhow!("metrics: {e}"))?,
             inventory_hash,
@@ -256,6 +276,7 @@ impl Engine {
             boot: format!("{:x}", now_ms()),
         });
         tokio::spawn(commit::writer(Arc::downgrade(&engine), wake));
+        tokio::spawn(output::writer(Arc::downgrade(&engine), output_rx, cap));
         Ok(engine)
     }
 
@@ -303,6 +324,16 @@ impl Engine {
     /// The metrics.
     pub fn metrics(&self) -> &crate::metrics::Metrics {
         &self.metrics
+    }
+
+    /// The store, shared (for the notification sender).
+    pub fn store_arc(&self) -> Arc<Store> {
+        Arc::clone(&self.store)
+    }
+
+    /// What wakes the notification sender.
+    pub fn notified(&self) -> Arc<Notify> {
+        Arc::clone(&self.notified)
     }
 
     /// The store (audit log reads).

@@ -65,6 +65,7 @@ pub(super) fn build(
                 index: i + 1,
                 state: WaveState::Pending,
                 hosts: w.clone(),
+                bake_ends_ms: None,
             }
         })
         .collect();
@@ -211,8 +212,15 @@ impl Engine {
                 text: text.clone(),
                 data: serde_json::Value::Null,
             }));
-            (r, h, bodies)
+            let outbox = match crate::notify::event_of(r.state) {
+                Some(ev) if self.settings.notify => vec![crate::notify::body(&r, ev, &utc(now_ms()))],
+                _ => Vec::new(),
+            };
+            (r, h, bodies, outbox)
         })?;
+        if self.settings.notify {
+            self.notified.notify_one();
+        }
         crate::failpoint::hit("submit-committed");
         let entry = Entry {
             hosts: hosts.into_iter().map(|h| (h.host.clone(), h)).collect(),

@@ -91,6 +91,7 @@ impl Engine {
             .mutate(id, |e| {
                 let r = &mut e.rollout;
                 r.waves[w].state = WaveState::Baking;
+                r.waves[w].bake_ends_ms = Some(now_ms() + r.bake_ms);
                 let text = format!("wave {} baking for {} ms", w + 1, r.bake_ms);
                 event(r, text);
                 Ok((

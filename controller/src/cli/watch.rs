@@ -1,0 +1,163 @@
+//! `wavegate rollout watch`: a rollout, live. On a terminal: one row per
+//! wave with a progress bar, its hosts counted by state, the bake's
+//! countdown, then the failing hosts with their last output lines and the
+//! halt reason, redrawn in place. Piped: one plain block per change. Exits
+//! 0 when the rollout completes, 1 when it halts, is aborted or refused.
+
+use std::io::IsTerminal as _;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use wavegate_proto::v1 as pb;
+
+use super::client::{Client, exit_for};
+use super::rollout::render_status;
+
+/// Run `rollout watch`.
+pub async fn run(client: &mut Client, id: String) -> Result<u8> {
+    let stream = match client.watch(pb::RolloutRequest { id }).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => {
+            eprintln!("wavegate: {}", status.message());
+            return Ok(exit_for(&status));
+        }
+    };
+    let last = if std::io::stdout().is_terminal() {
+        live(stream, std::env::var_os("NO_COLOR").is_none()).await?
+    } else {
+        plain(stream).await?
+    };
+    Ok(match last.as_ref().map(|s| s.state.as_str()) {
+        Some("completed") => 0,
+        _ => 1,
+    })
+}
+
+async fn plain(mut stream: tonic::Streaming<pb::RolloutStatus>) -> Result<Option<pb::RolloutStatus>> {
+    let mut last = None;
+    while let Some(s) = stream.message().await.context("the controller closed the watch")? {
+        println!("{}", render_status(&s));
+        last = Some(s);
+    }
+    Ok(last)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A wave's row: hosts counted by state, and how long its bake has left.
+fn wave_message(w: &pb::WaveStatus, color: bool) -> String {
+    let count = |s: &str| w.hosts.iter().filter(|h| h.state == s).count();
+    let mut parts = Vec::new();
+    for (state, n) in [
+        ("healthy", count("healthy")),
+        ("failed", count("failed")),
+        ("running", count("running") + count("succeeded")),
+        ("untouched", count("untouched")),
+    ] {
+        if n > 0 {
+            let word = format!("{n} {state}");
+            parts.push(if color && state == "failed" {
+                format!("\x1b[31m{word}\x1b[0m")
+            } else {
+                word
+            });
+        }
+    }
+    let mut msg = format!("{:<9} {}", w.state, parts.join(", "));
+    if w.state == "baking" && w.bake_ends_ms > 0 {
+        let left = w.bake_ends_ms.saturating_sub(now_ms());
+        msg.push_str(&format!(", bake {:.1}s left", left as f64 / 1000.0));
+    }
+    msg
+}
+
+/// The lines under the waves: failing hosts with their last output, and
+/// the halt reason.
+fn footer(s: &pb::RolloutStatus, color: bool) -> String {
+    let mut lines = Vec::new();
+    for h in s.waves.iter().flat_map(|w| &w.hosts).filter(|h| h.state == "failed") {
+        let name = if color {
+            format!("\x1b[31m{}\x1b[0m", h.id)
+        } else {
+            h.id.clone()
+        };
+        lines.push(format!("FAILED {name}: {}", h.detail));
+        for l in h.last_output.lines() {
+            lines.push(format!("    | {l}"));
+        }
+    }
+    if !s.halt_reason.is_empty() {
+        lines.push(format!("HALTED: {}", s.halt_reason));
+    }
+    lines.join("\n")
+}
+
+async fn live(mut stream: tonic::Streaming<pb::RolloutStatus>, color: bool) -> Result<Option<pb::RolloutStatus>> {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
+    let header = multi.add(ProgressBar::new_spinner());
+    header.set_style(ProgressStyle::with_template("{msg}")?);
+    let style = ProgressStyle::with_template("{prefix:<14} [{bar:30}] {pos:>3}/{len:<3} {msg}")?.progress_chars("=>-");
+    let mut bars: Vec<ProgressBar> = Vec::new();
+    let tail = multi.add(ProgressBar::new_spinner());
+    tail.set_style(ProgressStyle::with_template("{msg}")?);
+    let mut last: Option<pb::RolloutStatus> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let draw = |s: &pb::RolloutStatus, bars: &mut Vec<ProgressBar>| {
+        header.set_message(format!(
+            "rollout {}  plan {}  {}  (approvals {}/{})",
+            s.id,
+            s.plan_name,
+            s.state.to_uppercase(),
+            s.approvers.len(),
+            s.approvals_required
+        ));
+        while bars.len() < s.waves.len() {
+            let w = &s.waves[bars.len()];
+            let b = multi.insert_before(&tail, ProgressBar::new(w.hosts.len() as u64));
+            b.set_style(style.clone());
+            b.set_prefix(if w.index == 1 {
+                "wave 1 canary".to_owned()
+            } else {
+                format!("wave {}", w.index)
+            });
+            bars.push(b);
+        }
+        for (w, b) in s.waves.iter().zip(bars.iter()) {
+            let done = w
+                .hosts
+                .iter()
+                .filter(|h| h.state == "healthy" || h.state == "failed")
+                .count();
+            b.set_position(done as u64);
+            b.set_message(wave_message(w, color));
+        }
+        tail.set_message(footer(s, color));
+    };
+    loop {
+        tokio::select! {
+            msg = stream.message() => match msg.context("the controller closed the watch")? {
+                Some(s) => {
+                    draw(&s, &mut bars);
+                    last = Some(s);
+                }
+                None => break,
+            },
+            _ = tick.tick() => {
+                if let Some(s) = &last {
+                    draw(s, &mut bars);
+                }
+            }
+        }
+    }
+    header.finish();
+    for b in &bars {
+        b.finish();
+    }
+    tail.finish();
+    Ok(last)
+}

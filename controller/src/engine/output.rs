@@ -1,0 +1,236 @@
+//! Live output: chunks from the agents, stored per rollout, host and step.
+//!
+//! Sessions hand chunks to a bounded queue; one writer stores them in
+//! batches. A chunk sent twice (after a reconnect the agent sends a step's
+//! output again from the start) is stored once, by its offset. Each host
+//! keeps at most a cap of output per rollout; past it, output is counted,
+//! not stored. A full queue drops chunks instead of slowing the sessions
+//! down, and the gap shows in the stored output. When a step's result comes,
+//! its stored output is checked against the agent's SHA-256 of the whole.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::store::OutputPiece;
+
+/// How many chunks may wait for the writer.
+const QUEUE: usize = 4096;
+
+/// The sessions' side of the output pipeline.
+pub struct OutputSink {
+    tx: mpsc::Sender<(String, pb::OutputChunk)>,
+    /// Chunks handed to the writer (or dropped) so far.
+    queued: AtomicU64,
+    /// Chunks the writer has dealt with (stored, or found nothing new in).
+    done: watch::Sender<u64>,
+    /// Chunks dropped because the queue was full.
+    pub dropped: AtomicU64,
+}
+
+impl OutputSink {
+    /// A sink and the receiving end for [`writer`].
+    pub(super) fn new() -> (OutputSink, mpsc::Receiver<(String, pb::OutputChunk)>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (done, _) = watch::channel(0);
+        (
+            OutputSink {
+                tx,
+                queued: AtomicU64::new(0),
+                done,
+                dropped: AtomicU64::new(0),
+            },
+            rx,
+        )
+    }
+}
+
+/// What the writer knows of one host's output in one rollout.
+#[derive(Default)]
+struct HostOutput {
+    /// Where each step's stored output ends.
+    ends: HashMap<String, u64>,
+    /// Bytes stored.
+    total: u64,
+}
+
+impl Engine {
+    /// Take a chunk of output from `host`'s session. Never waits.
+    pub fn accept_output(&self, host: &str, chunk: pb::OutputChunk) {
+        if chunk.rollout_id.is_empty() || chunk.step.is_empty() {
+            return;
+        }
+        let sink = &self.output;
+        sink.queued.fetch_add(1, Ordering::SeqCst);
+        if sink.tx.try_send((host.to_owned(), chunk)).is_err() {
+            sink.dropped.fetch_add(1, Ordering::Relaxed);
+            self.metrics.output_dropped.inc();
+            sink.done.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Wait (up to `limit`) until every chunk taken so far is stored.
+    pub(super) async fn output_flushed(&self, limit: Duration) {
+        let want = self.output.queued.load(Ordering::SeqCst);
+        let mut rx = self.output.done.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n >= want)).await;
+    }
+
+    /// Something new was stored (for followers).
+    pub fn output_changes(&self) -> watch::Receiver<u64> {
+        self.output.done.subscribe()
+    }
+
+    /// Whether the output a reader follows is over: the rollout stopped, or
+    /// every host it follows is done (with `step`: has a result for it).
+    pub async fn output_ended(&self, id: &str, host: Option<&str>, step: Option<&str>) -> bool {
+        let Ok(e) = self.get(id).await else { return true };
+        if !matches!(e.rollout.state, RolloutState::Running | RolloutState::Paused) {
+            return true;
+        }
+        e.hosts
+            .values()
+            .filter(|h| host.is_none_or(|x| h.host == x))
+            .all(|h| match step {
+                Some(s) => h.results.iter().any(|r| r.step == s),
+                None => matches!(h.state, HostState::Healthy | HostState::Failed) && h.reboot.is_none(),
+            })
+    }
+
+    /// One summary per host and step: what is stored, and whether it is the
+    /// whole output.
+    pub async fn output_summary(&self, id: &str, host: Option<&str>, step: Option<&str>) -> Vec<pb::LogChunk> {
+        let Ok(e) = self.get(id).await else { return Vec::new() };
+        let mut out = Vec::new();
+        for h in e.hosts.values().filter(|h| host.is_none_or(|x| h.host == x)) {
+            let store = Arc::clone(&self.store);
+            let (rid, hid) = (id.to_owned(), h.host.clone());
+            let ends = tokio::task::spawn_blocking(move || store.output_ends(&rid, &hid))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let mut seen = std::collections::BTreeSet::new();
+            for r in h.results.iter().rev().filter(|r| step.is_none_or(|s| r.step == s)) {
+                if seen.insert(r.step.clone()) {
+                    out.push(pb::LogChunk {
+                        host: h.host.clone(),
+                        step: r.step.clone(),
+                        stored: r.output_stored,
+                        verified: r.output_verified.clone(),
+                        ..Default::default()
+                    });
+                }
+            }
+            for (s, end) in ends {
+                if step.is_none_or(|x| x == s) && seen.insert(s.clone()) {
+                    out.push(pb::LogChunk {
+                        host: h.host.clone(),
+                        step: s,
+                        stored: end,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Check a step's stored output against the agent's SHA-256 of the whole:
+    /// (bytes stored, "ok" or why not).
+    pub(super) async fn verify_output(&self, id: &str, host: &str, step: &str, sha256: &str) -> (u64, String) {
+        self.output_flushed(Duration::from_secs(10)).await;
+        let store = Arc::clone(&self.store);
+        let (id, host, step) = (id.to_owned(), host.to_owned(), step.to_owned());
+        let digest = tokio::task::spawn_blocking(move || store.output_digest(&id, &host, &step)).await;
+        match digest {
+            Ok(Ok((bytes, sha, gap))) => {
+                let verdict = if sha == sha256 {
+                    "ok".to_owned()
+                } else if gap {
+                    "incomplete: part of it was dropped on the way; the agent's journal has all of it".to_owned()
+                } else {
+                    "incomplete: only the start is stored (dropped on the way or over the cap); the agent's journal has all of it"
+                        .to_owned()
+                };
+                (bytes, verdict)
+            }
+            Ok(Err(e)) => (0, format!("not checked: {e:#}")),
+            Err(e) => (0, format!("not checked: {e}")),
+        }
+    }
+}
+
+/// The output writer: takes what the sessions queued, drops what is stored
+/// already or over the cap, stores the rest in batches.
+pub(super) async fn writer(engine: Weak<Engine>, mut rx: mpsc::Receiver<(String, pb::OutputChunk)>, cap: u64) {
+    let mut hosts: HashMap<(String, String), HostOutput> = HashMap::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut bytes = batch[0].1.data.len();
+        while batch.len() < 512 && bytes < 4 << 20 {
+            match rx.try_recv() {
+                Ok(c) => {
+                    bytes += c.1.data.len();
+                    batch.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(engine) = engine.upgrade() else { return };
+        let n = batch.len() as u64;
+        let mut pieces = Vec::new();
+        for (host, c) in batch {
+            let key = (c.rollout_id.clone(), host.clone());
+            if !hosts.contains_key(&key) {
+                // What an earlier run of the controller stored already.
+                let store = Arc::clone(&engine.store);
+                let (r, h) = key.clone();
+                let known = tokio::task::spawn_blocking(move || store.output_ends(&r, &h))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                let ho = HostOutput {
+                    total: known.iter().map(|(_, e)| e).sum(),
+                    ends: known.into_iter().collect(),
+                };
+                hosts.insert(key.clone(), ho);
+            }
+            let Some(ho) = hosts.get_mut(&key) else { continue };
+            let end = ho.ends.get(&c.step).copied().unwrap_or(0);
+            let len = c.data.len() as u64;
+            if len == 0 || c.offset + len <= end {
+                continue;
+            }
+            let (offset, data) = if c.offset < end {
+                (end, c.data[usize::try_from(end - c.offset).unwrap_or(0)..].to_vec())
+            } else {
+                (c.offset, c.data)
+            };
+            if ho.total + data.len() as u64 > cap {
+                engine.metrics.output_capped.inc_by(data.len() as u64);
+                continue;
+            }
+            ho.total += data.len() as u64;
+            ho.ends.insert(c.step.clone(), offset + data.len() as u64);
+            pieces.push(OutputPiece {
+                rollout: c.rollout_id,
+                host,
+                step: c.step,
+                offset,
+                data,
+            });
+        }
+        let stored: u64 = pieces.iter().map(|p| p.data.len() as u64).sum();
+        let store = Arc::clone(&engine.store);
+        match tokio::task::spawn_blocking(move || store.append_output(&pieces)).await {
+            Ok(Ok(())) => engine.metrics.output_bytes.inc_by(stored),
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "Could not store output; it stays in the agents' journals."),
+            Err(e) => warn!(error = %e, "The output writer failed."),
+        }
+        engine.output.done.send_modify(|d| *d += n);
+    }
+}
