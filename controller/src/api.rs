@@ -233,7 +233,7 @@ impl AgentService for Api {
                     Some(pb::agent_message::Body::Result(r)) => {
                         hub.deliver(r);
                     }
-                    Some(pb::agent_message::Body::Output(chunk)) => engine.accept_output(&cert_host, chunk),
+                    Some(pb::agent_message::Body::Output(chunk)) => engine.accept_output(&cert_host, chunk).await,
                     _ => {}
                 }
             }

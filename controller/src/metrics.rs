@@ -34,7 +34,7 @@ pub struct Metrics {
     pub last_halt_commit: Gauge,
     /// Bytes of steps' and checks' output stored.
     pub output_bytes: IntCounter,
-    /// Output chunks dropped because the controller's queue was full.
+    /// Bytes of output agents could not send (their session was full).
     pub output_dropped: IntCounter,
     /// Bytes of output not stored because a host was over its cap.
     pub output_capped: IntCounter,
@@ -78,8 +78,8 @@ impl Metrics {
             ))?,
             output_bytes: IntCounter::with_opts(name("output_bytes_total", "Bytes of step and check output stored."))?,
             output_dropped: IntCounter::with_opts(name(
-                "output_dropped_total",
-                "Output chunks dropped because the controller's queue was full.",
+                "output_dropped_bytes_total",
+                "Bytes of output agents could not send because their session was full.",
             ))?,
             output_capped: IntCounter::with_opts(name(
                 "output_capped_bytes_total",

@@ -66,7 +66,16 @@ fn parse_output_key(k: &str) -> Option<(String, String, String, u64)> {
 pub struct Store {
     db: Database,
     key: SigningKey,
+    /// Bytes of output committed without a sync since the last synced
+    /// commit: redb keeps those in memory until then.
+    unsynced_output: std::sync::atomic::AtomicU64,
 }
+
+/// The store's page cache.
+const CACHE: usize = 64 << 20;
+
+/// How much output may wait in memory for a synced commit.
+const UNSYNCED_OUTPUT: u64 = 16 << 20;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -156,7 +165,9 @@ impl Store {
         // an error; that must be a clear refusal too, not a crash.
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let opened = std::panic::catch_unwind(|| Database::create(&path));
+        // redb caches up to 1 GiB by default; output streamed through the
+        // store would fill that. The state itself is small.
+        let opened = std::panic::catch_unwind(|| redb::Builder::new().set_cache_size(CACHE).create(&path));
         std::panic::set_hook(hook);
         let db = match opened {
             Ok(db) => db.with_context(damaged)?,
@@ -184,7 +195,11 @@ impl Store {
             txn.open_table(OUTBOX)?;
         }
         txn.commit()?;
-        Ok(Store { db, key })
+        Ok(Store {
+            db,
+            key,
+            unsynced_output: std::sync::atomic::AtomicU64::new(0),
+        })
     }
 
     /// The key that verifies the audit log's checkpoints.
@@ -390,14 +405,22 @@ impl Store {
     }
 
     /// Store pieces of output. Output is not what the engine acts on, so
-    /// this commit is not synced on its own: the next state change's
-    /// commit makes it durable.
+    /// this commit is not synced on its own (the next state change's commit
+    /// makes it durable), unless 16 MiB of output would otherwise wait in
+    /// memory for that: a flood of output never grows it without bound.
     pub fn append_output(&self, pieces: &[OutputPiece]) -> Result<()> {
+        use std::sync::atomic::Ordering;
         if pieces.is_empty() {
             return Ok(());
         }
+        let bytes: u64 = pieces.iter().map(|p| p.data.len() as u64).sum();
+        let waiting = self.unsynced_output.fetch_add(bytes, Ordering::SeqCst) + bytes;
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(redb::Durability::None)?;
+        if waiting < UNSYNCED_OUTPUT {
+            txn.set_durability(redb::Durability::None)?;
+        } else {
+            self.unsynced_output.store(0, Ordering::SeqCst);
+        }
         {
             let mut t = txn.open_table(OUTPUT)?;
             for p in pieces {

@@ -1,11 +1,12 @@
 //! Live output: chunks from the agents, stored per rollout, host and step.
 //!
-//! Sessions hand chunks to a bounded queue; one writer stores them in
-//! batches. A chunk sent twice (after a reconnect the agent sends a step's
+//! Sessions hand chunks to a bounded queue and wait for room in it: a
+//! flood of output slows the sending agent's session down (gRPC flow
+//! control), and the agent then skips ahead and says how much; memory stays
+//! bounded on both sides. One writer stores the chunks in batches. A chunk sent twice (after a reconnect the agent sends a step's
 //! output again from the start) is stored once, by its offset. Each host
 //! keeps at most a cap of output per rollout; past it, output is counted,
-//! not stored. A full queue drops chunks instead of slowing the sessions
-//! down, and the gap shows in the stored output. When a step's result comes,
+//! not stored. When a step's result comes,
 //! its stored output is checked against the agent's SHA-256 of the whole.
 
 use std::collections::HashMap;
@@ -16,8 +17,8 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::store::OutputPiece;
 
-/// How many chunks may wait for the writer.
-const QUEUE: usize = 4096;
+/// How many chunks (of at most 32 KiB) may wait for the writer.
+const QUEUE: usize = 256;
 
 /// The sessions' side of the output pipeline.
 pub struct OutputSink {
@@ -26,8 +27,6 @@ pub struct OutputSink {
     queued: AtomicU64,
     /// Chunks the writer has dealt with (stored, or found nothing new in).
     done: watch::Sender<u64>,
-    /// Chunks dropped because the queue was full.
-    pub dropped: AtomicU64,
 }
 
 impl OutputSink {
@@ -40,7 +39,6 @@ impl OutputSink {
                 tx,
                 queued: AtomicU64::new(0),
                 done,
-                dropped: AtomicU64::new(0),
             },
             rx,
         )
@@ -57,16 +55,18 @@ struct HostOutput {
 }
 
 impl Engine {
-    /// Take a chunk of output from `host`'s session. Never waits.
-    pub fn accept_output(&self, host: &str, chunk: pb::OutputChunk) {
+    /// Take a chunk of output from `host`'s session, waiting for room.
+    pub async fn accept_output(&self, host: &str, chunk: pb::OutputChunk) {
         if chunk.rollout_id.is_empty() || chunk.step.is_empty() {
             return;
         }
+        if chunk.dropped > 0 {
+            // The agent could not send this much (its session was full).
+            self.metrics.output_dropped.inc_by(chunk.dropped);
+        }
         let sink = &self.output;
         sink.queued.fetch_add(1, Ordering::SeqCst);
-        if sink.tx.try_send((host.to_owned(), chunk)).is_err() {
-            sink.dropped.fetch_add(1, Ordering::Relaxed);
-            self.metrics.output_dropped.inc();
+        if sink.tx.send((host.to_owned(), chunk)).await.is_err() {
             sink.done.send_modify(|n| *n += 1);
         }
     }
