@@ -59,6 +59,9 @@ pub enum AuditCommand {
         /// only that the file is self-consistent.
         #[arg(long)]
         public_key: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
     },
     /// The controller's audit public key (hex).
     Pubkey,
@@ -192,6 +195,7 @@ pub async fn run(cmd: AuditCommand, conn: &Conn) -> Result<u8> {
     if let AuditCommand::Verify {
         file: Some(file),
         public_key,
+        ..
     } = &cmd
     {
         return verify_file(file, public_key.as_deref());
@@ -208,9 +212,14 @@ pub async fn run(cmd: AuditCommand, conn: &Conn) -> Result<u8> {
             }
             Err(s) => Ok(fail(&s)),
         },
-        AuditCommand::Verify { .. } => match client.audit_verify(pb::AuditVerifyRequest {}).await {
+        AuditCommand::Verify { output, .. } => match client.audit_verify(pb::AuditVerifyRequest {}).await {
             Ok(r) => {
                 let r = r.into_inner();
+                let doc = serde_json::json!({"ok": r.ok, "records": r.records, "first_bad_seq": r.first_bad_seq,
+                                             "detail": r.detail, "public_key": r.public_key_hex});
+                if output.emit(&doc)? {
+                    return Ok(if r.ok { 0 } else { 1 });
+                }
                 if r.ok {
                     println!(
                         "OK: {} records verified; checkpoint signed by {}",

@@ -59,6 +59,9 @@ pub enum LabCommand {
         /// The lab directory.
         #[arg(long)]
         dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = super::Output::Table)]
+        output: super::Output,
     },
     /// Run a command on a lab host as its steps see it (its own root, the
     /// machine's system directories read-only), outside any rollout: to
@@ -125,7 +128,7 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             }
             up_with(&fleet, &dir, &policies, agent_bin, &agent_grace, &fs, &extra).await
         }
-        LabCommand::Status { dir } => status(&dir).await,
+        LabCommand::Status { dir, output } => status(&dir, output).await,
         LabCommand::Exec {
             dir,
             host,
@@ -859,7 +862,7 @@ async fn fetch_fleet(conn: &Conn) -> Result<pb::FleetResponse> {
     Ok(client.fleet(pb::FleetRequest {}).await?.into_inner())
 }
 
-async fn status(dir: &Path) -> Result<u8> {
+async fn status(dir: &Path, output: super::Output) -> Result<u8> {
     let dir = absolute(dir)?;
     let lab: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("lab.json")).with_context(|| format!("no lab in {}", dir.display()))?,
@@ -867,6 +870,14 @@ async fn status(dir: &Path) -> Result<u8> {
     let url = lab["controller"].as_str().unwrap_or_default().to_owned();
     let fleet = fetch_fleet(&lab_conn(&dir, &url, "admin")).await?;
     let up = fleet.hosts.iter().filter(|h| h.connected).count();
+    let doc = json!({
+        "controller": url,
+        "web": lab["web"],
+        "hosts": fleet.hosts.iter().map(|h| json!({"id": h.id, "role": h.role, "connected": h.connected})).collect::<Vec<_>>(),
+    });
+    if output.emit(&doc)? {
+        return Ok(if up == fleet.hosts.len() { 0 } else { 1 });
+    }
     println!("controller {url}: {up} of {} agents connected", fleet.hosts.len());
     for h in &fleet.hosts {
         println!(
