@@ -59,6 +59,12 @@ pub struct Job {
     /// The boot it was accepted in.
     #[serde(default)]
     pub boot_id: String,
+    /// The controller that sent it (its URL).
+    #[serde(default)]
+    pub from: String,
+    /// When it was accepted, in milliseconds since the epoch.
+    #[serde(default)]
+    pub accepted_ms: u64,
 }
 
 impl Job {
@@ -77,6 +83,8 @@ impl Job {
             untouchable: Vec::new(),
             protect: Vec::new(),
             boot_id: String::new(),
+            from: String::new(),
+            accepted_ms: 0,
         }
     }
 }
@@ -180,7 +188,14 @@ impl Journal {
         let dir = self.job_dir(&job.command_id);
         std::fs::create_dir_all(&dir)?;
         std::fs::File::open(&self.dir)?.sync_all()?;
-        write_durably(&dir.join("job.json"), &serde_json::to_vec_pretty(job)?)?;
+        let accepted_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let job = Job {
+            accepted_ms,
+            ..job.clone()
+        };
+        write_durably(&dir.join("job.json"), &serde_json::to_vec_pretty(&job)?)?;
         Ok(dir)
     }
 }

@@ -11,7 +11,9 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(name = "wavegate-agent", version, about)]
 struct Args {
-    /// Controller URL, like https://controller.example:7443.
+    /// Controller URL, like https://controller.example:7443; for a group
+    /// of controllers sharing one store, every one of them, comma-separated
+    /// (the agent finds the leader).
     #[arg(long, env = "WAVEGATE_CONTROLLER")]
     controller: String,
     /// CA certificate.
@@ -93,7 +95,13 @@ fn main() -> ExitCode {
         boot_id,
         lab_reboot: args.lab_reboot,
         exe,
-        controller: args.controller,
+        controller: String::new(),
+        controllers: args
+            .controller
+            .split(',')
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect(),
         tls,
         host_id: args.host_id,
         host_root: args.host_root,

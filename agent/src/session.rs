@@ -24,8 +24,11 @@ use crate::snapshot;
 /// The agent's settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Controller URL.
+    /// The controller of the current session.
     pub controller: String,
+    /// Every controller's URL: sessions go to each in turn until one (the
+    /// leader) takes it.
+    pub controllers: Vec<String>,
     /// CA, certificate and key files (PEM).
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
     /// This host's id.
@@ -115,20 +118,43 @@ pub fn cache_digest(root: &Path, paths: &[String]) -> String {
 }
 
 /// Run forever: keep a session open, reconnecting with jittered backoff.
+/// With several controllers, a failed or ended session moves on to the
+/// next one at once; the backoff applies once every one was tried.
 pub async fn run(cfg: Config) -> Result<()> {
     let journal = Arc::new(Journal::open(&cfg.state_dir)?);
+    let controllers = if cfg.controllers.is_empty() {
+        vec![cfg.controller.clone()]
+    } else {
+        cfg.controllers.clone()
+    };
     let mut backoff = Duration::from_millis(100);
+    let mut at = 0;
+    let mut failed_in_a_row = 0;
     loop {
-        match session(&cfg, &journal).await {
+        let mut this = cfg.clone();
+        this.controller.clone_from(&controllers[at % controllers.len()]);
+        match session(&this, &journal).await {
             Ok(()) => {
-                info!("Controller closed the session; reconnecting.");
+                info!(controller = %this.controller, "Controller closed the session; reconnecting.");
                 backoff = Duration::from_millis(100);
+                failed_in_a_row = 0;
             }
-            Err(e) => warn!(error = %format!("{e:#}"), "Session failed; reconnecting."),
+            Err(e) => {
+                warn!(controller = %this.controller, error = %format!("{e:#}"), "Session failed; reconnecting.");
+                failed_in_a_row += 1;
+            }
+        }
+        if controllers.len() > 1 {
+            at += 1;
+            if failed_in_a_row % controllers.len() != 0 {
+                continue;
+            }
         }
         let jitter = rand::random_range(0.5..1.5);
         tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        // A group's leader may move at any time: keep looking quickly.
+        let cap = if controllers.len() > 1 { 1 } else { 5 };
+        backoff = (backoff * 2).min(Duration::from_secs(cap));
     }
 }
 
@@ -281,6 +307,7 @@ async fn answer(
         Some(command::Kind::RunStep(step)) => {
             // Real steps are always confined to their write set.
             let mut job = Job::new(&id, &step.run, step.timeout_ms, &cfg.host_root, Mode::Confined);
+            job.from.clone_from(&cfg.controller);
             job.writes = step.writes;
             job.create_dirs = step.create_dirs;
             job.create_files = step.create_files;
@@ -337,6 +364,7 @@ async fn answer(
                 };
             }
             let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::Confined);
+            job.from.clone_from(&cfg.controller);
             job.writes = f.writes.clone();
             job.protect = own_paths(cfg);
             job.boot_id.clone_from(&cfg.boot_id);
@@ -360,6 +388,7 @@ async fn answer(
         }
         Some(command::Kind::DryRun(d)) => {
             let mut job = Job::new(&id, "", 0, &cfg.host_root, Mode::DryRun);
+            job.from.clone_from(&cfg.controller);
             job.untouchable = d.untouchable.clone();
             job.steps = d
                 .steps

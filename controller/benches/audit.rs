@@ -55,7 +55,10 @@ fn main() -> anyhow::Result<()> {
         let commits = 20_000 / batch;
         let t = Instant::now();
         for c in 0..commits {
-            store.commit(&[], &[], (0..batch).map(|i| body(c * batch + i)).collect(), &[])?;
+            store.commit(wavegate::store::Batch {
+                audit: (0..batch).map(|i| body(c * batch + i)).collect(),
+                ..Default::default()
+            })?;
         }
         let secs = t.elapsed().as_secs_f64();
         println!(

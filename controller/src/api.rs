@@ -40,8 +40,10 @@ impl Api {
         Api { engine, auth }
     }
 
+    /// The caller's identity (nothing is awaited while the request is
+    /// borrowed; [`Api::operator`] records a refusal).
     fn identity<T>(&self, req: &Request<T>) -> Result<Identity, Status> {
-        let id = match self.auth {
+        match self.auth {
             Auth::MutualTls => peer_identity(req).map_err(|e| Status::unauthenticated(e.to_string())),
             Auth::InsecurePlaintextForLocalDev => req
                 .metadata()
@@ -49,19 +51,28 @@ impl Api {
                 .and_then(|v| v.to_str().ok())
                 .and_then(Identity::from_uri)
                 .ok_or_else(|| Status::unauthenticated("no x-wavegate-identity header")),
-        };
+        }
+    }
+
+    /// An identity, or the refusal of a caller without one, recorded.
+    async fn known(&self, id: Result<Identity, Status>) -> Result<Identity, Status> {
         if let Err(e) = &id {
             self.engine
-                .refuse(&format!("a caller without a usable identity: {}", e.message()));
+                .refuse(&format!("a caller without a usable identity: {}", e.message()))
+                .await;
         }
         id
     }
 
-    fn operator<T>(&self, req: &Request<T>, allowed: &[Role], what: &str) -> Result<String, Status> {
-        match self.identity(req)? {
+    /// The operator's name, if their role is one of `allowed`; a refusal
+    /// is recorded otherwise.
+    async fn operator(&self, id: Result<Identity, Status>, allowed: &[Role], what: &str) -> Result<String, Status> {
+        match self.known(id).await? {
             Identity::Operator { name, role } if allowed.contains(&role) => Ok(name),
             Identity::Operator { name, role } => {
-                self.engine.refuse(&format!("{name} ({}) tried {what}", role.as_str()));
+                self.engine
+                    .refuse(&format!("{name} ({}) tried {what}", role.as_str()))
+                    .await;
                 Err(Status::permission_denied(format!(
                     "{name} is {}; {what} needs {}",
                     role.as_str(),
@@ -72,6 +83,11 @@ impl Api {
                 "agent {h} cannot use the operator API"
             ))),
         }
+    }
+
+    /// Changes go to the leader: a standby says where it is.
+    fn leader_only(&self) -> Result<(), Status> {
+        self.engine.leading().map_err(to_status)
     }
 }
 
@@ -118,6 +134,7 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::NotFound(m) => Status::not_found(format!("no rollout `{m}`")),
         EngineError::Transition(t) => Status::failed_precondition(t.to_string()),
         EngineError::Store(e) => Status::internal(format!("the store failed: {e:#}")),
+        EngineError::Standby(why) => Status::unavailable(why),
     }
 }
 
@@ -185,7 +202,12 @@ impl AgentService for Api {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let Identity::Agent(cert_host) = self.identity(&req)? else {
+        self.leader_only()?;
+        if let Err(why) = self.engine.leadership().may_act() {
+            return Err(Status::unavailable(why));
+        }
+        let id = self.identity(&req);
+        let Identity::Agent(cert_host) = self.known(id).await? else {
             return Err(Status::permission_denied(
                 "only an agent certificate may open an agent session",
             ));
@@ -198,10 +220,12 @@ impl AgentService for Api {
             _ => return Err(Status::invalid_argument("the first message of a session must be Hello")),
         };
         if hello.host_id != cert_host {
-            self.engine.refuse(&format!(
-                "agent with the certificate of {cert_host} claimed host {}",
-                hello.host_id
-            ));
+            self.engine
+                .refuse(&format!(
+                    "agent with the certificate of {cert_host} claimed host {}",
+                    hello.host_id
+                ))
+                .await;
             return Err(Status::permission_denied(format!(
                 "this certificate is for host `{cert_host}`, not `{}`",
                 hello.host_id
@@ -209,7 +233,8 @@ impl AgentService for Api {
         }
         if self.engine.fleet().lookup(&cert_host).is_none() {
             self.engine
-                .refuse(&format!("agent for {cert_host}, which is not in the inventory"));
+                .refuse(&format!("agent for {cert_host}, which is not in the inventory"))
+                .await;
             return Err(Status::permission_denied(format!(
                 "host `{cert_host}` is not in the inventory"
             )));
@@ -249,7 +274,14 @@ impl OperatorService for Api {
     type WatchStream = Stream_<pb::RolloutStatus>;
 
     async fn submit(&self, req: Request<pb::SubmitRequest>) -> Result<Response<pb::SubmitResponse>, Status> {
-        let who = self.operator(&req, &[Role::Submitter, Role::Admin], "submitting a plan")?;
+        self.leader_only()?;
+        let who = self
+            .operator(
+                self.identity(&req),
+                &[Role::Submitter, Role::Admin],
+                "submitting a plan",
+            )
+            .await?;
         let r = req.into_inner();
         let file = if r.plan_file.is_empty() {
             "plan.yaml".to_owned()
@@ -270,7 +302,10 @@ impl OperatorService for Api {
     }
 
     async fn approve(&self, req: Request<pb::ApproveRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
-        let who = self.operator(&req, &[Role::Approver, Role::Admin], "approving")?;
+        self.leader_only()?;
+        let who = self
+            .operator(self.identity(&req), &[Role::Approver, Role::Admin], "approving")
+            .await?;
         let r = req.into_inner();
         let entry = self
             .engine
@@ -281,22 +316,22 @@ impl OperatorService for Api {
     }
 
     async fn status(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
-        self.operator(&req, READERS, "reading status")?;
-        let entry = self.engine.get(&req.into_inner().id).await.map_err(to_status)?;
+        self.operator(self.identity(&req), READERS, "reading status").await?;
+        let entry = self.engine.show(&req.into_inner().id).await.map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
     }
 
     async fn watch(&self, req: Request<pb::RolloutRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        self.operator(&req, READERS, "watching")?;
+        self.operator(self.identity(&req), READERS, "watching").await?;
         let id = req.into_inner().id;
         let engine = Arc::clone(&self.engine);
-        engine.get(&id).await.map_err(to_status)?;
+        engine.show(&id).await.map_err(to_status)?;
         let mut changes = engine.subscribe();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut last: Option<pb::RolloutStatus> = None;
             loop {
-                let Ok(entry) = engine.get(&id).await else { break };
+                let Ok(entry) = engine.show(&id).await else { break };
                 let status = to_status_message(&entry);
                 if last.as_ref() != Some(&status) {
                     if tx.send(Ok(status.clone())).await.is_err() {
@@ -319,13 +354,14 @@ impl OperatorService for Api {
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
-        self.operator(&req, READERS, "listing rollouts")?;
+        self.operator(self.identity(&req), READERS, "listing rollouts").await?;
         let rollouts = self.engine.list().await.iter().map(to_status_message).collect();
         Ok(Response::new(pb::ListResponse { rollouts }))
     }
 
     async fn pause(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
-        let who = self.operator(&req, CHANGERS, "pausing")?;
+        self.leader_only()?;
+        let who = self.operator(self.identity(&req), CHANGERS, "pausing").await?;
         let entry = self
             .engine
             .control(&who, &req.into_inner().id, "pause")
@@ -335,7 +371,8 @@ impl OperatorService for Api {
     }
 
     async fn resume(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
-        let who = self.operator(&req, CHANGERS, "resuming")?;
+        self.leader_only()?;
+        let who = self.operator(self.identity(&req), CHANGERS, "resuming").await?;
         let entry = self
             .engine
             .control(&who, &req.into_inner().id, "resume")
@@ -345,7 +382,7 @@ impl OperatorService for Api {
     }
 
     async fn fleet(&self, req: Request<pb::FleetRequest>) -> Result<Response<pb::FleetResponse>, Status> {
-        self.operator(&req, READERS, "reading the fleet")?;
+        self.operator(self.identity(&req), READERS, "reading the fleet").await?;
         let connected: std::collections::HashSet<String> = self.engine.hub().connected().into_iter().collect();
         let fleet = self.engine.fleet();
         let mut hosts: Vec<pb::FleetHost> = fleet
@@ -364,7 +401,8 @@ impl OperatorService for Api {
     }
 
     async fn dry_runs(&self, req: Request<pb::DryRunsRequest>) -> Result<Response<pb::DryRunsResponse>, Status> {
-        self.operator(&req, READERS, "reading dry-run reports")?;
+        self.operator(self.identity(&req), READERS, "reading dry-run reports")
+            .await?;
         let r = req.into_inner();
         let records = self.engine.dry_runs(&r.id).await.map_err(to_status)?;
         let records: Vec<_> = records
@@ -388,7 +426,8 @@ impl OperatorService for Api {
     }
 
     async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
-        let who = self.operator(&req, CHANGERS, "rolling back")?;
+        self.leader_only()?;
+        let who = self.operator(self.identity(&req), CHANGERS, "rolling back").await?;
         let r = req.into_inner();
         let wave = (r.wave > 0).then_some(r.wave as usize);
         let host = (!r.host.is_empty()).then_some(r.host.as_str());
@@ -397,7 +436,7 @@ impl OperatorService for Api {
     }
 
     async fn snapshots(&self, req: Request<pb::SnapshotsRequest>) -> Result<Response<pb::SnapshotsResponse>, Status> {
-        self.operator(&req, READERS, "listing snapshots")?;
+        self.operator(self.identity(&req), READERS, "listing snapshots").await?;
         let want = req.into_inner().rollout_id;
         let mut snapshots = Vec::new();
         for e in self.engine.list().await.iter().rev() {
@@ -440,10 +479,10 @@ impl OperatorService for Api {
     type LogsStream = Stream_<pb::LogChunk>;
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
-        self.operator(&req, READERS, "reading output")?;
+        self.operator(self.identity(&req), READERS, "reading output").await?;
         let r = req.into_inner();
         let engine = Arc::clone(&self.engine);
-        let entry = engine.get(&r.id).await.map_err(to_status)?;
+        let entry = engine.show(&r.id).await.map_err(to_status)?;
         if !r.host.is_empty() && !entry.hosts.contains_key(&r.host) {
             return Err(Status::not_found(format!(
                 "host `{}` is not in rollout {}",
@@ -470,15 +509,16 @@ impl OperatorService for Api {
                 // before the end is always read.
                 let ended = engine.output_ended(&r.id, host.as_deref(), step.as_deref()).await;
                 loop {
-                    let store_engine = Arc::clone(&engine);
-                    let (id, h, st, f) = (r.id.clone(), host.clone(), step.clone(), from.clone());
-                    let pieces = tokio::task::spawn_blocking(move || {
-                        store_engine
-                            .store()
-                            .read_output(&id, h.as_deref(), st.as_deref(), &f, 4 << 20)
-                    })
-                    .await;
-                    let Ok(Ok(pieces)) = pieces else { return };
+                    let q = crate::store::OutputQuery {
+                        rollout: r.id.clone(),
+                        host: host.clone(),
+                        step: step.clone(),
+                        from: from.clone(),
+                        max_bytes: 4 << 20,
+                    };
+                    let Ok(pieces) = engine.store().read_output(q).await else {
+                        return;
+                    };
                     if pieces.is_empty() {
                         break;
                     }
@@ -518,10 +558,11 @@ impl OperatorService for Api {
     }
 
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
-        self.operator(&req, READERS, "reading the audit log")?;
+        self.operator(self.identity(&req), READERS, "reading the audit log")
+            .await?;
         let want = req.into_inner().rollout_id;
         let store = self.engine.store();
-        let (mut records, cp) = store.audit().map_err(|e| Status::internal(format!("{e:#}")))?;
+        let (mut records, cp) = store.audit().await.map_err(|e| Status::internal(format!("{e:#}")))?;
         if !want.is_empty() {
             for r in &mut records {
                 if r.body.as_ref().and_then(|b| b.rollout.as_deref()) != Some(want.as_str()) {
@@ -545,9 +586,13 @@ impl OperatorService for Api {
         &self,
         req: Request<pb::AuditVerifyRequest>,
     ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
-        self.operator(&req, READERS, "verifying the audit log")?;
+        self.operator(self.identity(&req), READERS, "verifying the audit log")
+            .await?;
         let store = self.engine.store();
-        let verdict = store.verify_audit().map_err(|e| Status::internal(format!("{e:#}")))?;
+        let verdict = store
+            .verify_audit()
+            .await
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
         let key = hex::encode(store.public_key().to_bytes());
         Ok(Response::new(match verdict {
             Ok(n) => pb::AuditVerifyResponse {
@@ -567,8 +612,28 @@ impl OperatorService for Api {
         }))
     }
 
+    async fn role(&self, req: Request<pb::RoleRequest>) -> Result<Response<pb::RoleResponse>, Status> {
+        self.operator(self.identity(&req), READERS, "asking for the controller's role")
+            .await?;
+        let l = self.engine.leadership();
+        let role = l.role();
+        let leader = match &role {
+            crate::leader::Role::Standby { leader } => leader.clone().unwrap_or_default(),
+            crate::leader::Role::Leading | crate::leader::Role::Uncertain { .. } => l.url().to_owned(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::RoleResponse {
+            role: role.name().to_owned(),
+            leader,
+            url: l.url().to_owned(),
+            why: l.may_act().err().unwrap_or_default(),
+            store: self.engine.store().describe(),
+        }))
+    }
+
     async fn abort(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
-        let who = self.operator(&req, CHANGERS, "aborting")?;
+        self.leader_only()?;
+        let who = self.operator(self.identity(&req), CHANGERS, "aborting").await?;
         let entry = self
             .engine
             .control(&who, &req.into_inner().id, "abort")

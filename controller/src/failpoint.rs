@@ -3,6 +3,10 @@
 //! stderr and never goes on), so a test can SIGKILL it at a known state
 //! transition and restart it on the same data. Without the variable, a
 //! point costs one load of a cached value. Never set it in production.
+//!
+//! With `WAVEGATE_FAILPOINT_ONCE=<file>` as well, only the first process to
+//! reach the point stops there (it creates the file): a standby that takes
+//! over from a controller frozen at a point goes through it.
 
 use std::sync::OnceLock;
 
@@ -27,11 +31,20 @@ fn armed() -> Option<&'static str> {
         .as_deref()
 }
 
+/// Whether this process is the first to reach the armed point (always,
+/// unless `WAVEGATE_FAILPOINT_ONCE` names a file another one created).
+fn first_to_reach() -> bool {
+    match std::env::var_os("WAVEGATE_FAILPOINT_ONCE") {
+        None => true,
+        Some(f) => std::fs::OpenOptions::new().write(true).create_new(true).open(f).is_ok(),
+    }
+}
+
 /// Stop here for good if this point is armed: the whole process stops
 /// (SIGSTOP), so no other task moves on either; the test then kills it.
 pub fn hit(name: &str) {
     debug_assert!(POINTS.contains(&name), "unknown failpoint {name}");
-    if armed() == Some(name) {
+    if armed() == Some(name) && first_to_reach() {
         use std::io::Write as _;
         let mut err = std::io::stderr().lock();
         let _ = writeln!(err, "wavegate: failpoint `{name}` reached; stopping to be killed");

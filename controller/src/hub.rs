@@ -43,17 +43,49 @@ pub enum ExecError {
     NotSent(String),
 }
 
+/// How often a held-up send asks again whether it may go.
+const HELD_UP_POLL: Duration = Duration::from_millis(100);
+
 /// The hub.
 #[derive(Default)]
 pub struct Hub {
     inner: Mutex<Inner>,
     changed: Notify,
+    /// Asked before every send: only a controller that may act sends.
+    leadership: std::sync::OnceLock<std::sync::Arc<crate::leader::Leadership>>,
 }
 
 impl Hub {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A poisoned lock means a panic elsewhere; the data is still usable.
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Send nothing unless `leadership` says this controller may act.
+    pub fn set_leadership(&self, leadership: std::sync::Arc<crate::leader::Leadership>) {
+        let _ = self.leadership.set(leadership);
+    }
+
+    fn stalled(&self) -> Duration {
+        self.leadership.get().map_or(Duration::ZERO, |l| l.stalled())
+    }
+
+    /// Whether this controller may send anything now.
+    pub fn may_send(&self) -> Result<(), String> {
+        self.leadership.get().map_or(Ok(()), |l| l.may_act())
+    }
+
+    /// End every session (a controller that stopped leading): each agent
+    /// dials again and finds the leader.
+    pub fn disconnect_all(&self) -> usize {
+        let n = {
+            let mut inner = self.lock();
+            let n = inner.agents.len();
+            inner.agents.clear();
+            n
+        };
+        self.changed.notify_waiters();
+        n
     }
 
     /// Register a session for `host`, replacing an older one. Returns the
@@ -158,11 +190,29 @@ impl Hub {
         let (tx, mut rx) = oneshot::channel();
         self.lock().waiters.insert(cmd.id.clone(), tx);
         let started = Instant::now();
+        // Time a leader spends unable to act (etcd out of reach) does not
+        // count against the deadline: nothing could be sent or answered.
+        let stalled_before = self.stalled();
         let mut sent_on: Option<u64> = None;
         let outcome = loop {
+            let stalled_now = self.stalled();
+            let deadline = deadline + stalled_now.saturating_sub(stalled_before);
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
+            if let Err(why) = self.may_send() {
+                if !self.leadership.get().is_some_and(|l| l.held_up()) {
+                    break Err(ExecError::NotSent(why));
+                }
+                // Held up: wait for the lease to come back (or go).
+                tokio::select! {
+                    r = &mut rx => match r {
+                        Ok(result) => break Ok(result),
+                        Err(_) => break Err(ExecError::NoAnswer(started.elapsed())),
+                    },
+                    () = tokio::time::sleep(HELD_UP_POLL) => continue,
+                }
+            }
             let link = self.lock().agents.get(host).map(|l| (l.session, l.tx.clone()));
             // Waiting for room in a session's queue counts against the
             // deadline too: an agent that stopped reading is a silent one.
@@ -170,7 +220,7 @@ impl Hub {
                 && sent_on != Some(session)
                 && let Ok(Ok(permit)) = tokio::time::timeout_at(deadline, link_tx.reserve()).await
             {
-                match gate() {
+                match self.may_send().and_then(|()| gate()) {
                     Ok(guard) => {
                         permit.send(Ok(ControllerMessage {
                             body: Some(controller_message::Body::Command(cmd.clone())),
@@ -178,6 +228,7 @@ impl Hub {
                         drop(guard);
                         sent_on = Some(session);
                     }
+                    Err(_) if self.may_send().is_err() => continue,
                     Err(why) => break Err(ExecError::NotSent(why)),
                 }
             }
@@ -189,7 +240,12 @@ impl Hub {
                     Err(_) => break Err(ExecError::NoAnswer(started.elapsed())),
                 },
                 () = &mut changed => {}
-                () = tokio::time::sleep_until(deadline) => break Err(ExecError::NoAnswer(deadline - started)),
+                () = tokio::time::sleep_until(deadline) => {
+                    // Unless a stall moved the deadline meanwhile.
+                    if self.stalled() == stalled_now {
+                        break Err(ExecError::NoAnswer(deadline - started));
+                    }
+                }
             }
         };
         self.lock().waiters.remove(&cmd.id);

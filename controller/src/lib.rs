@@ -5,13 +5,15 @@
 pub mod api;
 pub mod cli;
 pub mod engine;
+pub mod etcd;
 pub mod failpoint;
 pub mod hub;
+pub mod leader;
 pub mod metrics;
 pub mod notify;
 pub mod policies;
 pub mod repo;
 pub mod server;
-pub mod store;
+pub use engine::store;
 pub mod tls;
 pub mod web;

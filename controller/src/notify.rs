@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 use wavegate_domain::rollout::{Rollout, RolloutState};
 
-use crate::store::Store;
+use crate::store::StateStore;
 
 /// Where notifications go, and how they are signed.
 #[derive(Clone)]
@@ -152,14 +152,10 @@ where
 }
 
 /// Deliver the outbox, oldest first, for as long as the controller runs.
-pub async fn sender(store: Arc<Store>, hook: Webhook, wake: Arc<Notify>) {
+pub async fn sender(store: Arc<dyn StateStore>, hook: Webhook, wake: Arc<Notify>) {
     let mut backoff = Duration::from_millis(250);
     loop {
-        let next = {
-            let store = Arc::clone(&store);
-            tokio::task::spawn_blocking(move || store.outbox_first()).await
-        };
-        let Ok(Ok(Some((seq, body)))) = next else {
+        let Ok(Some((seq, body))) = store.outbox_first().await else {
             tokio::select! {
                 () = wake.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -173,8 +169,9 @@ pub async fn sender(store: Arc<Store>, hook: Webhook, wake: Arc<Notify>) {
         match post(&hook, &event, seq, &body).await {
             Ok(code) if (200..300).contains(&code) => {
                 info!(event, delivery = seq, "Notification delivered.");
-                let store = Arc::clone(&store);
-                let _ = tokio::task::spawn_blocking(move || store.outbox_done(seq)).await;
+                if let Err(e) = store.outbox_done(seq).await {
+                    warn!(error = %format!("{e:#}"), delivery = seq, "Could not mark a notification delivered; it may be sent again.");
+                }
                 backoff = Duration::from_millis(250);
                 continue;
             }

@@ -242,7 +242,7 @@ fn rollout_body(e: &Entry) -> String {
 }
 
 async fn rollout(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -> Response {
-    match engine.get(&id).await {
+    match engine.show(&id).await {
         Ok(e) => {
             let moving = matches!(
                 e.rollout.state,
@@ -265,21 +265,25 @@ async fn output_section(engine: &Arc<Engine>, e: &Entry) -> String {
     let mut b = String::from("<h2>Output</h2>");
     let mut any = false;
     for h in e.hosts.values() {
-        let store = engine.store_arc();
+        let store = engine.store();
         let (rid, host) = (e.rollout.id.clone(), h.host.clone());
-        let Ok(Ok((ends, pieces))) = tokio::task::spawn_blocking(move || {
-            let ends = store.output_ends(&rid, &host)?;
-            // Pieces are at most 32 KiB: starting that far before the last
-            // SHOWN bytes reads them all.
-            let from = ends
-                .iter()
-                .map(|(s, end)| ((host.clone(), s.clone()), end.saturating_sub(SHOWN + (32 << 10))))
-                .collect();
-            let pieces = store.read_output(&rid, Some(&host), None, &from, 4 << 20)?;
-            anyhow::Ok((ends, pieces))
-        })
-        .await
-        else {
+        let Ok(ends) = store.output_ends(rid.clone(), host.clone()).await else {
+            continue;
+        };
+        // Pieces are at most 32 KiB: starting that far before the last
+        // SHOWN bytes reads them all.
+        let from = ends
+            .iter()
+            .map(|(s, end)| ((host.clone(), s.clone()), end.saturating_sub(SHOWN + (32 << 10))))
+            .collect();
+        let q = crate::store::OutputQuery {
+            rollout: rid,
+            host: Some(host),
+            step: None,
+            from,
+            max_bytes: 4 << 20,
+        };
+        let Ok(pieces) = store.read_output(q).await else {
             continue;
         };
         for (step, end) in ends {
@@ -309,9 +313,10 @@ async fn output_section(engine: &Arc<Engine>, e: &Entry) -> String {
 
 async fn audit(State(engine): State<Arc<Engine>>) -> Response {
     let store = engine.store();
-    let (Ok(verdict), Ok((records, _))) = (store.verify_audit(), store.audit()) else {
+    let Ok((records, cp)) = store.audit().await else {
         return (StatusCode::INTERNAL_SERVER_ERROR, "the audit log cannot be read").into_response();
     };
+    let verdict = crate::store::verdict(&records, cp.as_ref(), &store.public_key());
     let key = hex::encode(store.public_key().to_bytes());
     let mut b = String::from("<h1>Audit log</h1>");
     match verdict {
@@ -381,7 +386,7 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     }
     m.snapshot_pinned_bytes.set(pinned as i64);
     m.agents_connected.set(engine.hub().connected().len() as i64);
-    if let Ok(n) = engine.store().audit_len() {
+    if let Ok(n) = engine.store().audit_len().await {
         m.audit_records.set(n as i64);
     }
     ([("content-type", "text/plain; version=0.0.4")], m.render()).into_response()
@@ -391,9 +396,16 @@ async fn ready(State(engine): State<Arc<Engine>>) -> Response {
     if let Some(why) = engine.store_failure() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
     }
-    match engine.store().audit_len() {
+    if let Err(why) = engine.leadership().may_act() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+    }
+    match engine.store().audit_len().await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "the store cannot be read\n").into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store cannot be read: {e:#}\n"),
+        )
+            .into_response(),
     }
 }
 

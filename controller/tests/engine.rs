@@ -57,7 +57,7 @@ fn fake_agent(hub: &Arc<Hub>, host: &str) {
     });
 }
 
-fn engine(dir: &std::path::Path) -> Arc<Engine> {
+async fn engine(dir: &std::path::Path) -> Arc<Engine> {
     let fleet = Fleet::parse(Source {
         name: "fleet.yaml",
         text: FLEET,
@@ -68,7 +68,7 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
         fake_agent(&hub, h);
     }
     Engine::new(
-        Store::open(dir).expect("store"),
+        Store::open(dir).expect("store").shared(),
         hub,
         (fleet, FLEET),
         PolicySet::default(),
@@ -76,15 +76,17 @@ fn engine(dir: &std::path::Path) -> Arc<Engine> {
             agent_grace: Duration::from_secs(1),
             output_cap: wavegate::engine::DEFAULT_OUTPUT_CAP,
             notify: false,
+            leadership: wavegate::leader::Leadership::single(),
         },
     )
+    .await
     .expect("engine")
 }
 
 #[tokio::test]
 async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
     let dir = data_dir("refusals");
-    let e = engine(&dir);
+    let e = engine(&dir).await;
     let err = e
         .submit("sam", "plan.yaml", PLAN, &["canary".into()])
         .await
@@ -100,8 +102,8 @@ async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
     drop(e);
 
     // A restart on the same directory still knows all of it.
-    let e = engine(&dir);
-    let refusals = e.refusals().expect("refusals");
+    let e = engine(&dir).await;
+    let refusals = e.refusals().await.expect("refusals");
     assert!(
         refusals.iter().any(|r| r.contains("sam asked to bypass: canary")),
         "{refusals:#?}"
@@ -129,7 +131,7 @@ async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
 #[tokio::test]
 async fn a_refused_plan_creates_no_rollout() {
     let dir = data_dir("refused-plan");
-    let e = engine(&dir);
+    let e = engine(&dir).await;
     let bad = PLAN.replace("targets: {hosts: [p1, b1]}\n", "");
     match e.submit("sam", "plan.yaml", &bad, &[]).await {
         Err(EngineError::Refused(report)) => assert!(

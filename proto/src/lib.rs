@@ -8,3 +8,9 @@
 pub mod v1 {
     tonic::include_proto!("wavegate.v1");
 }
+
+/// The part of etcd's v3 API the controller's etcd store uses
+/// (`proto/etcd/v3.proto`), as a client.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}

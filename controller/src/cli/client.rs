@@ -12,7 +12,9 @@ use crate::tls::TlsFiles;
 /// Where the controller is and who we are (flags or `WAVEGATE_*`).
 #[derive(Clone, Debug, Args)]
 pub struct Conn {
-    /// Controller URL, like https://127.0.0.1:7443.
+    /// Controller URL, like https://127.0.0.1:7443; for a group of
+    /// controllers sharing one store, all of them, comma-separated (the
+    /// leader is asked).
     #[arg(long, env = "WAVEGATE_CONTROLLER", global = true)]
     pub controller: Option<String>,
     /// CA certificate of the controller.
@@ -30,17 +32,64 @@ pub struct Conn {
 pub type Client = OperatorServiceClient<Channel>;
 
 impl Conn {
-    /// Connect with mutual TLS.
+    /// Connect with mutual TLS. Given several controllers, ask each for
+    /// its role and connect to the leader; if none leads right now, to the
+    /// first that answers (it serves reads).
     pub async fn connect(&self) -> Result<Client> {
-        let Some(url) = &self.controller else {
+        let Some(urls) = &self.controller else {
             bail!("no controller: give --controller or set WAVEGATE_CONTROLLER (a lab's identities/*.env set it)");
         };
+        let urls: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+        if let [url] = urls.as_slice() {
+            return self.connect_to(url).await;
+        }
+        let mut fallback = None;
+        let mut why = Vec::new();
+        for url in &urls {
+            match self.connect_to(url).await {
+                Ok(mut c) => match c.role(wavegate_proto::v1::RoleRequest {}).await {
+                    Ok(r) if matches!(r.get_ref().role.as_str(), "leader" | "single") => return Ok(c),
+                    Ok(r) => {
+                        why.push(format!("{url}: {}", r.get_ref().role));
+                        fallback.get_or_insert(c);
+                    }
+                    Err(s) => why.push(format!("{url}: {}", s.message())),
+                },
+                Err(e) => why.push(format!("{url}: {e:#}")),
+            }
+        }
+        match fallback {
+            Some(c) => {
+                eprintln!(
+                    "wavegate: no controller leads right now ({}); reading from a standby",
+                    why.join("; ")
+                );
+                Ok(c)
+            }
+            None => bail!("no controller answered: {}", why.join("; ")),
+        }
+    }
+
+    /// The controllers' addresses.
+    pub fn urls(&self) -> Vec<String> {
+        self.controller
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .map(|u| u.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    /// Connect to one controller.
+    pub async fn connect_to(&self, url: &str) -> Result<Client> {
         let (Some(ca), Some(cert), Some(key)) = (&self.ca, &self.cert, &self.key) else {
             bail!("no identity: give --ca, --cert and --key, or set WAVEGATE_CA, WAVEGATE_CERT and WAVEGATE_KEY");
         };
         let tls = TlsFiles::read(ca, cert, key)?;
-        let channel = Endpoint::from_shared(url.clone())
+        let channel = Endpoint::from_shared(url.to_owned())
             .with_context(|| format!("`{url}` is not a controller URL"))?
+            .connect_timeout(std::time::Duration::from_secs(5))
             .tls_config(tls.client())?
             .connect()
             .await

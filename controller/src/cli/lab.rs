@@ -53,6 +53,26 @@ pub enum LabCommand {
         /// Their signing secret (`serve --webhook-secret-file`).
         #[arg(long, value_name = "FILE")]
         webhook_secret_file: Option<PathBuf>,
+        /// Run the lab's controllers on an etcd store (`serve --store`),
+        /// like etcd://127.0.0.1:23791,127.0.0.1:23793,127.0.0.1:23795
+        /// (`scripts/etcd-cluster start DIR` starts one on loopback).
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// The lab's key prefix in etcd (default: /wavegate-lab/ and the
+        /// lab directory's name).
+        #[arg(long, value_name = "PREFIX", requires = "store")]
+        store_prefix: Option<String>,
+        /// How many controllers share the etcd store (the first leads; the
+        /// others stand by). Agents and identities get every address.
+        #[arg(long, default_value_t = 1, requires = "store")]
+        controllers: usize,
+        /// The leadership lease (`serve --lease-ttl`).
+        #[arg(long, default_value = "3s", requires = "store")]
+        lease_ttl: String,
+        /// Controller N (from 1) reaches the store at URL instead (a test
+        /// routes one controller through a proxy it can cut).
+        #[arg(long, value_name = "N=URL", hide = true)]
+        controller_store: Vec<String>,
     },
     /// Show the lab's controller and which agents are connected.
     Status {
@@ -118,6 +138,11 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             fs,
             webhook,
             webhook_secret_file,
+            store,
+            store_prefix,
+            controllers,
+            lease_ttl,
+            controller_store,
         } => {
             let mut extra = Vec::new();
             if let Some(url) = webhook {
@@ -126,7 +151,45 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             if let Some(f) = webhook_secret_file {
                 extra.extend(["--webhook-secret-file".to_owned(), absolute(&f)?.display().to_string()]);
             }
-            up_with(&fleet, &dir, &policies, agent_bin, &agent_grace, &fs, &extra).await
+            let ha = match store {
+                None => None,
+                Some(url) => {
+                    let dir = absolute(&dir)?;
+                    let name = dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    let mut stores = vec![url; controllers.max(1)];
+                    for o in &controller_store {
+                        let Some((n, u)) = o.split_once('=') else {
+                            bail!("--controller-store `{o}` is not N=URL");
+                        };
+                        let n: usize = n
+                            .parse()
+                            .with_context(|| format!("--controller-store `{o}`: N is a number from 1"))?;
+                        let Some(slot) = n.checked_sub(1).and_then(|i| stores.get_mut(i)) else {
+                            bail!("--controller-store `{o}`: there are {controllers} controllers");
+                        };
+                        *slot = u.to_owned();
+                    }
+                    Some(Ha {
+                        stores,
+                        prefix: store_prefix.unwrap_or_else(|| format!("/wavegate-lab/{name}")),
+                        lease_ttl,
+                    })
+                }
+            };
+            up_ha(
+                &fleet,
+                &dir,
+                &policies,
+                agent_bin,
+                &agent_grace,
+                &fs,
+                &extra,
+                ha.as_ref(),
+            )
+            .await
         }
         LabCommand::Status { dir, output } => status(&dir, output).await,
         LabCommand::Exec {
@@ -599,6 +662,17 @@ pub async fn up(
     up_with(fleet_path, dir, policies, agent_bin, grace, fs, &[]).await
 }
 
+/// A lab's controllers on an etcd store.
+#[derive(Clone, Debug)]
+pub struct Ha {
+    /// The store URL each controller is given, in order (the first leads).
+    pub stores: Vec<String>,
+    /// The key prefix.
+    pub prefix: String,
+    /// The leadership lease.
+    pub lease_ttl: String,
+}
+
 /// [`up`], with more flags for the lab's `wavegate serve`.
 pub async fn up_with(
     fleet_path: &Path,
@@ -608,6 +682,21 @@ pub async fn up_with(
     grace: &str,
     fs: &[FsSpec],
     serve_args: &[String],
+) -> Result<u8> {
+    up_ha(fleet_path, dir, policies, agent_bin, grace, fs, serve_args, None).await
+}
+
+/// [`up_with`], the controllers on an etcd store when `ha` says so.
+#[allow(clippy::too_many_arguments)]
+pub async fn up_ha(
+    fleet_path: &Path,
+    dir: &Path,
+    policies: &PolicyArgs,
+    agent_bin: Option<PathBuf>,
+    grace: &str,
+    fs: &[FsSpec],
+    serve_args: &[String],
+    ha: Option<&Ha>,
 ) -> Result<u8> {
     let dir = absolute(dir)?;
     let fleet_path = absolute(fleet_path)?;
@@ -675,57 +764,109 @@ pub async fn up_with(
         identities.push((*stem, certs.issue_operator(name, *role)?));
     }
 
-    // The controller.
-    let addr_file = dir.join("controller.addr");
-    let _ = std::fs::remove_file(&addr_file);
-    let _ = std::fs::remove_file(dir.join("web.addr"));
-    let server = certs.controller();
-    let mut args: Vec<String> = vec![
-        "serve".into(),
-        "--data".into(),
-        dir.join("controller").display().to_string(),
-        "--fleet".into(),
-        fleet_path.display().to_string(),
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--addr-file".into(),
-        addr_file.display().to_string(),
-        "--ca".into(),
-        certs.ca().display().to_string(),
-        "--cert".into(),
-        server.cert.display().to_string(),
-        "--key".into(),
-        server.key.display().to_string(),
-        "--agent-grace".into(),
-        grace.to_owned(),
-        "--web-listen".into(),
-        "127.0.0.1:0".into(),
-        "--web-addr-file".into(),
-        dir.join("web.addr").display().to_string(),
-    ];
+    // The controllers: one, or (on etcd) the first, elected, then the
+    // standbys, every one with the first one's audit signing key.
     let policy_dir = match &policies.policies {
         Some(p) => absolute(p)?,
         None => lab_policies(&dir)?,
     };
-    args.push("--policies".into());
-    args.push(policy_dir.display().to_string());
-    args.extend(serve_args.iter().cloned());
-    let controller_log = dir.join("logs/controller.log");
-    spawn(&me, &args, &controller_log)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let addr = loop {
-        if let Ok(a) = std::fs::read_to_string(&addr_file) {
-            break a.trim().to_owned();
+    let count = ha.map_or(1, |h| h.stores.len());
+    let mut urls = Vec::new();
+    let mut webs = Vec::new();
+    for i in 1..=count {
+        let suffix = if i == 1 { String::new() } else { format!("-{i}") };
+        let data = dir.join(format!("controller{suffix}"));
+        std::fs::create_dir_all(&data)?;
+        if i > 1 {
+            std::fs::copy(dir.join("controller/audit-ed25519.key"), data.join("audit-ed25519.key"))
+                .context("sharing the first controller's audit key")?;
         }
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(&controller_log).unwrap_or_default();
-            let _ = down(&dir);
-            let _ = unmount_all(&dir);
-            bail!("the controller did not start within 30 s; its log:\n{log}");
+        let addr_file = dir.join(format!("controller{suffix}.addr"));
+        let web_file = dir.join(format!("web{suffix}.addr"));
+        let _ = std::fs::remove_file(&addr_file);
+        let _ = std::fs::remove_file(&web_file);
+        let server = certs.controller();
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--data".into(),
+            data.display().to_string(),
+            "--fleet".into(),
+            fleet_path.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--addr-file".into(),
+            addr_file.display().to_string(),
+            "--ca".into(),
+            certs.ca().display().to_string(),
+            "--cert".into(),
+            server.cert.display().to_string(),
+            "--key".into(),
+            server.key.display().to_string(),
+            "--agent-grace".into(),
+            grace.to_owned(),
+            "--web-listen".into(),
+            "127.0.0.1:0".into(),
+            "--web-addr-file".into(),
+            web_file.display().to_string(),
+            "--policies".into(),
+            policy_dir.display().to_string(),
+        ];
+        if let Some(h) = ha {
+            args.extend([
+                "--store".into(),
+                h.stores[i - 1].clone(),
+                "--store-prefix".into(),
+                h.prefix.clone(),
+                "--lease-ttl".into(),
+                h.lease_ttl.clone(),
+            ]);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let url = format!("https://{addr}");
+        args.extend(serve_args.iter().cloned());
+        let controller_log = dir.join(format!("logs/controller{suffix}.log"));
+        spawn(&me, &args, &controller_log)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr = loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                break a.trim().to_owned();
+            }
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(&controller_log).unwrap_or_default();
+                let _ = down(&dir);
+                let _ = unmount_all(&dir);
+                bail!("controller {i} did not start within 30 s; its log:\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let url = format!("https://{addr}");
+        if ha.is_some() && i == 1 {
+            // The first one leads before any other starts.
+            let admin = lab_conn(&dir, &url, "admin");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let role = match admin.connect_to(&url).await {
+                    Ok(mut c) => c.role(pb::RoleRequest {}).await.map(|r| r.into_inner().role).ok(),
+                    Err(_) => None,
+                };
+                if role.as_deref() == Some("leader") {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let log = std::fs::read_to_string(&controller_log).unwrap_or_default();
+                    let _ = down(&dir);
+                    let _ = unmount_all(&dir);
+                    bail!("the first controller was not elected within 30 s; its log:\n{log}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let web_url = match std::fs::read_to_string(&web_file) {
+            Ok(a) => format!("http://{}", a.trim()),
+            Err(_) => bail!("controller {i} did not report its web address"),
+        };
+        urls.push(url);
+        webs.push(web_url);
+    }
+    let url = urls.join(",");
 
     // One agent per host.
     for h in &hosts {
@@ -767,13 +908,15 @@ pub async fn up_with(
             env_file(&url, &certs.ca(), pair),
         )?;
     }
-    let web_url = match std::fs::read_to_string(dir.join("web.addr")) {
-        Ok(a) => format!("http://{}", a.trim()),
-        Err(_) => bail!("the controller did not report its web address"),
-    };
     std::fs::write(
         dir.join("lab.json"),
-        serde_json::to_string_pretty(&json!({"controller": url, "web": web_url}))?,
+        serde_json::to_string_pretty(&json!({
+            "controller": urls[0],
+            "controllers": urls,
+            "web": webs[0],
+            "webs": webs,
+            "store": ha.map(|h| json!({"urls": h.stores, "prefix": h.prefix})),
+        }))?,
     )?;
 
     // Wait for every agent.
@@ -802,6 +945,14 @@ pub async fn up_with(
         dir.display(),
         hosts.len()
     );
+    if let Some(h) = ha {
+        println!(
+            "  {} controllers on {} (prefix {}); the first leads, `wavegate controllers` shows each one's role",
+            h.stores.len(),
+            h.stores[0],
+            h.prefix
+        );
+    }
     for spec in fs {
         println!(
             "  every host has {} on its own {} filesystem ({} MiB, a loop device)",
@@ -867,7 +1018,10 @@ async fn status(dir: &Path, output: super::Output) -> Result<u8> {
     let lab: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("lab.json")).with_context(|| format!("no lab in {}", dir.display()))?,
     )?;
-    let url = lab["controller"].as_str().unwrap_or_default().to_owned();
+    let url = match lab["controllers"].as_array() {
+        Some(all) => all.iter().filter_map(|u| u.as_str()).collect::<Vec<_>>().join(","),
+        None => lab["controller"].as_str().unwrap_or_default().to_owned(),
+    };
     let fleet = fetch_fleet(&lab_conn(&dir, &url, "admin")).await?;
     let up = fleet.hosts.iter().filter(|h| h.connected).count();
     let doc = json!({

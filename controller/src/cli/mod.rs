@@ -16,6 +16,7 @@ pub mod rollout;
 pub mod serve;
 pub mod shell;
 pub mod snapshot;
+pub mod store;
 pub mod watch;
 
 /// wavegate: staged patch rollouts with a safety gate.
@@ -81,6 +82,20 @@ pub enum Command {
     /// A controller and agents for an inventory on this machine.
     #[command(subcommand)]
     Lab(lab::LabCommand),
+    /// The shared etcd store: its members and leader, and migrating an
+    /// embedded store into it.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
+    /// Each controller's role (the leader, a standby) when several share
+    /// one store; exits 1 unless exactly one leads.
+    Controllers {
+        /// The controllers (all of them, comma-separated), as whom.
+        #[command(flatten)]
+        conn: client::Conn,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Print a shell completion script (`wavegate completions bash >
     /// /etc/bash_completion.d/wavegate`).
     Completions {
@@ -153,6 +168,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Audit { conn, cmd } => audit::run(cmd, &conn).await,
         Command::Agent { conn, cmd } => agent::run(cmd, &conn).await,
         Command::Lab(cmd) => lab::run(cmd).await,
+        Command::Store(cmd) => store::run(cmd).await,
+        Command::Controllers { conn, output } => store::controllers(&conn, output).await,
         Command::Completions { shell } => shell::completions(shell),
         Command::Man { dir } => shell::man(dir.as_deref()),
     }

@@ -12,8 +12,11 @@ use wavegate_domain::{Fleet, Source};
 
 use super::PolicyArgs;
 use crate::engine::{Engine, Settings};
+use crate::etcd::{Etcd, EtcdConfig};
 use crate::hub::Hub;
-use crate::store::Store;
+use crate::leader::{Leadership, Role};
+use crate::store::etcd::{EtcdStore, Limits};
+use crate::store::{RedbStore, StateStore};
 use crate::tls::TlsFiles;
 
 /// Flags of `wavegate serve`.
@@ -60,8 +63,42 @@ pub struct ServeArgs {
     pub agent_grace: Duration,
     /// How much of the steps' and checks' output to keep per host and
     /// rollout, like 256M or 1G (the rest stays in the agents' journals).
-    #[arg(long, default_value = "256M", value_parser = bytes)]
-    pub output_cap: u64,
+    /// Default: 256M with the embedded store, 4M with etcd.
+    #[arg(long, value_parser = bytes)]
+    pub output_cap: Option<u64>,
+    /// The store: the embedded one in --data (the default), or an etcd
+    /// cluster several controllers share, one of them leading:
+    /// etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379.
+    #[arg(long, value_name = "URL", env = "WAVEGATE_STORE")]
+    pub store: Option<String>,
+    /// Where in etcd this controller group keeps its keys.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "/wavegate",
+        env = "WAVEGATE_STORE_PREFIX"
+    )]
+    pub store_prefix: String,
+    /// The leader's lease in etcd: a standby takes over this long after the
+    /// leader stops refreshing it (the leader itself stops acting a fifth
+    /// of it, at least 0.5 s, earlier).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    pub lease_ttl: Duration,
+    /// The address agents and operators reach this controller at, as the
+    /// leader key announces it (default: https:// and the bound --listen
+    /// address).
+    #[arg(long, value_name = "URL")]
+    pub advertise: Option<String>,
+    /// CA certificate that signs the etcd members' certificates (mutual
+    /// TLS to etcd; give --etcd-cert and --etcd-key with it).
+    #[arg(long, value_name = "FILE", env = "WAVEGATE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// This controller's client certificate for etcd.
+    #[arg(long, value_name = "FILE", env = "WAVEGATE_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long, value_name = "FILE", env = "WAVEGATE_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
     /// POST a signed JSON notification to this URL when a rollout awaits
     /// approval, halts, completes or is aborted (retried until delivered).
     #[arg(long, value_name = "URL", env = "WAVEGATE_WEBHOOK")]
@@ -161,25 +198,84 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
         }
     };
     raise_open_file_limit();
-    let store = Store::open(&args.data)?;
+    // Take the port now (its address is this controller's name in an
+    // election) but accept connections only once the store is open: until
+    // then a client is refused at once and tries another controller.
+    let socket = reserve(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = socket.local_addr()?;
+    let hosts = fleet.hosts().count();
+    let hub = Arc::new(Hub::default());
+    let (store, leadership, etcd): (Arc<dyn StateStore>, Arc<Leadership>, Option<EtcdLeader>) = match &args.store {
+        None => (RedbStore::open(&args.data)?.shared(), Leadership::single(), None),
+        Some(url) => {
+            let mut cfg = match EtcdConfig::parse(url) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("wavegate serve: --store: {e}");
+                    return Ok(2);
+                }
+            };
+            cfg.tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
+                (None, None, None) => None,
+                (Some(ca), Some(cert), Some(key)) => {
+                    let t = TlsFiles::read(ca, cert, key)?;
+                    Some((t.ca, t.cert, t.key))
+                }
+                _ => {
+                    eprintln!("wavegate serve: mutual TLS to etcd needs all of --etcd-ca, --etcd-cert and --etcd-key");
+                    return Ok(2);
+                }
+            };
+            let advertise = match &args.advertise {
+                Some(a) => a.clone(),
+                None if addr.ip().is_unspecified() => {
+                    eprintln!(
+                        "wavegate serve: --listen {} is every address; with --store etcd://... give --advertise https://HOST:{} (the address agents and operators reach this controller at)",
+                        args.listen,
+                        addr.port()
+                    );
+                    return Ok(2);
+                }
+                None => format!("https://{addr}"),
+            };
+            let etcd = Arc::new(Etcd::new(cfg)?);
+            let leadership = Leadership::elected(&advertise);
+            let key = crate::store::signing_key(&args.data)?;
+            let store = EtcdStore::open_waiting(
+                Arc::clone(&etcd),
+                &args.store_prefix,
+                key,
+                Arc::clone(&leadership),
+                Limits::for_fleet(hosts),
+            )
+            .await?;
+            let leader_key = store.leader_key();
+            (Arc::new(store), leadership, Some((etcd, leader_key)))
+        }
+    };
+    let output_cap = args.output_cap.unwrap_or(if etcd.is_some() {
+        4 << 20
+    } else {
+        crate::engine::DEFAULT_OUTPUT_CAP
+    });
     let engine = Engine::new(
         store,
-        Arc::new(Hub::default()),
+        hub,
         (fleet, &fleet_text),
         policies,
         Settings {
             agent_grace: args.agent_grace,
-            output_cap: args.output_cap,
+            output_cap,
             notify: webhook.is_some(),
+            leadership: Arc::clone(&leadership),
         },
-    )?;
-    if let Some(hook) = webhook {
-        tokio::spawn(crate::notify::sender(engine.store_arc(), hook, engine.notified()));
-    }
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
+    )
+    .await?;
+    let listener = socket
+        .listen(1024)
         .with_context(|| format!("listening on {}", args.listen))?;
-    let addr = listener.local_addr()?;
     if let Some(f) = &args.addr_file {
         let tmp = f.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())?;
@@ -194,15 +290,148 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
         std::fs::write(&tmp, web_addr.to_string())?;
         std::fs::rename(&tmp, f)?;
     }
-    info!(%addr, %web_addr, tls = tls.is_some(), "Controller listening.");
+    info!(%addr, %web_addr, tls = tls.is_some(), store = %engine.store().describe(), "Controller listening.");
     let web_engine = Arc::clone(&engine);
     tokio::spawn(async move {
         if let Err(e) = crate::web::serve(web, web_engine, std::future::pending()).await {
             tracing::error!(error = %e, "The web view stopped.");
         }
     });
-    crate::server::serve(listener, engine, tls, shutdown()).await?;
+    let mut follower = None;
+    match &etcd {
+        None => {
+            if let Some(hook) = webhook {
+                tokio::spawn(crate::notify::sender(engine.store_arc(), hook, engine.notified()));
+            }
+        }
+        Some((etcd, leader_key)) => {
+            tokio::spawn(crate::leader::campaign(
+                Arc::clone(etcd),
+                leader_key.clone(),
+                args.lease_ttl,
+                Arc::clone(&leadership),
+            ));
+            let bound = [("--listen", addr), ("--web-listen", web_addr)];
+            follower = Some(tokio::spawn(follow_role(Arc::clone(&engine), webhook, bound)));
+        }
+    }
+    crate::server::serve(listener, Arc::clone(&engine), tls, shutdown()).await?;
+    // A controller that is shutting down gives its leadership up; it does
+    // not start again as a standby.
+    if let Some(f) = follower {
+        f.abort();
+    }
+    if let Some((etcd, leader_key)) = &etcd {
+        crate::leader::resign(etcd, leader_key, &leadership).await;
+    }
     Ok(0)
+}
+
+/// Act on this controller's role as it changes: a standby reads the store
+/// every second; the newly elected leader takes every rollout over; a
+/// leader that cannot refresh its lease lets its agents go (they find the
+/// leader); one that lost it starts again as a standby.
+async fn follow_role(
+    engine: Arc<Engine>,
+    webhook: Option<crate::notify::Webhook>,
+    bound: [(&'static str, std::net::SocketAddr); 2],
+) {
+    let leadership = Arc::clone(engine.leadership());
+    let mut roles = leadership.subscribe();
+    let mut webhook = webhook;
+    let mut promoted = false;
+    loop {
+        let role = roles.borrow_and_update().clone();
+        match role {
+            Role::Standby { .. } | Role::Single => {
+                if let Err(e) = engine.refresh().await {
+                    tracing::warn!(error = %format!("{e:#}"), "A standby could not read the store.");
+                }
+            }
+            Role::Leading if !promoted => {
+                promoted = true;
+                info!("This controller leads now; continuing every rollout from the store.");
+                if let Err(e) = engine.promote().await {
+                    leadership.lose(&format!("taking over failed: {e:#}"));
+                    continue;
+                }
+                if let Some(hook) = webhook.take() {
+                    tokio::spawn(crate::notify::sender(engine.store_arc(), hook, engine.notified()));
+                }
+            }
+            Role::Leading => {}
+            Role::Uncertain { why } => {
+                let n = engine.hub().disconnect_all();
+                tracing::warn!(agents = n, "{why}; the agents were let go to find the leader.");
+            }
+            Role::Lost { why } => {
+                engine.hub().disconnect_all();
+                restart_as_standby(&why, &bound);
+            }
+        }
+        tokio::select! {
+            r = roles.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(1)), if !leadership.leads() => {}
+        }
+    }
+}
+
+/// Start this process again from the top (same binary, same arguments,
+/// on the addresses it listens on now, also where it was given port 0):
+/// nothing of the lost leadership survives in memory, and the new process
+/// joins as a standby where agents and operators reach it.
+fn restart_as_standby(why: &str, bound: &[(&str, std::net::SocketAddr)]) -> ! {
+    use std::os::unix::process::CommandExt as _;
+    tracing::error!("{why}; restarting as a standby.");
+    let args = same_addresses(std::env::args_os().skip(1).collect(), bound);
+    let err = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe).args(args).exec(),
+        Err(e) => e,
+    };
+    tracing::error!(error = %err, "Could not restart; exiting so the service manager restarts it.");
+    std::process::exit(75);
+}
+
+/// `args` with each `flag ADDR` (or `flag=ADDR`) replaced by the address
+/// bound for it.
+fn same_addresses(args: Vec<std::ffi::OsString>, bound: &[(&str, std::net::SocketAddr)]) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        let text = a.to_string_lossy().into_owned();
+        match bound
+            .iter()
+            .find(|(f, _)| text == *f || text.starts_with(&format!("{f}=")))
+        {
+            Some((flag, addr)) => {
+                if text == *flag {
+                    it.next();
+                }
+                out.push(format!("{flag}={addr}").into());
+            }
+            None => out.push(a),
+        }
+    }
+    out
+}
+
+/// The etcd client and the leader key an elected controller campaigns on.
+type EtcdLeader = (Arc<Etcd>, Vec<u8>);
+
+/// A socket bound to `listen` (resolved, first address) that does not
+/// listen yet.
+async fn reserve(listen: &str) -> Result<tokio::net::TcpSocket> {
+    let Some(at) = tokio::net::lookup_host(listen).await?.next() else {
+        bail!("`{listen}` resolves to no address");
+    };
+    let socket = if at.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(at)?;
+    Ok(socket)
 }
 
 /// Every agent session is a socket: raise the soft open-file limit to the
@@ -227,4 +456,43 @@ async fn shutdown() {
         _ = term.recv() => {}
     }
     info!("Shutting down.");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_addresses;
+
+    #[test]
+    fn a_restart_listens_where_the_lost_leader_listened() {
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            "d",
+            "--web-listen=127.0.0.1:0",
+            "--listen-x",
+            "y",
+        ]
+        .map(std::ffi::OsString::from)
+        .to_vec();
+        let bound = [
+            ("--listen", "127.0.0.1:4000".parse().expect("an address")),
+            ("--web-listen", "127.0.0.1:4001".parse().expect("an address")),
+        ];
+        let got: Vec<String> = same_addresses(args, &bound)
+            .into_iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "--listen=127.0.0.1:4000",
+                "--data",
+                "d",
+                "--web-listen=127.0.0.1:4001",
+                "--listen-x",
+                "y"
+            ]
+        );
+    }
 }

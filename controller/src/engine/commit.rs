@@ -4,6 +4,7 @@
 //! durable. A failed commit stops every dispatch (fail closed).
 
 use super::*;
+use crate::store::Batch;
 
 /// The group-commit writer: takes every queued change at once, commits them
 /// in one transaction (one fdatasync), then releases their waiters. With many
@@ -27,23 +28,8 @@ pub(super) async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
                     .collect();
                 (pending, headers, st.queued)
             };
-            let store = Arc::clone(&engine.store);
             let result = match headers {
-                Ok(headers) => tokio::task::spawn_blocking(move || {
-                    let mut hosts = Vec::new();
-                    let mut bodies = Vec::new();
-                    let mut outbox = Vec::new();
-                    for p in pending {
-                        hosts.extend(p.hosts);
-                        bodies.extend(p.bodies);
-                        outbox.extend(p.outbox);
-                    }
-                    let notify = !outbox.is_empty();
-                    store.commit(&headers, &hosts, bodies, &outbox).map(|()| notify)
-                })
-                .await
-                .map_err(anyhow::Error::from)
-                .and_then(|r| r),
+                Ok(headers) => commit_in_parts(&*engine.store, headers, pending).await,
                 Err(e) => Err(e.into()),
             };
             match result {
@@ -66,6 +52,34 @@ pub(super) async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
     }
 }
 
+/// Commit the queued changes: in one transaction, or, if the store limits
+/// how large one may be, in as few as fit, each holding whole changes in
+/// their order, the rollout headers in the last (a crash between two
+/// leaves host records ahead of their header, which a restarted driver
+/// derives its next move from; nobody has acted on any of it yet).
+/// Returns whether a notification was queued.
+async fn commit_in_parts(
+    store: &dyn crate::store::StateStore,
+    headers: Vec<(String, Vec<u8>)>,
+    pending: Vec<Pending>,
+) -> anyhow::Result<bool> {
+    let limit = store.max_ops().unwrap_or(usize::MAX);
+    let notify = pending.iter().any(|p| !p.outbox.is_empty());
+    let mut batch = Batch::default();
+    for p in pending {
+        let ops = p.hosts.len() + p.bodies.len() + p.outbox.len();
+        if batch.ops() > 0 && batch.ops() + ops + headers.len() > limit {
+            store.commit(std::mem::take(&mut batch)).await?;
+        }
+        batch.hosts.extend(p.hosts);
+        batch.audit.extend(p.bodies);
+        batch.outbox.extend(p.outbox);
+    }
+    batch.rollouts = headers;
+    store.commit(batch).await?;
+    Ok(notify)
+}
+
 impl Engine {
     /// Why nothing more may be acted on, if a commit failed.
     pub(super) fn store_failed(&self) -> Option<String> {
@@ -83,6 +97,24 @@ impl Engine {
         match d.failed {
             Some(why) if d.upto < seq => Err(EngineError::Store(anyhow::anyhow!(why))),
             _ => Ok(()),
+        }
+    }
+
+    /// `durable_upto` for a reader (the API): a leader that cannot reach
+    /// its store may wait for a commit as long as the outage lasts, so once
+    /// it may no longer act, the reader is told to ask the leader instead.
+    pub(super) async fn durable_for_reader(&self, seq: u64) -> Result<(), EngineError> {
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_millis(250), self.durable_upto(seq)).await {
+                Ok(r) => return r,
+                Err(_) => {
+                    if let Err(why) = self.settings.leadership.may_act() {
+                        return Err(EngineError::Standby(format!(
+                            "{why}; what this controller shows is not yet committed"
+                        )));
+                    }
+                }
+            }
         }
     }
 
@@ -113,6 +145,7 @@ impl Engine {
             if let Some(why) = self.store_failed() {
                 return Err(why);
             }
+            self.settings.leadership.may_act()?;
             match st.rollouts.get(id).map(|e| e.rollout.state) {
                 Some(RolloutState::Running) => Ok(st),
                 Some(state) => Err(format!("rollout {id} is {state}")),
@@ -131,6 +164,7 @@ impl Engine {
         id: &str,
         f: impl FnOnce(&mut Entry) -> Result<(R, Vec<String>), EngineError>,
     ) -> Result<R, EngineError> {
+        self.leading()?;
         let (out, seq) = {
             let mut st = self.lock();
             if let Some(why) = self.store_failed() {

@@ -28,12 +28,14 @@ use wavegate_domain::{Fleet, PolicySet, Report, Source, check_plan};
 use wavegate_proto::v1 as pb;
 
 use crate::hub::{ExecError, Hub};
-use crate::store::{Store, host_key};
+use crate::leader::Leadership;
+use crate::store::{StateStore, host_key};
 
 mod commit;
 mod host;
 mod output;
 mod rollback;
+pub mod store;
 mod submit;
 mod wave;
 
@@ -70,6 +72,10 @@ pub enum EngineError {
     /// The store failed; nothing was acted on.
     #[error("the store failed: {0}")]
     Store(#[from] anyhow::Error),
+    /// This controller is a standby (or cannot act as the leader now):
+    /// ask the leader.
+    #[error("{0}")]
+    Standby(String),
 }
 
 /// Engine settings.
@@ -83,6 +89,8 @@ pub struct Settings {
     /// Whether state changes are announced (a webhook is configured):
     /// their notifications go into the outbox with each change.
     pub notify: bool,
+    /// Whether this controller may act (always, with an embedded store).
+    pub leadership: Arc<Leadership>,
 }
 
 /// The output kept per host and rollout when the controller is not told.
@@ -111,6 +119,24 @@ struct State {
     host_digests: HashMap<String, [u8; 32]>,
 }
 
+impl State {
+    /// The state as stored.
+    fn loaded(stored: Vec<(Rollout, Vec<HostRecord>)>) -> Result<State> {
+        let mut state = State::default();
+        for (rollout, hosts) in stored {
+            for h in &hosts {
+                let json = serde_json::to_vec(h).map_err(anyhow::Error::from)?;
+                state
+                    .host_digests
+                    .insert(host_key(&rollout.id, &h.host), Sha256::digest(&json).into());
+            }
+            let hosts = hosts.into_iter().map(|h| (h.host.clone(), h)).collect();
+            state.rollouts.insert(rollout.id.clone(), Entry { rollout, hosts });
+        }
+        Ok(state)
+    }
+}
+
 /// How far the store has caught up with memory.
 #[derive(Clone, Debug, Default)]
 struct Durable {
@@ -122,9 +148,10 @@ struct Durable {
 
 /// The engine.
 pub struct Engine {
-    store: Arc<Store>,
+    store: Arc<dyn StateStore>,
     metrics: crate::metrics::Metrics,
     inventory_hash: String,
+    fleet_text: String,
     hub: Arc<Hub>,
     fleet: Fleet,
     policies: PolicySet,
@@ -232,27 +259,23 @@ fn checks_detail(r: &pb::CommandResult) -> String {
 }
 
 impl Engine {
-    /// An engine over an open store; rollouts in it are loaded.
-    pub fn new(
-        store: Store,
+    /// An engine over an open store; rollouts in it are loaded. A standby
+    /// engine serves reads until [`Engine::promote`].
+    pub async fn new(
+        store: Arc<dyn StateStore>,
         hub: Arc<Hub>,
         (fleet, fleet_text): (Fleet, &str),
         policies: PolicySet,
         settings: Settings,
     ) -> Result<Arc<Engine>> {
         let inventory_hash = hex::encode(Sha256::digest(fleet_text.as_bytes()));
-        store.put_inventory(&inventory_hash, fleet_text)?;
-        let mut state = State::default();
-        for (rollout, hosts) in store.load()? {
-            for h in &hosts {
-                let json = serde_json::to_vec(h).map_err(anyhow::Error::from)?;
-                state
-                    .host_digests
-                    .insert(host_key(&rollout.id, &h.host), Sha256::digest(&json).into());
-            }
-            let hosts = hosts.into_iter().map(|h| (h.host.clone(), h)).collect();
-            state.rollouts.insert(rollout.id.clone(), Entry { rollout, hosts });
+        if settings.leadership.leads() {
+            store
+                .put_inventory(inventory_hash.clone(), fleet_text.to_owned())
+                .await?;
         }
+        hub.set_leadership(Arc::clone(&settings.leadership));
+        let state = State::loaded(store.load().await?)?;
         let (changes, _) = watch::channel(0);
         let (durable, _) = watch::channel(Durable::default());
         let wake = Arc::new(Notify::new());
@@ -261,9 +284,10 @@ impl Engine {
         let engine = Arc::new(Engine {
             output,
             notified: Arc::new(Notify::new()),
-            store: Arc::new(store),
+            store,
             metrics: crate::metrics::Metrics::new().map_err(|e| anyhow::anyhow!("metrics: {e}"))?,
             inventory_hash,
+            fleet_text: fleet_text.to_owned(),
             hub,
             fleet,
             policies,
@@ -278,6 +302,54 @@ impl Engine {
         tokio::spawn(commit::writer(Arc::downgrade(&engine), wake));
         tokio::spawn(output::writer(Arc::downgrade(&engine), output_rx, cap));
         Ok(engine)
+    }
+
+    /// A standby reads the store again, to show what the leader did.
+    pub async fn refresh(&self) -> Result<()> {
+        if self.settings.leadership.leads() {
+            return Ok(());
+        }
+        let fresh = State::loaded(self.store.load().await?)?;
+        {
+            let mut st = self.lock();
+            st.rollouts = fresh.rollouts;
+            st.host_digests = fresh.host_digests;
+        }
+        self.changes.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// This controller was elected: read the store as the old leader left
+    /// it, and continue every rollout from there.
+    pub async fn promote(self: &Arc<Self>) -> Result<()> {
+        let fresh = State::loaded(self.store.load().await?)?;
+        {
+            let mut st = self.lock();
+            st.rollouts = fresh.rollouts;
+            st.host_digests = fresh.host_digests;
+        }
+        self.store
+            .put_inventory(self.inventory_hash.clone(), self.fleet_text.clone())
+            .await?;
+        self.changes.send_modify(|n| *n += 1);
+        self.start();
+        Ok(())
+    }
+
+    /// Whether this controller leads; if not, who does.
+    pub fn leading(&self) -> Result<(), EngineError> {
+        if self.settings.leadership.leads() {
+            Ok(())
+        } else {
+            Err(EngineError::Standby(
+                self.settings.leadership.may_act().err().unwrap_or_default(),
+            ))
+        }
+    }
+
+    /// Who may act.
+    pub fn leadership(&self) -> &Arc<Leadership> {
+        &self.settings.leadership
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -313,10 +385,14 @@ impl Engine {
         &self.hub
     }
 
-    /// Record a refused request durably (and in the log).
-    pub fn refuse(&self, text: &str) {
+    /// Record a refused request durably (and in the log). A standby only
+    /// logs it: it writes nothing.
+    pub async fn refuse(&self, text: &str) {
         warn!(refusal = text, "Refused a request.");
-        if let Err(e) = self.store.record_refusal(&format!("{} {text}", utc(now_ms()))) {
+        if !self.settings.leadership.leads() {
+            return;
+        }
+        if let Err(e) = self.store.record_refusal(format!("{} {text}", utc(now_ms()))).await {
             error!(error = %e, "Could not record a refusal.");
         }
     }
@@ -327,7 +403,7 @@ impl Engine {
     }
 
     /// The store, shared (for the notification sender).
-    pub fn store_arc(&self) -> Arc<Store> {
+    pub fn store_arc(&self) -> Arc<dyn StateStore> {
         Arc::clone(&self.store)
     }
 
@@ -337,13 +413,13 @@ impl Engine {
     }
 
     /// The store (audit log reads).
-    pub fn store(&self) -> &Store {
-        &self.store
+    pub fn store(&self) -> &dyn StateStore {
+        &*self.store
     }
 
     /// Every refusal recorded so far.
-    pub fn refusals(&self) -> Result<Vec<String>> {
-        self.store.refusals()
+    pub async fn refusals(&self) -> Result<Vec<String>> {
+        self.store.refusals().await
     }
 
     /// Subscribe to "something changed".
@@ -354,6 +430,9 @@ impl Engine {
     /// Start drivers for every approved rollout that is not finished (after a
     /// restart, they continue where they stopped).
     pub fn start(self: &Arc<Self>) {
+        if !self.settings.leadership.leads() {
+            return;
+        }
         let ids: Vec<String> = self
             .lock()
             .rollouts
@@ -400,6 +479,22 @@ impl Engine {
         self.read_durable(id, Entry::clone).await
     }
 
+    /// `get` for an operator or the web view: on a leader cut off from its
+    /// store it does not wait for the outage to end (see
+    /// `durable_for_reader`).
+    pub async fn show(&self, id: &str) -> Result<Entry, EngineError> {
+        let (entry, seq) = {
+            let st = self.lock();
+            let e = st
+                .rollouts
+                .get(id)
+                .ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
+            (e.clone(), st.queued)
+        };
+        self.durable_for_reader(seq).await?;
+        Ok(entry)
+    }
+
     /// Copies of every rollout, newest first, as committed.
     pub async fn list(&self) -> Vec<Entry> {
         let (all, seq) = {
@@ -407,7 +502,7 @@ impl Engine {
             (st.rollouts.values().rev().cloned().collect(), st.queued)
         };
         // On a failed store this still shows memory; /ready says why.
-        let _ = self.durable_upto(seq).await;
+        let _ = self.durable_for_reader(seq).await;
         all
     }
 }

@@ -105,12 +105,10 @@ impl Engine {
         let Ok(e) = self.get(id).await else { return Vec::new() };
         let mut out = Vec::new();
         for h in e.hosts.values().filter(|h| host.is_none_or(|x| h.host == x)) {
-            let store = Arc::clone(&self.store);
-            let (rid, hid) = (id.to_owned(), h.host.clone());
-            let ends = tokio::task::spawn_blocking(move || store.output_ends(&rid, &hid))
+            let ends = self
+                .store
+                .output_ends(id.to_owned(), h.host.clone())
                 .await
-                .ok()
-                .and_then(Result::ok)
                 .unwrap_or_default();
             let mut seen = std::collections::BTreeSet::new();
             for r in h.results.iter().rev().filter(|r| step.is_none_or(|s| r.step == s)) {
@@ -142,11 +140,12 @@ impl Engine {
     /// (bytes stored, "ok" or why not).
     pub(super) async fn verify_output(&self, id: &str, host: &str, step: &str, sha256: &str) -> (u64, String) {
         self.output_flushed(Duration::from_secs(10)).await;
-        let store = Arc::clone(&self.store);
-        let (id, host, step) = (id.to_owned(), host.to_owned(), step.to_owned());
-        let digest = tokio::task::spawn_blocking(move || store.output_digest(&id, &host, &step)).await;
+        let digest = self
+            .store
+            .output_digest(id.to_owned(), host.to_owned(), step.to_owned())
+            .await;
         match digest {
-            Ok(Ok((bytes, sha, gap))) => {
+            Ok((bytes, sha, gap)) => {
                 let verdict = if sha == sha256 {
                     "ok".to_owned()
                 } else if gap {
@@ -157,8 +156,7 @@ impl Engine {
                 };
                 (bytes, verdict)
             }
-            Ok(Err(e)) => (0, format!("not checked: {e:#}")),
-            Err(e) => (0, format!("not checked: {e}")),
+            Err(e) => (0, format!("not checked: {e:#}")),
         }
     }
 }
@@ -186,13 +184,8 @@ pub(super) async fn writer(engine: Weak<Engine>, mut rx: mpsc::Receiver<(String,
             let key = (c.rollout_id.clone(), host.clone());
             if !hosts.contains_key(&key) {
                 // What an earlier run of the controller stored already.
-                let store = Arc::clone(&engine.store);
                 let (r, h) = key.clone();
-                let known = tokio::task::spawn_blocking(move || store.output_ends(&r, &h))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
+                let known = engine.store.output_ends(r, h).await.unwrap_or_default();
                 let ho = HostOutput {
                     total: known.iter().map(|(_, e)| e).sum(),
                     ends: known.into_iter().collect(),
@@ -225,11 +218,9 @@ pub(super) async fn writer(engine: Weak<Engine>, mut rx: mpsc::Receiver<(String,
             });
         }
         let stored: u64 = pieces.iter().map(|p| p.data.len() as u64).sum();
-        let store = Arc::clone(&engine.store);
-        match tokio::task::spawn_blocking(move || store.append_output(&pieces)).await {
-            Ok(Ok(())) => engine.metrics.output_bytes.inc_by(stored),
-            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "Could not store output; it stays in the agents' journals."),
-            Err(e) => warn!(error = %e, "The output writer failed."),
+        match engine.store.append_output(pieces).await {
+            Ok(()) => engine.metrics.output_bytes.inc_by(stored),
+            Err(e) => warn!(error = %format!("{e:#}"), "Could not store output; it stays in the agents' journals."),
         }
         engine.output.done.send_modify(|d| *d += n);
     }

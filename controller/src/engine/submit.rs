@@ -119,8 +119,10 @@ impl Engine {
         plan_yaml: &str,
         bypass: &[String],
     ) -> Result<(Entry, Report), EngineError> {
+        self.leading()?;
         if !bypass.is_empty() {
-            self.refuse(&format!("{submitter} asked to bypass: {}", bypass.join(", ")));
+            self.refuse(&format!("{submitter} asked to bypass: {}", bypass.join(", ")))
+                .await;
             return Err(EngineError::Denied(format!(
                 "refused: nothing skips the canary, the approval or the backup rule (asked to bypass: {})",
                 bypass.join(", ")
@@ -141,7 +143,7 @@ impl Engine {
         };
         let hash = hex::encode(Sha256::digest(plan_yaml.as_bytes()));
         let waves: Vec<Vec<String>> = report.waves.iter().map(|w| w.hosts.clone()).collect();
-        let (template, _) = build(String::new(), submitter, &hash, &plan, &waves, &self.policies);
+        let (template, template_hosts) = build(String::new(), submitter, &hash, &plan, &waves, &self.policies);
         let first = waves.first().cloned().unwrap_or_default();
         let tag = format!("submit:{}:{}", &hash[..12], self.boot);
         let mut probes = Vec::new();
@@ -169,9 +171,26 @@ impl Engine {
             .map(DryRunRecord::summary)
             .collect();
         crate::failpoint::hit("submit-dry-run-done");
-        let (rollout, hosts) = self.store.create_rollout(&hash, plan_yaml, |id| {
-            let (mut r, h) = build(id, submitter, &hash, &plan, &waves, &self.policies);
-            r.inventory_hash.clone_from(&self.inventory_hash);
+        let report_json = serde_json::json!({
+            "targets": report.targets,
+            "waves": report.waves,
+            "notes": report.notes,
+            "policies": report.policies,
+            "violations": report.violations,
+        });
+        let (submitter_s, hash_s, plan_file_s, plan_yaml_s) = (
+            submitter.to_owned(),
+            hash.clone(),
+            plan_file.to_owned(),
+            plan_yaml.to_owned(),
+        );
+        let inventory_hash = self.inventory_hash.clone();
+        let notify = self.settings.notify;
+        let blocked_any = !blocked.is_empty();
+        let make: crate::store::Build = Box::new(move |id| {
+            let (mut r, h) = (template, template_hosts);
+            r.id = id;
+            r.inventory_hash = inventory_hash;
             r.dry_runs = records.clone();
             r.dry_run_digest = hex::encode(Sha256::digest(serde_json::to_vec(&records).unwrap_or_default()));
             for rec in &records {
@@ -185,24 +204,19 @@ impl Engine {
                 ));
                 event(&mut r, "refused: a blocked dry-run; this rollout can never be approved");
             }
+            let mut data = report_json;
+            data["plan_hash"] = hash_s.clone().into();
+            data["plan_file"] = plan_file_s.into();
+            data["plan_yaml"] = plan_yaml_s.into();
+            data["inventory_hash"] = r.inventory_hash.clone().into();
+            data["dry_runs"] = serde_json::to_value(&r.dry_runs).unwrap_or_default();
             let mut bodies = vec![AuditBody {
                 kind: "submit".into(),
                 rollout: Some(r.id.clone()),
                 host: None,
-                actor: Some(submitter.to_owned()),
-                text: format!("{submitter} submitted plan `{}` ({hash})", r.plan_name),
-                data: serde_json::json!({
-                    "plan_hash": hash,
-                    "plan_file": plan_file,
-                    "plan_yaml": plan_yaml,
-                    "inventory_hash": r.inventory_hash,
-                    "targets": report.targets,
-                    "waves": report.waves,
-                    "notes": report.notes,
-                    "policies": report.policies,
-                    "violations": report.violations,
-                    "dry_runs": r.dry_runs,
-                }),
+                actor: Some(submitter_s.clone()),
+                text: format!("{submitter_s} submitted plan `{}` ({hash_s})", r.plan_name),
+                data,
             }];
             bodies.extend(r.events.iter().map(|text| AuditBody {
                 kind: "event".into(),
@@ -213,11 +227,16 @@ impl Engine {
                 data: serde_json::Value::Null,
             }));
             let outbox = match crate::notify::event_of(r.state) {
-                Some(ev) if self.settings.notify => vec![crate::notify::body(&r, ev, &utc(now_ms()))],
+                Some(ev) if notify => vec![crate::notify::body(&r, ev, &utc(now_ms()))],
                 _ => Vec::new(),
             };
             (r, h, bodies, outbox)
-        })?;
+        });
+        self.leading()?;
+        let (rollout, hosts) = self
+            .store
+            .create_rollout(hash.clone(), plan_yaml.to_owned(), make)
+            .await?;
         if self.settings.notify {
             self.notified.notify_one();
         }
@@ -228,11 +247,12 @@ impl Engine {
         };
         self.lock().rollouts.insert(entry.rollout.id.clone(), entry.clone());
         self.changes.send_modify(|n| *n += 1);
-        if !blocked.is_empty() {
+        if blocked_any {
             self.refuse(&format!(
                 "submission {} by {submitter}: dry-run blocked",
                 entry.rollout.id
-            ));
+            ))
+            .await;
             return Err(EngineError::DryRunBlocked(Box::new(entry)));
         }
         Ok((entry, report))
@@ -413,7 +433,7 @@ impl Engine {
             })
             .await;
         if let Err(EngineError::Denied(msg)) = &started {
-            self.refuse(&format!("approval of {id} by {who}: {msg}"));
+            self.refuse(&format!("approval of {id} by {who}: {msg}")).await;
             // Record it on the rollout too (the transaction above did not commit).
             let _ = self
                 .mutate(id, |e| {

@@ -1,16 +1,22 @@
-//! The controller's durable store: one redb database in the data directory.
+//! The embedded store: one redb database in the data directory.
 //!
 //! Every state change is one write transaction, and redb commits it with an
 //! fdatasync before `commit` returns, so the engine acts only on state that a
 //! power cut cannot take back. This module is the only one that knows redb.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
-use wavegate_domain::audit::{self, AuditBody, AuditRecord, Checkpoint, Tamper};
+use wavegate_domain::audit::{AuditBody, AuditRecord, Checkpoint, Tamper};
 use wavegate_domain::rollout::{HostRecord, Rollout};
+
+use super::{
+    Batch, Build, OutputPiece, OutputQuery, StateStore, extend_chain, host_key, output_key, refusal_body, shell,
+    signing_key, verdict,
+};
 
 /// Counters and settings.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -35,36 +41,10 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// that offset.
 const OUTPUT: TableDefinition<&str, &[u8]> = TableDefinition::new("output");
 
-/// A piece of a step's output, as stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutputPiece {
-    /// Rollout.
-    pub rollout: String,
-    /// Host.
-    pub host: String,
-    /// Step, fetch or check.
-    pub step: String,
-    /// Where `data` starts in the step's output.
-    pub offset: u64,
-    /// The bytes.
-    pub data: Vec<u8>,
-}
-
-/// The key of a piece of output: rollout, host, step and offset, so that a
-/// range scan reads one step's output in order.
-pub fn output_key(rollout: &str, host: &str, step: &str, offset: u64) -> String {
-    format!("{rollout}\u{0}{host}\u{0}{step}\u{0}{offset:020}")
-}
-
-fn parse_output_key(k: &str) -> Option<(String, String, String, u64)> {
-    let mut it = k.split('\u{0}');
-    let (r, h, s, o) = (it.next()?, it.next()?, it.next()?, it.next()?);
-    Some((r.to_owned(), h.to_owned(), s.to_owned(), o.parse().ok()?))
-}
-
-/// The store.
-pub struct Store {
+/// The redb store.
+pub struct RedbStore {
     db: Database,
+    path: std::path::PathBuf,
     key: SigningKey,
     /// Bytes of output committed without a sync since the last synced
     /// commit: redb keeps those in memory until then.
@@ -77,54 +57,21 @@ const CACHE: usize = 64 << 20;
 /// How much output may wait in memory for a synced commit.
 const UNSYNCED_OUTPUT: u64 = 16 << 20;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Load the controller's audit signing key, or make one (mode 0600).
-fn signing_key(dir: &Path) -> Result<SigningKey> {
-    let path = dir.join("audit-ed25519.key");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let bytes = hex::decode(text.trim()).with_context(|| format!("{} is not a hex key", path.display()))?;
-        let arr: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .with_context(|| format!("{} is not a 32-byte key", path.display()))?;
-        return Ok(SigningKey::from_bytes(&arr));
-    }
-    let key = SigningKey::from_bytes(&rand::random::<[u8; 32]>());
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    f.write_all(hex::encode(key.to_bytes()).as_bytes())?;
-    f.sync_all()?;
-    Ok(key)
-}
-
 /// Append audit records to the chain inside `txn`, and sign the new head.
 fn append(txn: &WriteTransaction, key: &SigningKey, bodies: Vec<AuditBody>) -> Result<()> {
     if bodies.is_empty() {
         return Ok(());
     }
     let mut table = txn.open_table(AUDIT)?;
-    let mut last: Option<AuditRecord> = match table.last()? {
+    let last: Option<AuditRecord> = match table.last()? {
         Some((_, v)) => Some(serde_json::from_slice(v.value())?),
         None => None,
     };
-    let at = now_ms();
-    for body in bodies {
-        let r = audit::next(last.as_ref(), at, body);
-        table.insert(r.seq, serde_json::to_vec(&r)?.as_slice())?;
-        last = Some(r);
+    let (records, cp) = extend_chain(last.as_ref(), key, bodies);
+    for r in &records {
+        table.insert(r.seq, serde_json::to_vec(r)?.as_slice())?;
     }
-    if let Some(head) = last {
-        let cp = Checkpoint::sign(key, head.seq, &head.hash);
+    if let Some(cp) = cp {
         txn.open_table(CHECKPOINT)?
             .insert("head", serde_json::to_vec(&cp)?.as_slice())?;
     }
@@ -144,15 +91,10 @@ fn enqueue(txn: &WriteTransaction, outbox: &[Vec<u8>]) -> Result<()> {
     Ok(())
 }
 
-/// The key of a host record: `<rollout id>/<host id>`.
-pub fn host_key(rollout: &str, host: &str) -> String {
-    format!("{rollout}/{host}")
-}
-
-impl Store {
+impl RedbStore {
     /// Open (or create) the store in `dir`. A damaged file is an error that
     /// names it; nothing is overwritten.
-    pub fn open(dir: &Path) -> Result<Store> {
+    pub fn open(dir: &Path) -> Result<RedbStore> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating the data directory {}", dir.display()))?;
         let path = dir.join("wavegate.redb");
         let damaged = || {
@@ -195,11 +137,17 @@ impl Store {
             txn.open_table(OUTBOX)?;
         }
         txn.commit()?;
-        Ok(Store {
+        Ok(RedbStore {
             db,
+            path,
             key,
             unsynced_output: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// The store as the engine uses it.
+    pub fn shared(self) -> Arc<dyn StateStore> {
+        Arc::new(Arc::new(self))
     }
 
     /// The key that verifies the audit log's checkpoints.
@@ -216,14 +164,7 @@ impl Store {
             let (k, v) = e?;
             // A record that no longer parses is kept as an empty shell with
             // its key, so verification names it instead of failing to read.
-            records.push(serde_json::from_slice(v.value()).unwrap_or(AuditRecord {
-                seq: k.value(),
-                at_ms: 0,
-                prev: String::new(),
-                body_sha256: String::new(),
-                hash: String::new(),
-                body: None,
-            }));
+            records.push(serde_json::from_slice(v.value()).unwrap_or_else(|_| shell(k.value())));
         }
         let cp = txn
             .open_table(CHECKPOINT)?
@@ -242,14 +183,7 @@ impl Store {
     /// Verify the live audit log.
     pub fn verify_audit(&self) -> Result<std::result::Result<usize, Tamper>> {
         let (records, cp) = self.audit()?;
-        Ok(match cp {
-            Some(cp) => audit::verify(&records, &cp, &self.public_key()),
-            None if records.is_empty() => Ok(0),
-            None => Err(Tamper {
-                seq: 1,
-                why: "the log has records but no signed checkpoint".into(),
-            }),
-        })
+        Ok(verdict(&records, cp.as_ref(), &self.public_key()))
     }
 
     /// Append audit records on their own (no state change).
@@ -276,15 +210,7 @@ impl Store {
             let next = t.last()?.map_or(1, |(k, _)| k.value() + 1);
             t.insert(next, text)?;
         }
-        let body = AuditBody {
-            kind: "refusal".into(),
-            rollout: None,
-            host: None,
-            actor: None,
-            text: text.to_owned(),
-            data: serde_json::Value::Null,
-        };
-        append(&txn, &self.key, vec![body])?;
+        append(&txn, &self.key, vec![refusal_body(text)])?;
         txn.commit()?;
         Ok(())
     }
@@ -340,26 +266,20 @@ impl Store {
     /// Commit rollout headers, host records and their audit records (all
     /// JSON, keyed by rollout id and by [`host_key`]) in one transaction:
     /// one fdatasync for a whole batch of changes.
-    pub fn commit(
-        &self,
-        rollouts: &[(String, Vec<u8>)],
-        hosts: &[(String, Vec<u8>)],
-        audit: Vec<AuditBody>,
-        outbox: &[Vec<u8>],
-    ) -> Result<()> {
+    pub fn commit(&self, batch: Batch) -> Result<()> {
         let txn = self.db.begin_write()?;
-        enqueue(&txn, outbox)?;
+        enqueue(&txn, &batch.outbox)?;
         {
             let mut table = txn.open_table(ROLLOUTS)?;
-            for (id, json) in rollouts {
+            for (id, json) in &batch.rollouts {
                 table.insert(id.as_str(), json.as_slice())?;
             }
             let mut table = txn.open_table(HOSTS)?;
-            for (key, json) in hosts {
+            for (key, json) in &batch.hosts {
                 table.insert(key.as_str(), json.as_slice())?;
             }
         }
-        append(&txn, &self.key, audit)?;
+        append(&txn, &self.key, batch.audit)?;
         txn.commit()?;
         Ok(())
     }
@@ -434,99 +354,93 @@ impl Store {
         Ok(())
     }
 
-    /// Stored output of a rollout, in order of host, step and offset:
-    /// every piece that starts at or after `from` for its (host, step),
-    /// of `host` and `step` when given, up to about `max_bytes`.
-    pub fn read_output(
-        &self,
-        rollout: &str,
-        host: Option<&str>,
-        step: Option<&str>,
-        from: &std::collections::HashMap<(String, String), u64>,
-        max_bytes: usize,
-    ) -> Result<Vec<OutputPiece>> {
+    /// Every stored piece of output under `prefix`, in key order, until
+    /// `f` says stop.
+    fn scan_output(&self, prefix: &str, mut f: impl FnMut(&str, &[u8]) -> bool) -> Result<()> {
         let txn = self.db.begin_read()?;
         let t = txn.open_table(OUTPUT)?;
-        let start = match host {
-            Some(h) => format!("{rollout}\u{0}{h}\u{0}"),
-            None => format!("{rollout}\u{0}"),
-        };
-        let mut out = Vec::new();
-        let mut bytes = 0;
-        for e in t.range(start.as_str()..)? {
+        for e in t.range(prefix..)? {
             let (k, v) = e?;
-            if !k.value().starts_with(&start) {
-                break;
-            }
-            let Some((r, h, s, offset)) = parse_output_key(k.value()) else {
-                continue;
-            };
-            if step.is_some_and(|want| want != s) {
-                continue;
-            }
-            if from.get(&(h.clone(), s.clone())).is_some_and(|f| offset < *f) {
-                continue;
-            }
-            bytes += v.value().len();
-            out.push(OutputPiece {
-                rollout: r,
-                host: h,
-                step: s,
-                offset,
-                data: v.value().to_vec(),
-            });
-            if bytes >= max_bytes {
+            if !k.value().starts_with(prefix) || !f(k.value(), v.value()) {
                 break;
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Stored output of a rollout, in order of host, step and offset.
+    pub fn read_output(&self, q: &OutputQuery) -> Result<Vec<OutputPiece>> {
+        let mut sel = super::Selection::new(q);
+        self.scan_output(&sel.prefix(), |k, v| sel.take(k, v))?;
+        Ok(sel.pieces)
     }
 
     /// Bytes stored for one step's output, contiguous from its start, and
     /// their SHA-256; and whether there is a gap (something missing).
     pub fn output_digest(&self, rollout: &str, host: &str, step: &str) -> Result<(u64, String, bool)> {
-        use sha2::Digest as _;
-        let txn = self.db.begin_read()?;
-        let t = txn.open_table(OUTPUT)?;
-        let start = format!("{rollout}\u{0}{host}\u{0}{step}\u{0}");
-        let mut h = sha2::Sha256::new();
-        let mut end = 0u64;
-        let mut gap = false;
-        for e in t.range(start.as_str()..)? {
-            let (k, v) = e?;
-            if !k.value().starts_with(&start) {
-                break;
-            }
-            let Some((_, _, _, offset)) = parse_output_key(k.value()) else {
-                continue;
-            };
-            if offset != end {
-                gap = true;
-            }
-            h.update(v.value());
-            end = offset + v.value().len() as u64;
-        }
-        Ok((end, hex::encode(h.finalize()), gap))
+        let mut d = super::OutputDigest::default();
+        self.scan_output(&format!("{rollout}\u{0}{host}\u{0}{step}\u{0}"), |k, v| {
+            d.add(k, v);
+            true
+        })?;
+        Ok(d.finish())
     }
 
     /// Where each stored step's output of a rollout and host ends: (step,
     /// bytes up to the end of its last piece).
     pub fn output_ends(&self, rollout: &str, host: &str) -> Result<Vec<(String, u64)>> {
+        let mut ends = super::OutputEnds::default();
+        self.scan_output(&format!("{rollout}\u{0}{host}\u{0}"), |k, v| {
+            ends.add(k, v.len());
+            true
+        })?;
+        Ok(ends.finish())
+    }
+
+    /// Every key and value of the store, named as the etcd store lays
+    /// them out under its prefix (for `wavegate store migrate`), in order.
+    pub fn export(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        use super::keys;
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(OUTPUT)?;
-        let start = format!("{rollout}\u{0}{host}\u{0}");
-        let mut ends: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
-        for e in t.range(start.as_str()..)? {
-            let (k, v) = e?;
-            if !k.value().starts_with(&start) {
-                break;
-            }
-            let Some((_, _, s, offset)) = parse_output_key(k.value()) else {
-                continue;
-            };
-            ends.insert(s, offset + v.value().len() as u64);
+        let mut out = Vec::new();
+        if let Some(v) = txn.open_table(META)?.get("next_rollout")? {
+            out.push((keys::NEXT_ROLLOUT.to_owned(), v.value().to_string().into_bytes()));
         }
-        Ok(ends.into_iter().collect())
+        let text_tables = [(PLANS, keys::PLANS), (INVENTORIES, keys::INVENTORIES)];
+        for (table, name) in text_tables {
+            for e in txn.open_table(table)?.iter()? {
+                let (k, v) = e?;
+                out.push((format!("{name}{}", k.value()), v.value().as_bytes().to_vec()));
+            }
+        }
+        let byte_tables = [(ROLLOUTS, keys::ROLLOUTS), (HOSTS, keys::HOSTS), (OUTPUT, keys::OUTPUT)];
+        for (table, name) in byte_tables {
+            for e in txn.open_table(table)?.iter()? {
+                let (k, v) = e?;
+                out.push((format!("{name}{}", k.value()), v.value().to_vec()));
+            }
+        }
+        for e in txn.open_table(REFUSALS)?.iter()? {
+            let (k, v) = e?;
+            out.push((
+                format!("{}{}", keys::REFUSALS, keys::seq(k.value())),
+                v.value().as_bytes().to_vec(),
+            ));
+        }
+        for (table, name) in [(AUDIT, keys::AUDIT), (OUTBOX, keys::OUTBOX)] {
+            for e in txn.open_table(table)?.iter()? {
+                let (k, v) = e?;
+                out.push((format!("{name}{}", keys::seq(k.value())), v.value().to_vec()));
+            }
+        }
+        if let Some(v) = txn.open_table(CHECKPOINT)?.get("head")? {
+            out.push((keys::CHECKPOINT.to_owned(), v.value().to_vec()));
+        }
+        out.push((
+            keys::AUDIT_KEY.to_owned(),
+            hex::encode(self.public_key().to_bytes()).into_bytes(),
+        ));
+        Ok(out)
     }
 
     /// The plan bytes with this hash.
@@ -534,5 +448,91 @@ impl Store {
         let txn = self.db.begin_read()?;
         let plans = txn.open_table(PLANS)?;
         Ok(plans.get(hash)?.map(|v| v.value().to_owned()))
+    }
+}
+
+/// Runs the store's calls on the blocking pool: a commit waits for an
+/// fdatasync, which must not hold up the runtime's workers.
+async fn blocking<R: Send + 'static>(
+    store: &Arc<RedbStore>,
+    f: impl FnOnce(&RedbStore) -> Result<R> + Send + 'static,
+) -> Result<R> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || f(&store)).await?
+}
+
+#[tonic::async_trait]
+impl StateStore for Arc<RedbStore> {
+    fn describe(&self) -> String {
+        format!("redb {}", self.path.display())
+    }
+
+    fn public_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    async fn audit(&self) -> Result<(Vec<AuditRecord>, Option<Checkpoint>)> {
+        blocking(self, RedbStore::audit).await
+    }
+
+    async fn audit_len(&self) -> Result<u64> {
+        blocking(self, RedbStore::audit_len).await
+    }
+
+    async fn put_inventory(&self, hash: String, text: String) -> Result<()> {
+        blocking(self, move |s| s.put_inventory(&hash, &text)).await
+    }
+
+    async fn record_refusal(&self, text: String) -> Result<()> {
+        blocking(self, move |s| s.record_refusal(&text)).await
+    }
+
+    async fn refusals(&self) -> Result<Vec<String>> {
+        blocking(self, RedbStore::refusals).await
+    }
+
+    async fn create_rollout(
+        &self,
+        plan_hash: String,
+        plan_yaml: String,
+        build: Build,
+    ) -> Result<(Rollout, Vec<HostRecord>)> {
+        blocking(self, move |s| s.create_rollout(&plan_hash, &plan_yaml, build)).await
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<()> {
+        blocking(self, move |s| s.commit(batch)).await
+    }
+
+    async fn load(&self) -> Result<Vec<(Rollout, Vec<HostRecord>)>> {
+        blocking(self, RedbStore::load).await
+    }
+
+    async fn outbox_first(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        blocking(self, RedbStore::outbox_first).await
+    }
+
+    async fn outbox_done(&self, seq: u64) -> Result<()> {
+        blocking(self, move |s| s.outbox_done(seq)).await
+    }
+
+    async fn append_output(&self, pieces: Vec<OutputPiece>) -> Result<()> {
+        blocking(self, move |s| s.append_output(&pieces)).await
+    }
+
+    async fn read_output(&self, q: OutputQuery) -> Result<Vec<OutputPiece>> {
+        blocking(self, move |s| s.read_output(&q)).await
+    }
+
+    async fn output_digest(&self, rollout: String, host: String, step: String) -> Result<(u64, String, bool)> {
+        blocking(self, move |s| s.output_digest(&rollout, &host, &step)).await
+    }
+
+    async fn output_ends(&self, rollout: String, host: String) -> Result<Vec<(String, u64)>> {
+        blocking(self, move |s| s.output_ends(&rollout, &host)).await
+    }
+
+    async fn plan(&self, hash: String) -> Result<Option<String>> {
+        blocking(self, move |s| s.plan(&hash)).await
     }
 }
