@@ -57,6 +57,98 @@ impl Lab {
         Lab::up_args(name, fleet, grace, env, &[])
     }
 
+    /// Start a lab whose `controllers` controllers share the etcd store at
+    /// `store` (leadership lease 3 s), with more `lab up` flags.
+    pub fn up_ha(
+        name: &str,
+        fleet: &str,
+        store: &str,
+        controllers: usize,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Lab {
+        let n = controllers.to_string();
+        let mut args = vec!["--store", store, "--controllers", &n, "--lease-ttl", "3s"];
+        args.extend_from_slice(extra);
+        Lab::start(name, fleet, "10s", env, &[], &args)
+    }
+
+    /// Every controller's URL, the first (elected first) first.
+    pub fn controllers(&self) -> Vec<String> {
+        let lab: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("lab.json")).expect("lab.json"))
+            .expect("lab.json is JSON");
+        match lab["controllers"].as_array() {
+            Some(all) => all.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect(),
+            None => vec![self.controller()],
+        }
+    }
+
+    /// (URL, role) of every controller, as `wavegate controllers` says.
+    pub fn roles(&self) -> Vec<(String, String)> {
+        let run = self.wavegate_as("auditor", &["controllers", "--output", "json"]);
+        serde_json::from_str::<Value>(&run.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                (
+                    r["url"].as_str().unwrap_or_default().to_owned(),
+                    r["role"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Wait until controller `n` (from 1) leads.
+    pub fn wait_leader(&self, n: usize, timeout: Duration) {
+        let url = self.controllers()[n - 1].clone();
+        eventually(timeout, &format!("controller {n} ({url}) to lead"), || {
+            self.roles()
+                .iter()
+                .any(|(u, r)| *u == url && r == "leader")
+                .then_some(())
+        });
+    }
+
+    /// The log name of controller `n` (from 1).
+    pub fn controller_log(n: usize) -> String {
+        if n == 1 {
+            "controller".into()
+        } else {
+            format!("controller-{n}")
+        }
+    }
+
+    /// Wait until some controller of `count` stops at a failpoint; returns
+    /// which (from 1).
+    pub fn wait_failpoint_of(&self, point: &str, count: usize) -> usize {
+        let needle = format!("failpoint `{point}` reached");
+        eventually(Duration::from_secs(60), &needle, || {
+            (1..=count).find(|n| self.log(&Lab::controller_log(*n)).contains(&needle))
+        })
+    }
+
+    /// SIGKILL controller `n` (from 1); returns its command line.
+    pub fn kill_controller(&self, n: usize) -> Vec<String> {
+        let data = format!("{} --fleet", self.dir.join(Lab::controller_log(n)).display());
+        self.kill9(&["serve", &data], "exec-step")
+    }
+
+    /// Every command a host's agent journaled (its `job.json` files).
+    pub fn jobs(&self, host: &str) -> Vec<Value> {
+        let dir = self.dir.join("hosts").join(host).join("agent/journal");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if let Ok(text) = std::fs::read_to_string(e.path().join("job.json"))
+                && let Ok(v) = serde_json::from_str::<Value>(&text)
+            {
+                out.push(v);
+            }
+        }
+        out
+    }
+
     fn up_args(name: &str, fleet: &str, grace: &str, env: &[(&str, &str)], fs: &[&str]) -> Lab {
         Lab::start(name, fleet, grace, env, fs, &[])
     }
@@ -182,7 +274,14 @@ impl Lab {
         let mut last = Value::Null;
         let found = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             eventually(timeout, &format!("rollout {id} to be {state}"), || {
-                let s = self.status(id);
+                // During a failover a controller may not answer for a
+                // moment: ask again.
+                let run = self.wavegate_as("auditor", &["rollout", "status", id, "--output", "json"]);
+                if run.status != 0 {
+                    last = Value::String(run.stderr);
+                    return None;
+                }
+                let s = run.json();
                 last = s.clone();
                 (s["state"] == state).then_some(s)
             })

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod etcd;
 pub mod lab;
 pub mod proxy;
 

@@ -1,0 +1,92 @@
+//! A 3-member etcd cluster of a test's own, on loopback ports the kernel
+//! picked, started and stopped with `scripts/etcd-cluster`.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// A running cluster; stopped when dropped.
+pub struct EtcdCluster {
+    /// Its directory (members' data and logs).
+    pub dir: PathBuf,
+    /// The store URL: `etcd://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C`.
+    pub url: String,
+    /// The members' client ports, in order.
+    pub client_ports: Vec<u16>,
+}
+
+fn script() -> PathBuf {
+    crate::repo_root().join("scripts/etcd-cluster")
+}
+
+fn free_ports(n: usize) -> Vec<u16> {
+    // Held together so that the kernel hands out distinct ones.
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter().map(|l| l.local_addr().expect("port").port()).collect()
+}
+
+impl EtcdCluster {
+    /// Start three members for test `name`.
+    pub fn start(name: &str) -> EtcdCluster {
+        let dir = std::env::temp_dir().join(format!("wavegate-etcd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ports = free_ports(6);
+        let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        let out = Command::new(script())
+            .arg("start")
+            .arg(&dir)
+            .arg(&list)
+            .output()
+            .expect("run scripts/etcd-cluster");
+        assert!(
+            out.status.success(),
+            "etcd-cluster start failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        EtcdCluster {
+            dir,
+            url,
+            client_ports: vec![ports[0], ports[2], ports[4]],
+        }
+    }
+
+    fn run(&self, args: &[&str]) {
+        let status = Command::new(script())
+            .args(&args[..1])
+            .arg(&self.dir)
+            .args(&args[1..])
+            .status()
+            .expect("run scripts/etcd-cluster");
+        assert!(status.success(), "etcd-cluster {args:?} failed");
+    }
+
+    /// SIGKILL member `n` (1..=3).
+    pub fn kill(&self, n: usize) {
+        self.run(&["kill", &n.to_string()]);
+    }
+
+    /// Start member `n` again on its data.
+    pub fn start_member(&self, n: usize) {
+        self.run(&["start-member", &n.to_string()]);
+    }
+
+    /// The client address of member `n`.
+    pub fn member(&self, n: usize) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.client_ports[n - 1]))
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).arg("stop").arg(&self.dir).status();
+        // etcd preallocates its write-ahead log (over 100 MiB a member):
+        // keep the members' logs of a failed test only.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
