@@ -138,6 +138,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Start one fake agent per host, at most `parallel` handshakes at a time.
 /// Returns once every session is open.
 pub async fn start(url: &str, certs: &CertDir, hosts: &[String], fleet: &Arc<Fleet>, parallel: usize) -> Result<()> {
+    start_on(&[url.to_owned()], certs, hosts, fleet, parallel, false).await
+}
+
+/// `start`, given every controller: with `follow`, an agent whose session
+/// ends (its controller died or stands by) dials the next controller until
+/// one takes it, as `wavegate-agent --controller a,b` does.
+pub async fn start_on(
+    urls: &[String],
+    certs: &CertDir,
+    hosts: &[String],
+    fleet: &Arc<Fleet>,
+    parallel: usize,
+    follow: bool,
+) -> Result<()> {
     let ca = Certificate::from_pem(std::fs::read(certs.ca()).context("reading the CA")?);
     let gate = Arc::new(Semaphore::new(parallel));
     let (done_tx, mut done_rx) = mpsc::channel::<Result<()>>(hosts.len().max(1));
@@ -148,9 +162,14 @@ pub async fn start(url: &str, certs: &CertDir, hosts: &[String], fleet: &Arc<Fle
             .ca_certificate(ca.clone())
             .identity(identity)
             .domain_name("localhost");
-        let endpoint = Endpoint::from_shared(url.to_owned())?
-            .connect_timeout(Duration::from_secs(30))
-            .tls_config(tls)?;
+        let endpoints = urls
+            .iter()
+            .map(|u| {
+                Ok(Endpoint::from_shared(u.clone())?
+                    .connect_timeout(Duration::from_secs(30))
+                    .tls_config(tls.clone())?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let (host, fleet, gate, done_tx) = (
             Arc::<str>::from(host.as_str()),
             Arc::clone(fleet),
@@ -159,18 +178,32 @@ pub async fn start(url: &str, certs: &CertDir, hosts: &[String], fleet: &Arc<Fle
         );
         tokio::spawn(async move {
             let permit = gate.acquire_owned().await;
-            let opened = open(&endpoint, &host).await;
+            let opened = open(&endpoints[0], &host).await;
             drop(permit);
-            match opened {
-                Ok((tx, inbound)) => {
-                    fleet.connected.fetch_add(1, Ordering::SeqCst);
-                    let _ = done_tx.send(Ok(())).await;
-                    serve(host, tx, inbound, &fleet).await;
-                    fleet.connected.fetch_sub(1, Ordering::SeqCst);
-                }
+            let (mut tx, mut inbound) = match opened {
+                Ok(s) => s,
                 Err(e) => {
                     let _ = done_tx.send(Err(e.context(format!("fake agent {host}")))).await;
+                    return;
                 }
+            };
+            fleet.connected.fetch_add(1, Ordering::SeqCst);
+            let _ = done_tx.send(Ok(())).await;
+            let mut next = 0;
+            loop {
+                serve(Arc::clone(&host), tx, inbound, &fleet).await;
+                fleet.connected.fetch_sub(1, Ordering::SeqCst);
+                if !follow {
+                    return;
+                }
+                (tx, inbound) = loop {
+                    next = (next + 1) % endpoints.len();
+                    if let Ok(s) = open(&endpoints[next], &host).await {
+                        break s;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                fleet.connected.fetch_add(1, Ordering::SeqCst);
             }
         });
     }

@@ -62,6 +62,24 @@ enum Cmd {
         /// Fleet sizes, each on a fresh controller.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         hosts: Vec<usize>,
+        /// Keep the state in a 3-member etcd cluster of the benchmark's own
+        /// (`--store etcd://...`) instead of redb.
+        #[arg(long)]
+        etcd: bool,
+    },
+    /// Benchmark 10: failover. Two controllers on a 3-member etcd; the
+    /// leader is SIGKILLed mid-rollout; the time from the kill until the
+    /// standby leads and until it sends its first step.
+    Failover {
+        /// Fleet size (one host per wave, so steps flow all the time).
+        #[arg(long, default_value_t = 60)]
+        hosts: usize,
+        /// Failovers to measure, each on a fresh rig.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// The leadership lease (`wavegate serve --lease-ttl`).
+        #[arg(long, default_value = "3s", value_parser = wavegate::cli::serve::duration)]
+        lease_ttl: Duration,
     },
     /// Benchmark 3: halt latency after a failing step in wave 2.
     Halt {
@@ -109,12 +127,13 @@ async fn run(cmd: Cmd) -> Result<()> {
             parallel,
         } => agents(&controller, &certs, &fleet, parallel).await,
         Cmd::Memory { agents } => memory(&agents).await,
-        Cmd::Rollout { hosts } => {
+        Cmd::Rollout { hosts, etcd } => {
             for n in hosts {
-                rollout(n).await?;
+                rollout(n, etcd).await?;
             }
             Ok(())
         }
+        Cmd::Failover { hosts, runs, lease_ttl } => failover(hosts, runs, lease_ttl).await,
         Cmd::Halt { hosts, runs } => halt(hosts, runs).await,
         Cmd::AgentIdle { seconds } => agent_idle(seconds).await,
     }
@@ -228,12 +247,21 @@ async fn submit(client: &mut Client, plan: String) -> Result<pb::SubmitResponse>
         .into_inner())
 }
 
-async fn rollout(n: usize) -> Result<()> {
+async fn rollout(n: usize, etcd: bool) -> Result<()> {
     println!(
-        "benchmark 2: one-step no-op plan over {n} hosts, waves [1, 10%, 100%], no bake ({})",
+        "benchmark 2: one-step no-op plan over {n} hosts, waves [1, 10%, 100%], no bake, store {} ({})",
+        if etcd { "etcd (3 members, loopback)" } else { "redb" },
         machine()
     );
-    let rig = Rig::up("rollout", n).await?;
+    let store = if etcd {
+        rig::Store::Etcd {
+            controllers: 1,
+            lease_ttl: Duration::from_secs(10),
+        }
+    } else {
+        rig::Store::Redb
+    };
+    let rig = Rig::up_on("rollout", n, store).await?;
     let fake = Arc::new(fake::Fleet::default());
     let started = Instant::now();
     fake::start(&rig.url, &rig.certs, &rig.hosts, &fake, 256).await?;
@@ -522,4 +550,107 @@ async fn agent_idle(seconds: u64) -> Result<()> {
     let _ = child.kill();
     let _ = child.wait();
     measured
+}
+
+/// A one-step no-op plan with one host per wave and no bake: a step is in
+/// flight at every moment of the rollout.
+fn one_by_one_plan(n: usize) -> String {
+    let waves: String = (0..n).map(|_| "  - size: 1\n").collect();
+    format!(
+        "name: failover\ntargets:\n  groups: [g-load]\n  expect_count: {n}\nsteps:\n  - name: noop\n    run: \"true\"\n    writes: [/var/lib/wavegate-noop]\n    timeout: 60s\nwaves:\n{waves}health:\n  bake: 0s\n  interval: 1s\nfailure_budget:\n  canary: 0\n  wave: 0\non_failure: halt\n"
+    )
+}
+
+async fn failover(n: usize, runs: usize, lease_ttl: Duration) -> Result<()> {
+    println!(
+        "benchmark 10: failover, two controllers on a 3-member etcd (loopback), lease {lease_ttl:?}, {n} hosts one per wave ({})",
+        machine()
+    );
+    let (mut elected, mut first_step) = (Vec::new(), Vec::new());
+    for run in 1..=runs {
+        let mut rig = Rig::up_on(
+            "failover",
+            n,
+            rig::Store::Etcd {
+                controllers: 2,
+                lease_ttl,
+            },
+        )
+        .await?;
+        rig.wait_role(1, "standby", Duration::from_secs(30)).await?;
+        let fake = Arc::new(fake::Fleet::default());
+        fake::start_on(&rig.urls, &rig.certs, &rig.hosts, &fake, 64, true).await?;
+        let mut admin = rig.operator("admin").await?;
+        rig.wait_connected(&mut admin, n).await?;
+        let (mut submitter, mut approver) = (rig.operator("submitter").await?, rig.operator("approver").await?);
+        let sub = submit(&mut submitter, one_by_one_plan(n)).await?;
+        approver
+            .approve(pb::ApproveRequest {
+                id: sub.id.clone(),
+                plan_hash: sub.plan_hash.clone(),
+            })
+            .await?;
+        // Let a third of the waves pass, then kill the leader mid-wave.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while first_of(&fake.seen(), Kind::Step).len() < n / 3 {
+            if Instant::now() > deadline {
+                bail!("the rollout did not get a third of the way in 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        rig.kill(0)?;
+        let killed = Instant::now();
+        rig.wait_role(1, "leader", lease_ttl * 4 + Duration::from_secs(10))
+            .await?;
+        let led = killed.elapsed();
+        let stepped = loop {
+            if let Some(s) = fake.seen().iter().find(|s| s.kind == Kind::Step && s.at > killed) {
+                break s.at.saturating_duration_since(killed);
+            }
+            if Instant::now() > killed + Duration::from_secs(120) {
+                bail!("the new leader sent no step within 120 s of the kill");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        // It finishes the rollout, every host healthy.
+        let done = loop {
+            let s = status(&mut rig.operator("admin").await?, &sub.id).await?;
+            if s.state != "running" {
+                break s;
+            }
+            if Instant::now() > killed + Duration::from_secs(300) {
+                bail!("the new leader did not finish the rollout in 300 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let healthy = done
+            .waves
+            .iter()
+            .flat_map(|w| &w.hosts)
+            .filter(|h| h.state == "healthy")
+            .count();
+        if done.state != "completed" || healthy != n {
+            bail!(
+                "after the failover the rollout ended {} with {healthy} of {n} hosts healthy",
+                done.state
+            );
+        }
+        println!(
+            "  run {run}: leader killed -> standby leads {}, -> its first step sent {}; rollout completed, {n} of {n} healthy",
+            ms(led),
+            ms(stepped)
+        );
+        elected.push(led);
+        first_step.push(stepped);
+    }
+    elected.sort();
+    first_step.sort();
+    println!(
+        "  kill to new leader: p50 {}, max {}; kill to first step by the new leader: p50 {}, max {} (lease {lease_ttl:?})",
+        ms(percentile(&elected, 0.5)),
+        ms(percentile(&elected, 1.0)),
+        ms(percentile(&first_step, 0.5)),
+        ms(percentile(&first_step, 1.0))
+    );
+    Ok(())
 }

@@ -11,7 +11,7 @@ use wavegate::cli::client::{Client, Conn};
 use wavegate::tls::{CertDir, Role};
 use wavegate_proto::v1 as pb;
 
-/// A running controller and what it needs.
+/// A running controller (or several on one etcd) and what it needs.
 pub struct Rig {
     /// Scratch directory (removed on drop).
     pub dir: PathBuf,
@@ -19,11 +19,24 @@ pub struct Rig {
     pub hosts: Vec<String>,
     /// Certificates.
     pub certs: CertDir,
-    /// gRPC URL.
+    /// gRPC URL of the first controller.
     pub url: String,
-    /// Web view URL (for /metrics).
+    /// gRPC URL of every controller, in start order.
+    pub urls: Vec<String>,
+    /// Web view URL (for /metrics) of the first controller.
     pub web: String,
-    child: Child,
+    children: Vec<Child>,
+    etcd: Option<PathBuf>,
+}
+
+/// Where the rig's controllers keep their state.
+#[derive(Clone, Copy, Debug)]
+pub enum Store {
+    /// Each its own redb file (one controller).
+    Redb,
+    /// A 3-member etcd cluster of the rig's own on loopback, `controllers`
+    /// controllers on it, with this lease TTL.
+    Etcd { controllers: usize, lease_ttl: Duration },
 }
 
 /// An inventory of `n` standalone hosts, each its own failure domain, in
@@ -49,6 +62,12 @@ pub fn noop_plan(n: usize, name: &str, wave_budget: &str) -> String {
 impl Rig {
     /// Generate everything for `n` hosts and start `wavegate serve`.
     pub async fn up(name: &str, n: usize) -> Result<Rig> {
+        Rig::up_on(name, n, Store::Redb).await
+    }
+
+    /// `up`, on the given store; on etcd, the first controller leads when
+    /// this returns and the others stand by.
+    pub async fn up_on(name: &str, n: usize, store: Store) -> Result<Rig> {
         let dir = std::env::temp_dir().join(format!("wavegate-loadgen-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -70,7 +89,85 @@ impl Rig {
         ] {
             certs.issue_operator(who, role)?;
         }
-        let policies = wavegate::cli::lab::lab_policies(&dir)?;
+        let mut rig = Rig {
+            dir,
+            hosts,
+            certs,
+            url: String::new(),
+            urls: Vec::new(),
+            web: String::new(),
+            children: Vec::new(),
+            etcd: None,
+        };
+        match store {
+            Store::Redb => {
+                rig.start_controller(&fleet, 1, &[]).await?;
+            }
+            Store::Etcd { controllers, lease_ttl } => {
+                let url = rig.start_etcd()?;
+                let ttl = format!("{}ms", lease_ttl.as_millis());
+                let args = [
+                    "--store",
+                    url.as_str(),
+                    "--store-prefix",
+                    "/wavegate-loadgen",
+                    "--lease-ttl",
+                    ttl.as_str(),
+                ];
+                // One audit key for all of them, as the deployment guide says.
+                let first = rig.dir.join("data-1");
+                std::fs::create_dir_all(&first)?;
+                wavegate::store::signing_key(&first)?;
+                for i in 1..=controllers {
+                    if i > 1 {
+                        let data = rig.dir.join(format!("data-{i}"));
+                        std::fs::create_dir_all(&data)?;
+                        std::fs::copy(first.join("audit-ed25519.key"), data.join("audit-ed25519.key"))?;
+                    }
+                    rig.start_controller(&fleet, i, &args).await?;
+                    if i == 1 {
+                        rig.wait_role(0, "leader", Duration::from_secs(60)).await?;
+                    }
+                }
+            }
+        }
+        rig.url = rig.urls[0].clone();
+        Ok(rig)
+    }
+
+    fn start_etcd(&mut self) -> Result<String> {
+        let dir = self.dir.join("etcd");
+        let ports: Vec<String> = (0..6)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
+            .collect::<std::io::Result<Vec<_>>>()?
+            .iter()
+            .map(|a| a.port().to_string())
+            .collect();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(&dir)
+            .arg(ports.join(","))
+            .output()
+            .context("running scripts/etcd-cluster")?;
+        if !out.status.success() {
+            bail!(
+                "scripts/etcd-cluster start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.etcd = Some(dir);
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_owned())
+    }
+
+    async fn start_controller(&mut self, fleet: &std::path::Path, i: usize, extra: &[&str]) -> Result<()> {
+        let policies = wavegate::cli::lab::lab_policies(&self.dir)?;
         let exe = std::env::current_exe()?;
         let wavegate = exe.parent().map(|p| p.join("wavegate")).unwrap_or_default();
         if !wavegate.exists() {
@@ -79,67 +176,98 @@ impl Rig {
                 wavegate.display()
             );
         }
-        let server = certs.controller();
-        let log = std::fs::File::create(dir.join("controller.log"))?;
+        let server = self.certs.controller();
+        let (addr, web, log) = (
+            self.dir.join(format!("addr-{i}")),
+            self.dir.join(format!("web-{i}.addr")),
+            self.dir.join(format!("controller-{i}.log")),
+        );
+        let logf = std::fs::File::create(&log)?;
         let child = Command::new(&wavegate)
             .arg("serve")
-            .args(["--data", &dir.join("data").display().to_string()])
+            .args(["--data", &self.dir.join(format!("data-{i}")).display().to_string()])
             .args(["--fleet", &fleet.display().to_string()])
             .args(["--policies", &policies.display().to_string()])
             .args(["--listen", "127.0.0.1:0", "--web-listen", "127.0.0.1:0"])
-            .args(["--addr-file", &dir.join("addr").display().to_string()])
-            .args(["--web-addr-file", &dir.join("web.addr").display().to_string()])
-            .args(["--ca", &certs.ca().display().to_string()])
+            .args(["--addr-file", &addr.display().to_string()])
+            .args(["--web-addr-file", &web.display().to_string()])
+            .args(["--ca", &self.certs.ca().display().to_string()])
             .args(["--cert", &server.cert.display().to_string()])
             .args(["--key", &server.key.display().to_string()])
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
             .spawn()
             .with_context(|| format!("starting {}", wavegate.display()))?;
-        let mut rig = Rig {
-            dir,
-            hosts,
-            certs,
-            url: String::new(),
-            web: String::new(),
-            child,
-        };
+        self.children.push(child);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let (Ok(a), Ok(w)) = (
-                std::fs::read_to_string(rig.dir.join("addr")),
-                std::fs::read_to_string(rig.dir.join("web.addr")),
-            ) {
-                rig.url = format!("https://{}", a.trim());
-                rig.web = format!("http://{}", w.trim());
-                break;
+            if let (Ok(a), Ok(w)) = (std::fs::read_to_string(&addr), std::fs::read_to_string(&web)) {
+                self.urls.push(format!("https://{}", a.trim()));
+                if i == 1 {
+                    self.web = format!("http://{}", w.trim());
+                }
+                return Ok(());
             }
-            if let Some(status) = rig.child.try_wait()? {
-                bail!(
-                    "the controller exited ({status}); see {}",
-                    rig.dir.join("controller.log").display()
-                );
+            if let Some(status) = self.children[i - 1].try_wait()? {
+                bail!("the controller exited ({status}); see {}", log.display());
             }
             if Instant::now() > deadline {
                 bail!("the controller did not start in 60 s");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(rig)
+    }
+
+    /// Wait until controller `i` (from 0) reports `role`.
+    pub async fn wait_role(&self, i: usize, role: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.role(i).await.is_ok_and(|r| r == role) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("controller {} did not become {role} in {timeout:?}", i + 1);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Controller `i`'s role (from 0).
+    pub async fn role(&self, i: usize) -> Result<String> {
+        let pair = self.certs.operator("admin");
+        let url = self.urls.get(i).context("no such controller")?;
+        let mut c = Conn {
+            controller: Some(url.clone()),
+            ca: Some(self.certs.ca()),
+            cert: Some(pair.cert),
+            key: Some(pair.key),
+        }
+        .connect_to(url)
+        .await?;
+        Ok(c.role(pb::RoleRequest {}).await?.into_inner().role)
+    }
+
+    /// SIGKILL controller `i` (from 0).
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        let c = self.children.get_mut(i).context("no such controller")?;
+        c.kill()?;
+        c.wait()?;
+        Ok(())
     }
 
     /// The controller's process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.children[0].id()
     }
 
     /// An operator connection.
     pub async fn operator(&self, who: &str) -> Result<Client> {
         let pair = self.certs.operator(who);
         Conn {
-            controller: Some(self.url.clone()),
+            controller: Some(self.urls.join(",")),
             ca: Some(self.certs.ca()),
             cert: Some(pair.cert),
             key: Some(pair.key),
@@ -177,8 +305,14 @@ impl Rig {
 
 impl Drop for Rig {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(etcd) = &self.etcd {
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster");
+            let _ = Command::new("bash").arg(script).arg("stop").arg(etcd).status();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
