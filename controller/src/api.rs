@@ -265,7 +265,12 @@ impl AgentService for Api {
             hub.disconnect(&cert_host, session);
             info!(host = %cert_host, "Agent disconnected.");
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // A command queued while this controller could act still goes on
+        // the wire only if it can act now: once its lease may have run out,
+        // the session ends instead, and the agent goes to find the leader.
+        let leadership = Arc::clone(self.engine.leadership());
+        let out = tokio_stream::StreamExt::take_while(ReceiverStream::new(rx), move |_| leadership.may_act().is_ok());
+        Ok(Response::new(Box::pin(out)))
     }
 }
 

@@ -83,6 +83,8 @@ fn retry_elsewhere(s: &tonic::Status) -> bool {
     use tonic::Code::*;
     match s.code() {
         Unavailable | DeadlineExceeded | Cancelled | Aborted => true,
+        // An overload that passes (not a message over the size limit).
+        ResourceExhausted => s.message().contains("too many requests"),
         // etcd reports raft trouble as Unknown with these messages.
         Unknown | Internal => {
             let m = s.message();
@@ -163,8 +165,14 @@ impl Etcd {
                     self.current.store(at, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Ok(Err(s)) if !retry_elsewhere(&s) => {
+                // A refusal after a member that may have applied the
+                // request went silent does not say that nothing was applied.
+                Ok(Err(s)) if !retry_elsewhere(&s) && why.is_empty() => {
                     return Err(EtcdError::Refused(format!("{what}: {}", s.message())));
+                }
+                Ok(Err(s)) if !retry_elsewhere(&s) => {
+                    why.push(format!("{}: {}", self.cfg.endpoints[at], s.message()));
+                    break;
                 }
                 Ok(Err(s)) => why.push(format!("{}: {}", self.cfg.endpoints[at], s.message())),
                 Err(_) => why.push(format!(
@@ -386,6 +394,16 @@ pub fn read(key: impl Into<Vec<u8>>) -> pb::RequestOp {
             key: key.into(),
             ..Default::default()
         })),
+    }
+}
+
+/// "The key was last changed at this revision" (0: it does not exist).
+pub fn modified_at(key: impl Into<Vec<u8>>, revision: i64) -> pb::Compare {
+    pb::Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Mod as i32,
+        key: key.into(),
+        target_union: Some(compare::TargetUnion::ModRevision(revision)),
     }
 }
 

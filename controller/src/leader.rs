@@ -149,6 +149,11 @@ impl Leadership {
         s.0 + s.1.map_or(Duration::ZERO, |t| t.elapsed())
     }
 
+    /// Whether this is the one controller of an embedded store.
+    pub fn is_single(&self) -> bool {
+        self.single
+    }
+
     /// Whether acting is only held up for now (the lease may come back),
     /// rather than over.
     pub fn held_up(&self) -> bool {
@@ -173,7 +178,14 @@ impl Leadership {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match (self.role(), until) {
             (Role::Leading, Some(t)) if Instant::now() < t => Ok(()),
-            (Role::Leading, _) => Err("this controller could not refresh its leadership lease in time".into()),
+            (Role::Leading, _) => {
+                // Held up from now on, for the deadlines the hub stretches.
+                let mut s = self.stalled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if s.1.is_none() {
+                    s.1 = Some(Instant::now());
+                }
+                Err("this controller could not refresh its leadership lease in time".into())
+            }
             (Role::Standby { leader }, _) => Err(standby_why(leader.as_deref())),
             (Role::Uncertain { why } | Role::Lost { why }, _) => Err(why),
             (Role::Single, _) => Ok(()),
@@ -207,6 +219,10 @@ impl Leadership {
     }
 
     fn set_valid_until(&self, t: Instant) {
+        // A lost leadership stays lost, whatever answer comes in late.
+        if self.fence().is_none() {
+            return;
+        }
         *self
             .valid_until
             .lock()
@@ -226,7 +242,7 @@ impl Leadership {
             }
         }
         self.role.send_if_modified(|r| {
-            if *r == role {
+            if *r == role || matches!(r, Role::Lost { .. }) {
                 false
             } else {
                 *r = role;
@@ -384,6 +400,22 @@ pub async fn resign(etcd: &Etcd, key: &[u8], me: &Leadership) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_leadership_stays_lost_whatever_answer_comes_in_late() {
+        let me = Leadership::elected("https://a:7443");
+        me.fence.store(42, Ordering::SeqCst);
+        me.set_valid_until(Instant::now() + Duration::from_secs(10));
+        me.set(Role::Leading);
+        assert!(me.may_act().is_ok(), "a fresh leader acts");
+        me.lose("a fenced write was refused");
+        // A keepalive answer that was already on its way:
+        me.set_valid_until(Instant::now() + Duration::from_secs(10));
+        me.set(Role::Leading);
+        assert!(matches!(me.role(), Role::Lost { .. }), "{:?}", me.role());
+        assert!(me.may_act().is_err(), "a lost leader never acts again");
+        assert_eq!(me.fence(), None);
+    }
 
     #[test]
     fn a_leader_stops_well_before_its_lease_could_expire() {

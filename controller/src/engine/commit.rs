@@ -44,6 +44,11 @@ pub(super) async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
                         "a commit to the store failed ({e:#}); nothing more is sent to any host until the controller is restarted"
                     );
                     error!("{why}");
+                    // One of several controllers gives the leadership up,
+                    // so that another, or this one started again, goes on.
+                    if !engine.settings.leadership.is_single() {
+                        engine.settings.leadership.lose(&why);
+                    }
                     engine.durable.send_modify(|d| d.failed = Some(why));
                     return;
                 }

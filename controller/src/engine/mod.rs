@@ -158,6 +158,10 @@ pub struct Engine {
     settings: Settings,
     state: Mutex<State>,
     drivers: Mutex<HashSet<String>>,
+    /// Whether this controller has read the store as leader (always, for a
+    /// single controller): until then an elected one changes nothing and
+    /// drives nothing, since its memory is a standby's copy.
+    promoted: std::sync::atomic::AtomicBool,
     changes: watch::Sender<u64>,
     durable: watch::Sender<Durable>,
     /// Wakes the writer when a change is queued.
@@ -294,6 +298,7 @@ impl Engine {
             settings,
             state: Mutex::new(state),
             drivers: Mutex::new(HashSet::new()),
+            promoted: std::sync::atomic::AtomicBool::new(false),
             changes,
             durable,
             wake: Arc::clone(&wake),
@@ -331,15 +336,24 @@ impl Engine {
         self.store
             .put_inventory(self.inventory_hash.clone(), self.fleet_text.clone())
             .await?;
+        self.promoted.store(true, std::sync::atomic::Ordering::SeqCst);
         self.changes.send_modify(|n| *n += 1);
         self.start();
         Ok(())
     }
 
-    /// Whether this controller leads; if not, who does.
+    fn promoted(&self) -> bool {
+        self.settings.leadership.is_single() || self.promoted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether this controller leads (and has taken over); if not, who does.
     pub fn leading(&self) -> Result<(), EngineError> {
-        if self.settings.leadership.leads() {
+        if self.settings.leadership.leads() && self.promoted() {
             Ok(())
+        } else if self.settings.leadership.leads() {
+            Err(EngineError::Standby(
+                "this controller was just elected and is still reading the store; try again in a moment".into(),
+            ))
         } else {
             Err(EngineError::Standby(
                 self.settings.leadership.may_act().err().unwrap_or_default(),
@@ -430,7 +444,7 @@ impl Engine {
     /// Start drivers for every approved rollout that is not finished (after a
     /// restart, they continue where they stopped).
     pub fn start(self: &Arc<Self>) {
-        if !self.settings.leadership.leads() {
+        if !self.settings.leadership.leads() || !self.promoted() {
             return;
         }
         let ids: Vec<String> = self

@@ -25,7 +25,7 @@ use super::{
     Batch, Build, OutputDigest, OutputEnds, OutputPiece, OutputQuery, Selection, StateStore, extend_chain, host_key,
     keys, output_key, refusal_body, shell,
 };
-use crate::etcd::{Etcd, EtcdError, created_at, delete, put, read};
+use crate::etcd::{Etcd, EtcdError, created_at, delete, modified_at, put, read};
 use crate::leader::{LeaderRecord, Leadership};
 
 /// What one transaction may hold, as this store asks etcd to accept
@@ -60,6 +60,11 @@ struct Tails {
     next_outbox: u64,
     next_refusal: u64,
     commits: u64,
+    /// The revision the commit marker was last written at, by this
+    /// controller's last write (or as found when the tails were read).
+    /// Every write requires it unchanged, so of several copies of one
+    /// request in flight at most one applies, and none after a later one.
+    marker: i64,
 }
 
 /// The etcd store.
@@ -211,18 +216,31 @@ impl EtcdStore {
     /// Make one fenced write. On a lost answer, find out whether it was
     /// applied before sending it again; keep trying while etcd cannot
     /// answer (a lost quorum), and give up only if this controller no
-    /// longer leads, or etcd refuses the request itself.
-    async fn write(&self, tails: &mut Tails, mut ops: Vec<pb::RequestOp>) -> Result<()> {
+    /// longer leads, or etcd refuses the request itself. On any error the
+    /// tails are read again before the next write.
+    async fn write(&self, tails: &mut Tails, ops: Vec<pb::RequestOp>) -> Result<()> {
+        let r = self.write_once(tails, ops).await;
+        if r.is_err() {
+            tails.fence = None;
+        }
+        r
+    }
+
+    async fn write_once(&self, tails: &mut Tails, mut ops: Vec<pb::RequestOp>) -> Result<()> {
         let Some(fence) = self.leadership.fence() else {
             return Err(NotLeader(crate::leader::standby_why(None)).into());
         };
         tails.commits += 1;
         let id = format!("{}:{}:{}", self.leadership.instance(), fence, tails.commits);
-        ops.push(put(self.k(keys::COMMIT), id.clone()));
+        let marker = self.k(keys::COMMIT);
+        ops.push(put(marker.clone(), id.clone()));
         let req = pb::TxnRequest {
-            compare: vec![created_at(self.leader_key(), fence)],
+            compare: vec![
+                created_at(self.leader_key(), fence),
+                modified_at(marker.clone(), tails.marker),
+            ],
             success: ops,
-            failure: vec![read(self.leader_key())],
+            failure: vec![read(self.leader_key()), read(marker.clone())],
         };
         let mut delay = Duration::from_millis(100);
         loop {
@@ -230,25 +248,42 @@ impl EtcdStore {
                 return Err(NotLeader("this controller lost its leadership".into()).into());
             }
             match self.etcd.txn(req.clone()).await {
-                Ok(r) if r.succeeded => return Ok(()),
+                Ok(r) if r.succeeded => {
+                    tails.marker = r.header.map_or(0, |h| h.revision);
+                    return Ok(());
+                }
                 Ok(r) => {
-                    let now = first_value(&r)
-                        .and_then(|v| serde_json::from_slice::<LeaderRecord>(&v).ok())
-                        .map_or_else(|| "nobody".to_owned(), |l| l.url);
-                    let why = format!("another controller leads now ({now}): this one's write was refused");
-                    self.leadership.lose(&why);
-                    return Err(NotLeader(why).into());
+                    let (leader, mark) = refused_reads(&r);
+                    if leader.as_ref().is_none_or(|kv| kv.create_revision != fence) {
+                        let now = leader
+                            .and_then(|kv| serde_json::from_slice::<LeaderRecord>(&kv.value).ok())
+                            .map_or_else(|| "nobody".to_owned(), |l| l.url);
+                        let why = format!("another controller leads now ({now}): this one's write was refused");
+                        self.leadership.lose(&why);
+                        return Err(NotLeader(why).into());
+                    }
+                    // Still ours: the marker moved, so an earlier copy of
+                    // this very request was applied, or the store was
+                    // changed behind this controller's back.
+                    return match mark {
+                        Some(kv) if kv.value == id.as_bytes() => {
+                            tails.marker = kv.mod_revision;
+                            Ok(())
+                        }
+                        _ => Err(anyhow!(
+                            "the etcd store changed under this controller (its commit marker moved, the leader key did not); \
+                             is another program writing under {}?",
+                            self.prefix
+                        )),
+                    };
                 }
                 Err(e @ EtcdError::Refused(_)) => return Err(e.into()),
                 Err(e) => {
                     warn!(error = %e, "A write to etcd got no answer; checking whether it was applied.");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
-                    match self.etcd.get(&self.k(keys::COMMIT)).await {
-                        Ok(Some(kv)) if kv.value == id.as_bytes() => return Ok(()),
-                        Ok(_) => {}
-                        Err(_) => continue,
-                    }
+                    // Sending it again is safe: the marker's revision lets
+                    // at most one copy apply.
                 }
             }
         }
@@ -268,6 +303,11 @@ impl EtcdStore {
             };
             t.next_outbox = self.next_seq(keys::OUTBOX).await?;
             t.next_refusal = self.next_seq(keys::REFUSALS).await?;
+            t.marker = self
+                .etcd
+                .get(&self.k(keys::COMMIT))
+                .await?
+                .map_or(0, |kv| kv.mod_revision);
             t.fence = Some(fence);
         }
         Ok(t)
@@ -637,4 +677,13 @@ impl StateStore for EtcdStore {
             .await?
             .map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))
     }
+}
+
+/// The leader key and the commit marker, as a refused write read them.
+fn refused_reads(r: &pb::TxnResponse) -> (Option<pb::KeyValue>, Option<pb::KeyValue>) {
+    let mut kvs = r.responses.iter().map(|op| match &op.response {
+        Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.first().cloned(),
+        _ => None,
+    });
+    (kvs.next().flatten(), kvs.next().flatten())
 }
