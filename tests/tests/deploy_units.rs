@@ -11,7 +11,11 @@ fn the_systemd_units_verify_without_warnings() {
     let bin_dir = wavegate_bin().parent().expect("target dir").to_path_buf();
     let out_dir = std::env::temp_dir().join(format!("wavegate-units-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).expect("dir");
-    let units = ["wavegate-controller.service", "wavegate-agent.service"];
+    let units = [
+        "wavegate-controller.service",
+        "wavegate-controller-ha.service",
+        "wavegate-agent.service",
+    ];
     for unit in units {
         let text = std::fs::read_to_string(repo_root().join("deploy/systemd").join(unit)).expect("unit");
         let text = text
