@@ -217,10 +217,21 @@ impl Etcd {
 
     /// Every key and value under `prefix`, in key order, read in pages at
     /// one revision, so that the whole is one consistent view.
-    pub async fn scan(&self, prefix: &[u8], mut f: impl FnMut(pb::KeyValue) -> bool) -> Result<(), EtcdError> {
+    pub async fn scan(&self, prefix: &[u8], f: impl FnMut(pb::KeyValue) -> bool) -> Result<(), EtcdError> {
+        self.scan_at(prefix, 0, f).await.map(|_| ())
+    }
+
+    /// `scan` as the store was at `revision` (0: now); returns the revision
+    /// it read, so that a second scan can read the same moment.
+    pub async fn scan_at(
+        &self,
+        prefix: &[u8],
+        at: i64,
+        mut f: impl FnMut(pb::KeyValue) -> bool,
+    ) -> Result<i64, EtcdError> {
         let end = prefix_end(prefix);
         let mut from = prefix.to_vec();
-        let mut revision = 0;
+        let mut revision = at;
         loop {
             let r = self
                 .range(pb::RangeRequest {
@@ -239,7 +250,7 @@ impl Etcd {
             for kv in r.kvs {
                 last = Some(kv.key.clone());
                 if !f(kv) {
-                    return Ok(());
+                    return Ok(revision);
                 }
             }
             match last {
@@ -247,7 +258,7 @@ impl Etcd {
                     k.push(0);
                     from = k;
                 }
-                _ => return Ok(()),
+                _ => return Ok(revision),
             }
         }
     }

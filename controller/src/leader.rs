@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::etcd::{Etcd, created_at, put, read};
+use crate::etcd::{Etcd, EtcdError, created_at, put, read};
 
 /// What this controller is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -319,6 +319,14 @@ pub async fn campaign(etcd: Arc<Etcd>, key: Vec<u8>, ttl: Duration, me: Arc<Lead
                 me.lose("the leadership lease expired in etcd");
                 return;
             }
+            // A refusal is an answer: etcd is there. If the key is no
+            // longer held with this lease, the leadership is over.
+            Err(e @ EtcdError::Refused(_)) if !holds(&etcd, &key, lease).await => {
+                me.lose(&format!(
+                    "the leadership lease was refused ({e}) and the leader key is not this controller's"
+                ));
+                return;
+            }
             Err(e) => {
                 if Instant::now() >= valid_until {
                     me.set(Role::Uncertain {
@@ -329,6 +337,16 @@ pub async fn campaign(etcd: Arc<Etcd>, key: Vec<u8>, ttl: Duration, me: Arc<Lead
                 }
             }
         }
+    }
+}
+
+/// Whether the leader key is held with `lease` (an unreadable key: yes,
+/// for now; the next refresh asks again).
+async fn holds(etcd: &Etcd, key: &[u8], lease: i64) -> bool {
+    match etcd.get(key).await {
+        Ok(Some(kv)) => kv.lease == lease,
+        Ok(None) => false,
+        Err(_) => true,
     }
 }
 

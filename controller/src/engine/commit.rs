@@ -61,7 +61,9 @@ pub(super) async fn writer(engine: Weak<Engine>, wake: Arc<Notify>) {
 /// how large one may be, in as few as fit, each holding whole changes in
 /// their order, the rollout headers in the last (a crash between two
 /// leaves host records ahead of their header, which a restarted driver
-/// derives its next move from; nobody has acted on any of it yet).
+/// derives its next move from; nobody has acted on any of it yet; and a
+/// failure stored without its halt is halted on takeover, see
+/// `halt_what_is_over_budget`).
 /// Returns whether a notification was queued.
 async fn commit_in_parts(
     store: &dyn crate::store::StateStore,

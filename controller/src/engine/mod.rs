@@ -337,6 +337,7 @@ impl Engine {
             .put_inventory(self.inventory_hash.clone(), self.fleet_text.clone())
             .await?;
         self.promoted.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.halt_what_is_over_budget().await?;
         self.changes.send_modify(|n| *n += 1);
         self.start();
         Ok(())
@@ -403,7 +404,9 @@ impl Engine {
     /// logs it: it writes nothing.
     pub async fn refuse(&self, text: &str) {
         warn!(refusal = text, "Refused a request.");
-        if !self.settings.leadership.leads() {
+        // A standby, or a leader that cannot reach its store right now,
+        // only logs it: the request handler must not wait for an outage.
+        if !self.settings.leadership.leads() || self.settings.leadership.may_act().is_err() {
             return;
         }
         if let Err(e) = self.store.record_refusal(format!("{} {text}", utc(now_ms()))).await {

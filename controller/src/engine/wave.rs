@@ -198,51 +198,8 @@ impl Engine {
                 h.state = HostState::Failed;
                 h.in_flight = None;
                 h.detail = detail.clone();
-                let r = &mut e.rollout;
-                event(r, format!("host {host} failed: {detail}"));
-                let failed = e
-                    .hosts
-                    .values()
-                    .filter(|h| h.wave == w && h.state == HostState::Failed)
-                    .count();
-                let size = r.waves[w].hosts.len();
-                let budget = r.budget(w, size);
-                if over_budget(failed, budget) && matches!(r.state, RolloutState::Running | RolloutState::Paused) {
-                    let in_flight: Vec<String> = e
-                        .hosts
-                        .values()
-                        .filter(|h| h.in_flight.is_some())
-                        .map(|h| h.host.clone())
-                        .collect();
-                    let what = if w == 0 {
-                        "the canary (wave 1)".to_string()
-                    } else {
-                        format!("wave {}", w + 1)
-                    };
-                    let mut reason =
-                        format!("{what}: {failed} of {size} hosts failed, budget {budget}; last: {host}: {detail}");
-                    if !in_flight.is_empty() {
-                        reason.push_str(&format!("; in flight at the halt: {}", in_flight.join(", ")));
-                    }
-                    r.halt(w, reason.clone())?;
-                    event(r, format!("halted: {reason}"));
-                    self.metrics.waves_halted.inc();
-                    if r.on_failure == "rollback" {
-                        r.rollback_pending = true;
-                    }
-                    // Only hosts whose snapshot record changes are written
-                    // again: at 10,000 hosts, serialising every record here
-                    // made the halt several times slower to commit.
-                    let mut changed = vec![host.to_owned()];
-                    for h in e.hosts.values_mut() {
-                        if let Some(snap) = h.snapshot.as_mut() {
-                            let before = snap.clone();
-                            snap.apply(&SnapshotEvent::Halted);
-                            if *snap != before {
-                                changed.push(h.host.clone());
-                            }
-                        }
-                    }
+                event(&mut e.rollout, format!("host {host} failed: {detail}"));
+                if let Some(changed) = self.halt_if_over_budget(e, w, host, &detail)? {
                     return Ok((true, changed));
                 }
                 Ok((false, vec![host.to_owned()]))
@@ -255,6 +212,103 @@ impl Engine {
             let secs = at.elapsed().as_secs_f64();
             self.metrics.halt_commit.observe(secs);
             self.metrics.last_halt_commit.set(secs);
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Halt the rollout if wave `w` is over its failure budget and it still
+    /// runs (or is paused); `host` failed last, for `detail`. Returns the
+    /// hosts whose records changed, if it halted.
+    fn halt_if_over_budget(
+        &self,
+        e: &mut Entry,
+        w: usize,
+        host: &str,
+        detail: &str,
+    ) -> Result<Option<Vec<String>>, EngineError> {
+        let failed = e
+            .hosts
+            .values()
+            .filter(|h| h.wave == w && h.state == HostState::Failed)
+            .count();
+        let r = &mut e.rollout;
+        let size = r.waves[w].hosts.len();
+        let budget = r.budget(w, size);
+        if !over_budget(failed, budget) || !matches!(r.state, RolloutState::Running | RolloutState::Paused) {
+            return Ok(None);
+        }
+        let in_flight: Vec<String> = e
+            .hosts
+            .values()
+            .filter(|h| h.in_flight.is_some())
+            .map(|h| h.host.clone())
+            .collect();
+        let what = if w == 0 {
+            "the canary (wave 1)".to_string()
+        } else {
+            format!("wave {}", w + 1)
+        };
+        let mut reason = format!("{what}: {failed} of {size} hosts failed, budget {budget}; last: {host}: {detail}");
+        if !in_flight.is_empty() {
+            reason.push_str(&format!("; in flight at the halt: {}", in_flight.join(", ")));
+        }
+        r.halt(w, reason.clone())?;
+        event(r, format!("halted: {reason}"));
+        self.metrics.waves_halted.inc();
+        if r.on_failure == "rollback" {
+            r.rollback_pending = true;
+        }
+        // Only hosts whose snapshot record changes are written again: at
+        // 10,000 hosts, serialising every record here made the halt several
+        // times slower to commit.
+        let mut changed = vec![host.to_owned()];
+        for h in e.hosts.values_mut() {
+            if let Some(snap) = h.snapshot.as_mut() {
+                let before = snap.clone();
+                snap.apply(&SnapshotEvent::Halted);
+                if *snap != before {
+                    changed.push(h.host.clone());
+                }
+            }
+        }
+        Ok(Some(changed))
+    }
+
+    /// On taking over: a commit too large for one etcd transaction is
+    /// written in parts, rollout headers last, so a leader that died
+    /// between two parts can leave a host's failure stored while its
+    /// rollout still runs. Every such rollout halts now, before anything
+    /// is driven, as it would have if the commit had been whole.
+    pub(super) async fn halt_what_is_over_budget(&self) -> Result<(), EngineError> {
+        let found: Vec<(String, usize, String, String)> = {
+            let st = self.lock();
+            st.rollouts
+                .values()
+                .filter(|e| matches!(e.rollout.state, RolloutState::Running | RolloutState::Paused))
+                .filter_map(|e| {
+                    (0..e.rollout.waves.len()).find_map(|w| {
+                        let failed: Vec<_> = e
+                            .hosts
+                            .values()
+                            .filter(|h| h.wave == w && h.state == HostState::Failed)
+                            .collect();
+                        let size = e.rollout.waves[w].hosts.len();
+                        let last = failed.last()?;
+                        over_budget(failed.len(), e.rollout.budget(w, size))
+                            .then(|| (e.rollout.id.clone(), w, last.host.clone(), last.detail.clone()))
+                    })
+                })
+                .collect()
+        };
+        for (id, w, host, detail) in found {
+            warn!(rollout = %id, wave = w + 1, "Found over its failure budget on taking over; halting it.");
+            self.mutate(&id, |e| {
+                let changed = self.halt_if_over_budget(e, w, &host, &detail)?;
+                Ok(((), changed.unwrap_or_default()))
+            })
+            .await?;
         }
         Ok(())
     }

@@ -356,17 +356,22 @@ impl EtcdStore {
     }
 
     /// Scan `table` + `sub` (values with their key after the table name).
-    async fn scan(&self, table: &str, sub: &str, mut f: impl FnMut(&str, Vec<u8>) -> bool) -> Result<()> {
+    async fn scan(&self, table: &str, sub: &str, f: impl FnMut(&str, Vec<u8>) -> bool) -> Result<()> {
+        self.scan_at(table, sub, 0, f).await.map(|_| ())
+    }
+
+    /// `scan` at a revision (0: now); returns the revision read.
+    async fn scan_at(&self, table: &str, sub: &str, at: i64, mut f: impl FnMut(&str, Vec<u8>) -> bool) -> Result<i64> {
         let p = self.k(table);
         let mut full = p.clone();
         full.extend_from_slice(sub.as_bytes());
-        self.etcd
-            .scan(&full, |kv| {
+        Ok(self
+            .etcd
+            .scan_at(&full, at, |kv| {
                 let k = String::from_utf8_lossy(&kv.key[p.len()..]).into_owned();
                 f(&k, kv.value)
             })
-            .await?;
-        Ok(())
+            .await?)
     }
 
     /// Copy a store's keys in (`wavegate store migrate`): only into an
@@ -553,17 +558,19 @@ impl StateStore for EtcdStore {
     async fn load(&self) -> Result<Vec<(Rollout, Vec<HostRecord>)>> {
         let mut rollouts: Vec<(Rollout, Vec<HostRecord>)> = Vec::new();
         let mut bad = None;
-        self.scan(keys::ROLLOUTS, "", |k, v| match serde_json::from_slice(&v) {
-            Ok(r) => {
-                rollouts.push((r, Vec::new()));
-                true
-            }
-            Err(e) => {
-                bad = Some(format!("rollout {k} in etcd is unreadable: {e}"));
-                false
-            }
-        })
-        .await?;
+        // Headers and host records as of one revision: a consistent copy.
+        let at = self
+            .scan_at(keys::ROLLOUTS, "", 0, |k, v| match serde_json::from_slice(&v) {
+                Ok(r) => {
+                    rollouts.push((r, Vec::new()));
+                    true
+                }
+                Err(e) => {
+                    bad = Some(format!("rollout {k} in etcd is unreadable: {e}"));
+                    false
+                }
+            })
+            .await?;
         if let Some(why) = bad {
             bail!(why);
         }
@@ -572,7 +579,7 @@ impl StateStore for EtcdStore {
             .enumerate()
             .map(|(i, (r, _))| (r.id.clone(), i))
             .collect();
-        self.scan(keys::HOSTS, "", |k, v| {
+        self.scan_at(keys::HOSTS, "", at, |k, v| {
             let rid = k.split('/').next().unwrap_or_default();
             match (index.get(rid), serde_json::from_slice::<HostRecord>(&v)) {
                 (Some(&i), Ok(h)) => {
@@ -583,8 +590,7 @@ impl StateStore for EtcdStore {
                     bad = Some(format!("host record {k} in etcd is unreadable: {e}"));
                     false
                 }
-                // Written with its rollout, so a host record without one
-                // is from a rollout created after the first scan.
+                // Written with its rollout: none without one at one revision.
                 (None, Ok(_)) => true,
             }
         })
