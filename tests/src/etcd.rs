@@ -32,6 +32,44 @@ impl EtcdCluster {
     pub fn start(name: &str) -> EtcdCluster {
         let dir = std::env::temp_dir().join(format!("wavegate-etcd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        EtcdCluster::start_in(dir)
+    }
+
+    /// A cluster whose clients must use mutual TLS: a CA of its own in
+    /// `dir/tls/` (`ca.pem`), a server certificate for 127.0.0.1, and a
+    /// client certificate (`client.pem`, `client.key`) the members accept.
+    pub fn start_tls(name: &str) -> EtcdCluster {
+        let dir = std::env::temp_dir().join(format!("wavegate-etcd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls).expect("tls dir");
+        let script = r#"set -euo pipefail
+key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1" 2>/dev/null; }
+key ca.key
+openssl req -x509 -new -key ca.key -out ca.pem -days 2 -subj /CN=wavegate-test-etcd-ca
+for who in server client; do
+  key $who.key
+  openssl req -new -key $who.key -out $who.csr -subj /CN=$who
+  printf 'subjectAltName=IP:127.0.0.1
+extendedKeyUsage=serverAuth,clientAuth
+' > $who.ext
+  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out $who.pem -extfile $who.ext 2>/dev/null
+done"#;
+        let out = Command::new("bash")
+            .args(["-c", script])
+            .current_dir(&tls)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "making the test etcd's certificates:
+{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        EtcdCluster::start_in(dir)
+    }
+
+    fn start_in(dir: PathBuf) -> EtcdCluster {
         let ports = free_ports(6);
         let list = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let out = Command::new(script())
