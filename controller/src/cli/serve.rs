@@ -351,7 +351,22 @@ async fn follow_role(
             Role::Leading if !promoted => {
                 promoted = true;
                 info!("This controller leads now; continuing every rollout from the store.");
-                if let Err(e) = engine.promote().await {
+                // A moment without etcd while reading the store is worth
+                // waiting out: the lease is kept alive meanwhile, and
+                // giving up would leave the group leaderless for a TTL.
+                let mut tries = 0;
+                let taken = loop {
+                    match engine.promote().await {
+                        Ok(()) => break Ok(()),
+                        Err(e) if tries < 10 && leadership.fence().is_some() => {
+                            tries += 1;
+                            tracing::warn!(error = %format!("{e:#}"), "Taking over: reading the store failed; trying again.");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                if let Err(e) = taken {
                     leadership.lose(&format!("taking over failed: {e:#}"));
                     continue;
                 }
