@@ -179,9 +179,15 @@ impl Leadership {
         match (self.role(), until) {
             (Role::Leading, Some(t)) if Instant::now() < t => Ok(()),
             (Role::Leading, _) => {
-                // Held up from now on, for the deadlines the hub stretches.
+                // Held up from now on, for the deadlines the hub stretches
+                // (unless a renewal came in since `until` was read).
                 let mut s = self.stalled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if s.1.is_none() {
+                let renewed = self
+                    .valid_until
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .is_some_and(|t| Instant::now() < t);
+                if s.1.is_none() && !renewed {
                     s.1 = Some(Instant::now());
                 }
                 Err("this controller could not refresh its leadership lease in time".into())

@@ -399,6 +399,9 @@ async fn ready(State(engine): State<Arc<Engine>>) -> Response {
     if let Err(why) = engine.leadership().may_act() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
     }
+    if let Err(e) = engine.leading() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
+    }
     match engine.store().audit_len().await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
         Err(e) => (

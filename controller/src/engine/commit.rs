@@ -73,12 +73,24 @@ async fn commit_in_parts(
     let limit = store.max_ops().unwrap_or(usize::MAX);
     let notify = pending.iter().any(|p| !p.outbox.is_empty());
     let mut batch = Batch::default();
+    let mut at: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     for p in pending {
         let ops = p.hosts.len() + p.bodies.len() + p.outbox.len();
         if batch.ops() > 0 && batch.ops() + ops + headers.len() > limit {
             store.commit(std::mem::take(&mut batch)).await?;
+            at.clear();
         }
-        batch.hosts.extend(p.hosts);
+        // One key once per transaction (etcd refuses a Txn that puts a key
+        // twice): a later change of the same host replaces the earlier.
+        for (k, v) in p.hosts {
+            match at.get(&k) {
+                Some(&i) => batch.hosts[i].1 = v,
+                None => {
+                    at.insert(k.clone(), batch.hosts.len());
+                    batch.hosts.push((k, v));
+                }
+            }
+        }
         batch.audit.extend(p.bodies);
         batch.outbox.extend(p.outbox);
     }
@@ -172,6 +184,21 @@ impl Engine {
         f: impl FnOnce(&mut Entry) -> Result<(R, Vec<String>), EngineError>,
     ) -> Result<R, EngineError> {
         self.leading()?;
+        self.mutate_leading(id, f).await
+    }
+
+    /// `mutate` for the takeover itself: it needs the leadership, not the
+    /// end of the takeover.
+    pub(super) async fn mutate_leading<R>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Entry) -> Result<(R, Vec<String>), EngineError>,
+    ) -> Result<R, EngineError> {
+        if !self.settings.leadership.leads() {
+            return Err(EngineError::Standby(
+                self.settings.leadership.may_act().err().unwrap_or_default(),
+            ));
+        }
         let (out, seq) = {
             let mut st = self.lock();
             if let Some(why) = self.store_failed() {

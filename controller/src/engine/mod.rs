@@ -336,8 +336,8 @@ impl Engine {
         self.store
             .put_inventory(self.inventory_hash.clone(), self.fleet_text.clone())
             .await?;
-        self.promoted.store(true, std::sync::atomic::Ordering::SeqCst);
         self.halt_what_is_over_budget().await?;
+        self.promoted.store(true, std::sync::atomic::Ordering::SeqCst);
         self.changes.send_modify(|n| *n += 1);
         self.start();
         Ok(())

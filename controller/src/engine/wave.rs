@@ -304,7 +304,7 @@ impl Engine {
         };
         for (id, w, host, detail) in found {
             warn!(rollout = %id, wave = w + 1, "Found over its failure budget on taking over; halting it.");
-            self.mutate(&id, |e| {
+            self.mutate_leading(&id, |e| {
                 let changed = self.halt_if_over_budget(e, w, &host, &detail)?;
                 Ok(((), changed.unwrap_or_default()))
             })

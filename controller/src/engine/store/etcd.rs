@@ -243,6 +243,7 @@ impl EtcdStore {
             failure: vec![read(self.leader_key()), read(marker.clone())],
         };
         let mut delay = Duration::from_millis(100);
+        let mut unanswered = false;
         loop {
             if self.leadership.fence() != Some(fence) {
                 return Err(NotLeader("this controller lost its leadership".into()).into());
@@ -277,9 +278,21 @@ impl EtcdStore {
                         )),
                     };
                 }
+                // Refused now, but an earlier copy may have been applied:
+                // the marker says which.
+                Err(e @ EtcdError::Refused(_)) if unanswered => {
+                    return match self.etcd.get(&marker).await {
+                        Ok(Some(kv)) if kv.value == id.as_bytes() => {
+                            tails.marker = kv.mod_revision;
+                            Ok(())
+                        }
+                        _ => Err(e.into()),
+                    };
+                }
                 Err(e @ EtcdError::Refused(_)) => return Err(e.into()),
                 Err(e) => {
-                    warn!(error = %e, "A write to etcd got no answer; checking whether it was applied.");
+                    unanswered = true;
+                    warn!(error = %e, "A write to etcd got no answer; sending it again (at most one copy can apply).");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                     // Sending it again is safe: the marker's revision lets
@@ -297,17 +310,21 @@ impl EtcdStore {
         };
         let mut t = self.tails.lock().await;
         if t.fence != Some(fence) {
+            // The marker first: a late copy of an earlier write of this
+            // controller that lands while the rest is read moves it, and
+            // the next write is then refused instead of building on a
+            // stale audit head.
+            t.marker = self
+                .etcd
+                .get(&self.k(keys::COMMIT))
+                .await?
+                .map_or(0, |kv| kv.mod_revision);
             t.head = match self.etcd.last(&self.k(keys::AUDIT)).await? {
                 Some(kv) => Some(serde_json::from_slice(&kv.value).context("the last audit record is unreadable")?),
                 None => None,
             };
             t.next_outbox = self.next_seq(keys::OUTBOX).await?;
             t.next_refusal = self.next_seq(keys::REFUSALS).await?;
-            t.marker = self
-                .etcd
-                .get(&self.k(keys::COMMIT))
-                .await?
-                .map_or(0, |kv| kv.mod_revision);
             t.fence = Some(fence);
         }
         Ok(t)
