@@ -89,16 +89,9 @@ pub struct ServeArgs {
     /// address).
     #[arg(long, value_name = "URL")]
     pub advertise: Option<String>,
-    /// CA certificate that signs the etcd members' certificates (mutual
-    /// TLS to etcd; give --etcd-cert and --etcd-key with it).
-    #[arg(long, value_name = "FILE", env = "WAVEGATE_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    /// This controller's client certificate for etcd.
-    #[arg(long, value_name = "FILE", env = "WAVEGATE_ETCD_CERT")]
-    pub etcd_cert: Option<PathBuf>,
-    /// Its private key.
-    #[arg(long, value_name = "FILE", env = "WAVEGATE_ETCD_KEY")]
-    pub etcd_key: Option<PathBuf>,
+    /// Mutual TLS to etcd.
+    #[command(flatten)]
+    pub etcd_tls: super::store::EtcdTlsArgs,
     /// POST a signed JSON notification to this URL when a rollout awaits
     /// approval, halts, completes or is aborted (retried until delivered).
     #[arg(long, value_name = "URL", env = "WAVEGATE_WEBHOOK")]
@@ -217,14 +210,10 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
                     return Ok(2);
                 }
             };
-            cfg.tls = match (&args.etcd_ca, &args.etcd_cert, &args.etcd_key) {
-                (None, None, None) => None,
-                (Some(ca), Some(cert), Some(key)) => {
-                    let t = TlsFiles::read(ca, cert, key)?;
-                    Some((t.ca, t.cert, t.key))
-                }
-                _ => {
-                    eprintln!("wavegate serve: mutual TLS to etcd needs all of --etcd-ca, --etcd-cert and --etcd-key");
+            cfg.tls = match args.etcd_tls.pem() {
+                Ok(pem) => pem?,
+                Err(e) => {
+                    eprintln!("wavegate serve: {e}");
                     return Ok(2);
                 }
             };

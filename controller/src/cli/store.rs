@@ -31,10 +31,19 @@ pub struct EtcdArgs {
         env = "WAVEGATE_STORE_PREFIX"
     )]
     pub store_prefix: String,
-    /// CA certificate of the etcd members (mutual TLS).
+    /// Mutual TLS to etcd.
+    #[command(flatten)]
+    pub tls: EtcdTlsArgs,
+}
+
+/// Mutual TLS to etcd: all three flags, or none.
+#[derive(Clone, Debug, Default, Args)]
+pub struct EtcdTlsArgs {
+    /// CA certificate that signs the etcd members' certificates (mutual
+    /// TLS to etcd; give --etcd-cert and --etcd-key with it).
     #[arg(long, value_name = "FILE", env = "WAVEGATE_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
-    /// Client certificate for etcd.
+    /// This client's certificate for etcd.
     #[arg(long, value_name = "FILE", env = "WAVEGATE_ETCD_CERT")]
     pub etcd_cert: Option<PathBuf>,
     /// Its private key.
@@ -42,18 +51,32 @@ pub struct EtcdArgs {
     pub etcd_key: Option<PathBuf>,
 }
 
+/// The CA, certificate and key, as PEM text.
+pub type Pem = (String, String, String);
+
+/// Only some of the etcd TLS flags were given.
+#[derive(Debug, thiserror::Error)]
+#[error("mutual TLS to etcd needs all of --etcd-ca, --etcd-cert and --etcd-key")]
+pub struct PartialTls;
+
+impl EtcdTlsArgs {
+    /// The CA, certificate and key as PEM text, if TLS was asked for. The
+    /// outer error is a usage error (some flags only), the inner one an
+    /// unreadable file.
+    pub fn pem(&self) -> Result<Result<Option<Pem>>, PartialTls> {
+        match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
+            (None, None, None) => Ok(Ok(None)),
+            (Some(ca), Some(cert), Some(key)) => Ok(TlsFiles::read(ca, cert, key).map(|t| Some((t.ca, t.cert, t.key)))),
+            _ => Err(PartialTls),
+        }
+    }
+}
+
 impl EtcdArgs {
     /// A client for the cluster.
     pub fn client(&self) -> Result<Arc<Etcd>> {
         let mut cfg = EtcdConfig::parse(&self.store).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
-        cfg.tls = match (&self.etcd_ca, &self.etcd_cert, &self.etcd_key) {
-            (None, None, None) => None,
-            (Some(ca), Some(cert), Some(key)) => {
-                let t = TlsFiles::read(ca, cert, key)?;
-                Some((t.ca, t.cert, t.key))
-            }
-            _ => bail!("mutual TLS to etcd needs all of --etcd-ca, --etcd-cert and --etcd-key"),
-        };
+        cfg.tls = self.tls.pem()??;
         Ok(Arc::new(Etcd::new(cfg)?))
     }
 }
