@@ -147,7 +147,7 @@ impl Journal {
     /// The journal under `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Journal> {
         let dir = state_dir.join("journal");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating the journal {}", dir.display()))?;
+        crate::snapshot::private_dir(&dir).with_context(|| format!("creating the journal {}", dir.display()))?;
         Ok(Journal { dir })
     }
 

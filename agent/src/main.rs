@@ -47,9 +47,80 @@ struct Args {
     lab_reboot: bool,
 }
 
+/// `wavegate-agent snapshot ...`: a host's snapshots by hand, for an
+/// operator whose controller is gone (the agent does the same when told).
+#[derive(Debug, Parser)]
+#[command(name = "wavegate-agent snapshot")]
+struct SnapshotArgs {
+    #[command(subcommand)]
+    cmd: SnapshotCmd,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum SnapshotCmd {
+    /// Restore a rollout's snapshot over its write set (built beside the
+    /// live files, checked, then swapped in).
+    Restore {
+        /// The agent's state directory.
+        #[arg(long, default_value = "/var/lib/wavegate-agent")]
+        state_dir: PathBuf,
+        /// The host root.
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+        /// This host's id (a snapshot is only restored on its own host).
+        #[arg(long)]
+        host_id: String,
+        /// The rollout whose snapshot it is.
+        #[arg(long)]
+        rollout: String,
+    },
+    /// Finish or undo every restore that was interrupted (the agent does
+    /// this when it starts).
+    Recover {
+        /// The agent's state directory.
+        #[arg(long, default_value = "/var/lib/wavegate-agent")]
+        state_dir: PathBuf,
+        /// The host root.
+        #[arg(long, default_value = "/")]
+        host_root: PathBuf,
+    },
+}
+
+fn snapshot_cmd(argv: &[String]) -> ExitCode {
+    let args = match SnapshotArgs::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+    };
+    let res = match args.cmd {
+        SnapshotCmd::Restore {
+            state_dir,
+            host_root,
+            host_id,
+            rollout,
+        } => wavegate_agent::snapshot::restore(&state_dir, &host_id, &host_root, &rollout)
+            .map(|m| println!("restored from the snapshot: {}", m.describe())),
+        SnapshotCmd::Recover { state_dir, host_root } => {
+            wavegate_agent::snapshot::recover(&state_dir, &host_root).map(|()| println!("no restore is left half done"))
+        }
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wavegate-agent snapshot: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("exec-step") {
+        // Steps create files the way root's shell would (0644, 0755),
+        // whatever the agent's own umask.
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
         // The step supervisor: synchronous and single-threaded, because it
         // enters a mount namespace.
         let Some(dir) = argv.get(2) else {
@@ -63,6 +134,13 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         };
+    }
+    // The agent's own files (journal, snapshots, archives that hold
+    // customers' private files) are readable by root alone, whoever starts
+    // it and whatever its unit says.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if argv.get(1).map(String::as_str) == Some("snapshot") {
+        return snapshot_cmd(&argv[1..]);
     }
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -107,6 +185,15 @@ fn main() -> ExitCode {
         host_root: args.host_root,
         state_dir: args.state_dir,
     };
+    if let Err(e) = wavegate_agent::snapshot::private_dir(&cfg.state_dir) {
+        eprintln!("wavegate-agent: the state directory: {e:#}");
+        return ExitCode::from(1);
+    }
+    // A restore that was cut short (the agent killed mid-way) is finished
+    // before anything else: the write set is never left half restored.
+    if let Err(e) = wavegate_agent::snapshot::recover(&cfg.state_dir, &cfg.host_root) {
+        tracing::error!("an interrupted restore could not be finished: {e:#}");
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -15,14 +15,19 @@
 //! a reflink of the snapshot's data (no bytes are copied), with its owner,
 //! mode, times and extended attributes.
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::ffi::OsString;
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use anyhow::{Context, Result, bail};
 
-use super::{Backend, BtrfsInfo, Entry, Part, entry_at, entry_of, host_path, is_boundary, remove_except, walk};
+use super::fsx::{self, RawPath};
+use super::stage::Builder;
+use super::{Backend, BtrfsInfo, Kind, Part, host_path, walk_part};
 use crate::mountinfo::within;
 
 /// The subvolume beside the data that holds wavegate's snapshots of it.
@@ -43,6 +48,10 @@ pub fn available() -> bool {
 }
 
 fn btrfs(args: &[&str], path: &Path) -> Result<String> {
+    btrfs_os(args, path.as_os_str())
+}
+
+fn btrfs_os(args: &[&str], path: &std::ffi::OsStr) -> Result<String> {
     let out = Command::new("btrfs")
         .args(args)
         .arg(path)
@@ -52,7 +61,7 @@ fn btrfs(args: &[&str], path: &Path) -> Result<String> {
         bail!(
             "`btrfs {} {}` failed: {}",
             args.join(" "),
-            path.display(),
+            path.to_string_lossy(),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -132,37 +141,84 @@ fn info(part: &Part) -> Result<&BtrfsInfo> {
     part.btrfs.as_ref().context("a btrfs part without its snapshot record")
 }
 
+/// `dir`'s name `name` as a path another process can use: through the
+/// directory's handle, never its path.
+fn at_fd(dir: BorrowedFd<'_>, name: &[u8]) -> OsString {
+    let mut p = fsx::proc_path(dir).into_os_string();
+    p.push("/");
+    p.push(std::ffi::OsStr::from_bytes(name));
+    p
+}
+
+/// Delete the subvolume `name` in `dir` (what a restore replaced).
+pub fn delete_subvolume_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
+    btrfs_os(&["subvolume", "delete"], &at_fd(dir, name))?;
+    Ok(())
+}
+
+/// The holder of a subvolume's snapshots, opened and checked: a directory
+/// of its own subvolume, owned by root, 0700. A tenant who owns the
+/// subvolume's top directory can make a `.wavegate-snapshots` of their own
+/// there: that one is refused.
+fn holder(sub: BorrowedFd<'_>, create: bool) -> Result<Option<OwnedFd>> {
+    let mut node = fsx::open_child(sub, SNAPSHOT_DIR.as_bytes())?;
+    if node.is_none() {
+        if !create {
+            return Ok(None);
+        }
+        btrfs_os(&["subvolume", "create"], &at_fd(sub, SNAPSHOT_DIR.as_bytes()))?;
+        node = fsx::open_child(sub, SNAPSHOT_DIR.as_bytes())?;
+    }
+    let n = node.context("the snapshot holder vanished as it was made")?;
+    if n.kind() != Kind::Dir || n.stat.st_ino != 256 || n.stat.st_uid != 0 {
+        bail!(
+            "{SNAPSHOT_DIR} here is not the agent's (not a root-owned subvolume); refusing to use it: remove it and retry"
+        );
+    }
+    let fd = OwnedFd::from(n.reopen()?);
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(0o700))?;
+    Ok(Some(fd))
+}
+
+/// The snapshot of a part, opened without following anything.
+fn open_snap(root: &Path, b: &BtrfsInfo) -> Result<Option<OwnedFd>> {
+    let root_fd = fsx::open_dir(root)?;
+    fsx::open_beneath(root_fd.as_fd(), b.snapshot.as_bytes(), true)
+}
+
 impl Backend for Btrfs {
     fn take(&self, root: &Path, _dir: &Path, part: &mut Part) -> Result<Vec<String>> {
         let b = info(part)?.clone();
-        let live = host_path(root, &b.subvolume);
-        let holder = live.join(SNAPSHOT_DIR);
-        if !holder.exists() {
-            btrfs(&["subvolume", "create"], &holder)?;
-            std::fs::set_permissions(&holder, std::fs::Permissions::from_mode(0o700))?;
-        }
-        let snap = host_path(root, &b.snapshot);
-        if snap.exists() {
+        let root_fd = fsx::open_dir(root)?;
+        let sub = fsx::open_beneath(root_fd.as_fd(), b.subvolume.as_bytes(), true)?
+            .with_context(|| format!("the subvolume {} is gone", b.subvolume))?;
+        let hold = holder(sub.as_fd(), true)?.context("no snapshot holder")?;
+        let name = b.snapshot.rsplit('/').next().unwrap_or_default().to_owned();
+        if fsx::open_child(hold.as_fd(), name.as_bytes())?.is_some() {
             // Left by a take that was interrupted: it is not ours to trust.
-            btrfs(&["subvolume", "delete"], &snap)?;
+            delete_subvolume_at(hold.as_fd(), name.as_bytes())?;
         }
         let out = Command::new("btrfs")
             .args(["subvolume", "snapshot", "-r"])
-            .arg(&live)
-            .arg(&snap)
+            .arg(fsx::proc_path(sub.as_fd()))
+            .arg(at_fd(hold.as_fd(), name.as_bytes()))
             .output()
             .context("running btrfs (btrfs-progs)")?;
         if !out.status.success() {
             bail!(
                 "`btrfs subvolume snapshot -r {} {}` failed: {}",
-                live.display(),
-                snap.display(),
+                b.subvolume,
+                b.snapshot,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
         let result = (|| {
+            let snap_fd = fsx::open_child(hold.as_fd(), name.as_bytes())?
+                .context("the new snapshot is gone")?
+                .reopen()?;
+            let snap = fsx::proc_path(snap_fd.as_fd());
             let s = show(&snap)?;
-            let src = show(&live)?;
+            let src = show(&fsx::proc_path(sub.as_fd()))?;
             if !s.readonly {
                 bail!("the new snapshot {} is not read-only", b.snapshot);
             }
@@ -176,10 +232,19 @@ impl Backend for Btrfs {
                 );
             }
             let roots: Vec<String> = part.roots.keys().cloned().collect();
-            let (entries, found) = walk(&snap, &b.subvolume, root, &roots, &part.skip)?;
+            let mut entries = Vec::new();
+            let walked = walk_part(snap_fd.as_fd(), &b.subvolume, &roots, &part.skip, &mut |e, _| {
+                entries.push(e);
+                Ok(())
+            })?;
+            part.alloc = walked.alloc;
+            let found = walked.boundaries;
             part.skip.extend(found.iter().cloned());
             part.skip.sort();
             part.skip.dedup();
+            // What the walk found below as boundaries is not in the part.
+            entries.retain(|e| !found.iter().any(|f| fsx::within(e.path.as_bytes(), f.as_bytes())));
+            entries.sort_by(|a, b| a.path.cmp(&b.path));
             part.entries = entries;
             part.btrfs = Some(BtrfsInfo {
                 uuid: s.uuid,
@@ -194,7 +259,7 @@ impl Backend for Btrfs {
             Ok(found)
         })();
         if result.is_err() {
-            let _ = btrfs(&["subvolume", "delete"], &snap);
+            let _ = delete_subvolume_at(hold.as_fd(), name.as_bytes());
         }
         result
     }
@@ -202,9 +267,9 @@ impl Backend for Btrfs {
     fn verify(&self, root: &Path, _dir: &Path, part: &Part) -> Result<()> {
         flags(root, part)?;
         let b = info(part)?;
-        let snap = host_path(root, &b.snapshot);
+        let snap_fd = open_snap(root, b)?.with_context(|| format!("the snapshot {} is gone", b.snapshot))?;
         let roots: Vec<String> = part.roots.keys().cloned().collect();
-        if tree_digest(&snap, &b.subvolume, &roots, &part.skip)? != b.tree_sha256 {
+        if tree_digest(&fsx::proc_path(snap_fd.as_fd()), &b.subvolume, &roots, &part.skip)? != b.tree_sha256 {
             bail!(
                 "the snapshot {} was written to after it was taken (its files' inodes or change times moved)",
                 b.snapshot
@@ -213,62 +278,55 @@ impl Backend for Btrfs {
         Ok(())
     }
 
-    fn restore(&self, root: &Path, _dir: &Path, part: &Part) -> Result<()> {
+    fn check_before_restore(&self, root: &Path, dir: &Path, part: &Part) -> Result<()> {
+        self.verify(root, dir, part)
+    }
+
+    fn restore_whole(&self, root: &Path, part: &Part) -> Result<bool> {
         let b = info(part)?;
-        let snap = host_path(root, &b.snapshot);
-        if let Some(nested) = swappable(root, part, b)? {
-            return swap(root, b, &snap, &nested);
-        }
-        let sync = Sync {
-            root,
-            snap: &snap,
-            prefix: &b.subvolume,
-            skip: &part.skip,
+        let Some(nested) = swappable(root, part, b)? else {
+            return Ok(false);
         };
-        let mut found = Found::default();
-        for (r, existed) in &part.roots {
-            if *existed {
-                sync.tree(r, &mut found)?;
-            } else {
-                remove_except(root, r, &part.skip, is_boundary(root, r))?;
+        swap(root, b, &nested)?;
+        Ok(true)
+    }
+
+    fn restore_bytes(&self, _part: &Part) -> u64 {
+        // Files come back as reflinks of the snapshot's data: no bytes.
+        0
+    }
+
+    fn build(&self, root: &Path, _dir: &Path, part: &Part, bld: &mut Builder<'_>) -> Result<()> {
+        let b = info(part)?;
+        let snap_fd = open_snap(root, b)?.with_context(|| format!("the snapshot {} is gone", b.snapshot))?;
+        let roots: Vec<String> = part.roots.keys().cloned().collect();
+        walk_part(snap_fd.as_fd(), &b.subvolume, &roots, &part.skip, &mut |e, f| {
+            let file = e.kind == Kind::File;
+            bld.entry(e)?;
+            if file {
+                bld.clone_from(f.context("a file without a handle")?)?;
+                bld.end_file(false)?;
             }
-        }
-        // Directory times change as their children are put back; set them
-        // last, then read the directories as they now are.
-        for (p, l, sm) in found.dirs.iter().rev() {
-            set_times(l, sm)?;
-            found.entries.push(entry_at(l, p)?);
-        }
-        // The tree as it now is, read while it was put back, against the
-        // snapshot's own listing.
-        let mut now = found.entries;
-        now.sort_by(|a, b| a.path.cmp(&b.path));
-        if now != part.entries {
-            let diff: Vec<&str> = now
-                .iter()
-                .filter(|e| !part.entries.contains(e))
-                .map(|e| e.path.as_str())
-                .chain(
-                    part.entries
-                        .iter()
-                        .filter(|e| !now.contains(e))
-                        .map(|e| e.path.as_str()),
-                )
-                .take(5)
-                .collect();
-            bail!(
-                "after the restore the write set still differs from the snapshot: {}",
-                diff.join(", ")
-            );
-        }
+            Ok(())
+        })?;
         Ok(())
     }
 
     fn release(&self, root: &Path, _dir: &Path, part: &Part) -> Result<()> {
         let b = info(part)?;
-        let snap = host_path(root, &b.snapshot);
-        if snap.exists() {
-            btrfs(&["subvolume", "delete"], &snap)?;
+        let root_fd = fsx::open_dir(root)?;
+        let Some((holder_path, name)) = b.snapshot.rsplit_once('/') else {
+            return Ok(());
+        };
+        let Some(hold) = fsx::open_beneath(root_fd.as_fd(), holder_path.as_bytes(), true)? else {
+            return Ok(());
+        };
+        let st = rustix::fs::fstat(&hold)?;
+        if st.st_uid != 0 || st.st_ino != 256 {
+            bail!("{holder_path} is not the agent's snapshot holder; not deleting anything in it");
+        }
+        if fsx::open_child(hold.as_fd(), name.as_bytes())?.is_some() {
+            delete_subvolume_at(hold.as_fd(), name.as_bytes())?;
         }
         Ok(())
     }
@@ -278,11 +336,10 @@ impl Backend for Btrfs {
 /// its parent's and the transaction it was made in.
 fn flags(root: &Path, part: &Part) -> Result<()> {
     let b = info(part)?;
-    let snap = host_path(root, &b.snapshot);
-    if !snap.is_dir() {
+    let Some(fd) = open_snap(root, b)? else {
         bail!("the snapshot {} is gone", b.snapshot);
-    }
-    let s = show(&snap)?;
+    };
+    let s = show(&fsx::proc_path(fd.as_fd()))?;
     if !s.readonly {
         bail!("the snapshot {} is no longer read-only", b.snapshot);
     }
@@ -323,7 +380,7 @@ fn tree_digest(snap: &Path, prefix: &str, roots: &[String], skip: &[String]) -> 
     let skipped = |p: &str| skip.iter().any(|s| within(p, s));
     let line = |p: &str, m: &std::fs::Metadata| -> Result<String> {
         let link = if m.file_type().is_symlink() {
-            std::fs::read_link(at(p))?.display().to_string()
+            RawPath(std::fs::read_link(at(p))?.into_os_string().into_vec()).escaped()
         } else {
             String::new()
         };
@@ -348,7 +405,11 @@ fn tree_digest(snap: &Path, prefix: &str, roots: &[String], skip: &[String]) -> 
             out.push(line(&p, &m)?);
             if m.is_dir() {
                 for c in std::fs::read_dir(at(&p))?.flatten() {
-                    let c = format!("{}/{}", p.trim_end_matches('/'), c.file_name().to_string_lossy());
+                    let c = format!(
+                        "{}/{}",
+                        p.trim_end_matches('/'),
+                        RawPath(c.file_name().into_vec()).escaped()
+                    );
                     if !skipped(&c) {
                         stack.push(c);
                     }
@@ -369,7 +430,13 @@ fn tree_digest(snap: &Path, prefix: &str, roots: &[String], skip: &[String]) -> 
         }
         let children: Vec<String> = std::fs::read_dir(at(r))?
             .flatten()
-            .map(|c| format!("{}/{}", r.trim_end_matches('/'), c.file_name().to_string_lossy()))
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    r.trim_end_matches('/'),
+                    RawPath(c.file_name().into_vec()).escaped()
+                )
+            })
             .filter(|c| !skipped(c))
             .collect();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
@@ -406,36 +473,63 @@ fn tree_digest(snap: &Path, prefix: &str, roots: &[String], skip: &[String]) -> 
     Ok(hex::encode(sha2::Digest::finalize(h)))
 }
 
-/// When the part is one whole subvolume that is not a mount point, it is
-/// put back in one step: a writable snapshot of the snapshot takes its
-/// place. That needs every path left out of the part below it to be a
-/// nested subvolume (those are carried over), and no quotas on the
-/// filesystem (a new subvolume would lose the old one's limits). Returns
-/// the nested subvolumes to carry over, or `None` to restore file by file.
+/// Whether a part is restored by swapping its whole subvolume.
+pub fn swappable_whole(root: &Path, part: &Part) -> Result<bool> {
+    let Some(b) = part.btrfs.as_ref() else { return Ok(false) };
+    Ok(swappable(root, part, b)?.is_some())
+}
+
+/// When the part is one whole subvolume that is not a mount point, in a
+/// directory no tenant can write to, it is put back in one step: a
+/// writable snapshot of the snapshot takes its place. That needs every
+/// path left out of the part below it to be a nested subvolume (those are
+/// carried over), and no quotas on the filesystem (a new subvolume would
+/// lose the old one's limits). Returns the nested subvolumes to carry
+/// over, or `None` to restore by building beside the live files.
 fn swappable(root: &Path, part: &Part, b: &BtrfsInfo) -> Result<Option<Vec<String>>> {
     if part.roots.len() != 1 || part.roots.get(&b.subvolume) != Some(&true) || b.subvolume == "/" {
         return Ok(None);
     }
+    let root_fd = fsx::open_dir(root)?;
     let live = host_path(root, &b.subvolume);
     let mounted = crate::mountinfo::read()?.iter().any(|m| m.point == live);
-    if mounted || live.symlink_metadata().map(|m| m.ino()).ok() != Some(256) {
+    let Some(node) = fsx::node_at(root_fd.as_fd(), b.subvolume.as_bytes())? else {
+        return Ok(None);
+    };
+    if mounted || node.kind() != Kind::Dir || node.stat.st_ino != 256 {
+        return Ok(None);
+    }
+    // Names in the parent must be the agent's alone: a tenant who could
+    // rename them could race the swap.
+    let parent = RawPath::from(b.subvolume.as_str()).parent();
+    let Some(pnode) = fsx::node_at(root_fd.as_fd(), parent.as_bytes())? else {
+        return Ok(None);
+    };
+    if pnode.stat.st_uid != 0 || pnode.stat.st_mode & 0o022 != 0 {
         return Ok(None);
     }
     let mut nested = Vec::new();
     for sk in &part.skip {
-        let Ok(m) = host_path(root, sk).symlink_metadata() else {
+        let Some(n) = fsx::node_at(root_fd.as_fd(), sk.as_bytes()).ok().flatten() else {
             continue;
         };
-        // Only a subvolume can be carried over whole; anything else left
-        // out (an untouchable directory, a mount) must stay where it is.
-        if m.ino() != 256 || crate::mountinfo::read()?.iter().any(|x| x.point == host_path(root, sk)) {
+        // Only a subvolume whose directory is the agent's can be carried
+        // over whole; anything else left out (an untouchable directory, a
+        // mount) must stay where it is.
+        let sk_parent = RawPath::from(sk.as_str()).parent();
+        let parent_is_top = sk_parent.as_bytes() == b.subvolume.as_bytes();
+        if n.kind() != Kind::Dir
+            || n.stat.st_ino != 256
+            || !parent_is_top
+            || crate::mountinfo::read()?.iter().any(|x| x.point == host_path(root, sk))
+        {
             return Ok(None);
         }
         nested.push(sk.clone());
     }
     let quotas = Command::new("btrfs")
         .args(["qgroup", "show", "-f"])
-        .arg(&live)
+        .arg(fsx::proc_path(node.fd.as_fd()))
         .output()
         .is_ok_and(|o| o.status.success());
     Ok((!quotas).then_some(nested))
@@ -443,274 +537,91 @@ fn swappable(root: &Path, part: &Part, b: &BtrfsInfo) -> Result<Option<Vec<Strin
 
 /// Put a whole subvolume back by swapping a writable snapshot of its
 /// snapshot into its place (`renameat2` with `RENAME_EXCHANGE`, so the
-/// path is never missing), carrying nested subvolumes across, then delete
-/// what was there.
-fn swap(root: &Path, b: &BtrfsInfo, snap: &Path, nested: &[String]) -> Result<()> {
-    let live = host_path(root, &b.subvolume);
-    let fresh = replaced(root, b).context("a subvolume has a parent directory")?;
-    if fresh.exists() {
-        btrfs(&["subvolume", "delete"], &fresh)?;
+/// path is never missing), carrying nested subvolumes (directly in its top
+/// directory) across, then delete what was there. Every call goes through
+/// handles: the parent directory is root's, checked by [`swappable`].
+fn swap(root: &Path, b: &BtrfsInfo, nested: &[String]) -> Result<()> {
+    let root_fd = fsx::open_dir(root)?;
+    let sub = RawPath::from(b.subvolume.as_str());
+    let parent = fsx::open_beneath(root_fd.as_fd(), sub.parent().as_bytes(), true)?
+        .context("a subvolume has a parent directory")?;
+    let live = fsx::open_child(parent.as_fd(), sub.name())?
+        .context("the subvolume is gone")?
+        .reopen()?;
+    let fresh_name = replaced_name(&b.subvolume);
+    if fsx::open_child(parent.as_fd(), fresh_name.as_bytes())?.is_some() {
+        delete_subvolume_at(parent.as_fd(), fresh_name.as_bytes())?;
     }
+    let snap_fd = open_snap(root, b)?.with_context(|| format!("the snapshot {} is gone", b.snapshot))?;
     let out = Command::new("btrfs")
         .args(["subvolume", "snapshot"])
-        .arg(snap)
-        .arg(&fresh)
+        .arg(fsx::proc_path(snap_fd.as_fd()))
+        .arg(at_fd(parent.as_fd(), fresh_name.as_bytes()))
         .output()
         .context("running btrfs (btrfs-progs)")?;
     if !out.status.success() {
         bail!(
             "`btrfs subvolume snapshot {} {}` failed: {}",
-            snap.display(),
-            fresh.display(),
+            b.snapshot,
+            fresh_name,
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let made = show(&fresh)?;
+    let fresh = fsx::open_child(parent.as_fd(), fresh_name.as_bytes())?
+        .context("the restored copy vanished")?
+        .reopen()?;
+    let made = show(&fsx::proc_path(fresh.as_fd()))?;
     if made.parent_uuid != b.uuid {
-        let _ = btrfs(&["subvolume", "delete"], &fresh);
+        let _ = delete_subvolume_at(parent.as_fd(), fresh_name.as_bytes());
         bail!("the restored copy of {} does not come from its snapshot", b.subvolume);
     }
     // Nested subvolumes are empty placeholders in a snapshot; the live ones
     // move into the copy before it takes the subvolume's place.
     for n in nested {
-        let rest = n
-            .strip_prefix(b.subvolume.as_str())
-            .unwrap_or(n)
-            .trim_start_matches('/');
-        let placeholder = fresh.join(rest);
-        if placeholder.is_dir() {
-            std::fs::remove_dir(&placeholder).with_context(|| format!("clearing the place of {n}"))?;
+        let name = RawPath::from(n.as_str()).name().to_vec();
+        let os = std::ffi::OsStr::from_bytes(&name);
+        if let Some(p) = fsx::open_child(fresh.as_fd(), &name)?
+            && p.kind() == Kind::Dir
+        {
+            rustix::fs::unlinkat(&fresh, os, rustix::fs::AtFlags::REMOVEDIR)
+                .with_context(|| format!("clearing the place of {n}"))?;
         }
-        std::fs::rename(host_path(root, n), &placeholder).with_context(|| format!("carrying {n} over"))?;
+        rustix::fs::renameat(&live, os, &fresh, os).with_context(|| format!("carrying {n} over"))?;
     }
-    nix::fcntl::renameat2(
-        nix::fcntl::AT_FDCWD,
-        &fresh,
-        nix::fcntl::AT_FDCWD,
-        &live,
-        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    rustix::fs::renameat_with(
+        &parent,
+        std::ffi::OsStr::from_bytes(fresh_name.as_bytes()),
+        &parent,
+        std::ffi::OsStr::from_bytes(sub.name()),
+        rustix::fs::RenameFlags::EXCHANGE,
     )
     .with_context(|| format!("swapping the restored {} into place", b.subvolume))?;
-    // `fresh` now holds what the step left: it goes once the restore is
-    // durable ([`discard_replaced`]), so the sync does not wait for it.
+    // What the step left is now under the other name: it goes once the
+    // restore is durable ([`discard_replaced`]).
     Ok(())
 }
 
-/// Where a swap leaves the tree it replaced.
-fn replaced(root: &Path, b: &BtrfsInfo) -> Option<PathBuf> {
-    let live = host_path(root, &b.subvolume);
-    let name = live.file_name()?.to_string_lossy().into_owned();
-    Some(live.parent()?.join(format!(".{name}.wavegate-restore")))
+/// The name beside a subvolume where a swap leaves the tree it replaced.
+fn replaced_name(subvolume: &str) -> String {
+    let name = subvolume.rsplit('/').next().unwrap_or_default();
+    format!(".{name}.wavegate-restore")
 }
 
 /// Delete what a swap replaced (btrfs frees it in the background).
 pub fn discard_replaced(root: &Path, part: &Part) -> Result<()> {
     let Some(b) = part.btrfs.as_ref() else { return Ok(()) };
-    if let Some(old) = replaced(root, b)
-        && old.exists()
+    let root_fd = fsx::open_dir(root)?;
+    let sub = RawPath::from(b.subvolume.as_str());
+    let Some(parent) = fsx::open_beneath(root_fd.as_fd(), sub.parent().as_bytes(), true)? else {
+        return Ok(());
+    };
+    let name = replaced_name(&b.subvolume);
+    if let Some(n) = fsx::open_child(parent.as_fd(), name.as_bytes())?
+        && n.kind() == Kind::Dir
+        && n.stat.st_ino == 256
     {
-        btrfs(&["subvolume", "delete"], &old)?;
+        delete_subvolume_at(parent.as_fd(), name.as_bytes())?;
     }
-    Ok(())
-}
-
-/// Making a live tree equal to its snapshot.
-struct Sync<'a> {
-    root: &'a Path,
-    snap: &'a Path,
-    prefix: &'a str,
-    skip: &'a [String],
-}
-
-/// What a sync saw: the entries of the files and links as they now are,
-/// and the directories, whose times are set (and entries read) last.
-#[derive(Default)]
-struct Found {
-    entries: Vec<Entry>,
-    dirs: Vec<(String, PathBuf, std::fs::Metadata)>,
-}
-
-/// Whether two inodes are the same, unchanged since the snapshot.
-fn unchanged(live: &std::fs::Metadata, snap: &std::fs::Metadata) -> bool {
-    live.ino() == snap.ino()
-        && live.ctime() == snap.ctime()
-        && live.ctime_nsec() == snap.ctime_nsec()
-        && live.len() == snap.len()
-        && live.file_type() == snap.file_type()
-}
-
-fn sorted_names(d: &Path) -> Result<Vec<String>> {
-    let mut v: Vec<String> = std::fs::read_dir(d)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
-impl Sync<'_> {
-    fn snap_path(&self, p: &str) -> PathBuf {
-        let rest = if self.prefix == "/" {
-            p
-        } else {
-            p.strip_prefix(self.prefix).unwrap_or(p)
-        };
-        self.snap.join(rest.trim_start_matches('/'))
-    }
-
-    fn skipped(&self, p: &str) -> bool {
-        self.skip.iter().any(|s| within(p, s))
-    }
-
-    /// Sync a root: the directory itself here, what is below it on every
-    /// core (most of a restore is waiting on the filesystem per inode).
-    fn tree(&self, p: &str, found: &mut Found) -> Result<()> {
-        let Some(children) = self.dir(p, found)? else {
-            return Ok(());
-        };
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
-        let parts: Vec<Result<Found>> = std::thread::scope(|sc| {
-            let jobs: Vec<_> = (0..cores)
-                .map(|k| {
-                    let mine: Vec<&String> = children.iter().skip(k).step_by(cores).collect();
-                    sc.spawn(move || {
-                        let mut f = Found::default();
-                        for c in mine {
-                            self.path(c, &mut f)?;
-                        }
-                        Ok(f)
-                    })
-                })
-                .collect();
-            jobs.into_iter()
-                .map(|j| {
-                    j.join()
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("a restore thread panicked")))
-                })
-                .collect()
-        });
-        for f in parts {
-            let f = f?;
-            found.entries.extend(f.entries);
-            found.dirs.extend(f.dirs);
-        }
-        Ok(())
-    }
-
-    /// If `p` is a directory in the snapshot: make it one here, remove what
-    /// the snapshot does not have, and return its children to sync. `None`
-    /// when it is not a directory (it has been synced as a file or link).
-    fn dir(&self, p: &str, found: &mut Found) -> Result<Option<Vec<String>>> {
-        if self.skipped(p) {
-            return Ok(None);
-        }
-        let (s, l) = (self.snap_path(p), host_path(self.root, p));
-        let sm = s
-            .symlink_metadata()
-            .with_context(|| format!("reading {p} in the snapshot"))?;
-        if !sm.is_dir() {
-            self.leaf(p, &s, &l, &sm, found)?;
-            return Ok(None);
-        }
-        let lm = l.symlink_metadata().ok();
-        if !lm.as_ref().is_some_and(std::fs::Metadata::is_dir) {
-            remove_except(self.root, p, self.skip, false)?;
-            std::fs::create_dir(&l).with_context(|| format!("making {p}"))?;
-        }
-        let in_snap = sorted_names(&s)?;
-        let child = |n: &str| format!("{}/{n}", p.trim_end_matches('/'));
-        for n in sorted_names(&l)? {
-            if in_snap.binary_search(&n).is_err() {
-                remove_except(self.root, &child(&n), self.skip, false)?;
-            }
-        }
-        set_owner_mode(&l, &sm, lm.as_ref().filter(|m| m.is_dir()))?;
-        found.dirs.push((p.to_owned(), l, sm));
-        Ok(Some(
-            in_snap.iter().map(|n| child(n)).filter(|c| !self.skipped(c)).collect(),
-        ))
-    }
-
-    fn path(&self, p: &str, found: &mut Found) -> Result<()> {
-        if let Some(children) = self.dir(p, found)? {
-            for c in children {
-                self.path(&c, found)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A file or a link: kept when it is the same inode, unchanged since the
-    /// snapshot; otherwise put back.
-    fn leaf(&self, p: &str, s: &Path, l: &Path, sm: &std::fs::Metadata, found: &mut Found) -> Result<()> {
-        let lm = l.symlink_metadata().ok();
-        if let Some(m) = lm.as_ref()
-            && unchanged(m, sm)
-        {
-            let link = if m.file_type().is_symlink() {
-                std::fs::read_link(l)?.display().to_string()
-            } else {
-                String::new()
-            };
-            found.entries.push(entry_of(p, m, link));
-            return Ok(());
-        }
-        if lm.is_some() {
-            remove_except(self.root, p, self.skip, false)?;
-        }
-        if sm.file_type().is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(s)?, l).with_context(|| format!("linking {p}"))?;
-        } else if sm.is_file() {
-            reflink_copy::reflink(s, l).with_context(|| format!("putting {p} back (reflink)"))?;
-            if let Ok(names) = xattr::list(s) {
-                for n in names {
-                    if let Ok(Some(v)) = xattr::get(s, &n) {
-                        let _ = xattr::set(l, &n, &v);
-                    }
-                }
-            }
-        } else {
-            // A socket or a fifo: nothing a snapshot keeps the content of.
-            return Ok(());
-        }
-        set_owner_mode(l, sm, None)?;
-        set_times(l, sm)?;
-        found.entries.push(entry_at(l, p)?);
-        Ok(())
-    }
-}
-
-/// Give `l` the owner and mode of its snapshot copy (`sm`); `lm` is what
-/// `l` has now, when known (a new file has none worth asking for).
-fn set_owner_mode(l: &Path, sm: &std::fs::Metadata, lm: Option<&std::fs::Metadata>) -> Result<()> {
-    if lm.is_none_or(|m| m.uid() != sm.uid() || m.gid() != sm.gid()) {
-        nix::unistd::fchownat(
-            nix::fcntl::AT_FDCWD,
-            l,
-            Some(nix::unistd::Uid::from_raw(sm.uid())),
-            Some(nix::unistd::Gid::from_raw(sm.gid())),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )?;
-    }
-    // After the owner: a chown clears set-id bits.
-    if !sm.file_type().is_symlink() {
-        std::fs::set_permissions(l, std::fs::Permissions::from_mode(sm.mode() & 0o7777))?;
-    }
-    Ok(())
-}
-
-/// Give `l` the access and modification times of its snapshot copy, to the
-/// nanosecond.
-fn set_times(l: &Path, sm: &std::fs::Metadata) -> Result<()> {
-    let at = nix::sys::time::TimeSpec::new(sm.atime(), sm.atime_nsec());
-    let mt = nix::sys::time::TimeSpec::new(sm.mtime(), sm.mtime_nsec());
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        l,
-        &at,
-        &mt,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    )?;
     Ok(())
 }
 

@@ -11,27 +11,39 @@
 //! - [`btrfs`]: a read-only btrfs snapshot of the subvolume holding the
 //!   paths; verified by its read-only flag, generation and parent; restored
 //!   by putting back only what changed, as reflinks of the snapshot's data.
-//! - [`tar`]: tar + zstd with a manifest of every path and its content
-//!   hash; verified by reading it back; everywhere else, or when a site
-//!   policy forces it.
+//! - [`tar`]: an archive of every path (wavegate's own record stream, see
+//!   [`archive`]) compressed with zstd, with a manifest of every path, its
+//!   type and its content digest; verified by reading it back; everywhere
+//!   else, or when a site policy forces it (the policy still calls it
+//!   `tar+zstd`).
 //! - LVM thin and ZFS snapshots are not built yet ([`unsupported`] says so
 //!   where they would apply); such filesystems get tar + zstd.
 //!
 //! A part never crosses into another filesystem: a mount or a nested
 //! subvolume below a write path is a part of its own, and untouchable paths
 //! and the agent's own snapshot directories are left out.
+//!
+//! Write sets hold customers' files, and customers can race the agent. So
+//! every file operation goes through handles opened without following
+//! links ([`fsx`]), every entry's type is part of the snapshot, names are
+//! raw bytes, holes stay holes, and a restore builds the restored tree
+//! beside the live one and swaps it in ([`stage`]): it never deletes first.
 
+pub mod archive;
 pub mod btrfs;
+pub mod fsx;
+pub mod stage;
 pub mod tar;
 
+pub use fsx::RawPath;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read as _;
-use std::os::unix::fs::MetadataExt as _;
+use std::os::fd::{AsFd as _, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::mountinfo::{self, HostMount, Treatment, within};
 
@@ -65,13 +77,48 @@ impl BackendKind {
     }
 }
 
+/// The type of a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A regular file.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (kept as a link, never followed).
+    Symlink,
+    /// A FIFO (recreated, never opened).
+    Fifo,
+    /// A unix socket (recreated, never opened).
+    Socket,
+    /// A character device (recreated, never opened).
+    Char,
+    /// A block device (recreated, never opened).
+    Block,
+}
+
+impl Kind {
+    /// Its name in manifests and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::File => "file",
+            Kind::Dir => "dir",
+            Kind::Symlink => "symlink",
+            Kind::Fifo => "fifo",
+            Kind::Socket => "socket",
+            Kind::Char => "char",
+            Kind::Block => "block",
+        }
+    }
+}
+
 /// One path of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// Path relative to the host root, starting with `/`.
-    pub path: String,
-    /// file | dir | symlink
-    pub kind: String,
+    /// Path relative to the host root, starting with `/`, as raw bytes.
+    pub path: RawPath,
+    /// Its type.
+    pub kind: Kind,
     /// Permission bits.
     pub mode: u32,
     /// Owner.
@@ -80,13 +127,22 @@ pub struct Entry {
     pub gid: u32,
     /// Modification time, seconds.
     pub mtime: i64,
+    /// Modification time, nanoseconds.
+    #[serde(default)]
+    pub mtime_nsec: u32,
     /// Size (files).
     pub size: u64,
-    /// SHA-256 (files; tar + zstd only: a btrfs snapshot is checked by the
-    /// filesystem, not by reading every byte).
+    /// Content digest (files; tar + zstd only: a btrfs snapshot is checked
+    /// by the filesystem, not by reading every byte): see [`fsx::digest`].
     pub sha256: String,
-    /// Target (symlinks).
-    pub link: String,
+    /// Target (symlinks), raw bytes.
+    pub link: RawPath,
+    /// Device number (character and block devices).
+    #[serde(default)]
+    pub rdev: u64,
+    /// Extended attributes (files and directories): name to hex value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub xattrs: BTreeMap<String, String>,
 }
 
 /// The archive of a tar + zstd part.
@@ -98,6 +154,13 @@ pub struct TarInfo {
     pub bytes: u64,
     /// SHA-256 of the archive.
     pub sha256: String,
+    /// The archive's format: 1 is [`archive`]'s record stream; 0 (an
+    /// older agent's tar archive) is never restored.
+    #[serde(default)]
+    pub format: u32,
+    /// Bytes of file data in it (what a restore writes).
+    #[serde(default)]
+    pub data: u64,
 }
 
 /// The snapshot subvolume of a btrfs part.
@@ -146,6 +209,10 @@ pub struct Part {
     pub skip: Vec<String>,
     /// Every path it holds, sorted.
     pub entries: Vec<Entry>,
+    /// Bytes its files take on disk (allocated blocks, so a sparse file
+    /// counts the data it holds).
+    #[serde(default)]
+    pub alloc: u64,
     /// The archive (tar + zstd).
     #[serde(default)]
     pub tar: Option<TarInfo>,
@@ -156,11 +223,11 @@ pub struct Part {
 
 impl Part {
     /// Bytes the part keeps: the archive's size, or for a btrfs snapshot
-    /// the data it references (it shares it with the live files).
+    /// the data it references on disk (it shares it with the live files).
     pub fn bytes(&self) -> u64 {
         match &self.tar {
             Some(t) => t.bytes,
-            None => self.entries.iter().map(|e| e.size).sum(),
+            None => self.alloc,
         }
     }
 }
@@ -204,10 +271,13 @@ impl Manifest {
                 roots: self.roots.clone(),
                 skip: Vec::new(),
                 entries: std::mem::take(&mut self.entries),
+                alloc: 0,
                 tar: Some(TarInfo {
                     file: "data.tar.zst".into(),
                     bytes: self.archive_bytes,
                     sha256: std::mem::take(&mut self.archive_sha256),
+                    format: 0,
+                    data: 0,
                 }),
                 btrfs: None,
             });
@@ -290,8 +360,20 @@ pub trait Backend {
     fn take(&self, root: &Path, dir: &Path, part: &mut Part) -> Result<Vec<String>>;
     /// Check that the snapshot is intact.
     fn verify(&self, root: &Path, dir: &Path, part: &Part) -> Result<()>;
-    /// Put the part's paths back as they were, then check them.
-    fn restore(&self, root: &Path, dir: &Path, part: &Part) -> Result<()>;
+    /// Check what a restore relies on before anything is built (a backend
+    /// that checks everything while it builds needs nothing here).
+    fn check_before_restore(&self, root: &Path, dir: &Path, part: &Part) -> Result<()>;
+    /// Restore the whole part in one step, when this backend can here
+    /// (a btrfs subvolume swapped for a copy of its snapshot); `false` when
+    /// it cannot and the part is built beside the live files instead.
+    fn restore_whole(&self, _root: &Path, _part: &Part) -> Result<bool> {
+        Ok(false)
+    }
+    /// Bytes of data a restore of the part writes.
+    fn restore_bytes(&self, part: &Part) -> u64;
+    /// Hand the part's entries and content to `b`, in pre-order, to build
+    /// the restored tree beside the live one.
+    fn build(&self, root: &Path, dir: &Path, part: &Part, b: &mut stage::Builder<'_>) -> Result<()>;
     /// Delete the snapshot.
     fn release(&self, root: &Path, dir: &Path, part: &Part) -> Result<()>;
 }
@@ -331,152 +413,44 @@ pub fn host_path(root: &Path, p: &str) -> PathBuf {
     root.join(p.trim_start_matches('/'))
 }
 
-pub(crate) fn hash_file(p: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(p)?;
-    let mut h = Sha256::new();
-    let mut buf = [0u8; 64 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-/// The entry of a path as it is on disk under `base` (which shows host path
-/// `path` at `base/<path>`), without its content hash.
-pub(crate) fn entry_at(full: &Path, path: &str) -> Result<Entry> {
-    let m = full.symlink_metadata().with_context(|| format!("reading {path}"))?;
-    let link = if m.file_type().is_symlink() {
-        std::fs::read_link(full)?.display().to_string()
-    } else {
-        String::new()
-    };
-    Ok(entry_of(path, &m, link))
-}
-
-/// The entry of host path `path` from its metadata (and link target).
-pub(crate) fn entry_of(path: &str, m: &std::fs::Metadata, link: String) -> Entry {
-    let kind = if m.file_type().is_symlink() {
-        "symlink"
-    } else if m.is_dir() {
-        "dir"
-    } else {
-        "file"
-    };
-    Entry {
-        path: path.to_owned(),
-        kind: kind.into(),
-        mode: m.mode() & 0o7777,
-        uid: m.uid(),
-        gid: m.gid(),
-        mtime: m.mtime(),
-        size: if kind == "file" { m.len() } else { 0 },
-        sha256: String::new(),
-        link,
-    }
-}
-
-/// Every path under `roots` (host paths), read under `base` where host path
-/// `p` is at `base + (p - prefix)`, sorted, leaving out `skip` and
-/// everything below it. A directory on another filesystem than its parent
-/// (`dev` of the live tree under `live`) is not walked: it is returned as a
-/// boundary, to be a part of its own.
-pub(crate) fn walk(
-    base: &Path,
+/// Every path under the part's `roots` (host paths) as the tree `tree`
+/// shows them, where host path `p` is at `p - prefix` below `tree`; in
+/// pre-order, leaving out `skip`, without following any link. A directory
+/// on another filesystem than its root (or an empty-subvolume placeholder
+/// in a btrfs snapshot) is not walked: it is returned as a boundary, to be
+/// a part of its own. `visit` gets every entry, and a readable handle for
+/// files and directories.
+pub(crate) fn walk_part(
+    tree: BorrowedFd<'_>,
     prefix: &str,
-    live: &Path,
     roots: &[String],
     skip: &[String],
-) -> Result<(Vec<Entry>, Vec<String>)> {
-    let at = |p: &str| -> PathBuf {
-        let rest = if prefix == "/" {
-            p
-        } else {
-            p.strip_prefix(prefix).unwrap_or(p)
-        };
-        base.join(rest.trim_start_matches('/'))
+    visit: &mut dyn FnMut(Entry, Option<&std::fs::File>) -> Result<()>,
+) -> Result<fsx::Walked> {
+    let mut out = fsx::Walked {
+        boundaries: Vec::new(),
+        alloc: 0,
     };
-    let skipped = |p: &str| skip.iter().any(|s| within(p, s));
-    let mut entries = Vec::new();
-    let mut boundaries = Vec::new();
-    for r in roots {
-        let full = at(r);
-        if full.symlink_metadata().is_err() || skipped(r) {
+    let mut roots = roots.to_vec();
+    roots.sort();
+    for r in &roots {
+        if skip.iter().any(|s| within(r, s)) {
             continue;
         }
-        let root_dev = host_path(live, r).symlink_metadata().map(|m| m.dev()).ok();
-        let mut stack = vec![r.clone()];
-        while let Some(p) = stack.pop() {
-            let full = at(&p);
-            let e = entry_at(&full, &p)?;
-            if e.kind == "dir" {
-                let mut children: Vec<String> = std::fs::read_dir(&full)
-                    .with_context(|| format!("reading {p}"))?
-                    .flatten()
-                    .map(|c| format!("{}/{}", p.trim_end_matches('/'), c.file_name().to_string_lossy()))
-                    .collect();
-                children.sort();
-                children.reverse();
-                for c in children {
-                    if skipped(&c) {
-                        continue;
-                    }
-                    // A directory on another filesystem (a nested btrfs
-                    // subvolume, or a mount nobody listed) is its own part.
-                    let live_c = host_path(live, &c).symlink_metadata().ok();
-                    if let (Some(dev), Some(m)) = (root_dev, live_c)
-                        && m.is_dir()
-                        && m.dev() != dev
-                    {
-                        boundaries.push(c);
-                        continue;
-                    }
-                    stack.push(c);
-                }
-            }
-            entries.push(e);
-        }
+        let rest = if prefix == "/" {
+            r.as_str()
+        } else {
+            r.strip_prefix(prefix).unwrap_or(r)
+        };
+        let Some(node) = fsx::node_at(tree, rest.as_bytes())? else {
+            continue;
+        };
+        let dev = node.stat.st_dev;
+        let w = fsx::walk(node, RawPath::from(r.as_str()), dev, skip, visit)?;
+        out.boundaries.extend(w.boundaries);
+        out.alloc += w.alloc;
     }
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((entries, boundaries))
-}
-
-/// Remove `p` (a host path under `root`) and everything below it, except
-/// `skip` paths and the directories leading to them; `keep_self` keeps `p`
-/// itself (a mount point or a subvolume root: its contents go, it stays).
-pub(crate) fn remove_except(root: &Path, p: &str, skip: &[String], keep_self: bool) -> Result<()> {
-    if skip.iter().any(|s| within(p, s)) {
-        return Ok(());
-    }
-    let full = host_path(root, p);
-    let Ok(m) = full.symlink_metadata() else { return Ok(()) };
-    let below = skip
-        .iter()
-        .any(|s| s != p && within(s, p) && host_path(root, s).symlink_metadata().is_ok());
-    if !m.is_dir() {
-        return std::fs::remove_file(&full).with_context(|| format!("removing {p}"));
-    }
-    if !below && !keep_self {
-        return std::fs::remove_dir_all(&full).with_context(|| format!("removing {p}"));
-    }
-    for c in std::fs::read_dir(&full)?.flatten() {
-        let child = format!("{}/{}", p.trim_end_matches('/'), c.file_name().to_string_lossy());
-        remove_except(root, &child, skip, false)?;
-    }
-    Ok(())
-}
-
-/// Whether host path `p` is where a filesystem or subvolume begins (it
-/// cannot be removed, only emptied).
-pub(crate) fn is_boundary(root: &Path, p: &str) -> bool {
-    let full = host_path(root, p);
-    let (Ok(m), Some(parent)) = (full.symlink_metadata(), full.parent()) else {
-        return false;
-    };
-    parent.symlink_metadata().is_ok_and(|pm| pm.dev() != m.dev())
+    Ok(out)
 }
 
 /// Where a rollout's snapshot lives.
@@ -590,6 +564,7 @@ fn new_part(
         roots: BTreeMap::from([(path.to_owned(), exists)]),
         skip: Vec::new(),
         entries: Vec::new(),
+        alloc: 0,
         tar: None,
         btrfs: (kind == BackendKind::Btrfs).then(|| BtrfsInfo {
             subvolume: key.clone(),
@@ -639,7 +614,9 @@ pub fn take(req: &Request<'_>) -> Result<Manifest> {
     }
     let tmp = d.with_extension("partial");
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    private_dir(req.state_dir)?;
+    private_dir(&req.state_dir.join("snapshots"))?;
+    private_dir(&tmp)?;
     let table = mountinfo::read()?;
     let mounts = mountinfo::host_mounts(&table, req.root, req.untouchable, &[req.state_dir]);
     let mut parts = plan_parts(req, &mounts);
@@ -648,9 +625,11 @@ pub fn take(req: &Request<'_>) -> Result<Manifest> {
         let part = &mut parts[i];
         if part.backend == BackendKind::TarZstd {
             part.tar = Some(TarInfo {
-                file: format!("part-{i}.tar.zst"),
+                file: format!("part-{i}.zst"),
                 bytes: 0,
                 sha256: String::new(),
+                format: 1,
+                data: 0,
             });
         }
         if let Some(b) = part.btrfs.as_mut() {
@@ -723,32 +702,119 @@ fn load(state_dir: &Path, host: &str, rollout: &str) -> Result<(PathBuf, Manifes
     Ok((d, m))
 }
 
-/// Restore the write set from the snapshot, part by part: each part's paths
-/// are put back as they were, then checked against its manifest.
+/// One restore at a time on a host: two restores of overlapping write sets
+/// would each swap the other's work.
+static RESTORING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Restore the write set from the snapshot. Every part's restored tree is
+/// built beside the live files and checked before the first live path is
+/// replaced; a restore that cannot finish (no space, an I/O error, a
+/// damaged snapshot) changes nothing and can be retried, and one whose
+/// agent was killed is finished by [`recover`].
 pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Result<Manifest> {
+    let _one = RESTORING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let (d, m) = load(state_dir, host, rollout)?;
-    // Every part is checked before any is touched: a restore that would stop
-    // half way on a damaged snapshot is worse than none.
-    verify(root, &d, &m)?;
+    let root_fd = fsx::open_dir(root)?;
+    // A restore of this snapshot that was interrupted is finished first.
+    stage::recover_dir(root_fd.as_fd(), &d)?;
     for p in &m.parts {
         backend(p.backend)
-            .restore(root, &d, p)
+            .check_before_restore(root, &d, p)
+            .with_context(|| format!("the {} snapshot of {}", p.backend.as_str(), p.mount))?;
+    }
+    let mut whole = Vec::new();
+    let mut r = stage::Restore::new(root_fd.as_fd(), &d);
+    let mut staged = Vec::new();
+    for p in &m.parts {
+        if p.backend == BackendKind::Btrfs && btrfs::swappable_whole(root, p)? {
+            whole.push(p);
+        } else {
+            let i = r
+                .plan(p)
+                .with_context(|| format!("restoring {} from its {} snapshot", p.mount, p.backend.as_str()))?;
+            staged.push((i, p));
+        }
+    }
+    if !staged.is_empty() {
+        let need: Vec<(usize, u64)> = staged
+            .iter()
+            .map(|(i, p)| (*i, backend(p.backend).restore_bytes(p)))
+            .collect();
+        r.check_room(&need)?;
+        r.begin()?;
+        let built = (|| -> Result<()> {
+            for (i, p) in &staged {
+                let mut b = r.builder(*i);
+                backend(p.backend)
+                    .build(root, &d, p, &mut b)
+                    .with_context(|| format!("restoring {} from its {} snapshot", p.mount, p.backend.as_str()))?;
+                b.finish()?;
+            }
+            r.check_built()
+        })();
+        if let Err(e) = built {
+            r.abandon();
+            return Err(e.context("the restore stopped before it changed anything"));
+        }
+        r.commit()?;
+    }
+    for p in whole {
+        backend(p.backend)
+            .restore_whole(root, p)
             .with_context(|| format!("restoring {} from its {} snapshot", p.mount, p.backend.as_str()))?;
     }
     // A rollback that a power cut could undo is no rollback: every
     // filesystem that was written is synced, once.
     let mut synced = BTreeSet::new();
     for p in &m.parts {
-        let at = host_path(root, &p.mount);
-        let Ok(meta) = at.metadata() else { continue };
-        if synced.insert(meta.dev()) {
-            nix::unistd::syncfs(std::fs::File::open(&at)?).with_context(|| format!("syncing {}", p.mount))?;
+        let Some(fd) = fsx::open_beneath(root_fd.as_fd(), p.mount.as_bytes(), true)? else {
+            continue;
+        };
+        if synced.insert(rustix::fs::fstat(&fd)?.st_dev) {
+            rustix::fs::syncfs(&fd).with_context(|| format!("syncing {}", p.mount))?;
         }
     }
     for p in &m.parts {
         btrfs::discard_replaced(root, p)?;
     }
     Ok(m)
+}
+
+/// Finish or undo every restore that was interrupted on this host (the
+/// agent runs it when it starts): afterwards each write set is wholly what
+/// it was before that restore, or wholly the restored tree.
+pub fn recover(state_dir: &Path, root: &Path) -> Result<()> {
+    let _one = RESTORING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Ok(dirs) = std::fs::read_dir(state_dir.join("snapshots")) else {
+        return Ok(());
+    };
+    let root_fd = fsx::open_dir(root)?;
+    for d in dirs.flatten() {
+        let d = d.path();
+        if stage::journal_path(&d).exists() {
+            stage::recover_dir(root_fd.as_fd(), &d)
+                .with_context(|| format!("finishing the interrupted restore in {}", d.display()))?;
+            tracing::info!("finished an interrupted restore ({})", d.display());
+        }
+    }
+    Ok(())
+}
+
+/// Make `p` a directory only the agent can read (0700), whoever made it.
+pub fn private_dir(p: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .with_context(|| format!("creating {}", p.display()))?;
+    let m = p.symlink_metadata()?;
+    if m.file_type().is_symlink() || !m.is_dir() {
+        bail!("{} is not a directory", p.display());
+    }
+    if m.mode() & 0o077 != 0 {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 /// Release (delete) a snapshot.

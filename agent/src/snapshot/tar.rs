@@ -1,22 +1,27 @@
-//! The tar + zstd backend: an archive of the part's files with a manifest
-//! of every path and its content hash, taken in one pass over the data
-//! (each file hashed as it is archived, zstd on every core), read back and
-//! checked before it counts, and restored exactly. It works on every
+//! The tar + zstd backend: an archive of the part's paths (the record
+//! stream of [`super::archive`], zstd on every core) with a manifest of
+//! every path, its type and its content digest, taken in one pass over the
+//! data, read back and checked before it counts. It works on every
 //! filesystem; it is what a part gets when its filesystem has nothing
 //! better, or when a site policy forces it.
+//!
+//! Nothing here resolves a path twice: the walk holds a handle per
+//! directory and reads each file through the handle it was found by
+//! ([`super::fsx`]). A restore rebuilds the part beside the live files,
+//! checking every record against the manifest and every file's digest as
+//! it goes ([`super::stage`]).
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::fd::AsFd as _;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use super::{Backend, Entry, Part, TarInfo, hash_file, host_path, is_boundary, remove_except, walk};
-
-fn rel(p: &str) -> &str {
-    p.trim_start_matches('/')
-}
+use super::archive::{self, Item};
+use super::fsx::{self, BlockDigest};
+use super::stage::Builder;
+use super::{Backend, Entry, Kind, Part, TarInfo, walk_part};
 
 /// A hashing tee: what passes through is also hashed.
 struct Tee<T> {
@@ -61,169 +66,191 @@ impl<W: Write> Write for Tee<W> {
     }
 }
 
-/// Fill in the content hash of every file entry, on every core.
-pub(crate) fn hash_entries(root: &Path, entries: &mut [Entry]) -> Result<()> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let chunk = entries.len().div_ceil(cores).max(1);
-    std::thread::scope(|s| {
-        let jobs: Vec<_> = entries
-            .chunks_mut(chunk)
-            .map(|part| {
-                s.spawn(move || {
-                    for e in part.iter_mut().filter(|e| e.kind == "file") {
-                        e.sha256 = hash_file(&root.join(rel(&e.path)))?;
-                    }
-                    anyhow::Ok(())
-                })
-            })
-            .collect();
-        jobs.into_iter()
-            .try_for_each(|j| j.join().map_err(|_| anyhow::anyhow!("a hashing thread panicked"))?)
-    })
-}
-
 /// The tar + zstd backend.
 pub struct TarZstd;
 
 fn info(part: &Part) -> Result<&TarInfo> {
-    part.tar.as_ref().context("a tar+zstd part without its archive record")
+    let t = part
+        .tar
+        .as_ref()
+        .context("a tar+zstd part without its archive record")?;
+    if t.format != 1 {
+        bail!(
+            "this snapshot was taken by an older agent as a tar archive, which cannot be restored without following the paths in it; take a new snapshot"
+        );
+    }
+    Ok(t)
+}
+
+/// Read an archive, decompressing (and hashing what is read) on one core
+/// and handling its records on another. Returns the archive's SHA-256.
+fn read_archive(file: &Path, on: &mut dyn FnMut(Item<'_>) -> Result<()>) -> Result<String> {
+    let raw = Tee::new(std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?);
+    let (pipe_in, mut pipe_out) = std::io::pipe()?;
+    let decompress = std::thread::spawn(move || -> std::io::Result<String> {
+        let mut dec = zstd::Decoder::new(raw)?;
+        std::io::copy(&mut dec, &mut pipe_out)?;
+        // Whatever follows the frame counts too: the hash covers every byte.
+        let mut raw = dec.finish().into_inner();
+        std::io::copy(&mut raw, &mut std::io::sink())?;
+        Ok(raw.finish().1)
+    });
+    let mut input = std::io::BufReader::with_capacity(256 * 1024, pipe_in);
+    let read = archive::read(&mut input, on);
+    // Drain, so the decompressor always ends, then judge both.
+    let _ = std::io::copy(&mut input, &mut std::io::sink());
+    drop(input);
+    let sha256 = decompress
+        .join()
+        .map_err(|_| anyhow::anyhow!("the decompressor panicked"))?
+        .context("reading the snapshot archive")?;
+    read?;
+    Ok(sha256)
 }
 
 impl Backend for TarZstd {
     fn take(&self, root: &Path, dir: &Path, part: &mut Part) -> Result<Vec<String>> {
         let roots: Vec<String> = part.roots.keys().cloned().collect();
-        let (mut entries, found) = walk(root, "/", root, &roots, &part.skip)?;
-        part.skip.extend(found.iter().cloned());
-        part.skip.sort();
-        part.skip.dedup();
-        let file = info(part)?.file.clone();
+        let file = part
+            .tar
+            .as_ref()
+            .context("a tar+zstd part without its archive record")?
+            .file
+            .clone();
+        let root_fd = fsx::open_dir(root)?;
+        let mut entries = Vec::new();
+        let mut data = 0u64;
         // One pass over the write set: each file is hashed as it is archived,
         // and the archive is hashed as it is written; zstd compresses on
         // every core.
-        let (sha256, bytes) = {
-            let out = std::fs::File::create(dir.join(&file))?;
+        let (found, sha256, bytes) = {
+            let out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode_private()
+                .open(dir.join(&file))?;
             let mut enc = zstd::Encoder::new(Tee::new(out), 3)?;
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             enc.multithread(u32::try_from(cores).unwrap_or(1))?;
-            let mut tar = tar::Builder::new(enc);
-            tar.follow_symlinks(false);
-            tar.mode(tar::HeaderMode::Complete);
-            for e in &mut entries {
-                let full = host_path(root, &e.path);
-                if e.kind == "file" {
-                    let f = std::fs::File::open(&full).with_context(|| format!("archiving {}", e.path))?;
-                    let mut header = tar::Header::new_gnu();
-                    header.set_metadata_in_mode(&f.metadata()?, tar::HeaderMode::Complete);
-                    let mut tee = Tee::new(f.take(e.size));
-                    tar.append_data(&mut header, rel(&e.path), &mut tee)
-                        .with_context(|| format!("archiving {}", e.path))?;
-                    let (_, sha, n) = tee.finish();
-                    if n != e.size {
-                        bail!("{} changed size while it was archived", e.path);
-                    }
-                    e.sha256 = sha;
-                } else {
-                    tar.append_path_with_name(&full, rel(&e.path))
-                        .with_context(|| format!("archiving {}", e.path))?;
+            let mut w = archive::Writer::new(std::io::BufWriter::with_capacity(256 * 1024, enc))?;
+            let found = walk_part(root_fd.as_fd(), "/", &roots, &part.skip, &mut |mut e, f| {
+                w.entry(&e).with_context(|| format!("archiving {}", e.path))?;
+                if e.kind == Kind::File {
+                    let f = f.context("a file without a handle")?;
+                    e.sha256 = fsx::digest(f, e.size, |off, block| {
+                        data += block.len() as u64;
+                        w.block(off, block)
+                    })
+                    .with_context(|| format!("archiving {}", e.path))?;
+                    w.end_file()?;
                 }
-            }
-            let (out, sha, bytes) = tar.into_inner()?.finish()?.finish();
+                entries.push(e);
+                Ok(())
+            })?;
+            let enc = w.finish()?.into_inner().map_err(|e| e.into_error())?;
+            let (out, sha, bytes) = enc.finish()?.finish();
             out.sync_all()?;
-            (sha, bytes)
+            (found, sha, bytes)
         };
+        part.alloc = found.alloc;
+        let found = found.boundaries;
+        part.skip.extend(found.iter().cloned());
+        part.skip.sort();
+        part.skip.dedup();
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
         part.entries = entries;
-        part.tar = Some(TarInfo { file, bytes, sha256 });
+        part.tar = Some(TarInfo {
+            file,
+            bytes,
+            sha256,
+            format: 1,
+            data,
+        });
         self.verify(root, dir, part).context("reading the new snapshot back")?;
         Ok(found)
     }
 
     /// Read the archive back and check it against the manifest, in one
-    /// pass: the archive's hash, every entry, every file's content hash.
+    /// pass: the archive's hash, every entry, every file's content digest.
     fn verify(&self, _root: &Path, dir: &Path, part: &Part) -> Result<()> {
         let t = info(part)?;
-        let raw = Tee::new(std::fs::File::open(dir.join(&t.file))?);
-        // Decompress (and hash the archive) on one core, read the entries
-        // and hash their content on another.
-        let (pipe_in, mut pipe_out) = std::io::pipe()?;
-        let decompress = std::thread::spawn(move || -> std::io::Result<String> {
-            let mut dec = zstd::Decoder::new(raw)?;
-            std::io::copy(&mut dec, &mut pipe_out)?;
-            // Whatever follows the frame counts too: the hash covers every byte.
-            let mut raw = dec.finish().into_inner();
-            std::io::copy(&mut raw, &mut std::io::sink())?;
-            Ok(raw.finish().1)
-        });
-        let checked = check_entries(pipe_in, &part.entries);
-        let sha256 = decompress
-            .join()
-            .map_err(|_| anyhow::anyhow!("the decompressor panicked"))?
-            .context("reading the snapshot archive")?;
-        checked?;
+        let want: std::collections::HashMap<&super::RawPath, &Entry> =
+            part.entries.iter().map(|e| (&e.path, e)).collect();
+        let mut seen = 0usize;
+        let mut current: Option<(&Entry, BlockDigest)> = None;
+        let sha256 = read_archive(&dir.join(&t.file), &mut |item| {
+            match item {
+                Item::Entry(e) => {
+                    let Some(w) = want.get(&e.path) else {
+                        bail!("the snapshot holds {}, which its manifest does not list", e.path);
+                    };
+                    let mut a = e.clone();
+                    a.sha256 = w.sha256.clone();
+                    if a != **w {
+                        bail!("{} in the snapshot does not match its manifest", e.path);
+                    }
+                    seen += 1;
+                    if e.kind == Kind::File {
+                        current = Some((w, BlockDigest::new(e.size)));
+                    }
+                }
+                Item::Block(off, bytes) => {
+                    if let Some((_, d)) = current.as_mut() {
+                        d.block(off, bytes);
+                    }
+                }
+                Item::EndFile => {
+                    if let Some((w, d)) = current.take()
+                        && d.finish() != w.sha256
+                    {
+                        bail!("{} in the snapshot does not match its manifest hash", w.path);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        if seen != part.entries.len() {
+            bail!(
+                "the snapshot holds {seen} entries; its manifest lists {}",
+                part.entries.len()
+            );
+        }
         if sha256 != t.sha256 {
             bail!("the snapshot archive does not match its manifest hash");
         }
         Ok(())
     }
 
-    /// Remove what is there now (never a mount point or another part), put
-    /// back what was there, and check the result against the manifest.
-    fn restore(&self, root: &Path, dir: &Path, part: &Part) -> Result<()> {
+    fn check_before_restore(&self, _root: &Path, dir: &Path, part: &Part) -> Result<()> {
+        // Every record and digest is checked as the restored tree is built,
+        // and the archive's hash before it is swapped in.
         let t = info(part)?;
-        for r in part.roots.keys() {
-            remove_except(root, r, &part.skip, is_boundary(root, r))?;
+        if !dir.join(&t.file).is_file() {
+            bail!("the snapshot archive {} is gone", t.file);
         }
-        // Decompress on one core and unpack on another, as `zstd -d | tar -x`.
-        let (pipe_in, mut pipe_out) = std::io::pipe()?;
-        let archive = std::fs::File::open(dir.join(&t.file))?;
-        let decompress = std::thread::spawn(move || -> std::io::Result<u64> {
-            let mut dec = zstd::Decoder::new(archive)?;
-            std::io::copy(&mut dec, &mut pipe_out)
-        });
-        let mut tar = tar::Archive::new(pipe_in);
-        tar.set_preserve_permissions(true);
-        tar.set_preserve_ownerships(true);
-        tar.set_preserve_mtime(true);
-        tar.set_overwrite(true);
-        let unpacked = tar.unpack(root).context("unpacking the snapshot");
-        // Drain the pipe so the decompressor always ends, then judge both.
-        let mut rest = tar.into_inner();
-        let _ = std::io::copy(&mut rest, &mut std::io::sink());
-        drop(rest);
-        let decompressed = decompress
-            .join()
-            .map_err(|_| anyhow::anyhow!("the decompressor panicked"))?;
-        unpacked?;
-        decompressed.context("decompressing the snapshot")?;
-        // Directory mtimes change as their children are written; set them last.
-        for e in part.entries.iter().rev().filter(|e| e.kind == "dir") {
-            set_mtime(&host_path(root, &e.path), e.mtime);
-        }
-        let roots: Vec<String> = part.roots.keys().cloned().collect();
-        let (mut now, _) = walk(root, "/", root, &roots, &part.skip)?;
-        hash_entries(root, &mut now)?;
-        if now != part.entries {
-            let diff: Vec<&str> = now
-                .iter()
-                .filter(|e| !part.entries.contains(e))
-                .map(|e| e.path.as_str())
-                .chain(
-                    part.entries
-                        .iter()
-                        .filter(|e| !now.contains(e))
-                        .map(|e| e.path.as_str()),
-                )
-                .take(5)
-                .collect();
-            bail!(
-                "after the restore the write set still differs from the snapshot: {}",
-                diff.join(", ")
-            );
+        Ok(())
+    }
+
+    fn restore_bytes(&self, part: &Part) -> u64 {
+        part.tar.as_ref().map_or(0, |t| t.data)
+    }
+
+    fn build(&self, _root: &Path, dir: &Path, part: &Part, b: &mut Builder<'_>) -> Result<()> {
+        let t = info(part)?;
+        let sha256 = read_archive(&dir.join(&t.file), &mut |item| match item {
+            Item::Entry(e) => b.entry(e),
+            Item::Block(off, bytes) => b.block(off, bytes),
+            Item::EndFile => b.end_file(true),
+        })?;
+        if sha256 != t.sha256 {
+            bail!("the snapshot archive does not match its manifest hash");
         }
         Ok(())
     }
 
     fn release(&self, _root: &Path, dir: &Path, part: &Part) -> Result<()> {
-        let f = dir.join(&info(part)?.file);
+        let Some(t) = part.tar.as_ref() else { return Ok(()) };
+        let f = dir.join(&t.file);
         if f.exists() {
             std::fs::remove_file(&f)?;
         }
@@ -231,56 +258,13 @@ impl Backend for TarZstd {
     }
 }
 
-/// Set a path's modification (and access) time, seconds.
-pub(crate) fn set_mtime(full: &Path, secs: i64) {
-    let t = nix::sys::time::TimeSpec::new(secs, 0);
-    let _ = nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        full,
-        &t,
-        &t,
-        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-    );
+/// Files the agent writes are its own: 0600 whatever the umask.
+trait PrivateOpen {
+    fn mode_private(&mut self) -> &mut Self;
 }
 
-/// Check a tar stream against the manifest, then read it to its end.
-fn check_entries(stream: impl Read, entries: &[Entry]) -> Result<()> {
-    let want: BTreeMap<&str, &Entry> = entries.iter().map(|e| (rel(&e.path), e)).collect();
-    let mut seen = 0usize;
-    let mut tar = tar::Archive::new(stream);
-    let result = (|| {
-        for item in tar.entries()? {
-            let mut item = item?;
-            let path = item.path()?.display().to_string();
-            let path = path.trim_end_matches('/').to_owned();
-            let Some(e) = want.get(path.as_str()) else {
-                bail!("the snapshot holds {path}, which its manifest does not list")
-            };
-            if e.kind == "file" {
-                let mut h = Sha256::new();
-                let mut buf = [0u8; 64 * 1024];
-                loop {
-                    let n = item.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                }
-                if hex::encode(h.finalize()) != e.sha256 {
-                    bail!("{} in the snapshot does not match its manifest hash", e.path);
-                }
-            }
-            seen += 1;
-        }
-        if seen != entries.len() {
-            bail!(
-                "the snapshot holds {seen} entries; its manifest lists {}",
-                entries.len()
-            );
-        }
-        Ok(())
-    })();
-    // Drain, so the writer on the other end always finishes.
-    let _ = std::io::copy(&mut tar.into_inner(), &mut std::io::sink());
-    result
+impl PrivateOpen for std::fs::OpenOptions {
+    fn mode_private(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
 }
