@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use anyhow::{Context, Result, bail};
 
 use super::fsx::{self, RawPath};
-use super::stage::Builder;
+use super::stage::{Builder, Restore};
 use super::{Backend, BtrfsInfo, Kind, Part, host_path, walk_part};
 use crate::mountinfo::within;
 
@@ -291,6 +291,26 @@ impl Backend for Btrfs {
         Ok(true)
     }
 
+    fn keep_unchanged(&self, root: &Path, part: &Part, r: &mut Restore<'_>, i: usize) -> Result<()> {
+        let b = info(part)?;
+        let snap_fd = open_snap(root, b)?.with_context(|| format!("the snapshot {} is gone", b.snapshot))?;
+        let root_fd = fsx::open_dir(root)?;
+        let same = |u: &RawPath| -> Result<bool> {
+            let rest = u
+                .as_bytes()
+                .strip_prefix(b.subvolume.trim_end_matches('/').as_bytes())
+                .unwrap_or(u.as_bytes());
+            let (Some(s), Some(l)) = (
+                fsx::node_at(snap_fd.as_fd(), rest)?,
+                fsx::node_at(root_fd.as_fd(), u.as_bytes())?,
+            ) else {
+                return Ok(false);
+            };
+            Ok(fsx::inodes(s, u.clone(), &part.skip)? == fsx::inodes(l, u.clone(), &part.skip)?)
+        };
+        r.keep_unchanged(i, &same)
+    }
+
     fn restore_bytes(&self, _part: &Part) -> u64 {
         // Files come back as reflinks of the snapshot's data: no bytes.
         0
@@ -301,6 +321,9 @@ impl Backend for Btrfs {
         let snap_fd = open_snap(root, b)?.with_context(|| format!("the snapshot {} is gone", b.snapshot))?;
         let roots: Vec<String> = part.roots.keys().cloned().collect();
         walk_part(snap_fd.as_fd(), &b.subvolume, &roots, &part.skip, &mut |e, f| {
+            if bld.unchanged(&e.path) {
+                return Ok(());
+            }
             let file = e.kind == Kind::File;
             bld.entry(e)?;
             if file {

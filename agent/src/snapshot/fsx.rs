@@ -528,6 +528,48 @@ pub fn walk(
     Ok(walked)
 }
 
+/// Every inode under `top` (shown as host path `path`), in a fixed order:
+/// path, type and mode, inode number, change time, size, owner. Two trees
+/// with the same list hold the same inodes, unchanged (a btrfs snapshot
+/// keeps its source's inode numbers and change times, and any change to
+/// an inode moves its change time). Files are never opened.
+pub fn inodes(top: Node, path: RawPath, skip: &[String]) -> Result<Vec<(RawPath, [i64; 7])>> {
+    let skipped = |p: &RawPath| skip.iter().any(|s| within(p.as_bytes(), s.as_bytes()));
+    let mut out = Vec::new();
+    let mut stack = vec![(top, path)];
+    while let Some((node, p)) = stack.pop() {
+        let st = &node.stat;
+        out.push((
+            p.clone(),
+            [
+                i64::from(st.st_mode),
+                st.st_ino as i64,
+                st.st_ctime,
+                st.st_ctime_nsec as i64,
+                st.st_size,
+                i64::from(st.st_uid),
+                i64::from(st.st_gid),
+            ],
+        ));
+        if node.kind() == Kind::Dir {
+            let d = node.reopen()?;
+            let mut children = Vec::new();
+            for n in names(d.as_fd())? {
+                let cp = p.child(&n);
+                if skipped(&cp) {
+                    continue;
+                }
+                if let Some(c) = open_child(d.as_fd(), &n)? {
+                    children.push((c, cp));
+                }
+            }
+            children.reverse();
+            stack.extend(children);
+        }
+    }
+    Ok(out)
+}
+
 /// Remove `name` in `dir` and everything below it, never following a link
 /// (names are removed relative to their directory's handle). Subvolumes
 /// found on the way are handed to `subvolume` (they cannot be unlinked).

@@ -369,6 +369,12 @@ pub trait Backend {
     fn restore_whole(&self, _root: &Path, _part: &Part) -> Result<bool> {
         Ok(false)
     }
+    /// Leave out of plan `i` of `r` the names that are unchanged since the
+    /// snapshot, when this backend can tell cheaply (btrfs: the same inodes
+    /// with the same change times).
+    fn keep_unchanged(&self, _root: &Path, _part: &Part, _r: &mut stage::Restore<'_>, _i: usize) -> Result<()> {
+        Ok(())
+    }
     /// Bytes of data a restore of the part writes.
     fn restore_bytes(&self, part: &Part) -> u64;
     /// Hand the part's entries and content to `b`, in pre-order, to build
@@ -732,6 +738,7 @@ pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Resu
             let i = r
                 .plan(p)
                 .with_context(|| format!("restoring {} from its {} snapshot", p.mount, p.backend.as_str()))?;
+            backend(p.backend).keep_unchanged(root, p, &mut r, i)?;
             staged.push((i, p));
         }
     }

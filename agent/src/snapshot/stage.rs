@@ -103,6 +103,8 @@ pub struct Plan {
     staged: BTreeSet<RawPath>,
     /// Paths left out (not built, not checked).
     skip: Vec<String>,
+    /// Units left as they are: unchanged since the snapshot.
+    unchanged: Vec<RawPath>,
 }
 
 /// Plans and carries out restores of one or more parts together.
@@ -176,6 +178,7 @@ impl<'a> Restore<'a> {
             want,
             staged: BTreeSet::new(),
             skip: part.skip.clone(),
+            unchanged: Vec::new(),
         };
         let mut queue: Vec<RawPath> = part.roots.keys().map(|r| RawPath::from(r.as_str())).collect();
         while let Some(p) = queue.pop() {
@@ -183,6 +186,10 @@ impl<'a> Restore<'a> {
                 continue;
             }
             let live = fsx::node_at(self.root, p.as_bytes())?;
+            if live.is_none() && !plan.want.contains_key(&p) {
+                // Not there before, not there now: nothing to do.
+                continue;
+            }
             let parent_dev = fsx::node_at(self.root, p.parent().as_bytes())?.map(|n| n.stat.st_dev);
             let boundary = p.as_bytes() == b"/"
                 || p.as_bytes() == part.mount.as_bytes()
@@ -231,6 +238,28 @@ impl<'a> Restore<'a> {
         }
         self.plans.push(plan);
         Ok(self.plans.len() - 1)
+    }
+
+    /// Leave alone every unit of plan `i` that `same` says is unchanged
+    /// since the snapshot: it is neither rebuilt nor swapped.
+    pub fn keep_unchanged(&mut self, i: usize, same: &dyn Fn(&RawPath) -> Result<bool>) -> Result<()> {
+        let plan = &mut self.plans[i];
+        let candidates: Vec<RawPath> = plan.staged.iter().cloned().collect();
+        for u in candidates {
+            if !same(&u)? {
+                continue;
+            }
+            plan.units.remove(&u);
+            plan.staged.remove(&u);
+            plan.want.retain(|p, _| !fsx::within(p.as_bytes(), u.as_bytes()));
+            plan.unchanged.push(u);
+        }
+        Ok(())
+    }
+
+    /// The units of plan `i` (host paths) that the snapshot has.
+    pub fn staged_units(&self, i: usize) -> Vec<RawPath> {
+        self.plans[i].staged.iter().cloned().collect()
     }
 
     /// Check that every filesystem has room for what will be built: `need`
@@ -425,6 +454,14 @@ impl Builder<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Whether an entry is in a unit left as it is (it is not given).
+    pub fn unchanged(&self, p: &RawPath) -> bool {
+        self.plan
+            .unchanged
+            .iter()
+            .any(|u| fsx::within(p.as_bytes(), u.as_bytes()))
     }
 
     /// The next entry. Its metadata must match the manifest; a file's
@@ -643,7 +680,8 @@ fn clean(locations: &[Location], loc_fds: &[OwnedFd], staging_fds: &[OwnedFd]) {
                 }
             }
         }
-        if ino_of(l.as_fd(), loc.staging.as_bytes()) == Some(loc.staging_ino) {
+        let ours = rustix::fs::fstat(s).ok().map(|st| st.st_ino);
+        if ours.is_some() && ino_of(l.as_fd(), loc.staging.as_bytes()) == ours {
             let _ = rustix::fs::unlinkat(l, loc.staging.as_str(), AtFlags::REMOVEDIR);
         }
     }
@@ -665,7 +703,15 @@ pub fn recover_dir(root: BorrowedFd<'_>, dir: &Path) -> Result<bool> {
             continue;
         };
         let s = match fsx::open_child(l.as_fd(), loc.staging.as_bytes())? {
-            Some(n) if n.kind() == Kind::Dir && n.stat.st_ino == loc.staging_ino => n.reopen()?,
+            // Killed between making it and recording its inode: the name is
+            // random and only root can make a 0700 root directory.
+            Some(n)
+                if n.kind() == Kind::Dir
+                    && (n.stat.st_ino == loc.staging_ino
+                        || (loc.staging_ino == 0 && n.stat.st_uid == 0 && n.stat.st_mode & 0o777 == 0o700)) =>
+            {
+                n.reopen()?
+            }
             _ => {
                 if j.phase == "swapping" {
                     bail!(
