@@ -3,6 +3,7 @@
 //! from here instead of being run twice.
 
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -134,7 +135,15 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().context("a journal file has a directory")?;
     let tmp = path.with_extension("tmp");
     {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        // The agent's files are root's alone (a manifest names customers'
+        // files), whatever the umask of whoever started it.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }

@@ -139,6 +139,18 @@ fn main() -> ExitCode {
     // customers' private files) are readable by root alone, whoever starts
     // it and whatever its unit says.
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    // A walk holds a handle per directory level; a deep tree must not run
+    // out of them (the soft limit is often 1024, the hard one far more).
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    if nofile.current < nofile.maximum {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: nofile.maximum,
+                maximum: nofile.maximum,
+            },
+        );
+    }
     if argv.get(1).map(String::as_str) == Some("snapshot") {
         return snapshot_cmd(&argv[1..]);
     }

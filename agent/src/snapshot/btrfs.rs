@@ -28,7 +28,6 @@ use anyhow::{Context, Result, bail};
 use super::fsx::{self, RawPath};
 use super::stage::{Builder, Restore};
 use super::{Backend, BtrfsInfo, Kind, Part, host_path, walk_part};
-use crate::mountinfo::within;
 
 /// The subvolume beside the data that holds wavegate's snapshots of it.
 pub const SNAPSHOT_DIR: &str = ".wavegate-snapshots";
@@ -150,10 +149,47 @@ fn at_fd(dir: BorrowedFd<'_>, name: &[u8]) -> OsString {
     p
 }
 
-/// Delete the subvolume `name` in `dir` (what a restore replaced).
-pub fn delete_subvolume_at(dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
-    btrfs_os(&["subvolume", "delete"], &at_fd(dir, name))?;
+/// Delete the subvolume `name` in `dir` by its id, through `anchor` (a
+/// path of the same filesystem that only root controls: the mount).
+///
+/// Never by its path: `btrfs subvolume delete PATH` resolves PATH with
+/// realpath(3), which reads a `/proc/self/fd` link as text and walks that
+/// text again, following any link a tenant swapped in. `inspect-internal
+/// rootid` only opens the path, which goes through the handle itself.
+pub fn delete_subvolume_at(dir: BorrowedFd<'_>, name: &[u8], anchor: &Path) -> Result<()> {
+    let Some(node) = fsx::open_child(dir, name)? else {
+        return Ok(());
+    };
+    if node.kind() != Kind::Dir || node.stat.st_ino != 256 || !fsx::is_btrfs(node.fd.as_fd()) {
+        bail!("{} is not a btrfs subvolume; not deleting it", RawPath(name.to_vec()));
+    }
+    let id: u64 = btrfs_os(
+        &["inspect-internal", "rootid"],
+        fsx::proc_path(node.fd.as_fd()).as_os_str(),
+    )?
+    .trim()
+    .parse()
+    .context("reading a subvolume's id")?;
+    if id <= 5 {
+        bail!("refusing to delete the top-level subvolume");
+    }
+    let out = Command::new("btrfs")
+        .args(["subvolume", "delete", "--subvolid", &id.to_string()])
+        .arg(anchor)
+        .output()
+        .context("running btrfs (btrfs-progs)")?;
+    if !out.status.success() {
+        bail!(
+            "`btrfs subvolume delete --subvolid {id} {}` failed: {}",
+            anchor.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     Ok(())
+}
+
+fn anchor(root: &Path, part: &Part) -> PathBuf {
+    host_path(root, &part.mount)
 }
 
 /// The holder of a subvolume's snapshots, opened and checked: a directory
@@ -196,7 +232,7 @@ impl Backend for Btrfs {
         let name = b.snapshot.rsplit('/').next().unwrap_or_default().to_owned();
         if fsx::open_child(hold.as_fd(), name.as_bytes())?.is_some() {
             // Left by a take that was interrupted: it is not ours to trust.
-            delete_subvolume_at(hold.as_fd(), name.as_bytes())?;
+            delete_subvolume_at(hold.as_fd(), name.as_bytes(), &anchor(root, part))?;
         }
         let out = Command::new("btrfs")
             .args(["subvolume", "snapshot", "-r"])
@@ -259,7 +295,7 @@ impl Backend for Btrfs {
             Ok(found)
         })();
         if result.is_err() {
-            let _ = delete_subvolume_at(hold.as_fd(), name.as_bytes());
+            let _ = delete_subvolume_at(hold.as_fd(), name.as_bytes(), &anchor(root, part));
         }
         result
     }
@@ -287,7 +323,7 @@ impl Backend for Btrfs {
         let Some(nested) = swappable(root, part, b)? else {
             return Ok(false);
         };
-        swap(root, b, &nested)?;
+        swap(root, part, b, &nested)?;
         Ok(true)
     }
 
@@ -349,7 +385,7 @@ impl Backend for Btrfs {
             bail!("{holder_path} is not the agent's snapshot holder; not deleting anything in it");
         }
         if fsx::open_child(hold.as_fd(), name.as_bytes())?.is_some() {
-            delete_subvolume_at(hold.as_fd(), name.as_bytes())?;
+            delete_subvolume_at(hold.as_fd(), name.as_bytes(), &anchor(root, part))?;
         }
         Ok(())
     }
@@ -387,28 +423,31 @@ fn flags(root: &Path, part: &Part) -> Result<()> {
     Ok(())
 }
 
-/// SHA-256 over every inode under `roots` in a snapshot (mounted at `snap`,
-/// showing host path `prefix`), leaving out `skip`: path, inode number,
-/// change time (to the nanosecond), mode, owner, size and link target, in
-/// path order. Read on every core.
+/// SHA-256 over every inode under `roots` in a snapshot (reached through
+/// `snap`, a `/proc/self/fd` path of its handle, showing host path
+/// `prefix`), leaving out `skip`: path, inode number, change time (to the
+/// nanosecond), mode, owner, size and link target, in path order. Names are
+/// walked as raw bytes and written escaped. Read on every core.
 fn tree_digest(snap: &Path, prefix: &str, roots: &[String], skip: &[String]) -> Result<String> {
-    let at = |p: &str| -> PathBuf {
-        let rest = if prefix == "/" {
+    let prefix_raw = fsx::raw(prefix);
+    let at = |p: &[u8]| -> PathBuf {
+        let rest = if prefix_raw == b"/" {
             p
         } else {
-            p.strip_prefix(prefix).unwrap_or(p)
+            p.strip_prefix(prefix_raw.as_slice()).unwrap_or(p)
         };
-        snap.join(rest.trim_start_matches('/'))
+        let start = rest.iter().position(|&c| c != b'/').unwrap_or(rest.len());
+        snap.join(std::ffi::OsStr::from_bytes(&rest[start..]))
     };
-    let skipped = |p: &str| skip.iter().any(|s| within(p, s));
-    let line = |p: &str, m: &std::fs::Metadata| -> Result<String> {
+    let line = |p: &[u8], m: &std::fs::Metadata| -> Result<String> {
         let link = if m.file_type().is_symlink() {
             RawPath(std::fs::read_link(at(p))?.into_os_string().into_vec()).escaped()
         } else {
             String::new()
         };
         Ok(format!(
-            "{p}\0{}\0{}.{}\0{:o}\0{}:{}\0{}\0{link}\n",
+            "{}\0{}\0{}.{}\0{:o}\0{}:{}\0{}\0{link}\n",
+            RawPath(p.to_vec()).escaped(),
             m.ino(),
             m.ctime(),
             m.ctime_nsec(),
@@ -418,22 +457,19 @@ fn tree_digest(snap: &Path, prefix: &str, roots: &[String], skip: &[String]) -> 
             m.len()
         ))
     };
-    let subtree = |top: &str| -> Result<Vec<String>> {
+    let child = |p: &[u8], name: &std::ffi::OsStr| -> Vec<u8> { RawPath(p.to_vec()).child(name.as_bytes()).0 };
+    let subtree = |top: &[u8]| -> Result<Vec<String>> {
         let mut out = Vec::new();
-        let mut stack = vec![top.to_owned()];
+        let mut stack = vec![top.to_vec()];
         while let Some(p) = stack.pop() {
             let m = at(&p)
                 .symlink_metadata()
-                .with_context(|| format!("reading {p} in the snapshot"))?;
+                .with_context(|| format!("reading {} in the snapshot", RawPath(p.clone())))?;
             out.push(line(&p, &m)?);
             if m.is_dir() {
                 for c in std::fs::read_dir(at(&p))?.flatten() {
-                    let c = format!(
-                        "{}/{}",
-                        p.trim_end_matches('/'),
-                        RawPath(c.file_name().into_vec()).escaped()
-                    );
-                    if !skipped(&c) {
+                    let c = child(&p, &c.file_name());
+                    if !fsx::skipped(&c, skip) {
                         stack.push(c);
                     }
                 }
@@ -443,30 +479,25 @@ fn tree_digest(snap: &Path, prefix: &str, roots: &[String], skip: &[String]) -> 
     };
     let mut lines = Vec::new();
     for r in roots {
-        if skipped(r) || at(r).symlink_metadata().is_err() {
+        let r = fsx::raw(r);
+        if fsx::skipped(&r, skip) || at(&r).symlink_metadata().is_err() {
             continue;
         }
-        let m = at(r).symlink_metadata()?;
-        lines.push(line(r, &m)?);
+        let m = at(&r).symlink_metadata()?;
+        lines.push(line(&r, &m)?);
         if !m.is_dir() {
             continue;
         }
-        let children: Vec<String> = std::fs::read_dir(at(r))?
+        let children: Vec<Vec<u8>> = std::fs::read_dir(at(&r))?
             .flatten()
-            .map(|c| {
-                format!(
-                    "{}/{}",
-                    r.trim_end_matches('/'),
-                    RawPath(c.file_name().into_vec()).escaped()
-                )
-            })
-            .filter(|c| !skipped(c))
+            .map(|c| child(&r, &c.file_name()))
+            .filter(|c| !fsx::skipped(c, skip))
             .collect();
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
         let parts: Vec<Result<Vec<String>>> = std::thread::scope(|sc| {
             let jobs: Vec<_> = (0..cores)
                 .map(|k| {
-                    let mine: Vec<&String> = children.iter().skip(k).step_by(cores).collect();
+                    let mine: Vec<&Vec<u8>> = children.iter().skip(k).step_by(cores).collect();
                     let subtree = &subtree;
                     sc.spawn(move || {
                         let mut v = Vec::new();
@@ -531,24 +562,35 @@ fn swappable(root: &Path, part: &Part, b: &BtrfsInfo) -> Result<Option<Vec<Strin
     if pnode.stat.st_uid != 0 || pnode.stat.st_mode & 0o022 != 0 {
         return Ok(None);
     }
-    let mut nested = Vec::new();
+    // Every path left out below it must be a subvolume directly in its
+    // top directory (those are carried over); anything else left out (an
+    // untouchable directory, a mount, a deeper subvolume) must stay where
+    // it is, so the part is rebuilt beside the live files instead.
+    let mounts = crate::mountinfo::read()?;
     for sk in &part.skip {
-        let Some(n) = fsx::node_at(root_fd.as_fd(), sk.as_bytes()).ok().flatten() else {
+        let Some(n) = fsx::node_at(root_fd.as_fd(), &fsx::raw(sk)).ok().flatten() else {
             continue;
         };
-        // Only a subvolume whose directory is the agent's can be carried
-        // over whole; anything else left out (an untouchable directory, a
-        // mount) must stay where it is.
-        let sk_parent = RawPath::from(sk.as_str()).parent();
-        let parent_is_top = sk_parent.as_bytes() == b.subvolume.as_bytes();
+        let parent_is_top = RawPath(fsx::raw(sk)).parent().as_bytes() == fsx::raw(&b.subvolume).as_slice();
         if n.kind() != Kind::Dir
             || n.stat.st_ino != 256
             || !parent_is_top
-            || crate::mountinfo::read()?.iter().any(|x| x.point == host_path(root, sk))
+            || mounts.iter().any(|x| x.point == host_path(root, sk))
         {
             return Ok(None);
         }
-        nested.push(sk.clone());
+    }
+    // Carried over: every subvolume in the top directory now, also one made
+    // since the snapshot (its old place would block deleting the old tree).
+    let top = node.reopen()?;
+    let mut nested = Vec::new();
+    for name in fsx::names(top.as_fd())? {
+        let Some(c) = fsx::open_child(top.as_fd(), &name)? else {
+            continue;
+        };
+        if c.kind() == Kind::Dir && c.stat.st_ino == 256 && fsx::is_btrfs(c.fd.as_fd()) {
+            nested.push(RawPath(fsx::raw(&b.subvolume)).child(&name).escaped());
+        }
     }
     let quotas = Command::new("btrfs")
         .args(["qgroup", "show", "-f"])
@@ -563,7 +605,7 @@ fn swappable(root: &Path, part: &Part, b: &BtrfsInfo) -> Result<Option<Vec<Strin
 /// path is never missing), carrying nested subvolumes (directly in its top
 /// directory) across, then delete what was there. Every call goes through
 /// handles: the parent directory is root's, checked by [`swappable`].
-fn swap(root: &Path, b: &BtrfsInfo, nested: &[String]) -> Result<()> {
+fn swap(root: &Path, part: &Part, b: &BtrfsInfo, nested: &[String]) -> Result<()> {
     let root_fd = fsx::open_dir(root)?;
     let sub = RawPath::from(b.subvolume.as_str());
     let parent = fsx::open_beneath(root_fd.as_fd(), sub.parent().as_bytes(), true)?
@@ -573,7 +615,7 @@ fn swap(root: &Path, b: &BtrfsInfo, nested: &[String]) -> Result<()> {
         .reopen()?;
     let fresh_name = replaced_name(&b.subvolume);
     if fsx::open_child(parent.as_fd(), fresh_name.as_bytes())?.is_some() {
-        delete_subvolume_at(parent.as_fd(), fresh_name.as_bytes())?;
+        delete_subvolume_at(parent.as_fd(), fresh_name.as_bytes(), &anchor(root, part))?;
     }
     let snap_fd = open_snap(root, b)?.with_context(|| format!("the snapshot {} is gone", b.snapshot))?;
     let out = Command::new("btrfs")
@@ -595,13 +637,13 @@ fn swap(root: &Path, b: &BtrfsInfo, nested: &[String]) -> Result<()> {
         .reopen()?;
     let made = show(&fsx::proc_path(fresh.as_fd()))?;
     if made.parent_uuid != b.uuid {
-        let _ = delete_subvolume_at(parent.as_fd(), fresh_name.as_bytes());
+        let _ = delete_subvolume_at(parent.as_fd(), fresh_name.as_bytes(), &anchor(root, part));
         bail!("the restored copy of {} does not come from its snapshot", b.subvolume);
     }
     // Nested subvolumes are empty placeholders in a snapshot; the live ones
     // move into the copy before it takes the subvolume's place.
     for n in nested {
-        let name = RawPath::from(n.as_str()).name().to_vec();
+        let name = RawPath(fsx::raw(n)).name().to_vec();
         let os = std::ffi::OsStr::from_bytes(&name);
         if let Some(p) = fsx::open_child(fresh.as_fd(), &name)?
             && p.kind() == Kind::Dir
@@ -643,7 +685,7 @@ pub fn discard_replaced(root: &Path, part: &Part) -> Result<()> {
         && n.kind() == Kind::Dir
         && n.stat.st_ino == 256
     {
-        delete_subvolume_at(parent.as_fd(), name.as_bytes())?;
+        delete_subvolume_at(parent.as_fd(), name.as_bytes(), &anchor(root, part))?;
     }
     Ok(())
 }

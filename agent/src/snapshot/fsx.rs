@@ -236,7 +236,7 @@ fn reopen_file(fd: &OwnedFd) -> Result<OwnedFd> {
     let magic = format!("/proc/self/fd/{}", fd.as_raw_fd());
     rustix::fs::open(
         magic.as_str(),
-        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
         Mode::empty(),
     )
     .context("re-opening a file through its handle (is /proc mounted?)")
@@ -469,6 +469,25 @@ pub struct Walked {
     pub alloc: u64,
 }
 
+/// A path stored as text in a manifest (a root, a path left out): its
+/// escaped form read back to bytes (a plain path reads as itself).
+pub fn raw(s: &str) -> Vec<u8> {
+    RawPath::unescape(s).map_or_else(|_| s.as_bytes().to_vec(), |r| r.0)
+}
+
+/// Whether host path `p` is one of `skip` (escaped paths) or below one.
+pub fn skipped(p: &[u8], skip: &[String]) -> bool {
+    skip.iter().any(|s| within(p, &raw(s)))
+}
+
+/// A name waiting to be walked: opened only when its turn comes, so a walk
+/// holds a handle per directory level, not one per name (a maildir of
+/// 100,000 messages must not exhaust the agent's file handles).
+enum Pending {
+    Top(Node, RawPath),
+    Child(std::rc::Rc<File>, Vec<u8>, RawPath),
+}
+
 /// Walk `top` (a directory or any other node, shown as host path `path`)
 /// in pre-order, without following anything, leaving out `skip` and what
 /// is below it, and stopping at other filesystems than `dev` (those are
@@ -481,13 +500,28 @@ pub fn walk(
     skip: &[String],
     visit: &mut dyn FnMut(Entry, Option<&File>) -> Result<()>,
 ) -> Result<Walked> {
-    let skipped = |p: &RawPath| skip.iter().any(|s| within(p.as_bytes(), s.as_bytes()));
     let mut walked = Walked {
         boundaries: Vec::new(),
         alloc: 0,
     };
-    let mut stack: Vec<(Node, RawPath)> = vec![(top, path)];
-    while let Some((node, p)) = stack.pop() {
+    let mut stack = vec![Pending::Top(top, path)];
+    while let Some(item) = stack.pop() {
+        let (node, p) = match item {
+            Pending::Top(n, p) => (n, p),
+            Pending::Child(dir, name, p) => {
+                let Some(c) = open_child(dir.as_fd(), &name)? else {
+                    continue;
+                };
+                // Another filesystem, or the empty placeholder a btrfs
+                // snapshot has where a nested subvolume was (inode 2).
+                let placeholder = c.stat.st_ino == 2 && c.kind() == Kind::Dir && is_btrfs(c.fd.as_fd());
+                if c.stat.st_dev != dev || placeholder {
+                    walked.boundaries.push(p.escaped());
+                    continue;
+                }
+                (c, p)
+            }
+        };
         let kind = node.kind();
         if kind == Kind::File {
             walked.alloc += u64::try_from(node.stat.st_blocks).unwrap_or(0).saturating_mul(512);
@@ -497,32 +531,21 @@ pub fn walk(
             _ => None,
         };
         let entry = entry_of(p.clone(), &node, readable.as_ref())?;
+        drop(node);
+        visit(entry, readable.as_ref())?;
         if kind == Kind::Dir
-            && let Some(d) = &readable
+            && let Some(d) = readable
         {
+            let d = std::rc::Rc::new(d);
             let mut children = Vec::new();
             for n in names(d.as_fd())? {
                 let cp = p.child(&n);
-                if skipped(&cp) {
-                    continue;
+                if !skipped(cp.as_bytes(), skip) {
+                    children.push(Pending::Child(d.clone(), n, cp));
                 }
-                let Some(c) = open_child(d.as_fd(), &n)? else { continue };
-                // Another filesystem, or the empty placeholder a btrfs
-                // snapshot has where a nested subvolume was (inode 2).
-                let placeholder = c.stat.st_ino == 2 && c.kind() == Kind::Dir && is_btrfs(c.fd.as_fd());
-                if c.stat.st_dev != dev || placeholder {
-                    walked
-                        .boundaries
-                        .push(String::from_utf8_lossy(cp.as_bytes()).into_owned());
-                    continue;
-                }
-                children.push((c, cp));
             }
             children.reverse();
-            visit(entry, readable.as_ref())?;
             stack.extend(children);
-        } else {
-            visit(entry, readable.as_ref())?;
         }
     }
     Ok(walked)
@@ -534,10 +557,18 @@ pub fn walk(
 /// keeps its source's inode numbers and change times, and any change to
 /// an inode moves its change time). Files are never opened.
 pub fn inodes(top: Node, path: RawPath, skip: &[String]) -> Result<Vec<(RawPath, [i64; 7])>> {
-    let skipped = |p: &RawPath| skip.iter().any(|s| within(p.as_bytes(), s.as_bytes()));
     let mut out = Vec::new();
-    let mut stack = vec![(top, path)];
-    while let Some((node, p)) = stack.pop() {
+    let mut stack = vec![Pending::Top(top, path)];
+    while let Some(item) = stack.pop() {
+        let (node, p) = match item {
+            Pending::Top(n, p) => (n, p),
+            Pending::Child(dir, name, p) => {
+                let Some(c) = open_child(dir.as_fd(), &name)? else {
+                    continue;
+                };
+                (c, p)
+            }
+        };
         let st = &node.stat;
         out.push((
             p.clone(),
@@ -552,15 +583,12 @@ pub fn inodes(top: Node, path: RawPath, skip: &[String]) -> Result<Vec<(RawPath,
             ],
         ));
         if node.kind() == Kind::Dir {
-            let d = node.reopen()?;
+            let d = std::rc::Rc::new(node.reopen()?);
             let mut children = Vec::new();
             for n in names(d.as_fd())? {
                 let cp = p.child(&n);
-                if skipped(&cp) {
-                    continue;
-                }
-                if let Some(c) = open_child(d.as_fd(), &n)? {
-                    children.push((c, cp));
+                if !skipped(cp.as_bytes(), skip) {
+                    children.push(Pending::Child(d.clone(), n, cp));
                 }
             }
             children.reverse();
@@ -571,11 +599,14 @@ pub fn inodes(top: Node, path: RawPath, skip: &[String]) -> Result<Vec<(RawPath,
 }
 
 /// Remove `name` in `dir` and everything below it, never following a link
-/// (names are removed relative to their directory's handle). Subvolumes
-/// found on the way are handed to `subvolume` (they cannot be unlinked).
+/// (names are removed relative to their directory's handle) and never
+/// leaving filesystem `dev`: a mount found inside is left alone, and so is
+/// what holds it. Subvolumes found on the way are handed to `subvolume`
+/// (they cannot be unlinked).
 pub fn remove_all(
     dir: BorrowedFd<'_>,
     name: &[u8],
+    dev: u64,
     subvolume: &dyn Fn(BorrowedFd<'_>, &[u8]) -> Result<()>,
 ) -> Result<()> {
     let Some(node) = open_child(dir, name)? else {
@@ -590,12 +621,19 @@ pub fn remove_all(
     if node.stat.st_ino == 256 && is_btrfs(node.fd.as_fd()) {
         return subvolume(dir, name);
     }
+    if node.stat.st_dev != dev {
+        bail!(
+            "{} is another filesystem (a mount); it is left where it is",
+            RawPath(name.to_vec())
+        );
+    }
     let d = node.reopen()?;
+    drop(node);
     // A tenant still inside the old tree can keep adding names; a few
     // rounds and then it is left for the next clean-up.
     for _ in 0..4 {
         for n in names(d.as_fd())? {
-            remove_all(d.as_fd(), &n, subvolume)?;
+            remove_all(d.as_fd(), &n, dev, subvolume)?;
         }
         match rustix::fs::unlinkat(dir, os(name), AtFlags::REMOVEDIR) {
             Ok(()) | Err(rustix::io::Errno::NOENT) => return Ok(()),
@@ -665,7 +703,26 @@ pub fn set_meta(fd: BorrowedFd<'_>, e: &Entry) -> Result<()> {
     )?;
     // After the owner: a chown clears set-id bits.
     rustix::fs::fchmod(fd, Mode::from_raw_mode(e.mode))?;
-    write_xattrs(fd, &e.xattrs)
+    // Only the recorded attributes: a default ACL of the directory it was
+    // made in must not add one of its own.
+    for name in read_xattrs(fd)?.keys() {
+        if !e.xattrs.contains_key(name) {
+            let n = RawPath::unescape(name)?;
+            rustix::fs::fremovexattr(fd, os(n.as_bytes()))
+                .with_context(|| format!("removing the extended attribute {name}"))?;
+        }
+    }
+    write_xattrs(fd, &e.xattrs)?;
+    // Setting an ACL moves the mode's group bits: the recorded mode last.
+    rustix::fs::fchmod(fd, Mode::from_raw_mode(e.mode))?;
+    Ok(())
+}
+
+/// Copy a file's content to a made file, holes kept (where a reflink is
+/// refused, as between a no-copy-on-write file and a new one).
+pub fn copy_sparse(src: &File, size: u64, dst: &File) -> Result<()> {
+    digest(src, size, |off, block| write_block(dst, off, block))?;
+    Ok(())
 }
 
 /// Give a made link, FIFO, socket or device node `name` in `dir` (only the

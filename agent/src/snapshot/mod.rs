@@ -39,7 +39,7 @@ pub use fsx::RawPath;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::{AsFd as _, BorrowedFd};
-use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -213,6 +213,11 @@ pub struct Part {
     /// counts the data it holds).
     #[serde(default)]
     pub alloc: u64,
+    /// For each root, the directory holding it when the snapshot was
+    /// taken: inode, owner, group. A restore swaps the root back only into
+    /// that directory, never one a tenant renamed into its place.
+    #[serde(default)]
+    pub parents: BTreeMap<String, [u64; 3]>,
     /// The archive (tar + zstd).
     #[serde(default)]
     pub tar: Option<TarInfo>,
@@ -272,6 +277,7 @@ impl Manifest {
                 skip: Vec::new(),
                 entries: std::mem::take(&mut self.entries),
                 alloc: 0,
+                parents: BTreeMap::new(),
                 tar: Some(TarInfo {
                     file: "data.tar.zst".into(),
                     bytes: self.archive_bytes,
@@ -437,22 +443,23 @@ pub(crate) fn walk_part(
         boundaries: Vec::new(),
         alloc: 0,
     };
-    let mut roots = roots.to_vec();
+    let mut roots: Vec<RawPath> = roots.iter().map(|r| RawPath(fsx::raw(r))).collect();
     roots.sort();
+    let prefix = fsx::raw(prefix);
     for r in &roots {
-        if skip.iter().any(|s| within(r, s)) {
+        if fsx::skipped(r.as_bytes(), skip) {
             continue;
         }
-        let rest = if prefix == "/" {
-            r.as_str()
+        let rest = if prefix == b"/" {
+            r.as_bytes()
         } else {
-            r.strip_prefix(prefix).unwrap_or(r)
+            r.as_bytes().strip_prefix(prefix.as_slice()).unwrap_or(r.as_bytes())
         };
-        let Some(node) = fsx::node_at(tree, rest.as_bytes())? else {
+        let Some(node) = fsx::node_at(tree, rest)? else {
             continue;
         };
         let dev = node.stat.st_dev;
-        let w = fsx::walk(node, RawPath::from(r.as_str()), dev, skip, visit)?;
+        let w = fsx::walk(node, r.clone(), dev, skip, visit)?;
         out.boundaries.extend(w.boundaries);
         out.alloc += w.alloc;
     }
@@ -466,10 +473,17 @@ pub fn dir(state_dir: &Path, rollout: &str) -> PathBuf {
 
 /// A rollout id as a file name.
 pub fn safe_name(rollout: &str) -> String {
-    rollout
+    let safe: String = rollout
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
-        .collect()
+        .collect();
+    if safe == rollout {
+        return safe;
+    }
+    // Two ids that map to the same name (`a.b`, `a_b`) must not share a
+    // snapshot.
+    let h = <sha2::Sha256 as sha2::Digest>::digest(rollout.as_bytes());
+    format!("{safe}-{}", &hex::encode(h)[..12])
 }
 
 /// The parts a write set falls into on this host, before anything is taken:
@@ -571,6 +585,7 @@ fn new_part(
         skip: Vec::new(),
         entries: Vec::new(),
         alloc: 0,
+        parents: BTreeMap::new(),
         tar: None,
         btrfs: (kind == BackendKind::Btrfs).then(|| BtrfsInfo {
             subvolume: key.clone(),
@@ -649,6 +664,16 @@ pub fn take(req: &Request<'_>) -> Result<Manifest> {
         let found = backend(part.backend)
             .take(req.root, &tmp, part)
             .with_context(|| format!("{} snapshot of {}", part.backend.as_str(), part.mount))?;
+        let root_fd = fsx::open_dir(req.root)?;
+        for r in part.roots.keys() {
+            let parent = RawPath(fsx::raw(r)).parent();
+            if let Some(n) = fsx::node_at(root_fd.as_fd(), parent.as_bytes())? {
+                part.parents.insert(
+                    r.clone(),
+                    [n.stat.st_ino, u64::from(n.stat.st_uid), u64::from(n.stat.st_gid)],
+                );
+            }
+        }
         // A nested subvolume (or a mount below) found on the way is a part
         // of its own.
         for b in found {
@@ -719,17 +744,20 @@ static RESTORING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// agent was killed is finished by [`recover`].
 pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Result<Manifest> {
     let _one = RESTORING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _lock = lock(state_dir)?;
     let (d, m) = load(state_dir, host, rollout)?;
     let root_fd = fsx::open_dir(root)?;
-    // A restore of this snapshot that was interrupted is finished first.
-    stage::recover_dir(root_fd.as_fd(), &d)?;
+    // Restores that were interrupted are finished first: their staging
+    // directories must not be taken for names of this write set.
+    recover_all(state_dir, root, root_fd.as_fd())?;
     for p in &m.parts {
         backend(p.backend)
             .check_before_restore(root, &d, p)
             .with_context(|| format!("the {} snapshot of {}", p.backend.as_str(), p.mount))?;
     }
+    let all_roots: Vec<String> = m.parts.iter().flat_map(|p| p.roots.keys().cloned()).collect();
     let mut whole = Vec::new();
-    let mut r = stage::Restore::new(root_fd.as_fd(), &d);
+    let mut r = stage::Restore::new(root_fd.as_fd(), root, &d, &all_roots)?;
     let mut staged = Vec::new();
     for p in &m.parts {
         if p.backend == BackendKind::Btrfs && btrfs::swappable_whole(root, p)? {
@@ -765,46 +793,81 @@ pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Resu
         }
         r.commit()?;
     }
-    for p in whole {
-        backend(p.backend)
+    for p in &whole {
+        if !backend(p.backend)
             .restore_whole(root, p)
-            .with_context(|| format!("restoring {} from its {} snapshot", p.mount, p.backend.as_str()))?;
+            .with_context(|| format!("restoring {} from its {} snapshot", p.mount, p.backend.as_str()))?
+        {
+            bail!(
+                "{} changed while it was restored (it can no longer be swapped whole); run the restore again",
+                p.mount
+            );
+        }
     }
     // A rollback that a power cut could undo is no rollback: every
     // filesystem that was written is synced, once.
     let mut synced = BTreeSet::new();
     for p in &m.parts {
-        let Some(fd) = fsx::open_beneath(root_fd.as_fd(), p.mount.as_bytes(), true)? else {
+        let Some(fd) = fsx::open_beneath(root_fd.as_fd(), &fsx::raw(&p.mount), true)? else {
             continue;
         };
         if synced.insert(rustix::fs::fstat(&fd)?.st_dev) {
             rustix::fs::syncfs(&fd).with_context(|| format!("syncing {}", p.mount))?;
         }
     }
-    for p in &m.parts {
+    for p in whole {
         btrfs::discard_replaced(root, p)?;
     }
     Ok(m)
 }
 
-/// Finish or undo every restore that was interrupted on this host (the
-/// agent runs it when it starts): afterwards each write set is wholly what
-/// it was before that restore, or wholly the restored tree.
-pub fn recover(state_dir: &Path, root: &Path) -> Result<()> {
-    let _one = RESTORING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+/// One restore at a time across processes too (the daemon and an
+/// operator's `wavegate-agent snapshot`): an exclusive lock on a file in
+/// the state directory.
+fn lock(state_dir: &Path) -> Result<std::fs::File> {
+    private_dir(&state_dir.join("snapshots"))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(state_dir.join("snapshots").join(".restore.lock"))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive).context("waiting for another restore")?;
+    Ok(f)
+}
+
+fn recover_all(state_dir: &Path, root: &Path, root_fd: BorrowedFd<'_>) -> Result<()> {
     let Ok(dirs) = std::fs::read_dir(state_dir.join("snapshots")) else {
         return Ok(());
     };
-    let root_fd = fsx::open_dir(root)?;
+    let mut failed = Vec::new();
     for d in dirs.flatten() {
         let d = d.path();
         if stage::journal_path(&d).exists() {
-            stage::recover_dir(root_fd.as_fd(), &d)
-                .with_context(|| format!("finishing the interrupted restore in {}", d.display()))?;
-            tracing::info!("finished an interrupted restore ({})", d.display());
+            match stage::recover_dir(root, root_fd, &d) {
+                Ok(_) => tracing::info!("finished an interrupted restore ({})", d.display()),
+                Err(e) => failed.push(format!("{}: {e:#}", d.display())),
+            }
         }
     }
+    if !failed.is_empty() {
+        bail!("interrupted restores could not be finished: {}", failed.join("; "));
+    }
     Ok(())
+}
+
+/// Finish or undo every restore that was interrupted on this host (the
+/// agent runs it when it starts): afterwards each write set is wholly what
+/// it was before that restore, or wholly the restored tree. One that
+/// cannot be finished does not stop the others; all are named.
+pub fn recover(state_dir: &Path, root: &Path) -> Result<()> {
+    let _one = RESTORING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !state_dir.join("snapshots").is_dir() {
+        return Ok(());
+    }
+    let _lock = lock(state_dir)?;
+    let root_fd = fsx::open_dir(root)?;
+    recover_all(state_dir, root, root_fd.as_fd())
 }
 
 /// Make `p` a directory only the agent can read (0700), whoever made it.

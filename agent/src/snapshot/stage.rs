@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -47,11 +48,18 @@ pub fn crash_point(name: &str) {
 pub struct Location {
     /// Host path of the directory.
     pub path: RawPath,
-    /// The staging directory's name in it.
+    /// Host path of the directory that holds the staging directory: the
+    /// top of the same filesystem when only root can write there (no
+    /// tenant can rename the staging directory away), else `path`.
+    pub holder: RawPath,
+    /// The staging directory's name in the holder.
     pub staging: String,
     /// The staging directory's inode (0 until it is made).
     #[serde(default)]
     pub staging_ino: u64,
+    /// Host path of the mount the part is on (subvolumes found in a
+    /// replaced tree are deleted by their id through it).
+    pub mount: RawPath,
 }
 
 /// One name swapped.
@@ -67,6 +75,15 @@ pub struct Unit {
     pub staged_ino: Option<(u64, u64)>,
 }
 
+/// A directory kept in place, and the metadata it gets back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Kept {
+    /// Its snapshot entry.
+    pub entry: Entry,
+    /// Its inode when the restore was planned (it must still be that one).
+    pub ino: u64,
+}
+
 /// The journal of a restore in progress.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Journal {
@@ -79,7 +96,7 @@ pub struct Journal {
     pub units: Vec<Unit>,
     /// Directories kept in place, with the metadata they get back.
     #[serde(default)]
-    pub kept: Vec<Entry>,
+    pub kept: Vec<Kept>,
 }
 
 /// The journal's file in a snapshot directory.
@@ -110,44 +127,96 @@ pub struct Plan {
 /// Plans and carries out restores of one or more parts together.
 pub struct Restore<'a> {
     root: BorrowedFd<'a>,
+    root_path: &'a Path,
     dir: &'a Path,
     token: String,
     locations: Vec<Location>,
     loc_fds: Vec<OwnedFd>,
     staging_fds: Vec<OwnedFd>,
+    kept_fds: Vec<(Kept, OwnedFd)>,
     by_path: HashMap<RawPath, usize>,
     plans: Vec<Plan>,
     journal: Journal,
+    /// Every part's roots: a part never swaps another part's place away,
+    /// even when that place is gone.
+    all_roots: Vec<RawPath>,
+    /// Mount points under the host root now.
+    mounts: Vec<RawPath>,
 }
 
 impl<'a> Restore<'a> {
-    /// A restore under host root `root`, journalled in snapshot directory
-    /// `dir`.
-    pub fn new(root: BorrowedFd<'a>, dir: &'a Path) -> Restore<'a> {
-        Restore {
-            root,
+    /// A restore under host root `root` (open as `root_fd`), journalled in
+    /// snapshot directory `dir`, of a snapshot whose parts have `all_roots`.
+    pub fn new(root_fd: BorrowedFd<'a>, root: &'a Path, dir: &'a Path, all_roots: &[String]) -> Result<Restore<'a>> {
+        let mounts = crate::mountinfo::read()?
+            .iter()
+            .filter_map(|m| {
+                m.point
+                    .strip_prefix(root)
+                    .ok()
+                    .map(|rel| rel.as_os_str().as_bytes().to_vec())
+            })
+            .filter(|rel| !rel.is_empty())
+            .map(|rel| {
+                let mut v = b"/".to_vec();
+                v.extend(rel);
+                RawPath(v)
+            })
+            .collect();
+        Ok(Restore {
+            root: root_fd,
+            root_path: root,
             dir,
             token: hex::encode(rand::random::<[u8; 8]>()),
             locations: Vec::new(),
             loc_fds: Vec::new(),
             staging_fds: Vec::new(),
+            kept_fds: Vec::new(),
             by_path: HashMap::new(),
             plans: Vec::new(),
             journal: Journal::default(),
-        }
+            all_roots: all_roots.iter().map(|r| RawPath(fsx::raw(r))).collect(),
+            mounts,
+        })
     }
 
-    fn location(&mut self, path: &RawPath) -> Result<usize> {
+    /// The top of the filesystem holding `loc` when only root can write
+    /// there, else `loc` itself.
+    fn holder_for(&self, loc: &RawPath, dev: u64) -> RawPath {
+        let mut best = loc.clone();
+        let mut p = loc.clone();
+        loop {
+            let Ok(Some(n)) = fsx::node_at(self.root, p.as_bytes()) else {
+                break;
+            };
+            if n.stat.st_dev != dev || n.kind() != Kind::Dir {
+                break;
+            }
+            if n.stat.st_uid == 0 && n.stat.st_mode & 0o022 == 0 {
+                best = p.clone();
+            }
+            if p.as_bytes() == b"/" {
+                break;
+            }
+            p = p.parent();
+        }
+        best
+    }
+
+    fn location(&mut self, path: &RawPath, mount: &str) -> Result<usize> {
         if let Some(&i) = self.by_path.get(path) {
             return Ok(i);
         }
         let fd = fsx::open_beneath(self.root, path.as_bytes(), true)?
             .with_context(|| format!("{path} is not there to restore into"))?;
+        let dev = rustix::fs::fstat(&fd)?.st_dev;
         let i = self.locations.len();
         self.locations.push(Location {
             path: path.clone(),
-            staging: format!(".wavegate-restore-{}", self.token),
+            holder: self.holder_for(path, dev),
+            staging: format!(".wavegate-restore-{}-{i}", self.token),
             staging_ino: 0,
+            mount: RawPath(fsx::raw(mount)),
         });
         self.loc_fds.push(fd);
         self.by_path.insert(path.clone(), i);
@@ -157,16 +226,28 @@ impl<'a> Restore<'a> {
     /// Plan a part: which names are swapped, which directories stay.
     /// Returns the plan's index.
     pub fn plan(&mut self, part: &Part) -> Result<usize> {
-        let skip: Vec<RawPath> = part.skip.iter().map(|s| RawPath::from(s.as_str())).collect();
-        // Only what is there now has to stay where it is.
-        let mut present = Vec::new();
-        for s in &skip {
+        let mine: Vec<RawPath> = part.roots.keys().map(|r| RawPath(fsx::raw(r))).collect();
+        // What must stay where it is: paths left out that are there, the
+        // places of other parts (there or not), and every mount point.
+        let mut present: Vec<RawPath> = Vec::new();
+        for s in &part.skip {
+            let s = RawPath(fsx::raw(s));
             if fsx::node_at(self.root, s.as_bytes()).ok().flatten().is_some() {
-                present.push(s.clone());
+                present.push(s);
             }
         }
-        let skipped = |p: &RawPath| skip.iter().any(|s| fsx::within(p.as_bytes(), s.as_bytes()));
-        let holds_skip = |p: &RawPath| {
+        present.extend(self.all_roots.iter().filter(|r| !mine.contains(r)).cloned());
+        let mounts: Vec<RawPath> = self
+            .mounts
+            .iter()
+            .filter(|m| m.as_bytes() != part.mount.as_bytes())
+            .cloned()
+            .collect();
+        present.extend(mounts.iter().cloned());
+        let skipped = |p: &RawPath| {
+            fsx::skipped(p.as_bytes(), &part.skip) || mounts.iter().any(|m| fsx::within(p.as_bytes(), m.as_bytes()))
+        };
+        let holds = |p: &RawPath| {
             present
                 .iter()
                 .any(|s| s != p && fsx::within(s.as_bytes(), p.as_bytes()))
@@ -180,8 +261,8 @@ impl<'a> Restore<'a> {
             skip: part.skip.clone(),
             unchanged: Vec::new(),
         };
-        let mut queue: Vec<RawPath> = part.roots.keys().map(|r| RawPath::from(r.as_str())).collect();
-        while let Some(p) = queue.pop() {
+        let mut queue: Vec<(RawPath, bool)> = mine.iter().map(|r| (r.clone(), true)).collect();
+        while let Some((p, is_root)) = queue.pop() {
             if skipped(&p) {
                 continue;
             }
@@ -190,20 +271,32 @@ impl<'a> Restore<'a> {
                 // Not there before, not there now: nothing to do.
                 continue;
             }
-            let parent_dev = fsx::node_at(self.root, p.parent().as_bytes())?.map(|n| n.stat.st_dev);
+            let parent = fsx::node_at(self.root, p.parent().as_bytes())?;
+            let parent_dev = parent.as_ref().map(|n| n.stat.st_dev);
             let boundary = p.as_bytes() == b"/"
-                || p.as_bytes() == part.mount.as_bytes()
+                || p.as_bytes() == fsx::raw(&part.mount).as_slice()
                 || live.as_ref().is_some_and(|n| {
                     n.kind() == Kind::Dir
                         && (Some(n.stat.st_dev) != parent_dev || (n.stat.st_ino == 256 && fsx::is_btrfs(n.fd.as_fd())))
                 });
-            if !boundary && !holds_skip(&p) {
-                let loc = self.location(&p.parent())?;
+            if !boundary && !holds(&p) {
                 if let Some(n) = &live
                     && Some(n.stat.st_dev) != parent_dev
                 {
                     bail!("{p} is on another filesystem than its directory; it cannot be swapped");
                 }
+                // The directory a root is swapped in is outside the write
+                // set: it must be the one it was at the snapshot, not one
+                // a tenant renamed into its place.
+                if is_root && let Some(want) = part.parents.get(&p.escaped()) {
+                    let now = parent.as_ref().map(|n| (n.stat.st_ino, n.stat.st_uid, n.stat.st_gid));
+                    if now != Some((want[0], want[1] as u32, want[2] as u32)) {
+                        bail!(
+                            "the directory holding {p} is not the one it was when the snapshot was taken (replaced or renamed since); refusing to restore into it"
+                        );
+                    }
+                }
+                let loc = self.location(&p.parent(), &part.mount)?;
                 if plan.want.contains_key(&p) {
                     plan.staged.insert(p.clone());
                 }
@@ -211,29 +304,45 @@ impl<'a> Restore<'a> {
                 continue;
             }
             // It stays; what is in it is swapped name by name.
-            let Some(node) = live.filter(|n| n.kind() == Kind::Dir) else {
-                bail!(
-                    "{p} must stay where it is (it holds a mount, a subvolume or a path left out of the snapshot) but it is not a directory now"
-                );
+            let why = "it holds a mount, a subvolume or a path left out of the snapshot";
+            let Some(e) = plan.want.get(&p).filter(|e| e.kind == Kind::Dir).cloned() else {
+                bail!("{p} must stay where it is ({why}) but the snapshot does not have it as a directory");
             };
-            let Some(e) = plan.want.get(&p).filter(|e| e.kind == Kind::Dir) else {
-                bail!(
-                    "{p} must stay where it is (it holds a mount, a subvolume or a path left out of the snapshot) but the snapshot does not have it as a directory"
-                );
+            let Some(fd) = fsx::open_beneath(self.root, p.as_bytes(), true)? else {
+                bail!("{p} must stay where it is ({why}) but it is not a directory now");
             };
+            let st = rustix::fs::fstat(&fd)?;
+            // A tenant who can rename names in its parent could put another
+            // directory in its place: it must still belong to whom it did.
+            if (st.st_uid, st.st_gid) != (e.uid, e.gid) {
+                bail!(
+                    "{p} must stay where it is ({why}) but its owner changed since the snapshot ({}:{} now, {}:{} then); refusing to restore into it",
+                    st.st_uid,
+                    st.st_gid,
+                    e.uid,
+                    e.gid
+                );
+            }
             plan.kept.insert(p.clone(), e.clone());
-            let mut names: BTreeSet<Vec<u8>> = fsx::names(node.reopen()?.as_fd())?.into_iter().collect();
+            let mut names: BTreeSet<Vec<u8>> = fsx::names(fd.as_fd())?.into_iter().collect();
+            self.kept_fds.push((
+                Kept {
+                    entry: e,
+                    ino: st.st_ino,
+                },
+                fd,
+            ));
             for w in plan.want.keys() {
                 if w.parent() == p && w != &p {
                     names.insert(w.name().to_vec());
                 }
             }
-            let staging = format!(".wavegate-restore-{}", self.token);
+            let prefix = format!(".wavegate-restore-{}", self.token);
             for n in names {
-                if n == staging.as_bytes() {
+                if n.starts_with(prefix.as_bytes()) {
                     continue;
                 }
-                queue.push(p.child(&n));
+                queue.push((p.child(&n), false));
             }
         }
         self.plans.push(plan);
@@ -257,14 +366,24 @@ impl<'a> Restore<'a> {
         Ok(())
     }
 
-    /// The units of plan `i` (host paths) that the snapshot has.
-    pub fn staged_units(&self, i: usize) -> Vec<RawPath> {
-        self.plans[i].staged.iter().cloned().collect()
-    }
-
     /// Check that every filesystem has room for what will be built: `need`
     /// bytes of data per plan (its index), plus a block per entry.
     pub fn check_room(&self, need: &[(usize, u64)]) -> Result<()> {
+        // No plan may put its units inside another plan's unit: that tree
+        // goes away in the swap.
+        for (a, pa) in self.plans.iter().enumerate() {
+            for (b, pb) in self.plans.iter().enumerate() {
+                if a == b {
+                    continue;
+                }
+                for &(loc, _) in pa.units.values() {
+                    let lp = &self.locations[loc].path;
+                    if let Some(u) = pb.units.keys().find(|u| fsx::within(lp.as_bytes(), u.as_bytes())) {
+                        bail!("{lp} is inside {u}, which another part of the snapshot replaces; refusing the restore");
+                    }
+                }
+            }
+        }
         let mut by_dev: BTreeMap<u64, (u64, usize)> = BTreeMap::new();
         for &(i, bytes) in need {
             let plan = &self.plans[i];
@@ -303,20 +422,28 @@ impl<'a> Restore<'a> {
             kept: Vec::new(),
         };
         save(self.dir, &self.journal)?;
-        for (i, loc) in self.locations.iter_mut().enumerate() {
-            let fd = &self.loc_fds[i];
-            rustix::fs::mkdirat(fd, loc.staging.as_str(), Mode::from_raw_mode(0o700))
-                .with_context(|| format!("making a staging directory in {}", loc.path))?;
+        for loc in &mut self.locations {
+            let holder = fsx::open_beneath(self.root, loc.holder.as_bytes(), true)?
+                .with_context(|| format!("{} is gone", loc.holder))?;
+            rustix::fs::mkdirat(&holder, loc.staging.as_str(), Mode::from_raw_mode(0o700))
+                .with_context(|| format!("making a staging directory in {}", loc.holder))?;
             let s = rustix::fs::openat(
-                fd,
+                &holder,
                 loc.staging.as_str(),
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )?;
             let st = rustix::fs::fstat(&s)?;
-            if st.st_uid != rustix::process::geteuid().as_raw() || st.st_mode & 0o077 != 0 {
-                bail!("the staging directory in {} is not the agent's own", loc.path);
+            if st.st_uid != rustix::process::geteuid().as_raw()
+                || st.st_mode & 0o077 != 0
+                || st.st_ino == 256
+                || !fsx::names(s.as_fd())?.is_empty()
+            {
+                bail!("the staging directory in {} is not the one the agent made", loc.holder);
             }
+            // A default ACL inherited from its directory would give what is
+            // built in it attributes the snapshot does not have.
+            let _ = rustix::fs::fremovexattr(&s, "system.posix_acl_default");
             rustix::fs::fchmod(&s, Mode::from_raw_mode(0o700))?;
             loc.staging_ino = st.st_ino;
             self.staging_fds.push(s);
@@ -342,7 +469,6 @@ impl<'a> Restore<'a> {
     /// path, read back through handles); nothing live has changed yet.
     pub fn check_built(&mut self) -> Result<()> {
         let mut units = Vec::new();
-        let mut kept = Vec::new();
         for plan in &self.plans {
             let mut seen = 0usize;
             for (path, (loc, name)) in &plan.units {
@@ -372,16 +498,16 @@ impl<'a> Restore<'a> {
                     plan.want.len()
                 );
             }
-            kept.extend(plan.kept.values().cloned());
         }
         self.journal.units = units;
-        self.journal.kept = kept;
+        self.journal.kept = self.kept_fds.iter().map(|(k, _)| k.clone()).collect();
         Ok(())
     }
 
     /// Make the built trees durable, journal the swaps, and swap them in.
     /// Then give kept directories their metadata back, make that durable,
-    /// and remove what was replaced.
+    /// and remove what was replaced. A swap that fails undoes the ones
+    /// before it: the write set is then as it was.
     pub fn commit(mut self) -> Result<()> {
         let mut devs = BTreeSet::new();
         for fd in &self.staging_fds {
@@ -391,13 +517,22 @@ impl<'a> Restore<'a> {
         }
         self.journal.phase = "swapping".into();
         save(self.dir, &self.journal)?;
-        finish(self.root, self.dir, &mut self.journal, &self.loc_fds, &self.staging_fds)
+        let kept: Vec<(Kept, OwnedFd)> = std::mem::take(&mut self.kept_fds);
+        finish(
+            self.root_path,
+            self.dir,
+            &mut self.journal,
+            &self.loc_fds,
+            &self.staging_fds,
+            Some(&kept),
+            self.root,
+        )
     }
 
     /// Remove the staging directories (a restore that stops before its
     /// first swap): the live tree was never touched.
     pub fn abandon(self) {
-        clean(&self.locations, &self.loc_fds, &self.staging_fds);
+        clean(self.root_path, &self.locations, &self.staging_fds, self.root);
         let _ = std::fs::remove_file(journal_path(self.dir));
     }
 }
@@ -518,13 +653,20 @@ impl Builder<'_> {
         Ok(())
     }
 
-    /// The current file's content as a reflink of `src` (btrfs).
+    /// The current file's content as a reflink of `src` (btrfs), or a
+    /// copy that keeps its holes where a reflink is refused (a file marked
+    /// no-copy-on-write cannot be cloned into a new one).
     pub fn clone_from(&mut self, src: &File) -> Result<()> {
         let Some((f, e, _)) = self.file.as_mut() else {
             bail!("data outside a file");
         };
-        rustix::fs::ioctl_ficlone(&*f, src).with_context(|| format!("restoring {} (reflink)", e.path))?;
-        Ok(())
+        match rustix::fs::ioctl_ficlone(&*f, src) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::INVAL) | Err(rustix::io::Errno::XDEV) | Err(rustix::io::Errno::OPNOTSUPP) => {
+                fsx::copy_sparse(src, e.size, f).with_context(|| format!("restoring {} (copy)", e.path))
+            }
+            Err(err) => Err(err).with_context(|| format!("restoring {} (reflink)", e.path)),
+        }
     }
 
     /// The end of the current file; `check_digest` compares its content
@@ -565,10 +707,6 @@ fn open_name(dir: BorrowedFd<'_>, name: &[u8]) -> rustix::io::Result<OwnedFd> {
     )
 }
 
-fn ino_of(dir: BorrowedFd<'_>, name: &[u8]) -> Option<u64> {
-    fsx::open_child(dir, name).ok().flatten().map(|n: Node| n.stat.st_ino)
-}
-
 fn id_of(dir: BorrowedFd<'_>, name: &[u8]) -> Option<(u64, u64)> {
     fsx::open_child(dir, name)
         .ok()
@@ -576,81 +714,150 @@ fn id_of(dir: BorrowedFd<'_>, name: &[u8]) -> Option<(u64, u64)> {
         .map(|n: Node| (n.stat.st_dev, n.stat.st_ino))
 }
 
-/// Swap every unit not yet swapped (each step can be run again: where the
-/// restored tree's inode is tells whether it was), restore kept
-/// directories' metadata, make it durable, journal it, clean up.
+fn os(b: &[u8]) -> &std::ffi::OsStr {
+    std::os::unix::ffi::OsStrExt::from_bytes(b)
+}
+
+/// Swap one unit in (each step can be run again: where the restored tree's
+/// inode is tells whether it was).
+fn swap_in(u: &Unit, loc: BorrowedFd<'_>, staging: BorrowedFd<'_>) -> Result<()> {
+    let name = os(u.name.as_bytes());
+    match u.staged_ino {
+        Some(id) => {
+            if id_of(loc, u.name.as_bytes()) == Some(id) {
+                return Ok(());
+            }
+            if id_of(staging, u.name.as_bytes()) != Some(id) {
+                bail!(
+                    "the restored {} is neither in place nor in its staging directory",
+                    u.name
+                );
+            }
+            // The live name may come and go under a tenant's hands:
+            // exchange when it is there, place when it is not.
+            for _ in 0..8 {
+                let r = if id_of(loc, u.name.as_bytes()).is_some() {
+                    rustix::fs::renameat_with(staging, name, loc, name, RenameFlags::EXCHANGE)
+                } else {
+                    rustix::fs::renameat_with(staging, name, loc, name, RenameFlags::NOREPLACE)
+                };
+                match r {
+                    Ok(()) => return Ok(()),
+                    Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::EXIST) => continue,
+                    Err(e) => return Err(e).with_context(|| format!("swapping {} into place", u.name)),
+                }
+            }
+            bail!("{} kept changing while it was swapped into place", u.name)
+        }
+        None => match rustix::fs::renameat_with(loc, name, staging, name, RenameFlags::NOREPLACE) {
+            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("moving {} aside", u.name)),
+        },
+    }
+}
+
+/// Undo a unit's swap, if it was made.
+fn swap_out(u: &Unit, loc: BorrowedFd<'_>, staging: BorrowedFd<'_>) -> Result<()> {
+    let name = os(u.name.as_bytes());
+    match u.staged_ino {
+        Some(id) => {
+            if id_of(loc, u.name.as_bytes()) != Some(id) {
+                return Ok(());
+            }
+            let r = if id_of(staging, u.name.as_bytes()).is_some() {
+                rustix::fs::renameat_with(loc, name, staging, name, RenameFlags::EXCHANGE)
+            } else {
+                rustix::fs::renameat_with(loc, name, staging, name, RenameFlags::NOREPLACE)
+            };
+            r.with_context(|| format!("putting {} back as it was", u.name))
+        }
+        None => {
+            if id_of(staging, u.name.as_bytes()).is_none() || id_of(loc, u.name.as_bytes()).is_some() {
+                return Ok(());
+            }
+            rustix::fs::renameat_with(staging, name, loc, name, RenameFlags::NOREPLACE)
+                .with_context(|| format!("putting {} back as it was", u.name))
+        }
+    }
+}
+
+/// Swap every unit not yet swapped; when one cannot be, undo the ones
+/// before it. Then restore kept directories' metadata, make it durable,
+/// journal it, clean up.
 fn finish(
-    root: BorrowedFd<'_>,
+    root_path: &Path,
     dir: &Path,
     j: &mut Journal,
     loc_fds: &[OwnedFd],
     staging_fds: &[OwnedFd],
+    kept_fds: Option<&[(Kept, OwnedFd)]>,
+    root: BorrowedFd<'_>,
 ) -> Result<()> {
+    // A mount put on a name since the plan cannot be swapped: find out
+    // before the first swap.
+    for u in &j.units {
+        let loc = loc_fds[u.loc].as_fd();
+        if let Some(n) = fsx::open_child(loc, u.name.as_bytes())?
+            && n.stat.st_dev != rustix::fs::fstat(loc)?.st_dev
+            && Some((n.stat.st_dev, n.stat.st_ino)) != u.staged_ino
+        {
+            bail!(
+                "{} in {} is a mount now; the restore cannot swap it (nothing was changed)",
+                u.name,
+                j.locations[u.loc].path
+            );
+        }
+    }
     for (k, u) in j.units.iter().enumerate() {
         let (loc, staging) = (loc_fds[u.loc].as_fd(), staging_fds[u.loc].as_fd());
-        let name = std::os::unix::ffi::OsStrExt::from_bytes(u.name.as_bytes()) as &std::ffi::OsStr;
-        match u.staged_ino {
-            Some(ino) => {
-                if id_of(loc, u.name.as_bytes()) == Some(ino) {
-                    continue;
-                }
-                if id_of(staging, u.name.as_bytes()) != Some(ino) {
-                    bail!(
-                        "the restored {} is neither in place nor in its staging directory",
-                        u.name
-                    );
-                }
-                // The live name may come and go under a tenant's hands:
-                // exchange when it is there, place when it is not.
-                let mut done = false;
-                for _ in 0..8 {
-                    let r = if ino_of(loc, u.name.as_bytes()).is_some() {
-                        rustix::fs::renameat_with(staging, name, loc, name, RenameFlags::EXCHANGE)
-                    } else {
-                        rustix::fs::renameat_with(staging, name, loc, name, RenameFlags::NOREPLACE)
-                    };
-                    match r {
-                        Ok(()) => {
-                            done = true;
-                            break;
-                        }
-                        Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::EXIST) => continue,
-                        Err(e) => return Err(e).with_context(|| format!("swapping {} into place", u.name)),
-                    }
-                }
-                if !done {
-                    bail!("{} kept changing while it was swapped into place", u.name);
+        if let Err(e) = swap_in(u, loc, staging) {
+            let mut undo = Vec::new();
+            for v in j.units[..=k].iter().rev() {
+                if let Err(e) = swap_out(v, loc_fds[v.loc].as_fd(), staging_fds[v.loc].as_fd()) {
+                    undo.push(format!("{e:#}"));
                 }
             }
-            None => {
-                if ino_of(loc, u.name.as_bytes()).is_none() {
-                    continue;
-                }
-                match rustix::fs::renameat_with(loc, name, staging, name, RenameFlags::NOREPLACE) {
-                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                    Err(e) => return Err(e).with_context(|| format!("moving {} aside", u.name)),
-                }
+            if undo.is_empty() {
+                j.phase = "building".into();
+                save(dir, j)?;
+                clean(root_path, &j.locations, staging_fds, root);
+                let _ = std::fs::remove_file(journal_path(dir));
+                return Err(e.context("the restore was undone: the write set is as it was before it"));
             }
+            return Err(e.context(format!(
+                "the restore could not be undone either ({}); run it again",
+                undo.join("; ")
+            )));
         }
         if k == 0 {
             crash_point("restore-swapping");
         }
     }
     // Kept directories last: the swaps moved their times.
-    let mut kept = j.kept.clone();
-    kept.sort_by(|a, b| b.path.cmp(&a.path));
-    for e in &kept {
-        if let Some(fd) = fsx::open_beneath(root, e.path.as_bytes(), true)? {
-            let st = rustix::fs::fstat(&fd)?;
-            if st.st_uid != e.uid || st.st_gid != e.gid || st.st_mode & 0o7777 != e.mode {
-                rustix::fs::fchown(
-                    &fd,
-                    Some(rustix::fs::Uid::from_raw(e.uid)),
-                    Some(rustix::fs::Gid::from_raw(e.gid)),
-                )?;
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(e.mode))?;
+    let apply = |e: &Entry, fd: BorrowedFd<'_>| -> Result<()> {
+        fsx::set_meta(fd, e)?;
+        fsx::set_times(fd, e)
+    };
+    match kept_fds {
+        Some(kept) => {
+            for (k, fd) in kept.iter().rev() {
+                apply(&k.entry, fd.as_fd())?;
             }
-            fsx::set_times(fd.as_fd(), e)?;
+        }
+        None => {
+            for k in j.kept.iter().rev() {
+                if let Some(fd) = fsx::open_beneath(root, k.entry.path.as_bytes(), true)? {
+                    let st = rustix::fs::fstat(&fd)?;
+                    if st.st_ino == k.ino && (st.st_uid, st.st_gid) == (k.entry.uid, k.entry.gid) {
+                        apply(&k.entry, fd.as_fd())?;
+                    } else {
+                        tracing::warn!(
+                            "{} is not the directory it was; its metadata is left as it is",
+                            k.entry.path
+                        );
+                    }
+                }
+            }
         }
     }
     let mut devs = BTreeSet::new();
@@ -661,36 +868,43 @@ fn finish(
     }
     j.phase = "swapped".into();
     save(dir, j)?;
-    clean(&j.locations, loc_fds, staging_fds);
+    clean(root_path, &j.locations, staging_fds, root);
     std::fs::remove_file(journal_path(dir))?;
     Ok(())
 }
 
 /// Empty and remove the staging directories (through their handles; the
 /// name is removed only while it is still the agent's directory).
-fn clean(locations: &[Location], loc_fds: &[OwnedFd], staging_fds: &[OwnedFd]) {
-    for (i, loc) in locations.iter().enumerate() {
-        let (Some(l), Some(s)) = (loc_fds.get(i), staging_fds.get(i)) else {
-            continue;
-        };
+/// Subvolumes in a replaced tree are deleted by their id, never by a path
+/// a tenant could redirect.
+fn clean(root_path: &Path, locations: &[Location], staging_fds: &[OwnedFd], root: BorrowedFd<'_>) {
+    for (loc, s) in locations.iter().zip(staging_fds) {
+        let Ok(st) = rustix::fs::fstat(s) else { continue };
+        let anchor = super::host_path(root_path, &String::from_utf8_lossy(loc.mount.as_bytes()));
+        let subvolume = |d: BorrowedFd<'_>, n: &[u8]| super::btrfs::delete_subvolume_at(d, n, &anchor);
         if let Ok(names) = fsx::names(s.as_fd()) {
             for n in names {
-                if let Err(e) = fsx::remove_all(s.as_fd(), &n, &super::btrfs::delete_subvolume_at) {
-                    tracing::warn!("removing the replaced {} in {}: {e:#}", RawPath(n), loc.path);
+                if let Err(e) = fsx::remove_all(s.as_fd(), &n, st.st_dev, &subvolume) {
+                    tracing::warn!("removing the replaced {} of {}: {e:#}", RawPath(n), loc.path);
                 }
             }
         }
-        let ours = rustix::fs::fstat(s).ok().map(|st| st.st_ino);
-        if ours.is_some() && ino_of(l.as_fd(), loc.staging.as_bytes()) == ours {
-            let _ = rustix::fs::unlinkat(l, loc.staging.as_str(), AtFlags::REMOVEDIR);
+        if let Ok(Some(h)) = fsx::open_beneath(root, loc.holder.as_bytes(), true)
+            && fsx::open_child(h.as_fd(), loc.staging.as_bytes())
+                .ok()
+                .flatten()
+                .is_some_and(|n| n.stat.st_ino == st.st_ino)
+        {
+            let _ = rustix::fs::unlinkat(&h, loc.staging.as_str(), AtFlags::REMOVEDIR);
         }
     }
 }
 
 /// Finish or undo a restore that was interrupted in snapshot directory
 /// `dir`: killed while building, its staging directories go and the write
-/// set is as it was; killed while swapping, the swaps are finished.
-pub fn recover_dir(root: BorrowedFd<'_>, dir: &Path) -> Result<bool> {
+/// set is as it was; killed while swapping, the swaps are finished (or, if
+/// one cannot be, all are undone).
+pub fn recover_dir(root_path: &Path, root: BorrowedFd<'_>, dir: &Path) -> Result<bool> {
     let Ok(bytes) = std::fs::read(journal_path(dir)) else {
         return Ok(false);
     };
@@ -699,40 +913,44 @@ pub fn recover_dir(root: BorrowedFd<'_>, dir: &Path) -> Result<bool> {
     let mut staging_fds = Vec::new();
     let mut locations = Vec::new();
     for loc in &j.locations {
-        let Some(l) = fsx::open_beneath(root, loc.path.as_bytes(), true)? else {
-            continue;
-        };
-        let s = match fsx::open_child(l.as_fd(), loc.staging.as_bytes())? {
+        let opened = (|| -> Result<Option<(OwnedFd, OwnedFd)>> {
+            let Some(l) = fsx::open_beneath(root, loc.path.as_bytes(), true)? else {
+                return Ok(None);
+            };
+            let Some(h) = fsx::open_beneath(root, loc.holder.as_bytes(), true)? else {
+                return Ok(None);
+            };
             // Killed between making it and recording its inode: the name is
             // random and only root can make a 0700 root directory.
-            Some(n)
-                if n.kind() == Kind::Dir
-                    && (n.stat.st_ino == loc.staging_ino
-                        || (loc.staging_ino == 0 && n.stat.st_uid == 0 && n.stat.st_mode & 0o777 == 0o700)) =>
-            {
-                n.reopen()?
-            }
-            _ => {
-                if j.phase == "swapping" {
-                    bail!(
-                        "the staging directory of an interrupted restore in {} is gone; the restore cannot be finished (run it again)",
-                        loc.path
-                    );
+            match fsx::open_child(h.as_fd(), loc.staging.as_bytes())? {
+                Some(n)
+                    if n.kind() == Kind::Dir
+                        && n.stat.st_uid == 0
+                        && (n.stat.st_ino == loc.staging_ino
+                            || (loc.staging_ino == 0 && n.stat.st_mode & 0o777 == 0o700)) =>
+                {
+                    Ok(Some((l, OwnedFd::from(n.reopen()?))))
                 }
-                continue;
+                _ => Ok(None),
             }
-        };
-        locations.push(loc.clone());
-        loc_fds.push(l);
-        staging_fds.push(OwnedFd::from(s));
+        })()?;
+        match opened {
+            Some((l, s)) => {
+                locations.push(loc.clone());
+                loc_fds.push(l);
+                staging_fds.push(s);
+            }
+            None if j.phase == "swapping" => bail!(
+                "the staging directory of an interrupted restore in {} is gone; the restore cannot be finished (run the restore again)",
+                loc.holder
+            ),
+            None => {}
+        }
     }
     if j.phase == "swapping" {
-        if locations.len() != j.locations.len() {
-            bail!("an interrupted restore's directories are gone; run the restore again");
-        }
-        finish(root, dir, &mut j, &loc_fds, &staging_fds)?;
+        finish(root_path, dir, &mut j, &loc_fds, &staging_fds, None, root)?;
     } else {
-        clean(&locations, &loc_fds, &staging_fds);
+        clean(root_path, &locations, &staging_fds, root);
         std::fs::remove_file(journal_path(dir))?;
     }
     Ok(true)
