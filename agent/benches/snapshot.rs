@@ -234,11 +234,13 @@ fn run(root: &Path, state: &Path) -> anyhow::Result<()> {
     row("wavegate btrfs, a subvolume", take_sub, sub_partial, sub_all);
     row("wavegate btrfs, a dir in a subvolume", take_dir, dir_partial, dir_all);
     println!(
-        "  tar+zstd: hash, archive, fsync, read back and verify; restore: check, replace, sync, check every file."
+        "  tar+zstd: hash, archive, fsync, read back and verify; restore: build beside, checking every record, swap in, sync."
     );
     println!(
         "  btrfs: read-only snapshot, check its flag and UUIDs, list it and hash its inodes; restore: check all that, then swap in"
     );
-    println!("  a copy of it (a whole subvolume) or put back what changed as reflinks (a directory), sync.");
+    println!(
+        "  a copy of it (a whole subvolume) or rebuild what changed beside it as reflinks and swap it in (a directory), sync."
+    );
     Ok(())
 }

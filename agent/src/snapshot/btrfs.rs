@@ -331,20 +331,33 @@ impl Backend for Btrfs {
         let b = info(part)?;
         let snap_fd = open_snap(root, b)?.with_context(|| format!("the snapshot {} is gone", b.snapshot))?;
         let root_fd = fsx::open_dir(root)?;
+        let rest = |u: &RawPath| -> Vec<u8> {
+            u.as_bytes()
+                .strip_prefix(fsx::raw(b.subvolume.trim_end_matches('/')).as_slice())
+                .unwrap_or(u.as_bytes())
+                .to_vec()
+        };
         let same = |u: &RawPath| -> Result<bool> {
-            let rest = u
-                .as_bytes()
-                .strip_prefix(b.subvolume.trim_end_matches('/').as_bytes())
-                .unwrap_or(u.as_bytes());
             let (Some(s), Some(l)) = (
-                fsx::node_at(snap_fd.as_fd(), rest)?,
+                fsx::node_at(snap_fd.as_fd(), &rest(u))?,
                 fsx::node_at(root_fd.as_fd(), u.as_bytes())?,
             ) else {
                 return Ok(false);
             };
             Ok(fsx::inodes(s, u.clone(), &part.skip)? == fsx::inodes(l, u.clone(), &part.skip)?)
         };
-        r.keep_unchanged(i, &same)
+        // The same directory (a snapshot keeps inode numbers) with only
+        // what is in it changed.
+        let same_dir = |u: &RawPath| -> Result<bool> {
+            let (Some(s), Some(l)) = (
+                fsx::node_at(snap_fd.as_fd(), &rest(u))?,
+                fsx::node_at(root_fd.as_fd(), u.as_bytes())?,
+            ) else {
+                return Ok(false);
+            };
+            Ok(s.kind() == Kind::Dir && l.kind() == Kind::Dir && s.stat.st_ino == l.stat.st_ino)
+        };
+        r.keep_unchanged(i, &same, &same_dir)
     }
 
     fn restore_bytes(&self, _part: &Part) -> u64 {

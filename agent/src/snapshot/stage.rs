@@ -122,6 +122,8 @@ pub struct Plan {
     skip: Vec<String>,
     /// Units left as they are: unchanged since the snapshot.
     unchanged: Vec<RawPath>,
+    /// The part's mount.
+    mount: String,
 }
 
 /// Plans and carries out restores of one or more parts together.
@@ -260,6 +262,7 @@ impl<'a> Restore<'a> {
             staged: BTreeSet::new(),
             skip: part.skip.clone(),
             unchanged: Vec::new(),
+            mount: part.mount.clone(),
         };
         let mut queue: Vec<(RawPath, bool)> = mine.iter().map(|r| (r.clone(), true)).collect();
         while let Some((p, is_root)) = queue.pop() {
@@ -350,18 +353,66 @@ impl<'a> Restore<'a> {
     }
 
     /// Leave alone every unit of plan `i` that `same` says is unchanged
-    /// since the snapshot: it is neither rebuilt nor swapped.
-    pub fn keep_unchanged(&mut self, i: usize, same: &dyn Fn(&RawPath) -> Result<bool>) -> Result<()> {
-        let plan = &mut self.plans[i];
-        let candidates: Vec<RawPath> = plan.staged.iter().cloned().collect();
-        for u in candidates {
-            if !same(&u)? {
+    /// since the snapshot: it is neither rebuilt nor swapped. A changed
+    /// unit that `same_dir` says is still the same directory (only what is
+    /// in it changed) stays in place and its names become units in turn,
+    /// so only what changed is rebuilt.
+    pub fn keep_unchanged(
+        &mut self,
+        i: usize,
+        same: &dyn Fn(&RawPath) -> Result<bool>,
+        same_dir: &dyn Fn(&RawPath) -> Result<bool>,
+    ) -> Result<()> {
+        let mut queue: Vec<RawPath> = self.plans[i].staged.iter().cloned().collect();
+        while let Some(u) = queue.pop() {
+            if same(&u)? {
+                let plan = &mut self.plans[i];
+                plan.units.remove(&u);
+                plan.staged.remove(&u);
+                plan.want.retain(|p, _| !fsx::within(p.as_bytes(), u.as_bytes()));
+                plan.unchanged.push(u);
                 continue;
+            }
+            if !same_dir(&u)? {
+                continue;
+            }
+            let Some(e) = self.plans[i].want.get(&u).filter(|e| e.kind == Kind::Dir).cloned() else {
+                continue;
+            };
+            let Some(fd) = fsx::open_beneath(self.root, u.as_bytes(), true)? else {
+                continue;
+            };
+            let st = rustix::fs::fstat(&fd)?;
+            if (st.st_uid, st.st_gid) != (e.uid, e.gid) {
+                continue;
+            }
+            let mount = self.plans[i].mount.clone();
+            let loc = self.location(&u, &mount)?;
+            let mut names: BTreeSet<Vec<u8>> = fsx::names(fd.as_fd())?.into_iter().collect();
+            let plan = &mut self.plans[i];
+            for w in plan.want.keys() {
+                if w.parent() == u && *w != u {
+                    names.insert(w.name().to_vec());
+                }
             }
             plan.units.remove(&u);
             plan.staged.remove(&u);
-            plan.want.retain(|p, _| !fsx::within(p.as_bytes(), u.as_bytes()));
-            plan.unchanged.push(u);
+            plan.kept.insert(u.clone(), e.clone());
+            self.kept_fds.push((
+                Kept {
+                    entry: e,
+                    ino: st.st_ino,
+                },
+                fd,
+            ));
+            for n in names {
+                let c = u.child(&n);
+                plan.units.insert(c.clone(), (loc, RawPath(n)));
+                if plan.want.contains_key(&c) {
+                    plan.staged.insert(c.clone());
+                    queue.push(c);
+                }
+            }
         }
         Ok(())
     }
