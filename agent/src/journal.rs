@@ -37,6 +37,10 @@ pub struct Job {
     /// How it runs.
     #[serde(default)]
     pub mode: Mode,
+    /// Weaker confinement a site policy accepts by name (`landlock`,
+    /// `seccomp`) on a kernel that lacks it.
+    #[serde(default)]
+    pub accept_weaker: Vec<String>,
     /// Writable paths of a confined run.
     #[serde(default)]
     pub writes: Vec<String>,
@@ -77,6 +81,7 @@ impl Job {
             timeout_ms,
             host_root: host_root.to_path_buf(),
             mode,
+            accept_weaker: Vec::new(),
             writes: Vec::new(),
             create_dirs: Vec::new(),
             create_files: Vec::new(),

@@ -117,6 +117,16 @@ fn snapshot_cmd(argv: &[String]) -> ExitCode {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("jail") {
+        // The step's jail (see `jail`): it execs the step, or says why not.
+        let Some(spec) = argv.get(2) else {
+            eprintln!("usage: wavegate-agent jail SPEC");
+            return ExitCode::from(2);
+        };
+        let Err(e) = wavegate_agent::jail::enter(std::path::Path::new(spec));
+        eprintln!("{} {e:#}", wavegate_agent::jail::SETUP_FAILED_LINE);
+        return ExitCode::from(wavegate_agent::jail::SETUP_FAILED as u8);
+    }
     if argv.get(1).map(String::as_str) == Some("exec-step") {
         // Steps create files the way root's shell would (0644, 0755),
         // whatever the agent's own umask.

@@ -128,12 +128,8 @@ fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
     if root != Path::new("/") {
         mounts::bind_system_dirs(&m)?;
     }
-    for (d, ro) in [("dev", false), ("proc", true)] {
-        let dst = m.join(d);
-        if dst.is_dir() {
-            mounts::bind(&Path::new("/").join(d), &dst, ro)?;
-        }
-    }
+    // /dev and /proc are the jail's own (a minimal /dev, a fresh /proc of
+    // its PID namespace): the machine's are never seen.
     let tmp = m.join("tmp");
     if tmp.is_dir() {
         mounts::tmpfs(&tmp, "size=512m,mode=1777").context("a private /tmp")?;
@@ -240,19 +236,38 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
         }
     };
     let out = std::fs::File::create(output)?;
-    let mut cmd = if root == Path::new("/") {
-        Command::new("/bin/sh")
+    let mut cmd = if job.mode == Mode::Confined {
+        // The jail: pivoted into the confined view, Landlock allowing
+        // writes only beneath the write set and the private /tmp.
+        let spec_file = job_dir.join("jail.json");
+        let spec = crate::jail::Spec {
+            root: root.clone(),
+            run: job.run.clone(),
+            writable: Some(job.writes.clone()),
+            accept_weaker: job.accept_weaker.clone(),
+        };
+        std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
+        let exe = std::env::current_exe().context("finding the agent's own binary")?;
+        crate::jail::command(&exe, &spec_file, false)
+    } else if root == Path::new("/") {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(&job.run);
+        c
     } else {
         let mut c = Command::new("chroot");
-        c.arg(&root).arg("/bin/sh");
+        c.arg(&root).arg("/bin/sh").arg("-c").arg(&job.run);
         c
     };
-    cmd.arg("-c").arg(&job.run);
     let mut child = mounts::step_process(&mut cmd, &out)?
         .spawn()
         .context("starting /bin/sh")?;
     // Whatever the shell leaves behind in its group goes too.
     let status = mounts::wait_or_kill_group(&mut child, Duration::from_millis(job.timeout_ms))?;
+    if let Some(code) = status.and_then(|s| s.code())
+        && let Some(why) = crate::jail::setup_failed(code, &std::fs::read_to_string(output).unwrap_or_default())
+    {
+        anyhow::bail!("the sandbox could not be set up: {why}");
+    }
     match status {
         Some(s) => {
             let code = s.code().unwrap_or(-1);

@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use std::io::Read as _;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -569,18 +568,25 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String]) -> Result<Sa
     })
 }
 
-/// Run one command inside the sandbox: new PID, network, IPC and UTS
-/// namespaces, a fresh /proc, chrooted into the merged root. Its output is
-/// appended to `output`; what it wrote there is returned with how it ended.
+/// Run one command inside the sandbox: the jail ([`crate::jail`]) in new
+/// PID, network, IPC and UTS namespaces, pivoted into the merged root with
+/// a fresh /proc and a minimal /dev, capabilities dropped and a seccomp
+/// filter. Its output is appended to `output`; what it wrote there is
+/// returned with how it ended. A jail that could not be set up is an error:
+/// the step never ran, which never counts as a dry-run that passed.
 fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<(Ran, String)> {
     let start = std::fs::metadata(output).map_or(0, |m| m.len());
     let out = std::fs::OpenOptions::new().create(true).append(true).open(output)?;
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child"])
-        .arg(format!("--mount-proc={}", merged.join("proc").display()))
-        .arg("chroot")
-        .arg(merged)
-        .args(["/bin/sh", "-c", run]);
+    let spec_file = output.with_extension("jail.json");
+    let spec = crate::jail::Spec {
+        root: merged.to_path_buf(),
+        run: run.to_owned(),
+        writable: None,
+        accept_weaker: Vec::new(),
+    };
+    std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
+    let exe = std::env::current_exe().context("finding the agent's own binary")?;
+    let mut cmd = crate::jail::command(&exe, &spec_file, true);
     let mut child = mounts::step_process(&mut cmd, &out)?
         .spawn()
         .context("starting the sandbox (util-linux `unshare`)")?;
@@ -598,6 +604,9 @@ fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<
         timed_out: status.is_none(),
         tail: last_lines(&text, TAIL_LINES),
     };
+    if let Some(why) = crate::jail::setup_failed(ran.exit_code, &text) {
+        bail!("the sandbox could not be set up: {why}");
+    }
     Ok((ran, text))
 }
 

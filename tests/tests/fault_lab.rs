@@ -124,7 +124,7 @@ fn an_agent_killed_while_writing_a_snapshot_takes_it_again_and_runs_the_step_onc
         std::fs::read_dir(&partial)
             .ok()?
             .flatten()
-            .any(|e| e.file_name().to_string_lossy().ends_with(".tar.zst"))
+            .any(|e| e.file_name().to_string_lossy().ends_with(".zst"))
             .then_some(())
     });
     let args = lab.kill9(&["wavegate-agent", "--host-id", &canary], "exec-step");
