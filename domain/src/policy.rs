@@ -58,7 +58,13 @@ const KINDS: &[(&str, &[&str])] = &[
     ("require-health-checks", &[]),
     ("untouchable", &["paths"]),
     ("snapshot-backend", &["backend"]),
+    ("fetch-writes", &["paths"]),
 ];
+
+/// Where a step's `fetch` may write when no site rule says otherwise: the
+/// package managers' caches. A fetch runs before anyone approves the plan,
+/// so what it writes must be a cache, never a host's configuration.
+pub const DEFAULT_FETCH_WRITES: &[&str] = &["/var/cache"];
 
 /// Snapshot backends a site policy may force: tar + zstd works on every
 /// filesystem, so forcing it can never leave a host without a snapshot.
@@ -110,6 +116,12 @@ pub enum RuleKind {
     SnapshotBackend {
         /// The backend's name.
         backend: String,
+    },
+    /// A step's `fetch_writes` must lie beneath these paths (without such a
+    /// rule: [`DEFAULT_FETCH_WRITES`]).
+    FetchWrites {
+        /// The paths, normalised.
+        paths: Vec<String>,
     },
 }
 
@@ -424,10 +436,50 @@ impl PolicySet {
                         }
                     }
                 }
+                RuleKind::FetchWrites { paths } => fetch_writes_outside(plan, paths, &code, &why, &mut v),
                 RuleKind::Cap(_) | RuleKind::SnapshotBackend { .. } => {}
             }
         }
+        if !self
+            .rules
+            .iter()
+            .any(|r| matches!(r.kind, RuleKind::FetchWrites { .. }))
+        {
+            let paths: Vec<String> = DEFAULT_FETCH_WRITES.iter().map(|p| (*p).to_owned()).collect();
+            let why = " (built in: a fetch runs before approval, so it may fill caches only)";
+            fetch_writes_outside(plan, &paths, &Code::Policy("fetch-writes".into()), why, &mut v);
+        }
         v
+    }
+}
+
+/// A violation for every `fetch_writes` path of `plan` not beneath `paths`.
+fn fetch_writes_outside(plan: &Plan, paths: &[String], code: &Code, why: &str, v: &mut Vec<Violation>) {
+    for (i, step) in plan.steps.iter().enumerate() {
+        // A package step's fetch writes its manager's cache, which the
+        // manager names; what the plan adds is checked like any other.
+        let manager: &[&str] = step.packages.as_ref().map_or(&[], |p| p.manager.fetch_writes());
+        for (j, w) in step.fetch_writes.iter().enumerate() {
+            if paths.iter().any(|p| crate::plan::within(w, p)) || manager.contains(&w.as_str()) {
+                continue;
+            }
+            v.push(
+                Violation::new(
+                    code.clone(),
+                    format!(
+                        "step `{}`: its fetch may write `{w}`, outside what a fetch may fill ({}){why}",
+                        step.name,
+                        paths.join(", ")
+                    ),
+                )
+                .at(&step.loc)
+                .field(format!("steps[{i}].fetch_writes[{j}]"))
+                .fix(format!(
+                    "let the fetch fill a cache beneath {} and the step (which runs after approval) put things in place",
+                    paths.join(" or ")
+                )),
+            );
+        }
     }
 }
 
@@ -603,6 +655,29 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
             }
             RuleKind::Untouchable { paths }
         }
+        "fetch-writes" => {
+            let mut paths = Vec::new();
+            for (j, p) in r.paths.iter().flatten().enumerate() {
+                match crate::plan::normalise_write_path(&p.value) {
+                    Ok(n) => paths.push(n),
+                    Err(why) => v.push(bad(
+                        &loc_of(file, p),
+                        format!("rules[{i}].paths[{j}]"),
+                        format!("rule `{id}`: path `{}` {why}", p.value),
+                        "write absolute paths like `/var/cache`",
+                    )),
+                }
+            }
+            if r.paths.as_ref().is_none_or(Vec::is_empty) {
+                v.push(bad(
+                    &loc,
+                    field("paths"),
+                    format!("rule `{id}` lets a fetch write nowhere"),
+                    "add `paths: [/var/cache]`",
+                ));
+            }
+            RuleKind::FetchWrites { paths }
+        }
         "snapshot-backend" => {
             let backend = match &r.backend {
                 Some(b) if FORCEABLE_BACKENDS.contains(&b.value.as_str()) => b.value.clone(),
@@ -771,6 +846,40 @@ mod tests {
 
     fn parse(text: &str) -> Result<PolicySet, Vec<Violation>> {
         PolicySet::parse(&[Source { name: "p.yaml", text }])
+    }
+
+    #[test]
+    fn a_fetch_may_fill_caches_only_unless_the_site_says_otherwise() {
+        let fleet = Fleet::parse(Source {
+            name: "x.yaml",
+            text: "hosts:\n  - {id: a}\n",
+        })
+        .expect("fleet");
+        let plan = |fetch_writes: &str| {
+            let text = format!(
+                "name: p\ntargets: {{hosts: [a]}}\nsteps:\n  - {{name: s, run: x, writes: [/srv/app], fetch: f, fetch_writes: {fetch_writes}}}\nwaves: [{{size: 1}}]\nhealth: {{checks: [{{name: c, tcp: \"127.0.0.1:1\"}}]}}\n"
+            );
+            let (p, v) = crate::plan::parse(Source {
+                name: "p.yaml",
+                text: &text,
+            })
+            .expect("plan");
+            assert!(v.is_empty(), "{v:?}");
+            p
+        };
+        let none = PolicySet::default();
+        let codes = |set: &PolicySet, p: &Plan| -> Vec<String> {
+            set.check(&fleet, p, None).iter().map(|v| v.code.to_string()).collect()
+        };
+        assert!(codes(&none, &plan("[/var/cache/app]")).is_empty());
+        let v = none.check(&fleet, &plan("[/root/.ssh]"), None);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].code.to_string(), "policy:fetch-writes");
+        assert!(v[0].message.contains("/root/.ssh"), "{}", v[0].message);
+        let site = parse("rules:\n  - {id: fw, kind: fetch-writes, paths: [/srv/cache]}\n").expect("rules");
+        assert_eq!(codes(&site, &plan("[/srv/cache/x]")), Vec::<String>::new());
+        assert_eq!(codes(&site, &plan("[/var/cache/app]")), ["policy:fw"]);
+        assert!(parse("rules:\n  - {id: fw, kind: fetch-writes}\n").is_err());
     }
 
     #[test]
