@@ -21,6 +21,9 @@ pub enum Mode {
     Confined,
     /// The dry-run sandbox: nothing on the host changes.
     DryRun,
+    /// A fetch before approval: over the sandbox's view, what it writes
+    /// beneath `writes` kept in the staging tree `stage_out`.
+    FetchStaged,
 }
 
 /// What the supervisor runs.
@@ -57,6 +60,12 @@ pub struct Job {
     /// `untouchable`): read-only in the dry-run and in the real run.
     #[serde(default)]
     pub untouchable: Vec<String>,
+    /// Staged fetches' trees laid over the host in a dry-run.
+    #[serde(default)]
+    pub stages: Vec<PathBuf>,
+    /// Where a staged fetch keeps what it wrote.
+    #[serde(default)]
+    pub stage_out: Option<PathBuf>,
     /// Host paths of the agent's own that stay read-only in a confined run
     /// even inside a write set (its journal and snapshots).
     #[serde(default)]
@@ -87,6 +96,8 @@ impl Job {
             create_files: Vec::new(),
             steps: Vec::new(),
             untouchable: Vec::new(),
+            stages: Vec::new(),
+            stage_out: None,
             protect: Vec::new(),
             boot_id: String::new(),
             from: String::new(),

@@ -6,6 +6,7 @@
 
 pub mod checks;
 pub mod exec;
+pub mod fetch;
 pub mod jail;
 pub mod journal;
 pub mod mountinfo;

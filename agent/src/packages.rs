@@ -148,11 +148,14 @@ fn cmdline(pid: i32) -> String {
         .unwrap_or_default()
 }
 
-/// Resolve a package step on the host at `host_root`. `simulate` runs a
-/// command in the sandbox (offline) and returns its exit code and output.
-/// An `Err` says why the step cannot run on this host.
+/// Resolve a package step on the host at `host_root`, reading its files
+/// through `view` (the sandbox's view of it, with staged fetches laid over
+/// it); locks are checked on the host itself. `simulate` runs a command in
+/// the sandbox (offline) and returns its exit code and output. An `Err`
+/// says why the step cannot run on this host.
 pub fn resolve(
     host_root: &Path,
+    view: &Path,
     p: &Packages,
     extra: &[String],
     simulate: &mut dyn FnMut(&str) -> anyhow::Result<(i32, String)>,
@@ -162,9 +165,9 @@ pub fn resolve(
             "dnf package steps are not supported by this agent yet: it reads package files from dpkg only".into(),
         );
     }
-    let at = |rel: &str| host_root.join(rel.trim_start_matches('/'));
+    let at = |rel: &str| view.join(rel.trim_start_matches('/'));
     for lock in ["/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock"] {
-        if let Some(pid) = lock_holder(&at(lock)) {
+        if let Some(pid) = lock_holder(&host_root.join(lock.trim_start_matches('/'))) {
             return Err(format!(
                 "the package manager is locked: {lock} is held by process {pid} ({}); try again when it is done",
                 cmdline(pid)

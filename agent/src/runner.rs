@@ -183,6 +183,7 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
             &job.steps,
             &job.untouchable,
             &output,
+            &job.stages,
         ) {
             Ok(reports) => {
                 let blocked: Vec<String> = reports
@@ -208,6 +209,41 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
                 format!("dry-run blocked: the sandbox could not be set up: {e:#}"),
             ),
         },
+        Mode::FetchStaged => {
+            let out = job.stage_out.clone().unwrap_or_else(|| job_dir.join("stage"));
+            match crate::sandbox::fetch_staged(
+                &job.host_root,
+                &job_dir.join("sandbox"),
+                &job.run,
+                &job.writes,
+                Duration::from_millis(job.timeout_ms.max(1)),
+                &output,
+                &out,
+            ) {
+                Ok(ran) if ran.timed_out => stored(
+                    Outcome::TimedOut,
+                    -1,
+                    started,
+                    &output,
+                    format!("killed after its timeout of {} ms", job.timeout_ms),
+                ),
+                Ok(ran) if ran.exit_code == 0 => stored(Outcome::Ok, 0, started, &output, String::new()),
+                Ok(ran) => stored(
+                    Outcome::Failed,
+                    ran.exit_code,
+                    started,
+                    &output,
+                    format!("exited with status {}", ran.exit_code),
+                ),
+                Err(e) => stored(
+                    Outcome::Refused,
+                    -1,
+                    started,
+                    &output,
+                    format!("the fetch was not run: {e:#}"),
+                ),
+            }
+        }
         _ => match run(&job, job_dir, &output) {
             Ok((outcome, code, detail)) => stored(outcome, code, started, &output, detail),
             Err(e) => stored(

@@ -430,12 +430,19 @@ fn overlay_escape(p: &Path) -> String {
     out
 }
 
-fn overlay(lower: &Path, upper: &Path, work: &Path, at: &Path) -> Result<()> {
+fn overlay(lower: &Path, staged: &[PathBuf], upper: &Path, work: &Path, at: &Path) -> Result<()> {
     std::fs::create_dir_all(upper)?;
     std::fs::create_dir_all(work)?;
+    // Staged fetches lie over the host: the step sees what its fetch will
+    // have put in place by the time it runs for real.
+    let lowers: Vec<String> = staged
+        .iter()
+        .map(|p| overlay_escape(p))
+        .chain([overlay_escape(lower)])
+        .collect();
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
-        overlay_escape(lower),
+        lowers.join(":"),
         overlay_escape(upper),
         overlay_escape(work)
     );
@@ -452,8 +459,9 @@ fn overlay(lower: &Path, upper: &Path, work: &Path, at: &Path) -> Result<()> {
 /// Set up the sandbox for `host_root` under `base` (which this process owns,
 /// in its own mount namespace): an overlay of the host root's filesystem,
 /// then one of every mount below it, parents first. `untouchable` paths are
-/// bound read-only instead.
-pub fn setup(host_root: &Path, base: &Path, untouchable: &[String]) -> Result<Sandbox> {
+/// bound read-only instead. `stages` are staged fetches' trees (shaped like
+/// the host root), laid over the host in that order.
+pub fn setup(host_root: &Path, base: &Path, untouchable: &[String], stages: &[PathBuf]) -> Result<Sandbox> {
     mounts::private_namespace("the dry-run sandbox (mount, PID and network namespaces)")?;
     std::fs::create_dir_all(base)?;
     // The host's mounts before the sandbox adds its own.
@@ -464,6 +472,11 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String]) -> Result<Sa
     std::fs::create_dir_all(&merged)?;
     let mut layers = Vec::new();
     for (n, m) in host.iter_mut().enumerate() {
+        let staged: Vec<PathBuf> = stages
+            .iter()
+            .map(|s| s.join(m.rel.trim_start_matches('/')))
+            .filter(|p| p.is_dir())
+            .collect();
         let (lower, at) = if m.rel == "/" {
             (host_root.to_path_buf(), merged.clone())
         } else {
@@ -482,7 +495,7 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String]) -> Result<Sa
                 );
             }
             let (upper, work) = (base.join(format!("upper/{n}")), base.join(format!("work/{n}")));
-            overlay(&lower, &upper, &work, &at)?;
+            overlay(&lower, &staged, &upper, &work, &at)?;
             layers.push(Layer {
                 rel: m.rel.clone(),
                 upper,
@@ -504,7 +517,7 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String]) -> Result<Sa
         match m.treatment.clone() {
             Treatment::Overlay => {
                 let (upper, work) = (base.join(format!("upper/{n}")), base.join(format!("work/{n}")));
-                match overlay(&lower, &upper, &work, &at) {
+                match overlay(&lower, &staged, &upper, &work, &at) {
                     Ok(()) => layers.push(Layer {
                         rel: m.rel.clone(),
                         upper,
@@ -575,18 +588,31 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String]) -> Result<Sa
 /// returned with how it ended. A jail that could not be set up is an error:
 /// the step never ran, which never counts as a dry-run that passed.
 fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<(Ran, String)> {
+    run_jailed(merged, run, timeout, output, None, true)
+}
+
+/// [`run_in`] with Landlock's write set (`writable`) and the host's network
+/// (`own_network` false) as a fetch needs them.
+fn run_jailed(
+    merged: &Path,
+    run: &str,
+    timeout: Duration,
+    output: &Path,
+    writable: Option<Vec<String>>,
+    own_network: bool,
+) -> Result<(Ran, String)> {
     let start = std::fs::metadata(output).map_or(0, |m| m.len());
     let out = std::fs::OpenOptions::new().create(true).append(true).open(output)?;
     let spec_file = output.with_extension("jail.json");
     let spec = crate::jail::Spec {
         root: merged.to_path_buf(),
         run: run.to_owned(),
-        writable: None,
+        writable,
         accept_weaker: Vec::new(),
     };
     std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
     let exe = std::env::current_exe().context("finding the agent's own binary")?;
-    let mut cmd = crate::jail::command(&exe, &spec_file, true);
+    let mut cmd = crate::jail::command(&exe, &spec_file, own_network);
     let mut child = mounts::step_process(&mut cmd, &out)?
         .spawn()
         .context("starting the sandbox (util-linux `unshare`)")?;
@@ -610,16 +636,47 @@ fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<
     Ok((ran, text))
 }
 
+/// Run a fetch before approval: in the jail over the sandbox's view of the
+/// host (with the network, writes allowed only beneath `writes`), then keep
+/// what it wrote beneath `writes` as a staged tree at `out` (see
+/// [`crate::fetch`]). Nothing on the host changes.
+pub fn fetch_staged(
+    host_root: &Path,
+    base: &Path,
+    run: &str,
+    writes: &[String],
+    timeout: Duration,
+    output: &Path,
+    out: &Path,
+) -> Result<Ran> {
+    let sandbox = setup(host_root, base, &[], &[])?;
+    // Where it may write must be there for Landlock to allow it: made in
+    // the copy-on-write view (and so in the staging cache), not the host.
+    for w in writes {
+        let at = sandbox.merged.join(w.trim_start_matches('/'));
+        if at.symlink_metadata().is_err() {
+            std::fs::create_dir_all(&at).with_context(|| format!("making {w} in the sandbox"))?;
+        }
+    }
+    let (ran, _) = run_jailed(&sandbox.merged, run, timeout, output, Some(writes.to_vec()), false)?;
+    if ran.exit_code == 0 && !ran.timed_out {
+        crate::fetch::keep(&sandbox.layers, writes, out)?;
+    }
+    Ok(ran)
+}
+
 /// Dry-run `steps` in order in one sandbox over `host_root`; each step's
-/// effects are those its run added. Never changes the host.
+/// effects are those its run added. Never changes the host. `stages` are
+/// staged fetches' trees, laid over the host.
 pub fn dry_run(
     host_root: &Path,
     base: &Path,
     steps: &[DryStep],
     untouchable: &[String],
     output: &Path,
+    stages: &[PathBuf],
 ) -> Result<Vec<StepReport>> {
-    let sandbox = setup(host_root, base, untouchable)?;
+    let sandbox = setup(host_root, base, untouchable, stages)?;
     let mut before: BTreeMap<String, Effect> = BTreeMap::new();
     let mut reports = Vec::new();
     let scratch = base.join("scratch-output");
@@ -637,7 +694,9 @@ pub fn dry_run(
                 )?;
                 Ok((ran.exit_code, text))
             };
-            match crate::packages::resolve(host_root, p, &step.writes, &mut simulate) {
+            // Read through the sandbox's view: a package fetched before
+            // approval is in a staging cache laid over the host there.
+            match crate::packages::resolve(host_root, &sandbox.merged, p, &step.writes, &mut simulate) {
                 Ok(r) => {
                     blocks.extend(write_set_problems(host_root, &sandbox.mounts, &r.writes));
                     resolved = Some(r);

@@ -350,6 +350,73 @@ async fn answer(
             }
         }
         Some(command::Kind::Fetch(f)) => {
+            let key = crate::fetch::key(&f.run, &f.writes);
+            let stream = crate::output::Stream {
+                command_id: id.clone(),
+                rollout_id: f.rollout_id.clone(),
+                step: format!("{} (fetch)", f.step_name),
+            };
+            if f.stage {
+                // Before approval: nothing real. The fetch runs over the
+                // sandbox's view; what it writes is kept in a staging cache.
+                let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::FetchStaged);
+                job.from.clone_from(&cfg.controller);
+                job.writes = f.writes.clone();
+                job.stage_out = Some(crate::fetch::tree(&cfg.state_dir, &key));
+                job.boot_id.clone_from(&cfg.boot_id);
+                return match run_streamed(cfg, journal, job, stream, tx).await {
+                    Ok((s, replayed)) => {
+                        let ok = s.outcome == pb::Outcome::Ok as i32;
+                        let mut r = result_of(&id, s, replayed);
+                        if ok {
+                            let (tree, writes) = (crate::fetch::tree(&cfg.state_dir, &key), f.writes.clone());
+                            match tokio::task::spawn_blocking(move || crate::fetch::digest(&tree, &writes)).await {
+                                Ok(Ok(d)) => {
+                                    r.detail = "fetched into a staging cache; nothing on the host changed".into();
+                                    r.report_json =
+                                        serde_json::json!({"digest": d, "ran": !replayed, "stage": key}).to_string();
+                                }
+                                Ok(Err(e)) => return refused(format!("reading the staged fetch: {e:#}")),
+                                Err(e) => return refused(e.to_string()),
+                            }
+                        }
+                        r
+                    }
+                    Err(e) => refused(format!("{e:#}")),
+                };
+            }
+            if !f.adopt_digest.is_empty() && crate::fetch::tree(&cfg.state_dir, &key).is_dir() {
+                // After approval: the staging cache checked at submit is put
+                // in place, after its digest is checked again.
+                let (tree, root, writes, want) = (
+                    crate::fetch::tree(&cfg.state_dir, &key),
+                    cfg.host_root.clone(),
+                    f.writes.clone(),
+                    f.adopt_digest.clone(),
+                );
+                let res = tokio::task::spawn_blocking(move || {
+                    let n = crate::fetch::adopt(&tree, &root, &writes, &want)?;
+                    Ok::<_, anyhow::Error>((n, cache_digest(&root, &writes)))
+                })
+                .await;
+                return match res {
+                    Ok(Ok((n, after))) => {
+                        let _ = std::fs::remove_dir_all(crate::fetch::dir(&cfg.state_dir, &key));
+                        pb::CommandResult {
+                            command_id: id.clone(),
+                            outcome: pb::Outcome::Ok as i32,
+                            detail: format!("the fetch staged at submit is in place ({n} paths); not fetched again"),
+                            report_json: serde_json::json!({"digest": after, "ran": false, "adopted": true})
+                                .to_string(),
+                            ..Default::default()
+                        }
+                    }
+                    Ok(Err(e)) => refused(format!("{e:#}")),
+                    Err(e) => refused(e.to_string()),
+                };
+            }
+            // After approval, with no staging cache (another host, or one
+            // lost): fetched for real, confined to its write set.
             let (root, writes) = (cfg.host_root.clone(), f.writes.clone());
             let before = tokio::task::spawn_blocking(move || cache_digest(&root, &writes))
                 .await
@@ -368,11 +435,6 @@ async fn answer(
             job.writes = f.writes.clone();
             job.protect = own_paths(cfg);
             job.boot_id.clone_from(&cfg.boot_id);
-            let stream = crate::output::Stream {
-                command_id: id.clone(),
-                rollout_id: f.rollout_id.clone(),
-                step: format!("{} (fetch)", f.step_name),
-            };
             match run_streamed(cfg, journal, job, stream, tx).await {
                 Ok((s, replayed)) => {
                     let (root, writes) = (cfg.host_root.clone(), f.writes.clone());
@@ -390,6 +452,13 @@ async fn answer(
             let mut job = Job::new(&id, "", 0, &cfg.host_root, Mode::DryRun);
             job.from.clone_from(&cfg.controller);
             job.untouchable = d.untouchable.clone();
+            job.stages = d
+                .fetch_stages
+                .iter()
+                .filter(|k| k.len() == 32 && k.chars().all(|c| c.is_ascii_hexdigit()))
+                .map(|k| crate::fetch::tree(&cfg.state_dir, k))
+                .filter(|t| t.is_dir())
+                .collect();
             job.steps = d
                 .steps
                 .into_iter()

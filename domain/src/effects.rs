@@ -102,6 +102,11 @@ pub struct FetchRecord {
     pub output_sha256: String,
     /// For people.
     pub detail: String,
+    /// The key of the staging cache it wrote (a fetch at submit, before
+    /// approval: nothing on the host changed); empty when it wrote the
+    /// host (after approval) or was adopted.
+    #[serde(default)]
+    pub stage: String,
 }
 
 /// A dry-run report as the controller keeps it.

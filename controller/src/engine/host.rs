@@ -21,13 +21,15 @@ pub(super) enum Next {
 
 /// The last fetch digest of each step on a host: from its own dry-runs,
 /// else from the submit-time dry-run (the first wave's hosts).
-fn digests(e: &Entry, host: &str) -> BTreeMap<String, String> {
+/// The last successful fetch of each step on `host` (at submit, staged;
+/// later, on the host itself).
+fn digests(e: &Entry, host: &str) -> BTreeMap<String, FetchRecord> {
     let mut out = BTreeMap::new();
     let from_submit = e.rollout.dry_runs.iter().filter(|d| d.host == host);
     let own = e.hosts.get(host).into_iter().flat_map(|h| h.dry_runs.iter());
     for d in from_submit.chain(own) {
         if let Some(f) = d.fetch.as_ref().filter(|f| f.outcome == "ok" && !f.digest.is_empty()) {
-            out.insert(d.step.clone(), f.digest.clone());
+            out.insert(d.step.clone(), f.clone());
         }
     }
     out
@@ -154,7 +156,14 @@ impl Engine {
                     std::slice::from_ref(&step)
                 };
                 let records = self
-                    .dry_run(&format!("{tag}:step{index}"), host, to_dry, &untouchable, &digests)
+                    .dry_run(
+                        &format!("{tag}:step{index}"),
+                        host,
+                        to_dry,
+                        &untouchable,
+                        &digests,
+                        false,
+                    )
                     .await;
                 if !records.is_empty() {
                     let recs = records.clone();

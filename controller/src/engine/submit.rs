@@ -154,7 +154,7 @@ impl Engine {
             let tag = tag.clone();
             probes.push(tokio::spawn(async move {
                 engine
-                    .dry_run(&tag, &host, &steps, &untouchable, &BTreeMap::new())
+                    .dry_run(&tag, &host, &steps, &untouchable, &BTreeMap::new(), true)
                     .await
             }));
         }
@@ -259,10 +259,18 @@ impl Engine {
     }
 
     /// Run a step's fetch on `host` (with the network, confined to its
-    /// `fetch_writes`), unless the cache still matches `skip`: the digest
-    /// of its last fetch there.
-    pub(super) async fn fetch(&self, tag: &str, host: &str, s: &StepSpec, skip: Option<String>) -> FetchRecord {
+    /// `fetch_writes`). At submit, before approval, it is staged: it runs
+    /// over a copy-on-write view and only a staging cache on the agent
+    /// keeps what it wrote. After approval, a staged fetch is adopted (put
+    /// in place, its digest checked first); otherwise it runs for real,
+    /// unless the cache still matches the digest of its last fetch there.
+    pub(super) async fn fetch(&self, tag: &str, host: &str, s: &StepSpec, mode: FetchMode) -> FetchRecord {
         let id = format!("{tag}:{host}:{}:fetch", s.name);
+        let (stage, adopt_digest, skip) = match mode {
+            FetchMode::Stage => (true, String::new(), String::new()),
+            FetchMode::Adopt(d) => (false, d, String::new()),
+            FetchMode::Real(skip) => (false, String::new(), skip.unwrap_or_default()),
+        };
         let cmd = pb::Command {
             id: id.clone(),
             kind: Some(pb::command::Kind::Fetch(pb::Fetch {
@@ -271,7 +279,9 @@ impl Engine {
                 run: s.fetch.clone().unwrap_or_default(),
                 writes: s.fetch_writes.clone(),
                 timeout_ms: s.timeout_ms,
-                skip_if_digest: skip.unwrap_or_default(),
+                skip_if_digest: skip,
+                stage,
+                adopt_digest,
             })),
         };
         let deadline = Instant::now() + Duration::from_millis(s.timeout_ms) + self.settings.agent_grace;
@@ -286,6 +296,7 @@ impl Engine {
                     outcome: outcome_name(r.outcome).into(),
                     ran: info["ran"].as_bool().unwrap_or(false),
                     digest: info["digest"].as_str().unwrap_or_default().to_owned(),
+                    stage: info["stage"].as_str().unwrap_or_default().to_owned(),
                     exit_code: r.exit_code,
                     output_sha256: r.output_sha256.clone(),
                     detail: if r.outcome == pb::Outcome::Ok as i32 {
@@ -307,26 +318,41 @@ impl Engine {
 
     /// Fetch what `steps` need, then dry-run them in one sandbox on `host`;
     /// one record per step, each with its fetch. A host that cannot answer,
-    /// whose sandbox fails, or whose fetch failed, is blocked. `digests`
-    /// are the last fetches' digests on this host, by step name.
+    /// whose sandbox fails, or whose fetch failed, is blocked. `fetched`
+    /// are the last fetches on this host, by step name: a staged one is
+    /// adopted after approval. `at_submit`: nobody has approved yet, so
+    /// every fetch is staged and nothing on the host changes.
     pub(super) async fn dry_run(
         &self,
         tag: &str,
         host: &str,
         steps: &[StepSpec],
         untouchable: &[String],
-        digests: &BTreeMap<String, String>,
+        fetched: &BTreeMap<String, FetchRecord>,
+        at_submit: bool,
     ) -> Vec<DryRunRecord> {
         let mut fetches: BTreeMap<String, FetchRecord> = BTreeMap::new();
         for s in steps.iter().filter(|s| s.fetch.is_some()) {
-            let rec = self.fetch(tag, host, s, digests.get(&s.name).cloned()).await;
+            let mode = match fetched.get(&s.name) {
+                _ if at_submit => FetchMode::Stage,
+                Some(f) if !f.stage.is_empty() => FetchMode::Adopt(f.digest.clone()),
+                Some(f) => FetchMode::Real(Some(f.digest.clone())),
+                None => FetchMode::Real(None),
+            };
+            let rec = self.fetch(tag, host, s, mode).await;
             fetches.insert(s.name.clone(), rec);
         }
+        let fetch_stages: Vec<String> = fetches
+            .values()
+            .filter(|f| f.outcome == "ok" && !f.stage.is_empty())
+            .map(|f| f.stage.clone())
+            .collect();
         let cmd = pb::Command {
             id: format!("{tag}:{host}:dry-run"),
             kind: Some(pb::command::Kind::DryRun(pb::DryRun {
                 rollout_id: String::new(),
                 untouchable: untouchable.to_vec(),
+                fetch_stages,
                 steps: steps
                     .iter()
                     .map(|s| pb::DryRunStep {
@@ -483,4 +509,14 @@ impl Engine {
         }
         self.get(id).await
     }
+}
+
+/// How a fetch runs.
+pub(super) enum FetchMode {
+    /// Before approval: over a copy-on-write view, kept in a staging cache.
+    Stage,
+    /// After approval: the staging cache with this digest put in place.
+    Adopt(String),
+    /// After approval: for real, unless the cache still has this digest.
+    Real(Option<String>),
 }
