@@ -84,13 +84,16 @@ pub async fn run_tailed(
         Some(Probe::Http(h)) => http(&h.url, h.expect_status, timeout).await,
         Some(Probe::Exec(cmd)) => {
             // A check only looks: the host root read-only, a private /tmp.
-            let job = Job::new(
+            let mut job = Job::new(
                 &format!("check-{}", check.name),
                 cmd,
                 check.timeout_ms.max(1),
                 host_root,
                 Mode::Confined,
             );
+            if let Some((stream, _)) = &tail {
+                job.redact.clone_from(&stream.redact);
+            }
             match run_supervised_tailed(exe, scratch, &job, tail).await {
                 Ok(r) if r.exit_code == 0 && r.outcome == wavegate_proto::v1::Outcome::Ok as i32 => Ok("exit 0".into()),
                 Ok(r) => Err(format!(

@@ -60,6 +60,10 @@ pub struct Job {
     /// `untouchable`): read-only in the dry-run and in the real run.
     #[serde(default)]
     pub untouchable: Vec<String>,
+    /// The site's redact patterns: the output's digest and tail (and a
+    /// dry-run's report) are of the masked output.
+    #[serde(default)]
+    pub redact: Vec<String>,
     /// Staged fetches' trees laid over the host in a dry-run.
     #[serde(default)]
     pub stages: Vec<PathBuf>,
@@ -96,6 +100,7 @@ impl Job {
             create_files: Vec::new(),
             steps: Vec::new(),
             untouchable: Vec::new(),
+            redact: Vec::new(),
             stages: Vec::new(),
             stage_out: None,
             protect: Vec::new(),

@@ -32,11 +32,22 @@ pub struct Stream {
     pub rollout_id: String,
     /// Its step, fetch or check.
     pub step: String,
+    /// The site's redact patterns (on top of the built-in ones): only whole
+    /// lines are sent, each masked first.
+    pub redact: Vec<String>,
 }
 
 /// Send `path` to the controller as it grows, from its start, until `done`
 /// says the command ended (then what is left is sent too).
 pub async fn tail(path: PathBuf, s: Stream, tx: mpsc::Sender<pb::AgentMessage>, mut done: watch::Receiver<bool>) {
+    // Masking keeps every byte's place, so offsets in the file are offsets
+    // in what is sent; `offset` is where the next masked bytes start, and
+    // what was read after it waits in the masker for its newline.
+    let Ok(r) = wavegate_domain::redact::Redactor::new(&s.redact) else {
+        return;
+    };
+    let mut masker = wavegate_domain::redact::Stream::new(r.clone());
+    let mut read = 0u64;
     let mut offset = 0u64;
     let mut dropped = 0u64;
     let mut buf = vec![0u8; CHUNK];
@@ -55,29 +66,39 @@ pub async fn tail(path: PathBuf, s: Stream, tx: mpsc::Sender<pb::AgentMessage>, 
         if let Ok(mut f) = tokio::fs::File::open(&path).await {
             loop {
                 let len = f.metadata().await.map_or(0, |m| m.len());
-                if offset >= len {
+                if read >= len {
                     break;
                 }
-                if f.seek(SeekFrom::Start(offset)).await.is_err() {
+                if f.seek(SeekFrom::Start(read)).await.is_err() {
                     break;
                 }
-                let want = usize::try_from(len - offset).unwrap_or(CHUNK).min(CHUNK);
+                let want = usize::try_from(len - read).unwrap_or(CHUNK).min(CHUNK);
                 let Ok(n) = f.read(&mut buf[..want]).await else { break };
                 if n == 0 {
                     break;
                 }
-                match tokio::time::timeout(PATIENCE, tx.send(chunk(buf[..n].to_vec(), offset, dropped))).await {
+                read += n as u64;
+                let data = masker.push(&buf[..n]);
+                if data.is_empty() {
+                    continue;
+                }
+                let sent = data.len() as u64;
+                match tokio::time::timeout(PATIENCE, tx.send(chunk(data, offset, dropped))).await {
                     Ok(Ok(())) => {
-                        offset += n as u64;
+                        offset += sent;
                         dropped = 0;
                     }
                     // The session is gone: the output stays in the journal.
                     Ok(Err(_)) => return,
-                    // The session is full: skip what is there now.
+                    // The session is full: skip what is there now. What
+                    // was skipped may have opened a key block: the masker
+                    // starts again suspicious of key-looking lines.
                     Err(_) => {
                         let now = f.metadata().await.map_or(len, |m| m.len());
                         dropped += now - offset;
                         offset = now;
+                        read = now;
+                        masker = wavegate_domain::redact::Stream::new(r.clone().after_gap());
                     }
                 }
             }
@@ -90,8 +111,9 @@ pub async fn tail(path: PathBuf, s: Stream, tx: mpsc::Sender<pb::AgentMessage>, 
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
-    if dropped > 0 {
-        let _ = tokio::time::timeout(PATIENCE, tx.send(chunk(Vec::new(), offset, dropped))).await;
+    let rest = masker.finish();
+    if !rest.is_empty() || dropped > 0 {
+        let _ = tokio::time::timeout(PATIENCE, tx.send(chunk(rest, offset, dropped))).await;
     }
 }
 
@@ -119,6 +141,7 @@ mod tests {
             command_id: "c1".into(),
             rollout_id: "r1".into(),
             step: "s".into(),
+            redact: Vec::new(),
         }
     }
 

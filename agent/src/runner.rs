@@ -7,7 +7,7 @@
 //! unsafe code is needed), in its own process group, killed whole at its
 //! timeout. The result goes to the journal atomically.
 
-use std::io::{Read as _, Seek as _, SeekFrom};
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -43,8 +43,15 @@ fn prepare(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn stored(outcome: Outcome, exit_code: i32, started: Instant, output: &Path, detail: String) -> Stored {
-    let (sha, tail) = digest(output);
+fn stored(
+    outcome: Outcome,
+    exit_code: i32,
+    started: Instant,
+    output: &Path,
+    detail: String,
+    redact: &[String],
+) -> Stored {
+    let (sha, tail) = digest(output, redact);
     Stored {
         outcome: outcome as i32,
         exit_code,
@@ -150,25 +157,37 @@ fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
     Ok(m)
 }
 
-/// SHA-256 and the last [`TAIL`] bytes of a file.
-pub fn digest(path: &Path) -> (String, Vec<u8>) {
+/// SHA-256 and the last [`TAIL`] bytes of a command's output as it leaves
+/// the host: every line masked with the built-in and the site's `redact`
+/// patterns (the same masking the live output gets, so the controller's
+/// stored copy hashes the same). The journal keeps the output as it was.
+pub fn digest(path: &Path, redact: &[String]) -> (String, Vec<u8>) {
     let Ok(mut f) = std::fs::File::open(path) else {
         return (hex::encode(Sha256::digest(b"")), Vec::new());
     };
+    // Patterns were checked when the command came; an empty set masks with
+    // the built-in ones only.
+    let r = wavegate_domain::redact::Redactor::new(redact)
+        .or_else(|_| wavegate_domain::redact::Redactor::new(&[]))
+        .expect("the built-in patterns compile");
+    let mut stream = wavegate_domain::redact::Stream::new(r);
     let mut hasher = Sha256::new();
+    let mut tail: std::collections::VecDeque<u8> = std::collections::VecDeque::new();
+    let mut take = |bytes: Vec<u8>, hasher: &mut Sha256| {
+        hasher.update(&bytes);
+        tail.extend(bytes);
+        let over = tail.len().saturating_sub(TAIL as usize);
+        tail.drain(..over);
+    };
     let mut buf = [0u8; 64 * 1024];
     while let Ok(n) = f.read(&mut buf) {
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
+        take(stream.push(&buf[..n]), &mut hasher);
     }
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut tail = Vec::new();
-    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).is_ok() {
-        let _ = f.read_to_end(&mut tail);
-    }
-    (hex::encode(hasher.finalize()), tail)
+    take(stream.finish(), &mut hasher);
+    (hex::encode(hasher.finalize()), tail.into_iter().collect())
 }
 
 /// Run one job to its end and journal the result. Returns the result.
@@ -184,6 +203,7 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
             &job.untouchable,
             &output,
             &job.stages,
+            &job.redact,
         ) {
             Ok(reports) => {
                 let blocked: Vec<String> = reports
@@ -196,7 +216,7 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
                 } else {
                     (Outcome::Failed, 1, format!("dry-run blocked: {}", blocked.join(" | ")))
                 };
-                let mut s = stored(outcome, code, started, &output, detail);
+                let mut s = stored(outcome, code, started, &output, detail, &job.redact);
                 s.report = serde_json::to_string(&reports)?;
                 s
             }
@@ -207,6 +227,7 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
                 started,
                 &output,
                 format!("dry-run blocked: the sandbox could not be set up: {e:#}"),
+                &job.redact,
             ),
         },
         Mode::FetchStaged => {
@@ -219,6 +240,7 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
                 Duration::from_millis(job.timeout_ms.max(1)),
                 &output,
                 &out,
+                &job.redact,
             ) {
                 Ok(ran) if ran.timed_out => stored(
                     Outcome::TimedOut,
@@ -226,14 +248,16 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
                     started,
                     &output,
                     format!("killed after its timeout of {} ms", job.timeout_ms),
+                    &job.redact,
                 ),
-                Ok(ran) if ran.exit_code == 0 => stored(Outcome::Ok, 0, started, &output, String::new()),
+                Ok(ran) if ran.exit_code == 0 => stored(Outcome::Ok, 0, started, &output, String::new(), &job.redact),
                 Ok(ran) => stored(
                     Outcome::Failed,
                     ran.exit_code,
                     started,
                     &output,
                     format!("exited with status {}", ran.exit_code),
+                    &job.redact,
                 ),
                 Err(e) => stored(
                     Outcome::Refused,
@@ -241,17 +265,19 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
                     started,
                     &output,
                     format!("the fetch was not run: {e:#}"),
+                    &job.redact,
                 ),
             }
         }
         _ => match run(&job, job_dir, &output) {
-            Ok((outcome, code, detail)) => stored(outcome, code, started, &output, detail),
+            Ok((outcome, code, detail)) => stored(outcome, code, started, &output, detail, &job.redact),
             Err(e) => stored(
                 Outcome::Refused,
                 -1,
                 started,
                 &output,
                 format!("the step was not run: {e:#}"),
+                &job.redact,
             ),
         },
     };

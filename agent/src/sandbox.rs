@@ -587,8 +587,8 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String], stages: &[Pa
 /// filter. Its output is appended to `output`; what it wrote there is
 /// returned with how it ended. A jail that could not be set up is an error:
 /// the step never ran, which never counts as a dry-run that passed.
-fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path) -> Result<(Ran, String)> {
-    run_jailed(merged, run, timeout, output, None, true)
+fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path, redact: &[String]) -> Result<(Ran, String)> {
+    run_jailed(merged, run, timeout, output, None, true, redact)
 }
 
 /// [`run_in`] with Landlock's write set (`writable`) and the host's network
@@ -600,6 +600,7 @@ fn run_jailed(
     output: &Path,
     writable: Option<Vec<String>>,
     own_network: bool,
+    redact: &[String],
 ) -> Result<(Ran, String)> {
     let start = std::fs::metadata(output).map_or(0, |m| m.len());
     let out = std::fs::OpenOptions::new().create(true).append(true).open(output)?;
@@ -625,10 +626,15 @@ fn run_jailed(
         f.take(4 << 20).read_to_end(&mut buf)?;
         String::from_utf8_lossy(&buf).into_owned()
     };
+    // What a report shows of the output is masked like everything else
+    // that leaves the host (the journal keeps it as it was).
+    let masked = wavegate_domain::redact::Redactor::new(redact)
+        .map(|mut r| String::from_utf8_lossy(&r.all(text.as_bytes())).into_owned())
+        .unwrap_or_else(|_| String::new());
     let ran = Ran {
         exit_code: status.and_then(|s| s.code()).unwrap_or(-1),
         timed_out: status.is_none(),
-        tail: last_lines(&text, TAIL_LINES),
+        tail: last_lines(&masked, TAIL_LINES),
     };
     if let Some(why) = crate::jail::setup_failed(ran.exit_code, &text) {
         bail!("the sandbox could not be set up: {why}");
@@ -640,6 +646,10 @@ fn run_jailed(
 /// host (with the network, writes allowed only beneath `writes`), then keep
 /// what it wrote beneath `writes` as a staged tree at `out` (see
 /// [`crate::fetch`]). Nothing on the host changes.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each is one of the fetch's own settings; a struct for one caller adds nothing"
+)]
 pub fn fetch_staged(
     host_root: &Path,
     base: &Path,
@@ -648,6 +658,7 @@ pub fn fetch_staged(
     timeout: Duration,
     output: &Path,
     out: &Path,
+    redact: &[String],
 ) -> Result<Ran> {
     let sandbox = setup(host_root, base, &[], &[])?;
     // Where it may write must be there for Landlock to allow it: made in
@@ -658,7 +669,15 @@ pub fn fetch_staged(
             std::fs::create_dir_all(&at).with_context(|| format!("making {w} in the sandbox"))?;
         }
     }
-    let (ran, _) = run_jailed(&sandbox.merged, run, timeout, output, Some(writes.to_vec()), false)?;
+    let (ran, _) = run_jailed(
+        &sandbox.merged,
+        run,
+        timeout,
+        output,
+        Some(writes.to_vec()),
+        false,
+        redact,
+    )?;
     if ran.exit_code == 0 && !ran.timed_out {
         crate::fetch::keep(&sandbox.layers, writes, out)?;
     }
@@ -675,6 +694,7 @@ pub fn dry_run(
     untouchable: &[String],
     output: &Path,
     stages: &[PathBuf],
+    redact: &[String],
 ) -> Result<Vec<StepReport>> {
     let sandbox = setup(host_root, base, untouchable, stages)?;
     let mut before: BTreeMap<String, Effect> = BTreeMap::new();
@@ -691,6 +711,7 @@ pub fn dry_run(
                     cmd,
                     Duration::from_millis(step.timeout_ms.max(1)),
                     &scratch,
+                    redact,
                 )?;
                 Ok((ran.exit_code, text))
             };
@@ -709,6 +730,7 @@ pub fn dry_run(
             &step.run,
             Duration::from_millis(step.timeout_ms.max(1)),
             output,
+            redact,
         )?;
         let after = scan_layers(&sandbox.layers);
         let delta: BTreeMap<String, Effect> = after

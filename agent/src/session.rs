@@ -303,10 +303,17 @@ async fn answer(
     if let Err(e) = std::fs::create_dir_all(&scratch) {
         return refused(format!("cannot create {}: {e}", scratch.display()));
     }
+    // The site's redact patterns: every output line is masked with them
+    // (and the built-in ones) before anything of it leaves this host.
+    let redact = cmd.redact.clone();
+    if let Err(e) = wavegate_domain::redact::Redactor::new(&redact) {
+        return refused(format!("refused: {e}"));
+    }
     match cmd.kind {
         Some(command::Kind::RunStep(step)) => {
             // Real steps are always confined to their write set.
             let mut job = Job::new(&id, &step.run, step.timeout_ms, &cfg.host_root, Mode::Confined);
+            job.redact.clone_from(&redact);
             job.from.clone_from(&cfg.controller);
             job.writes = step.writes;
             job.create_dirs = step.create_dirs;
@@ -315,6 +322,7 @@ async fn answer(
             job.protect = own_paths(cfg);
             job.boot_id.clone_from(&cfg.boot_id);
             let stream = crate::output::Stream {
+                redact: redact.clone(),
                 command_id: id.clone(),
                 rollout_id: step.rollout_id.clone(),
                 step: step.step_name.clone(),
@@ -352,6 +360,7 @@ async fn answer(
         Some(command::Kind::Fetch(f)) => {
             let key = crate::fetch::key(&f.run, &f.writes);
             let stream = crate::output::Stream {
+                redact: redact.clone(),
                 command_id: id.clone(),
                 rollout_id: f.rollout_id.clone(),
                 step: format!("{} (fetch)", f.step_name),
@@ -360,6 +369,7 @@ async fn answer(
                 // Before approval: nothing real. The fetch runs over the
                 // sandbox's view; what it writes is kept in a staging cache.
                 let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::FetchStaged);
+                job.redact.clone_from(&redact);
                 job.from.clone_from(&cfg.controller);
                 job.writes = f.writes.clone();
                 job.stage_out = Some(crate::fetch::tree(&cfg.state_dir, &key));
@@ -431,6 +441,7 @@ async fn answer(
                 };
             }
             let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::Confined);
+            job.redact.clone_from(&redact);
             job.from.clone_from(&cfg.controller);
             job.writes = f.writes.clone();
             job.protect = own_paths(cfg);
@@ -450,6 +461,7 @@ async fn answer(
         }
         Some(command::Kind::DryRun(d)) => {
             let mut job = Job::new(&id, "", 0, &cfg.host_root, Mode::DryRun);
+            job.redact.clone_from(&redact);
             job.from.clone_from(&cfg.controller);
             job.untouchable = d.untouchable.clone();
             job.stages = d
@@ -528,6 +540,7 @@ async fn answer(
             let mut results = Vec::new();
             for c in &checks.checks {
                 let stream = crate::output::Stream {
+                    redact: redact.clone(),
                     command_id: id.clone(),
                     rollout_id: checks.rollout_id.clone(),
                     step: format!("health check {}", c.name),

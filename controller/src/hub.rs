@@ -53,6 +53,8 @@ pub struct Hub {
     changed: Notify,
     /// Asked before every send: only a controller that may act sends.
     leadership: std::sync::OnceLock<std::sync::Arc<crate::leader::Leadership>>,
+    /// The site's redact patterns, sent with every command.
+    redact: std::sync::OnceLock<Vec<String>>,
 }
 
 impl Hub {
@@ -64,6 +66,11 @@ impl Hub {
     /// Send nothing unless `leadership` says this controller may act.
     pub fn set_leadership(&self, leadership: std::sync::Arc<crate::leader::Leadership>) {
         let _ = self.leadership.set(leadership);
+    }
+
+    /// Send the site's redact patterns with every command.
+    pub fn set_redact(&self, patterns: Vec<String>) {
+        let _ = self.redact.set(patterns);
     }
 
     fn stalled(&self) -> Duration {
@@ -187,6 +194,8 @@ impl Hub {
         deadline: Instant,
         gate: impl Fn() -> Result<G, String>,
     ) -> Result<(CommandResult, Instant), ExecError> {
+        let mut cmd = cmd;
+        cmd.redact = self.redact.get().cloned().unwrap_or_default();
         let (tx, mut rx) = oneshot::channel();
         self.lock().waiters.insert(cmd.id.clone(), tx);
         let started = Instant::now();
@@ -272,6 +281,7 @@ mod tests {
         tx.try_send(Ok(ControllerMessage::default())).expect("room for one");
         hub.connect("h1", tx);
         let cmd = Command {
+            redact: Vec::new(),
             id: "c1".into(),
             kind: None,
         };
@@ -306,6 +316,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         hub.connect("h1", tx);
         let cmd = Command {
+            redact: Vec::new(),
             id: "c2".into(),
             kind: None,
         };

@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod packages;
 pub mod plan;
 pub mod policy;
+pub mod redact;
 pub mod rollout;
 pub mod snapshot;
 pub mod targets;

@@ -59,6 +59,7 @@ const KINDS: &[(&str, &[&str])] = &[
     ("untouchable", &["paths"]),
     ("snapshot-backend", &["backend"]),
     ("fetch-writes", &["paths"]),
+    ("redact", &["patterns"]),
 ];
 
 /// Where a step's `fetch` may write when no site rule says otherwise: the
@@ -116,6 +117,12 @@ pub enum RuleKind {
     SnapshotBackend {
         /// The backend's name.
         backend: String,
+    },
+    /// Output matching these patterns is masked on the agent before it is
+    /// sent, on top of the built-in patterns ([`crate::redact`]).
+    Redact {
+        /// The patterns as written (each a valid regular expression).
+        patterns: Vec<String>,
     },
     /// A step's `fetch_writes` must lie beneath these paths (without such a
     /// rule: [`DEFAULT_FETCH_WRITES`]).
@@ -242,6 +249,17 @@ impl PolicySet {
     /// The rules, in file order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The site's redact patterns (on top of the built-in ones).
+    pub fn redact(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .flat_map(|r| match &r.kind {
+                RuleKind::Redact { patterns } => patterns.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
     }
 
     /// Paths the site marks untouchable.
@@ -437,7 +455,7 @@ impl PolicySet {
                     }
                 }
                 RuleKind::FetchWrites { paths } => fetch_writes_outside(plan, paths, &code, &why, &mut v),
-                RuleKind::Cap(_) | RuleKind::SnapshotBackend { .. } => {}
+                RuleKind::Cap(_) | RuleKind::SnapshotBackend { .. } | RuleKind::Redact { .. } => {}
             }
         }
         if !self
@@ -654,6 +672,29 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
                 ));
             }
             RuleKind::Untouchable { paths }
+        }
+        "redact" => {
+            let mut patterns = Vec::new();
+            for (j, p) in r.patterns.iter().flatten().enumerate() {
+                match crate::redact::Redactor::new(std::slice::from_ref(&p.value)) {
+                    Ok(_) => patterns.push(p.value.clone()),
+                    Err(e) => v.push(bad(
+                        &loc_of(file, p),
+                        format!("rules[{i}].patterns[{j}]"),
+                        format!("rule `{id}`: {e}"),
+                        "write a regular expression (Rust regex syntax), like `customer-[0-9]{4}`",
+                    )),
+                }
+            }
+            if r.patterns.as_ref().is_none_or(Vec::is_empty) {
+                v.push(bad(
+                    &loc,
+                    field("patterns"),
+                    format!("rule `{id}` has no patterns"),
+                    "add `patterns: ['secret-[a-z0-9]+']`",
+                ));
+            }
+            RuleKind::Redact { patterns }
         }
         "fetch-writes" => {
             let mut paths = Vec::new();

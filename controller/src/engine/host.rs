@@ -12,7 +12,7 @@ pub(super) enum Next {
         resend: Option<String>,
     },
     Checks {
-        cmd: pb::Command,
+        cmd: Box<pb::Command>,
         timeout: Duration,
     },
     /// The host is rebooting after a step: wait for its new boot.
@@ -88,7 +88,7 @@ impl Engine {
                     h.state = HostState::Succeeded;
                     h.detail = "steps done; running health checks".into();
                     Next::Checks {
-                        cmd: checks_command(cmd_id, &checks),
+                        cmd: Box::new(checks_command(cmd_id, &checks)),
                         timeout: checks_timeout(&checks),
                     }
                 }
@@ -207,6 +207,7 @@ impl Engine {
                         }
                     })?;
                     let cmd = pb::Command {
+                        redact: Vec::new(),
                         id: format!("{id}:{host}:snapshot"),
                         kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
                             rollout_id: id.to_owned(),
@@ -329,6 +330,7 @@ impl Engine {
             (hints, writes)
         })?;
         let cmd = pb::Command {
+            redact: Vec::new(),
             id: cmd_id.clone(),
             kind: Some(pb::command::Kind::RunStep(pb::RunStep {
                 rollout_id: id.to_owned(),
@@ -506,7 +508,7 @@ impl Engine {
                     let deadline = Instant::now() + timeout + self.settings.agent_grace;
                     match self
                         .hub
-                        .execute_gated(host, cmd, deadline, || Ok::<(), String>(()))
+                        .execute_gated(host, *cmd, deadline, || Ok::<(), String>(()))
                         .await
                     {
                         Ok((r, _)) if r.outcome == pb::Outcome::Ok as i32 => {

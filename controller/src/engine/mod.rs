@@ -238,6 +238,7 @@ fn checks_command(id: String, checks: &[CheckSpec]) -> pb::Command {
         })
         .collect();
     pb::Command {
+        redact: Vec::new(),
         id,
         kind: Some(pb::command::Kind::RunChecks(pb::RunChecks { checks, rollout_id })),
     }
@@ -279,6 +280,7 @@ impl Engine {
                 .await?;
         }
         hub.set_leadership(Arc::clone(&settings.leadership));
+        hub.set_redact(policies.redact());
         let state = State::loaded(store.load().await?)?;
         let (changes, _) = watch::channel(0);
         let (durable, _) = watch::channel(Durable::default());

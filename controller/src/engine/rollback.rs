@@ -37,6 +37,7 @@ impl Engine {
             let (id, who, checks) = (id.to_owned(), who.to_owned(), checks.clone());
             tasks.push(tokio::spawn(async move {
                 let cmd = pb::Command {
+                    redact: Vec::new(),
                     id: format!("{id}:{host}:restore:{}", now_ms()),
                     kind: Some(pb::command::Kind::RestoreSnapshot(pb::RestoreSnapshot {
                         rollout_id: id.clone(),
@@ -152,6 +153,7 @@ impl Engine {
             .collect();
         for (id, host) in due {
             let cmd = pb::Command {
+                redact: Vec::new(),
                 id: format!("{id}:{host}:release:{}", now_ms()),
                 kind: Some(pb::command::Kind::ReleaseSnapshot(pb::ReleaseSnapshot {
                     rollout_id: id.clone(),

@@ -272,6 +272,7 @@ impl Engine {
             FetchMode::Real(skip) => (false, String::new(), skip.unwrap_or_default()),
         };
         let cmd = pb::Command {
+            redact: Vec::new(),
             id: id.clone(),
             kind: Some(pb::command::Kind::Fetch(pb::Fetch {
                 rollout_id: String::new(),
@@ -348,6 +349,7 @@ impl Engine {
             .map(|f| f.stage.clone())
             .collect();
         let cmd = pb::Command {
+            redact: Vec::new(),
             id: format!("{tag}:{host}:dry-run"),
             kind: Some(pb::command::Kind::DryRun(pb::DryRun {
                 rollout_id: String::new(),

@@ -1,0 +1,239 @@
+//! Secrets in output, masked before they leave the host.
+//!
+//! A step that prints `/etc/shadow`, a private key or a database password
+//! must not show it to the submitter, store it in the audit log or serve it
+//! on the web view. The agent masks every line of a command's output before
+//! any of it is sent, stored or hashed: the built-in patterns (private key
+//! blocks, password hashes, `PASSWORD=`-style assignments) and the site's
+//! own (`kind: redact` policy rules). Masking keeps every byte's place: a
+//! secret's bytes become `*`, so offsets and sizes of stored output stay
+//! true and the agent's SHA-256 is of exactly what the controller stores.
+
+use regex::bytes::{Regex, RegexSet};
+
+/// The built-in patterns: a match (its first group, when it has one) is
+/// masked.
+pub const DEFAULT_PATTERNS: &[&str] = &[
+    // crypt(3) password hashes, as in /etc/shadow.
+    r"(\$(?:1|2[abxy]?|5|6|y|gy|7|sha1|md5)\$[A-Za-z0-9./$=+-]{8,})",
+    // `password=...`, `DB_PASSWORD: ...`, `api_key = ...`, `token: ...`.
+    r#"(?i)(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)[A-Za-z0-9_.-]*["']?\s*[:=]\s*("[^"]*"|'[^']*'|[^\s"',;]+)"#,
+    // A URL's credentials: scheme://user:password@host.
+    r"[a-z][a-z0-9+.-]*://[^/\s:@]+:([^/\s@]+)@",
+];
+
+/// A line-by-line masker, with the state a private key block spans.
+#[derive(Clone, Debug)]
+pub struct Redactor {
+    patterns: Vec<Regex>,
+    /// All of them at once: most lines match none, and one pass says so.
+    any: RegexSet,
+    in_key: bool,
+    /// After output was skipped (a key block may have begun in it): lines
+    /// that look like a key's base64 are masked until one that does not.
+    suspicious: bool,
+}
+
+impl Redactor {
+    /// The built-in patterns and the site's `extra`. A site pattern that is
+    /// not a valid regular expression is an error (policy files are checked
+    /// when they are loaded; an agent refuses a command that carries one).
+    pub fn new(extra: &[String]) -> Result<Redactor, String> {
+        let mut patterns = Vec::new();
+        let all: Vec<&str> = DEFAULT_PATTERNS
+            .iter()
+            .copied()
+            .chain(extra.iter().map(String::as_str))
+            .collect();
+        for p in &all {
+            patterns.push(Regex::new(p).map_err(|e| format!("redact pattern `{p}`: {e}"))?);
+        }
+        let any = RegexSet::new(&all).map_err(|e| format!("redact patterns: {e}"))?;
+        Ok(Redactor {
+            patterns,
+            any,
+            in_key: false,
+            suspicious: false,
+        })
+    }
+
+    /// The same masker for output that resumes after a gap.
+    #[must_use]
+    pub fn after_gap(mut self) -> Redactor {
+        self.in_key = false;
+        self.suspicious = true;
+        self
+    }
+
+    /// Mask one line in place (with or without its newline).
+    pub fn line(&mut self, line: &mut [u8]) {
+        let text = &*line;
+        let dashes = text.contains(&b'-') && contains(text, b"-----");
+        let begin = dashes && contains(text, b"-----BEGIN ") && contains(text, b"PRIVATE KEY");
+        let end = dashes && contains(text, b"-----END ") && contains(text, b"PRIVATE KEY");
+        if begin {
+            self.in_key = true;
+            return;
+        }
+        if end {
+            self.in_key = false;
+            return;
+        }
+        if self.in_key {
+            mask(line, 0, line.len());
+            return;
+        }
+        if self.suspicious {
+            let body: Vec<u8> = line.iter().copied().filter(|c| !c.is_ascii_whitespace()).collect();
+            if body.len() >= 16 && body.iter().all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(c)) {
+                mask(line, 0, line.len());
+                return;
+            }
+            self.suspicious = false;
+        }
+        let hits = self.any.matches(line);
+        if !hits.matched_any() {
+            return;
+        }
+        let mut spans = Vec::new();
+        for re in hits.iter().map(|i| &self.patterns[i]) {
+            for c in re.captures_iter(line) {
+                let m = c.get(1).or_else(|| c.get(0));
+                if let Some(m) = m {
+                    spans.push((m.start(), m.end()));
+                }
+            }
+        }
+        for (a, b) in spans {
+            mask(line, a, b);
+        }
+    }
+
+    /// Mask a whole buffer, line by line.
+    pub fn all(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut out = data.to_vec();
+        let mut start = 0;
+        while start < out.len() {
+            let end = out[start..]
+                .iter()
+                .position(|&c| c == b'\n')
+                .map_or(out.len(), |i| start + i + 1);
+            self.line(&mut out[start..end]);
+            start = end;
+        }
+        out
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `*` over `line[a..b]`, newlines kept.
+fn mask(line: &mut [u8], a: usize, b: usize) {
+    for c in &mut line[a..b] {
+        if *c != b'\n' && *c != b'\r' {
+            *c = b'*';
+        }
+    }
+}
+
+/// Masks output that arrives in pieces: only whole lines are masked and
+/// given back; the rest waits for its newline (or the end).
+#[derive(Clone, Debug)]
+pub struct Stream {
+    r: Redactor,
+    pending: Vec<u8>,
+}
+
+/// A line longer than this is masked and given back as it is.
+pub const MAX_LINE: usize = 64 * 1024;
+
+impl Stream {
+    /// A stream masked by `r`.
+    pub fn new(r: Redactor) -> Stream {
+        Stream { r, pending: Vec::new() }
+    }
+
+    /// Take a piece; give back what is masked so far (whole lines).
+    pub fn push(&mut self, data: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(data);
+        let cut = match self.pending.iter().rposition(|&c| c == b'\n') {
+            Some(i) => i + 1,
+            None if self.pending.len() > MAX_LINE => self.pending.len(),
+            None => return Vec::new(),
+        };
+        let rest = self.pending.split_off(cut);
+        let done = std::mem::replace(&mut self.pending, rest);
+        self.r.all(&done)
+    }
+
+    /// The end: what is left, masked.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let done = std::mem::take(&mut self.pending);
+        self.r.all(&done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masked(text: &str) -> String {
+        String::from_utf8(Redactor::new(&[]).expect("patterns").all(text.as_bytes())).expect("utf-8")
+    }
+
+    #[test]
+    fn shadow_hashes_keys_and_passwords_are_masked_in_place() {
+        let shadow = "root:$6$saltsalt$9yJ1Cu1j3cwyG7zGP0UyC1Y8q4gWpUuXnV8oLX0:19000:0:99999:7:::\n";
+        let out = masked(shadow);
+        assert!(out.starts_with("root:*****"), "{out}");
+        assert!(out.ends_with(":19000:0:99999:7:::\n"), "{out}");
+        assert_eq!(out.len(), shadow.len());
+        let env = "DB_PASSWORD=hunter2 other=1\npassword: \"s3cret words\"\napi_key = abc123\n";
+        let out = masked(env);
+        assert!(
+            !out.contains("hunter2") && !out.contains("s3cret") && !out.contains("abc123"),
+            "{out}"
+        );
+        assert!(out.contains("other=1"), "{out}");
+        let key = "before\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\nQUJDREVG\n-----END OPENSSH PRIVATE KEY-----\nafter\n";
+        let out = masked(key);
+        assert!(
+            !out.contains("b3BlbnNzaC1rZXktdjEAAAAA") && !out.contains("QUJDREVG"),
+            "{out}"
+        );
+        assert!(
+            out.contains("before") && out.contains("after") && out.contains("-----END"),
+            "{out}"
+        );
+        assert!(masked("postgres://app:pw1234@db/x\n").contains("app:******@db"));
+        assert_eq!(masked("nothing here\n"), "nothing here\n");
+    }
+
+    #[test]
+    fn a_key_split_across_pieces_is_masked_all_the_same() {
+        let text = "x\n-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA\nSECRETLINE\n-----END RSA PRIVATE KEY-----\nPASSWORD=abcdef\n";
+        let mut s = Stream::new(Redactor::new(&[]).expect("patterns"));
+        let mut out = Vec::new();
+        for piece in text.as_bytes().chunks(7) {
+            out.extend(s.push(piece));
+        }
+        out.extend(s.finish());
+        let out = String::from_utf8(out).expect("utf-8");
+        assert_eq!(out.len(), text.len());
+        assert!(
+            !out.contains("MIIEpAIBAAKCAQEA") && !out.contains("SECRETLINE") && !out.contains("abcdef"),
+            "{out}"
+        );
+        assert_eq!(out, masked(text), "pieces and a whole give the same");
+    }
+
+    #[test]
+    fn site_patterns_add_to_the_built_in_ones_and_bad_ones_are_refused() {
+        let mut r = Redactor::new(&["customer-[0-9]{4}".into()]).expect("patterns");
+        let out = String::from_utf8(r.all(b"customer-1234 ok\n")).expect("utf-8");
+        assert_eq!(out, "************* ok\n");
+        assert!(Redactor::new(&["(".into()]).is_err());
+    }
+}
