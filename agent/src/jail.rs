@@ -61,6 +61,17 @@ pub struct Spec {
     pub accept_weaker: Vec<String>,
 }
 
+/// What the site decides for every jail: its redact patterns, and the
+/// weaker confinement it accepts by name on a kernel that lacks Landlock or
+/// seccomp.
+#[derive(Clone, Debug, Default)]
+pub struct Site {
+    /// Redact patterns on top of the built-in ones.
+    pub redact: Vec<String>,
+    /// `landlock`, `seccomp`.
+    pub accept_weaker: Vec<String>,
+}
+
 /// Capabilities no maintenance step needs (dropped from the bounding set).
 /// Kept: chown, dac_override, fowner, fsetid, kill, setuid, setgid,
 /// setpcap, net_bind_service, net_broadcast, ipc_lock, ipc_owner,

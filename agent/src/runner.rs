@@ -195,6 +195,10 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
     let job: Job = serde_json::from_slice(&std::fs::read(job_dir.join("job.json"))?)?;
     let output = job_dir.join("output.log");
     let started = Instant::now();
+    let site = crate::jail::Site {
+        redact: job.redact.clone(),
+        accept_weaker: job.accept_weaker.clone(),
+    };
     let result = match job.mode {
         Mode::DryRun => match crate::sandbox::dry_run(
             &job.host_root,
@@ -203,7 +207,7 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
             &job.untouchable,
             &output,
             &job.stages,
-            &job.redact,
+            &site,
         ) {
             Ok(reports) => {
                 let blocked: Vec<String> = reports
@@ -240,7 +244,7 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
                 Duration::from_millis(job.timeout_ms.max(1)),
                 &output,
                 &out,
-                &job.redact,
+                &site,
             ) {
                 Ok(ran) if ran.timed_out => stored(
                     Outcome::TimedOut,

@@ -587,8 +587,14 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String], stages: &[Pa
 /// filter. Its output is appended to `output`; what it wrote there is
 /// returned with how it ended. A jail that could not be set up is an error:
 /// the step never ran, which never counts as a dry-run that passed.
-fn run_in(merged: &Path, run: &str, timeout: Duration, output: &Path, redact: &[String]) -> Result<(Ran, String)> {
-    run_jailed(merged, run, timeout, output, None, true, redact)
+fn run_in(
+    merged: &Path,
+    run: &str,
+    timeout: Duration,
+    output: &Path,
+    site: &crate::jail::Site,
+) -> Result<(Ran, String)> {
+    run_jailed(merged, run, timeout, output, None, true, site)
 }
 
 /// [`run_in`] with Landlock's write set (`writable`) and the host's network
@@ -600,7 +606,7 @@ fn run_jailed(
     output: &Path,
     writable: Option<Vec<String>>,
     own_network: bool,
-    redact: &[String],
+    site: &crate::jail::Site,
 ) -> Result<(Ran, String)> {
     let start = std::fs::metadata(output).map_or(0, |m| m.len());
     let out = std::fs::OpenOptions::new().create(true).append(true).open(output)?;
@@ -609,7 +615,7 @@ fn run_jailed(
         root: merged.to_path_buf(),
         run: run.to_owned(),
         writable,
-        accept_weaker: Vec::new(),
+        accept_weaker: site.accept_weaker.clone(),
     };
     std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
     let exe = std::env::current_exe().context("finding the agent's own binary")?;
@@ -628,7 +634,7 @@ fn run_jailed(
     };
     // What a report shows of the output is masked like everything else
     // that leaves the host (the journal keeps it as it was).
-    let masked = wavegate_domain::redact::Redactor::new(redact)
+    let masked = wavegate_domain::redact::Redactor::new(&site.redact)
         .map(|mut r| String::from_utf8_lossy(&r.all(text.as_bytes())).into_owned())
         .unwrap_or_else(|_| String::new());
     let ran = Ran {
@@ -658,7 +664,7 @@ pub fn fetch_staged(
     timeout: Duration,
     output: &Path,
     out: &Path,
-    redact: &[String],
+    site: &crate::jail::Site,
 ) -> Result<Ran> {
     let sandbox = setup(host_root, base, &[], &[])?;
     // Where it may write must be there for Landlock to allow it: made in
@@ -676,7 +682,7 @@ pub fn fetch_staged(
         output,
         Some(writes.to_vec()),
         false,
-        redact,
+        site,
     )?;
     if ran.exit_code == 0 && !ran.timed_out {
         crate::fetch::keep(&sandbox.layers, writes, out)?;
@@ -694,7 +700,7 @@ pub fn dry_run(
     untouchable: &[String],
     output: &Path,
     stages: &[PathBuf],
-    redact: &[String],
+    site: &crate::jail::Site,
 ) -> Result<Vec<StepReport>> {
     let sandbox = setup(host_root, base, untouchable, stages)?;
     let mut before: BTreeMap<String, Effect> = BTreeMap::new();
@@ -711,7 +717,7 @@ pub fn dry_run(
                     cmd,
                     Duration::from_millis(step.timeout_ms.max(1)),
                     &scratch,
-                    redact,
+                    site,
                 )?;
                 Ok((ran.exit_code, text))
             };
@@ -730,7 +736,7 @@ pub fn dry_run(
             &step.run,
             Duration::from_millis(step.timeout_ms.max(1)),
             output,
-            redact,
+            site,
         )?;
         let after = scan_layers(&sandbox.layers);
         let delta: BTreeMap<String, Effect> = after

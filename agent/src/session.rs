@@ -306,6 +306,7 @@ async fn answer(
     // The site's redact patterns: every output line is masked with them
     // (and the built-in ones) before anything of it leaves this host.
     let redact = cmd.redact.clone();
+    let accept_weaker = cmd.accept_weaker.clone();
     if let Err(e) = wavegate_domain::redact::Redactor::new(&redact) {
         return refused(format!("refused: {e}"));
     }
@@ -314,6 +315,7 @@ async fn answer(
             // Real steps are always confined to their write set.
             let mut job = Job::new(&id, &step.run, step.timeout_ms, &cfg.host_root, Mode::Confined);
             job.redact.clone_from(&redact);
+            job.accept_weaker.clone_from(&accept_weaker);
             job.from.clone_from(&cfg.controller);
             job.writes = step.writes;
             job.create_dirs = step.create_dirs;
@@ -370,6 +372,7 @@ async fn answer(
                 // sandbox's view; what it writes is kept in a staging cache.
                 let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::FetchStaged);
                 job.redact.clone_from(&redact);
+                job.accept_weaker.clone_from(&accept_weaker);
                 job.from.clone_from(&cfg.controller);
                 job.writes = f.writes.clone();
                 job.stage_out = Some(crate::fetch::tree(&cfg.state_dir, &key));
@@ -442,6 +445,7 @@ async fn answer(
             }
             let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::Confined);
             job.redact.clone_from(&redact);
+            job.accept_weaker.clone_from(&accept_weaker);
             job.from.clone_from(&cfg.controller);
             job.writes = f.writes.clone();
             job.protect = own_paths(cfg);
@@ -462,6 +466,7 @@ async fn answer(
         Some(command::Kind::DryRun(d)) => {
             let mut job = Job::new(&id, "", 0, &cfg.host_root, Mode::DryRun);
             job.redact.clone_from(&redact);
+            job.accept_weaker.clone_from(&accept_weaker);
             job.from.clone_from(&cfg.controller);
             job.untouchable = d.untouchable.clone();
             job.stages = d

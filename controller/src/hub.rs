@@ -55,6 +55,8 @@ pub struct Hub {
     leadership: std::sync::OnceLock<std::sync::Arc<crate::leader::Leadership>>,
     /// The site's redact patterns, sent with every command.
     redact: std::sync::OnceLock<Vec<String>>,
+    /// The weaker confinement the site accepts, sent with every command.
+    accept_weaker: std::sync::OnceLock<Vec<String>>,
 }
 
 impl Hub {
@@ -71,6 +73,11 @@ impl Hub {
     /// Send the site's redact patterns with every command.
     pub fn set_redact(&self, patterns: Vec<String>) {
         let _ = self.redact.set(patterns);
+    }
+
+    /// Send the weaker confinement the site accepts with every command.
+    pub fn set_accept_weaker(&self, names: Vec<String>) {
+        let _ = self.accept_weaker.set(names);
     }
 
     fn stalled(&self) -> Duration {
@@ -196,6 +203,7 @@ impl Hub {
     ) -> Result<(CommandResult, Instant), ExecError> {
         let mut cmd = cmd;
         cmd.redact = self.redact.get().cloned().unwrap_or_default();
+        cmd.accept_weaker = self.accept_weaker.get().cloned().unwrap_or_default();
         let (tx, mut rx) = oneshot::channel();
         self.lock().waiters.insert(cmd.id.clone(), tx);
         let started = Instant::now();
@@ -282,6 +290,7 @@ mod tests {
         hub.connect("h1", tx);
         let cmd = Command {
             redact: Vec::new(),
+            accept_weaker: Vec::new(),
             id: "c1".into(),
             kind: None,
         };
@@ -317,6 +326,7 @@ mod tests {
         hub.connect("h1", tx);
         let cmd = Command {
             redact: Vec::new(),
+            accept_weaker: Vec::new(),
             id: "c2".into(),
             kind: None,
         };

@@ -44,6 +44,7 @@ struct RuleDoc {
     label: Option<Spanned<String>>,
     patterns: Option<Vec<Spanned<String>>>,
     backend: Option<Spanned<String>>,
+    accept: Option<Vec<Spanned<String>>>,
 }
 
 /// The rule kinds, with the fields each accepts.
@@ -60,7 +61,11 @@ const KINDS: &[(&str, &[&str])] = &[
     ("snapshot-backend", &["backend"]),
     ("fetch-writes", &["paths"]),
     ("redact", &["patterns"]),
+    ("weaker-confinement", &["accept"]),
 ];
+
+/// What a site can accept doing without, by name, on a kernel that lacks it.
+pub const WEAKER: &[&str] = &["landlock", "seccomp"];
 
 /// Where a step's `fetch` may write when no site rule says otherwise: the
 /// package managers' caches. A fetch runs before anyone approves the plan,
@@ -117,6 +122,12 @@ pub enum RuleKind {
     SnapshotBackend {
         /// The backend's name.
         backend: String,
+    },
+    /// Steps may run on hosts whose kernel lacks these (`landlock`,
+    /// `seccomp`), with the weaker confinement that leaves.
+    WeakerConfinement {
+        /// The names.
+        accept: Vec<String>,
     },
     /// Output matching these patterns is masked on the agent before it is
     /// sent, on top of the built-in patterns ([`crate::redact`]).
@@ -249,6 +260,17 @@ impl PolicySet {
     /// The rules, in file order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The weaker confinement the site accepts by name.
+    pub fn accept_weaker(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .flat_map(|r| match &r.kind {
+                RuleKind::WeakerConfinement { accept } => accept.clone(),
+                _ => Vec::new(),
+            })
+            .collect()
     }
 
     /// The site's redact patterns (on top of the built-in ones).
@@ -455,7 +477,10 @@ impl PolicySet {
                     }
                 }
                 RuleKind::FetchWrites { paths } => fetch_writes_outside(plan, paths, &code, &why, &mut v),
-                RuleKind::Cap(_) | RuleKind::SnapshotBackend { .. } | RuleKind::Redact { .. } => {}
+                RuleKind::Cap(_)
+                | RuleKind::SnapshotBackend { .. }
+                | RuleKind::Redact { .. }
+                | RuleKind::WeakerConfinement { .. } => {}
             }
         }
         if !self
@@ -672,6 +697,33 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
                 ));
             }
             RuleKind::Untouchable { paths }
+        }
+        "weaker-confinement" => {
+            let mut accept = Vec::new();
+            for (j, a) in r.accept.iter().flatten().enumerate() {
+                if WEAKER.contains(&a.value.as_str()) {
+                    accept.push(a.value.clone());
+                } else {
+                    v.push(bad(
+                        &loc_of(file, a),
+                        format!("rules[{i}].accept[{j}]"),
+                        format!(
+                            "rule `{id}`: `{}` is not something a step's jail can do without",
+                            a.value
+                        ),
+                        format!("write one of: {}", WEAKER.join(", ")),
+                    ));
+                }
+            }
+            if r.accept.as_ref().is_none_or(Vec::is_empty) {
+                v.push(bad(
+                    &loc,
+                    field("accept"),
+                    format!("rule `{id}` accepts nothing"),
+                    "add `accept: [landlock]`, naming what the site's older kernels lack",
+                ));
+            }
+            RuleKind::WeakerConfinement { accept }
         }
         "redact" => {
             let mut patterns = Vec::new();
@@ -921,6 +973,25 @@ mod tests {
         assert_eq!(codes(&site, &plan("[/srv/cache/x]")), Vec::<String>::new());
         assert_eq!(codes(&site, &plan("[/var/cache/app]")), ["policy:fw"]);
         assert!(parse("rules:\n  - {id: fw, kind: fetch-writes}\n").is_err());
+    }
+
+    #[test]
+    fn redact_and_weaker_confinement_rules() {
+        let set = parse(
+            "rules:\n  - {id: r, kind: redact, patterns: ['customer-[0-9]+']}\n  - {id: w, kind: weaker-confinement, accept: [landlock]}\n",
+        )
+        .expect("valid");
+        assert_eq!(set.redact(), ["customer-[0-9]+"]);
+        assert_eq!(set.accept_weaker(), ["landlock"]);
+        let errs = parse(
+            "rules:\n  - {id: r, kind: redact, patterns: ['(']}\n  - {id: w, kind: weaker-confinement, accept: [apparmor]}\n",
+        )
+        .expect_err("invalid");
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.field.as_deref() == Some("rules[1].accept[0]")),
+            "{errs:?}"
+        );
     }
 
     #[test]

@@ -208,6 +208,7 @@ impl Engine {
                     })?;
                     let cmd = pb::Command {
                         redact: Vec::new(),
+                        accept_weaker: Vec::new(),
                         id: format!("{id}:{host}:snapshot"),
                         kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
                             rollout_id: id.to_owned(),
@@ -331,6 +332,7 @@ impl Engine {
         })?;
         let cmd = pb::Command {
             redact: Vec::new(),
+            accept_weaker: Vec::new(),
             id: cmd_id.clone(),
             kind: Some(pb::command::Kind::RunStep(pb::RunStep {
                 rollout_id: id.to_owned(),

@@ -239,6 +239,7 @@ fn checks_command(id: String, checks: &[CheckSpec]) -> pb::Command {
         .collect();
     pb::Command {
         redact: Vec::new(),
+        accept_weaker: Vec::new(),
         id,
         kind: Some(pb::command::Kind::RunChecks(pb::RunChecks { checks, rollout_id })),
     }
@@ -281,6 +282,7 @@ impl Engine {
         }
         hub.set_leadership(Arc::clone(&settings.leadership));
         hub.set_redact(policies.redact());
+        hub.set_accept_weaker(policies.accept_weaker());
         let state = State::loaded(store.load().await?)?;
         let (changes, _) = watch::channel(0);
         let (durable, _) = watch::channel(Durable::default());

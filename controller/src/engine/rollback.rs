@@ -38,6 +38,7 @@ impl Engine {
             tasks.push(tokio::spawn(async move {
                 let cmd = pb::Command {
                     redact: Vec::new(),
+                    accept_weaker: Vec::new(),
                     id: format!("{id}:{host}:restore:{}", now_ms()),
                     kind: Some(pb::command::Kind::RestoreSnapshot(pb::RestoreSnapshot {
                         rollout_id: id.clone(),
@@ -154,6 +155,7 @@ impl Engine {
         for (id, host) in due {
             let cmd = pb::Command {
                 redact: Vec::new(),
+                accept_weaker: Vec::new(),
                 id: format!("{id}:{host}:release:{}", now_ms()),
                 kind: Some(pb::command::Kind::ReleaseSnapshot(pb::ReleaseSnapshot {
                     rollout_id: id.clone(),

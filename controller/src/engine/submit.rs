@@ -273,6 +273,7 @@ impl Engine {
         };
         let cmd = pb::Command {
             redact: Vec::new(),
+            accept_weaker: Vec::new(),
             id: id.clone(),
             kind: Some(pb::command::Kind::Fetch(pb::Fetch {
                 rollout_id: String::new(),
@@ -350,6 +351,7 @@ impl Engine {
             .collect();
         let cmd = pb::Command {
             redact: Vec::new(),
+            accept_weaker: Vec::new(),
             id: format!("{tag}:{host}:dry-run"),
             kind: Some(pb::command::Kind::DryRun(pb::DryRun {
                 rollout_id: String::new(),
