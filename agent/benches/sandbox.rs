@@ -65,7 +65,9 @@ fn main() {
                 packages: None,
             }];
             let t = Instant::now();
-            let r = run_supervised(&exe, &state.join("scratch"), &job).await.expect("dry-run");
+            let r = run_supervised(&exe, &state.join("scratch"), &job)
+                .await
+                .expect("dry-run");
             dry.push(t.elapsed());
             assert!(!r.report.is_empty(), "the dry-run failed: {}", r.detail);
             let mut job = Job::new(&format!("run{i}"), "true", 20_000, &root, Mode::Confined);
