@@ -74,6 +74,18 @@ fn entries(tree: &Path, writes: &[String]) -> Result<Vec<Entry>> {
 pub fn digest(tree: &Path, writes: &[String]) -> Result<String> {
     let mut h = Sha256::new();
     for mut e in entries(tree, writes)? {
+        // An overlay redirect or metacopy would make the dry-run show what
+        // adoption does not put in place.
+        if let Some(k) = e
+            .xattrs
+            .keys()
+            .find(|k| matches!(k.as_str(), "trusted.overlay.redirect" | "trusted.overlay.metacopy"))
+        {
+            bail!(
+                "the staged fetch holds {} with the overlay attribute {k}; refusing it",
+                e.path
+            );
+        }
         // Times move when a tree is copied; what is in it does not.
         e.mtime = 0;
         e.mtime_nsec = 0;
@@ -114,7 +126,7 @@ pub fn keep(layers: &[crate::sandbox::Layer], writes: &[String], out: &Path) -> 
         // cp -a keeps types, owners, modes, times and the overlay's own
         // attributes (whiteouts are device nodes, opaque directories an
         // xattr); the upper layer is the agent's own tmpfs.
-        let st = std::process::Command::new("cp")
+        let st = std::process::Command::new("/bin/cp")
             .arg("-a")
             .arg("--no-target-directory")
             .arg(&src)
@@ -167,8 +179,23 @@ pub fn adopt(tree: &Path, root: &Path, writes: &[String], want_digest: &str) -> 
             done += 1;
             continue;
         }
+        // What a fetch leaves is a cache, never a way to root: no set-id
+        // bits, no file capabilities or security labels, no link that
+        // leaves where the fetch may write.
         let mut meta = e.clone();
-        meta.xattrs.retain(|k, _| !k.starts_with("trusted.overlay."));
+        meta.mode &= !0o6000;
+        meta.xattrs
+            .retain(|k, _| !k.starts_with("trusted.overlay.") && !k.starts_with("security."));
+        if e.kind == Kind::Symlink {
+            let t = e.link.as_bytes();
+            if t.first() == Some(&b'/') || t.split(|&c| c == b'/').any(|c| c == b"..") {
+                bail!(
+                    "the fetch left a link {} -> {}, which leaves where it may write; refusing to put it in place",
+                    e.path,
+                    e.link
+                );
+            }
+        }
         match e.kind {
             Kind::Dir => {
                 match &live {

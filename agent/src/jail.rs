@@ -59,6 +59,10 @@ pub struct Spec {
     /// on a kernel that lacks it.
     #[serde(default)]
     pub accept_weaker: Vec<String>,
+    /// Paths inside `root` no step may see: the agent's own state (journal
+    /// with unmasked output, snapshots) and its key and certificate.
+    #[serde(default)]
+    pub hide: Vec<PathBuf>,
 }
 
 /// What the site decides for every jail: its redact patterns, and the
@@ -70,6 +74,8 @@ pub struct Site {
     pub redact: Vec<String>,
     /// `landlock`, `seccomp`.
     pub accept_weaker: Vec<String>,
+    /// Host paths no step may see (the agent's own files).
+    pub hide: Vec<PathBuf>,
 }
 
 /// Capabilities no maintenance step needs (dropped from the bounding set).
@@ -189,9 +195,26 @@ fn filters() -> Result<Vec<seccompiler::BpfProgram>> {
     Ok(vec![refuse.try_into()?, clone3.try_into()?])
 }
 
+/// Where a jail that could not be set up says why: beside its spec, opened
+/// before anything else (a step cannot forge it by what it prints).
+pub fn failure_file(spec_file: &Path) -> PathBuf {
+    spec_file.with_extension("failed")
+}
+
 /// Enter the jail described by the spec file and exec the step; returns
-/// only on failure (the caller prints it and exits [`SETUP_FAILED`]).
+/// only on failure, after writing why to [`failure_file`] (the caller
+/// prints it and exits [`SETUP_FAILED`]).
 pub fn enter(spec_file: &Path) -> Result<std::convert::Infallible> {
+    let _ = std::fs::remove_file(failure_file(spec_file));
+    let mut status = std::fs::File::create(failure_file(spec_file)).context("the jail's status file")?;
+    // Its own descriptor is close-on-exec: the step never has it.
+    let own = std::os::fd::AsRawFd::as_raw_fd(&status);
+    let Err(e) = enter_inner(spec_file, own);
+    let _ = std::io::Write::write_all(&mut status, format!("{e:#}").as_bytes());
+    Err(e)
+}
+
+fn enter_inner(spec_file: &Path, own_fd: i32) -> Result<std::convert::Infallible> {
     let spec: Spec = serde_json::from_slice(&std::fs::read(spec_file).context("reading the jail's spec")?)?;
     let root = &spec.root;
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("a mount namespace of its own")?;
@@ -207,14 +230,18 @@ pub fn enter(spec_file: &Path) -> Result<std::convert::Infallible> {
     dev_fs(root)?;
     let sys = root.join("sys");
     if sys.is_dir() && Path::new("/sys").is_dir() {
+        // Every mount below it too (cgroup2, debugfs, tracefs, efivarfs...):
+        // read-only, or a step could kill every service through cgroups.
         crate::mounts::bind(Path::new("/sys"), &sys, true).context("a read-only /sys")?;
+        crate::mounts::readonly_tree(&sys).context("every mount under /sys read-only")?;
     }
+    hide(root, &spec.hide)?;
     // No path back: the old root is stacked under the new one and detached.
     std::env::set_current_dir(root).with_context(|| format!("entering {}", root.display()))?;
     nix::unistd::pivot_root(".", ".").context("pivot_root into the prepared tree")?;
     umount2(".", MntFlags::MNT_DETACH).context("detaching the old root")?;
     std::env::set_current_dir("/")?;
-    no_inherited_fds()?;
+    no_inherited_fds(own_fd)?;
     if let Some(w) = &spec.writable {
         landlock(w, &spec.accept_weaker)?;
     }
@@ -246,6 +273,30 @@ pub fn enter(spec_file: &Path) -> Result<std::convert::Infallible> {
     Err(err).context("starting /bin/sh in the jail")
 }
 
+/// Cover each of `paths` (inside `root`): an empty read-only tmpfs over a
+/// directory, /dev/null over a file.
+fn hide(root: &Path, paths: &[PathBuf]) -> Result<()> {
+    for p in paths {
+        let Ok(rel) = p.strip_prefix("/") else { continue };
+        let at = root.join(rel);
+        let Ok(m) = at.symlink_metadata() else { continue };
+        if m.is_dir() {
+            mount(
+                Some("tmpfs"),
+                &at,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+                Some("size=4k,mode=0700"),
+            )
+            .with_context(|| format!("hiding {}", p.display()))?;
+        } else if m.is_file() {
+            crate::mounts::bind_one(Path::new("/dev/null"), &at, true)
+                .with_context(|| format!("hiding {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// A fresh /proc of the jail's PID namespace, with what could reach the
 /// host masked and /proc/sys read-only.
 fn proc_fs(root: &Path) -> Result<()> {
@@ -261,14 +312,27 @@ fn proc_fs(root: &Path) -> Result<()> {
         None::<&str>,
     )
     .context("a fresh /proc")?;
-    for masked in ["kcore", "sysrq-trigger", "timer_list", "kallsyms", "kmsg", "keys"] {
+    for masked in [
+        "kcore",
+        "sysrq-trigger",
+        "timer_list",
+        "timer_stats",
+        "kallsyms",
+        "kmsg",
+        "keys",
+        "latency_stats",
+        "sched_debug",
+        "kpagecount",
+        "kpageflags",
+        "kpagecgroup",
+    ] {
         let at = p.join(masked);
         if at.exists() {
             crate::mounts::bind_one(Path::new("/dev/null"), &at, true)
                 .with_context(|| format!("masking /proc/{masked}"))?;
         }
     }
-    for ro in ["sys", "irq", "bus", "fs"] {
+    for ro in ["sys", "irq", "bus", "fs", "acpi", "scsi"] {
         let at = p.join(ro);
         if at.is_dir() {
             crate::mounts::bind(&at, &at, true).with_context(|| format!("/proc/{ro} read-only"))?;
@@ -349,7 +413,7 @@ fn dev_fs(root: &Path) -> Result<()> {
 /// (a build tool's jobserver pipe, /dev/null) reaches nothing and passes.
 /// Closing them outright needs a raw close(2), which safe Rust gives only
 /// to the owner of a descriptor, and this workspace forbids `unsafe`.
-fn no_inherited_fds() -> Result<()> {
+fn no_inherited_fds(own_fd: i32) -> Result<()> {
     use std::os::unix::fs::FileTypeExt as _;
     let mut open = Vec::new();
     // Numbers only: a directory entry keeps the listing itself open.
@@ -359,7 +423,7 @@ fn no_inherited_fds() -> Result<()> {
         .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
         .collect();
     for n in listing {
-        if n <= 2 {
+        if n <= 2 || n == own_fd {
             continue;
         }
         // The listing's own descriptor is gone by the time it is read.
@@ -397,6 +461,8 @@ fn landlock(writable: &[String], accept_weaker: &[String]) -> Result<()> {
         .collect();
     let status = Ruleset::default()
         .handle_access(AccessFs::from_all(abi))?
+        // ABI 6: no abstract unix socket and no signal outside the jail.
+        .scope(landlock::Scope::AbstractUnixSocket | landlock::Scope::Signal)?
         .create()?
         .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))?
         .add_rules(path_beneath_rules(
@@ -422,7 +488,9 @@ fn landlock(writable: &[String], accept_weaker: &[String]) -> Result<()> {
 /// UTS namespaces (and a network of its own for a dry-run), then the agent
 /// binary enters the jail.
 pub fn command(exe: &Path, spec_file: &Path, own_network: bool) -> std::process::Command {
-    let mut cmd = std::process::Command::new("unshare");
+    // By its absolute path: a step whose write set holds /usr/local must not
+    // be able to plant an `unshare` that every later jail would run.
+    let mut cmd = std::process::Command::new("/usr/bin/unshare");
     cmd.args(["--pid", "--ipc", "--uts", "--fork", "--kill-child"]);
     if own_network {
         cmd.arg("--net");
@@ -431,14 +499,15 @@ pub fn command(exe: &Path, spec_file: &Path, own_network: bool) -> std::process:
     cmd
 }
 
-/// Whether a run's output says its jail could not be set up.
-pub fn setup_failed(exit_code: i32, output: &str) -> Option<String> {
+/// Whether a jail could not be set up: its status file (written by the
+/// agent before the step could run, never by the step) says why.
+pub fn setup_failed(exit_code: i32, spec_file: &Path) -> Option<String> {
     if exit_code != SETUP_FAILED {
         return None;
     }
-    output
-        .lines()
-        .find_map(|l| l.strip_prefix(SETUP_FAILED_LINE))
+    std::fs::read_to_string(failure_file(spec_file))
+        .ok()
+        .filter(|why| !why.trim().is_empty())
         .map(|why| why.trim().to_owned())
 }
 
@@ -455,9 +524,16 @@ mod tests {
 
     #[test]
     fn a_setup_failure_is_told_apart_from_a_step_that_failed() {
-        let out = format!("{SETUP_FAILED_LINE} no Landlock\n");
-        assert_eq!(setup_failed(SETUP_FAILED, &out).as_deref(), Some("no Landlock"));
-        assert_eq!(setup_failed(1, &out), None);
-        assert_eq!(setup_failed(SETUP_FAILED, "a step that exits 125 itself"), None);
+        let dir = std::env::temp_dir().join(format!("wavegate-jail-status-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let spec = dir.join("jail.json");
+        // A step that exits 125 and prints the line itself is not a setup
+        // failure: only the status file counts, and it stays empty.
+        std::fs::write(failure_file(&spec), "").expect("status");
+        assert_eq!(setup_failed(SETUP_FAILED, &spec), None);
+        std::fs::write(failure_file(&spec), "no Landlock").expect("status");
+        assert_eq!(setup_failed(SETUP_FAILED, &spec).as_deref(), Some("no Landlock"));
+        assert_eq!(setup_failed(1, &spec), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

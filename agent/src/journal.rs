@@ -64,6 +64,10 @@ pub struct Job {
     /// dry-run's report) are of the masked output.
     #[serde(default)]
     pub redact: Vec<String>,
+    /// Host paths no step may see (the agent's state directory, its key
+    /// and certificate): covered in every jail.
+    #[serde(default)]
+    pub hide: Vec<String>,
     /// Staged fetches' trees laid over the host in a dry-run.
     #[serde(default)]
     pub stages: Vec<PathBuf>,
@@ -101,6 +105,7 @@ impl Job {
             steps: Vec::new(),
             untouchable: Vec::new(),
             redact: Vec::new(),
+            hide: Vec::new(),
             stages: Vec::new(),
             stage_out: None,
             protect: Vec::new(),

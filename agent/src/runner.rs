@@ -198,6 +198,7 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
     let site = crate::jail::Site {
         redact: job.redact.clone(),
         accept_weaker: job.accept_weaker.clone(),
+        hide: job.hide.iter().map(PathBuf::from).collect(),
     };
     let result = match job.mode {
         Mode::DryRun => match crate::sandbox::dry_run(
@@ -311,6 +312,7 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
             run: job.run.clone(),
             writable: Some(job.writes.clone()),
             accept_weaker: job.accept_weaker.clone(),
+            hide: job.hide.iter().map(PathBuf::from).collect(),
         };
         std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
         let exe = std::env::current_exe().context("finding the agent's own binary")?;
@@ -320,7 +322,7 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
         c.arg("-c").arg(&job.run);
         c
     } else {
-        let mut c = Command::new("chroot");
+        let mut c = Command::new("/usr/sbin/chroot");
         c.arg(&root).arg("/bin/sh").arg("-c").arg(&job.run);
         c
     };
@@ -330,7 +332,7 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
     // Whatever the shell leaves behind in its group goes too.
     let status = mounts::wait_or_kill_group(&mut child, Duration::from_millis(job.timeout_ms))?;
     if let Some(code) = status.and_then(|s| s.code())
-        && let Some(why) = crate::jail::setup_failed(code, &std::fs::read_to_string(output).unwrap_or_default())
+        && let Some(why) = crate::jail::setup_failed(code, &job_dir.join("jail.json"))
     {
         anyhow::bail!("the sandbox could not be set up: {why}");
     }

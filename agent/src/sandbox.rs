@@ -440,8 +440,10 @@ fn overlay(lower: &Path, staged: &[PathBuf], upper: &Path, work: &Path, at: &Pat
         .map(|p| overlay_escape(p))
         .chain([overlay_escape(lower)])
         .collect();
+    // Plain copy-up only: no redirects or metacopy, whatever the kernel's
+    // defaults, so an upper layer (a staged fetch) holds whole files.
     let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
+        "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off",
         lowers.join(":"),
         overlay_escape(upper),
         overlay_escape(work)
@@ -616,6 +618,7 @@ fn run_jailed(
         run: run.to_owned(),
         writable,
         accept_weaker: site.accept_weaker.clone(),
+        hide: site.hide.clone(),
     };
     std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
     let exe = std::env::current_exe().context("finding the agent's own binary")?;
@@ -642,7 +645,7 @@ fn run_jailed(
         timed_out: status.is_none(),
         tail: last_lines(&masked, TAIL_LINES),
     };
-    if let Some(why) = crate::jail::setup_failed(ran.exit_code, &text) {
+    if let Some(why) = crate::jail::setup_failed(ran.exit_code, &spec_file) {
         bail!("the sandbox could not be set up: {why}");
     }
     Ok((ran, text))
@@ -752,6 +755,12 @@ pub fn dry_run(
         report
             .reasons
             .extend(emptied(host_root, &sandbox.merged, &delta, &allowed));
+        // Reasons quote what the package manager printed: masked as well.
+        if let Ok(mut r) = wavegate_domain::redact::Redactor::new(&site.redact) {
+            for reason in &mut report.reasons {
+                *reason = String::from_utf8_lossy(&r.all(reason.as_bytes())).into_owned();
+            }
+        }
         if let Some(r) = resolved {
             report.packages = r.changes;
             report.implied_writes = r.writes;

@@ -232,6 +232,22 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
 
 /// The agent's own files as host paths, when they live under the host
 /// root: a step never changes them, whatever its write set.
+/// The agent's own files as host paths: its state directory (the journal
+/// keeps output unmasked, the snapshots hold customers' files) and its TLS
+/// files. No step sees them, before or after approval.
+fn hidden(cfg: &Config) -> Vec<String> {
+    let mut paths = vec![cfg.state_dir.clone()];
+    if let Some((ca, cert, key)) = &cfg.tls {
+        paths.extend([ca.clone(), cert.clone(), key.clone()]);
+    }
+    paths
+        .iter()
+        .filter_map(|p| p.strip_prefix(&cfg.host_root).ok())
+        .map(|rel| format!("/{}", rel.display()))
+        .filter(|p| p != "/")
+        .collect()
+}
+
 fn own_paths(cfg: &Config) -> Vec<String> {
     match cfg.state_dir.strip_prefix(&cfg.host_root) {
         Ok(rel) => vec![format!("/{}", rel.display())],
@@ -307,6 +323,30 @@ async fn answer(
     // (and the built-in ones) before anything of it leaves this host.
     let redact = cmd.redact.clone();
     let accept_weaker = cmd.accept_weaker.clone();
+    // Every path a command names is checked here too, whatever the
+    // controller checked: absolute, no `.` or `..`, no wildcard.
+    let paths: Vec<&String> = match &cmd.kind {
+        Some(command::Kind::RunStep(s)) => s
+            .writes
+            .iter()
+            .chain(s.create_dirs.iter())
+            .chain(s.create_files.iter())
+            .collect(),
+        Some(command::Kind::Fetch(f)) => f.writes.iter().collect(),
+        Some(command::Kind::DryRun(d)) => d
+            .steps
+            .iter()
+            .flat_map(|s| s.writes.iter())
+            .chain(d.untouchable.iter())
+            .collect(),
+        Some(command::Kind::TakeSnapshot(t)) => t.paths.iter().chain(t.untouchable.iter()).collect(),
+        _ => Vec::new(),
+    };
+    for p in paths {
+        if let Err(why) = wavegate_domain::plan::normalise_write_path(p) {
+            return refused(format!("refused: the path `{p}` {why}"));
+        }
+    }
     if let Err(e) = wavegate_domain::redact::Redactor::new(&redact) {
         return refused(format!("refused: {e}"));
     }
@@ -316,6 +356,7 @@ async fn answer(
             let mut job = Job::new(&id, &step.run, step.timeout_ms, &cfg.host_root, Mode::Confined);
             job.redact.clone_from(&redact);
             job.accept_weaker.clone_from(&accept_weaker);
+            job.hide = hidden(cfg);
             job.from.clone_from(&cfg.controller);
             job.writes = step.writes;
             job.create_dirs = step.create_dirs;
@@ -373,6 +414,7 @@ async fn answer(
                 let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::FetchStaged);
                 job.redact.clone_from(&redact);
                 job.accept_weaker.clone_from(&accept_weaker);
+                job.hide = hidden(cfg);
                 job.from.clone_from(&cfg.controller);
                 job.writes = f.writes.clone();
                 job.stage_out = Some(crate::fetch::tree(&cfg.state_dir, &key));
@@ -446,6 +488,7 @@ async fn answer(
             let mut job = Job::new(&id, &f.run, f.timeout_ms, &cfg.host_root, Mode::Confined);
             job.redact.clone_from(&redact);
             job.accept_weaker.clone_from(&accept_weaker);
+            job.hide = hidden(cfg);
             job.from.clone_from(&cfg.controller);
             job.writes = f.writes.clone();
             job.protect = own_paths(cfg);
@@ -467,6 +510,7 @@ async fn answer(
             let mut job = Job::new(&id, "", 0, &cfg.host_root, Mode::DryRun);
             job.redact.clone_from(&redact);
             job.accept_weaker.clone_from(&accept_weaker);
+            job.hide = hidden(cfg);
             job.from.clone_from(&cfg.controller);
             job.untouchable = d.untouchable.clone();
             job.stages = d

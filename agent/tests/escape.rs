@@ -318,3 +318,34 @@ async fn a_confined_write_through_a_symlink_or_dotdot_out_of_the_write_set_fails
         "the step does not run under a seccomp filter: {out}"
     );
 }
+
+/// /sys is read-only all the way down: a cgroup made (or killed) through
+/// it would reach every service of the machine.
+#[tokio::test]
+async fn a_step_cannot_write_to_sys_or_the_cgroups_under_it() {
+    let h = Host::new("sys");
+    let probe = Path::new("/sys/fs/cgroup/pids").join(format!("wavegate-escape-{}", std::process::id()));
+    struct Rm(PathBuf);
+    impl Drop for Rm {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+    let _rm = Rm(probe.clone());
+    if !Path::new("/sys/fs/cgroup/pids").is_dir() {
+        eprintln!("skipped: this machine has no /sys/fs/cgroup/pids to try");
+        return;
+    }
+    let run = format!("mkdir {} && echo made-a-cgroup", probe.display());
+    let (_, out) = h.dry_run(&run).await;
+    assert!(
+        !probe.exists() && !out.contains("made-a-cgroup"),
+        "the dry-run made a cgroup on the machine: {out}"
+    );
+    assert!(out.contains("Read-only file system"), "the refusal is not named: {out}");
+    let (_, out) = h.confined("s1", &run).await;
+    assert!(
+        !probe.exists() && !out.contains("made-a-cgroup"),
+        "the confined run made a cgroup on the machine: {out}"
+    );
+}

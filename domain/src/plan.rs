@@ -892,7 +892,22 @@ fn fetch_fields(
             ));
         }
         let mut w: Vec<String> = p.manager.fetch_writes().iter().map(|s| (*s).to_owned()).collect();
-        w.extend(writes.into_iter().flat_map(|w| w.value).map(|s| s.value));
+        // What the plan adds is checked like any write path: a `..` would
+        // climb out of where a fetch may write.
+        for (j, x) in writes.into_iter().flat_map(|w| w.value).enumerate() {
+            match normalise_write_path(&x.value) {
+                Ok(n) => w.push(n),
+                Err(why) => v.push(
+                    Violation::new(
+                        Code::WritesInvalid,
+                        format!("step `{name}`: `fetch_writes` path `{}` {why}", x.value),
+                    )
+                    .at(&loc_of(file, &x))
+                    .field(format!("{field}.fetch_writes[{j}]"))
+                    .fix("write the exact absolute directories the fetch fills, like `/var/cache/apt`"),
+                ),
+            }
+        }
         return (Some(p.fetch_command()), w);
     }
     match (fetch, writes) {

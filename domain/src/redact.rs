@@ -14,8 +14,17 @@ use regex::bytes::{Regex, RegexSet};
 /// The built-in patterns: a match (its first group, when it has one) is
 /// masked.
 pub const DEFAULT_PATTERNS: &[&str] = &[
-    // crypt(3) password hashes, as in /etc/shadow.
-    r"(\$(?:1|2[abxy]?|5|6|y|gy|7|sha1|md5)\$[A-Za-z0-9./$=+-]{8,})",
+    // crypt(3) password hashes, as in /etc/shadow, and the web's: Apache's
+    // apr1, phpass (WordPress), argon2, pbkdf2.
+    r"(\$(?:1|2[abxy]?|5|6|y|gy|7|sha1|md5|apr1|P|H|argon2(?:id|i|d)|pbkdf2(?:-sha\d+)?)\$[A-Za-z0-9./$=+,-]{8,})",
+    // LDAP-style hashes ({SSHA}...) and MySQL's native ones (*HEX).
+    r"(\{(?:SSHA|SHA|SMD5|MD5|CRYPT|SSHA256|SSHA512)\}[A-Za-z0-9+/=$.]{8,})",
+    r"(?:^|[\s:=])(\*[0-9A-F]{40})\b",
+    // HTTP credentials.
+    r"(?i)authorization:\s*(?:bearer|basic|token)\s+([A-Za-z0-9._~+/=-]+)",
+    // `--password X`, `--password=X`, `-pX` for mysql.
+    r"(?i)--(?:password|passwd|pass|token|secret)[= ]([^\s'\x22]+)",
+    r"(?:^|\s)mysql(?:dump|admin)?\b[^\n]*?\s-p([^\s'\x22]+)",
     // `password=...`, `DB_PASSWORD: ...`, `api_key = ...`, `token: ...`.
     r#"(?i)(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)[A-Za-z0-9_.-]*["']?\s*[:=]\s*("[^"]*"|'[^']*'|[^\s"',;]+)"#,
     // A URL's credentials: scheme://user:password@host.
@@ -69,15 +78,32 @@ impl Redactor {
     pub fn line(&mut self, line: &mut [u8]) {
         let text = &*line;
         let dashes = text.contains(&b'-') && contains(text, b"-----");
-        let begin = dashes && contains(text, b"-----BEGIN ") && contains(text, b"PRIVATE KEY");
-        let end = dashes && contains(text, b"-----END ") && contains(text, b"PRIVATE KEY");
-        if begin {
-            self.in_key = true;
-            return;
-        }
-        if end {
-            self.in_key = false;
-            return;
+        let begin = if dashes {
+            find_marker(text, b"-----BEGIN ")
+        } else {
+            None
+        };
+        let end = if dashes { find_marker(text, b"-----END ") } else { None };
+        match (begin, end) {
+            // A whole key on one line (a JSON service account, a key in an
+            // environment variable): everything between the markers.
+            (Some(b), Some(e)) if e > b => {
+                mask(line, b, e);
+                self.in_key = false;
+                return;
+            }
+            (Some(b), _) => {
+                // What follows the marker on its line is key material too.
+                self.in_key = true;
+                mask(line, b, line.len());
+                return;
+            }
+            (None, Some(e)) => {
+                mask(line, 0, e);
+                self.in_key = false;
+                return;
+            }
+            (None, None) => {}
         }
         if self.in_key {
             mask(line, 0, line.len());
@@ -129,6 +155,19 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Where a PEM marker of a private key ends on a line (`-----BEGIN
+/// OPENSSH PRIVATE KEY-----` or `-----END RSA PRIVATE KEY-----`), as the
+/// offset just past it (BEGIN) or at its start (END).
+fn find_marker(text: &[u8], head: &[u8]) -> Option<usize> {
+    let at = text.windows(head.len()).position(|w| w == head)?;
+    let rest = &text[at..];
+    let close = rest[head.len()..].windows(5).position(|w| w == b"-----")? + head.len() + 5;
+    if !contains(&rest[..close], b"PRIVATE KEY") {
+        return None;
+    }
+    Some(if head == b"-----BEGIN " { at + close } else { at })
+}
+
 /// `*` over `line[a..b]`, newlines kept.
 fn mask(line: &mut [u8], a: usize, b: usize) {
     for c in &mut line[a..b] {
@@ -144,6 +183,9 @@ fn mask(line: &mut [u8], a: usize, b: usize) {
 pub struct Stream {
     r: Redactor,
     pending: Vec<u8>,
+    /// After a gap the first (partial) line is masked whole: its start,
+    /// with what made it a secret, was skipped.
+    partial_first: bool,
 }
 
 /// A line longer than this is masked and given back as it is.
@@ -152,7 +194,12 @@ pub const MAX_LINE: usize = 64 * 1024;
 impl Stream {
     /// A stream masked by `r`.
     pub fn new(r: Redactor) -> Stream {
-        Stream { r, pending: Vec::new() }
+        let partial_first = r.suspicious;
+        Stream {
+            r,
+            pending: Vec::new(),
+            partial_first,
+        }
     }
 
     /// Take a piece; give back what is masked so far (whole lines).
@@ -164,7 +211,19 @@ impl Stream {
             None => return Vec::new(),
         };
         let rest = self.pending.split_off(cut);
-        let done = std::mem::replace(&mut self.pending, rest);
+        let mut done = std::mem::replace(&mut self.pending, rest);
+        if self.partial_first {
+            self.partial_first = false;
+            let first = done.iter().position(|&c| c == b'\n').map_or(done.len(), |i| i + 1);
+            mask(&mut done, 0, first);
+        }
+        if cut == done.len() && done.last() != Some(&b'\n') {
+            // A line longer than MAX_LINE: its cut may split a secret, so
+            // the whole piece is masked, and so is the rest of the line.
+            mask(&mut done, 0, cut);
+            self.partial_first = true;
+            return done;
+        }
         self.r.all(&done)
     }
 
@@ -208,6 +267,36 @@ mod tests {
             "{out}"
         );
         assert!(masked("postgres://app:pw1234@db/x\n").contains("app:******@db"));
+        let one = "{\"private_key\": \"-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADAN\\n-----END PRIVATE KEY-----\\n\"}\nnext line\n";
+        let out = masked(one);
+        assert!(!out.contains("MIIEvQIBADAN"), "{out}");
+        assert!(
+            out.contains("next line"),
+            "one line's key does not mask what follows: {out}"
+        );
+        for secret in [
+            "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.abc\n",
+            "$P$BsecretPHPASShash0123\n",
+            "$apr1$salty$Kx0fYbsecretHash\n",
+            "mysql -u root -pTopSecret1 db\n",
+            "--password=TopSecret2\n",
+            "{SSHA}c2VjcmV0c2VjcmV0\n",
+        ] {
+            let out = masked(secret);
+            assert!(
+                ![
+                    "eyJhbGciOiJIUzI1NiJ9",
+                    "BsecretPHPASS",
+                    "Kx0fYbsecret",
+                    "TopSecret1",
+                    "TopSecret2",
+                    "c2VjcmV0c2Vj"
+                ]
+                .iter()
+                .any(|s| out.contains(s)),
+                "{secret:?} -> {out:?}"
+            );
+        }
         assert_eq!(masked("nothing here\n"), "nothing here\n");
     }
 

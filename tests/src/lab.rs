@@ -519,7 +519,7 @@ impl Lab {
 
     /// Wait until every agent of the lab is connected again.
     pub fn wait_agents(&self) {
-        eventually(Duration::from_secs(30), "every agent to connect", || {
+        eventually(Duration::from_secs(60), "every agent to connect", || {
             let run = wavegate([
                 "lab".as_ref(),
                 "status".as_ref(),
