@@ -174,3 +174,82 @@ fn tempfile_dir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).expect("dir");
     d
 }
+
+/// A local HTTP server that keeps every request body it gets.
+fn receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut r = std::io::BufReader::new(conn.try_clone().expect("clone"));
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                if std::io::BufRead::read_line(&mut r, &mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            let mut c = conn;
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            if tx.send(String::from_utf8_lossy(&body).into_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_failing_step_that_printed_secrets_halts_and_the_webhook_carries_none_of_them() {
+    let (port, bodies) = receiver();
+    let secret_file = tempfile_dir("redact-hook").join("secret");
+    std::fs::write(&secret_file, "a-long-shared-secret-for-the-redact-test").expect("secret");
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let lab = Lab::up_extra(
+        "redact-hook",
+        "lab-fleet.yaml",
+        &[
+            "--webhook",
+            &url,
+            "--webhook-secret-file",
+            secret_file.to_str().expect("utf-8"),
+        ],
+    );
+    let plan = plan()
+        .replace(
+            " && echo ok > /srv/app/marker\"",
+            " && exit 1\"\n    dry_run: {allow_failure: \"it fails on purpose, after printing\"}",
+        )
+        .replace("name: prints-secrets", "name: prints-secrets-and-fails")
+        // Its last line, which a halt quotes, is a secret.
+        .replace(" 'done'", &format!(" 'done' 'DB_PASSWORD={PASSWORD}'"));
+    let path = lab.dir.join("fails.yaml");
+    std::fs::write(&path, plan).expect("plan");
+    let submit = lab.wavegate_as(
+        "submitter",
+        &["rollout", "submit", path.to_str().expect("utf-8"), "--output", "json"],
+    );
+    assert_eq!(submit.status, 0, "{}\n{}", submit.stdout, submit.stderr);
+    let id = submit.json()["id"].as_str().expect("id").to_owned();
+    lab.approve(&id);
+    lab.wait_state(&id, "halted", LONG);
+    let deadline = std::time::Instant::now() + LONG;
+    let mut all = String::new();
+    while !all.contains("\"halted\"") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let body = bodies.recv_timeout(left).expect("the halt's webhook");
+        all.push_str(&body);
+        all.push('\n');
+    }
+    assert_eq!(leaks(&all), Vec::<&str>::new(), "a webhook carried:\n{all}");
+    assert!(
+        all.contains("DB_PASSWORD=****"),
+        "the halt's webhook quotes the step's last output, masked:\n{all}"
+    );
+}
