@@ -253,14 +253,50 @@ impl AgentService for Api {
         let session = hub.connect_boot(&cert_host, tx, &hello.boot_id);
         info!(host = %cert_host, version = %hello.agent_version, boot = %hello.boot_id, "Agent connected.");
         tokio::spawn(async move {
+            // A session speaks only for its own host: a result or output
+            // for a command not sent to it is refused, counted, and the
+            // first of each session recorded in the audit log.
+            let mut foreign = 0u64;
             while let Ok(Some(msg)) = inbound.message().await {
-                match msg.body {
+                let refused = match msg.body {
                     Some(pb::agent_message::Body::Result(r)) => {
-                        hub.deliver(r);
+                        let id = r.command_id.clone();
+                        (hub.deliver(&cert_host, r) == crate::hub::Delivery::Foreign).then_some(("a result", id))
                     }
-                    Some(pb::agent_message::Body::Output(chunk)) => engine.accept_output(&cert_host, chunk).await,
-                    _ => {}
+                    Some(pb::agent_message::Body::Output(chunk)) => {
+                        // Output of a command sent to this host, for the
+                        // rollout the command belongs to (a submit's
+                        // dry-run has none yet, and its output is not kept).
+                        let ours = hub.expects(&cert_host, &chunk.command_id)
+                            && (chunk.rollout_id.is_empty()
+                                || chunk.command_id.starts_with(&format!("{}:", chunk.rollout_id)));
+                        if ours {
+                            engine.accept_output(&cert_host, chunk).await;
+                            None
+                        } else {
+                            Some(("output", chunk.command_id))
+                        }
+                    }
+                    _ => None,
+                };
+                if let Some((what, id)) = refused {
+                    engine.metrics().foreign_messages.inc();
+                    foreign += 1;
+                    if foreign == 1 {
+                        engine
+                            .refuse(&format!(
+                                "agent for {cert_host} sent {what} for command {id}, which was not sent to it"
+                            ))
+                            .await;
+                    }
                 }
+            }
+            if foreign > 1 {
+                engine
+                    .refuse(&format!(
+                        "agent for {cert_host} sent {foreign} results or output chunks for commands not sent to it"
+                    ))
+                    .await;
             }
             hub.disconnect(&cert_host, session);
             info!(host = %cert_host, "Agent disconnected.");

@@ -27,7 +27,9 @@ struct Inner {
     /// The boot id each host last said Hello with (kept while it is away,
     /// as when it reboots).
     boots: HashMap<String, String>,
-    waiters: HashMap<String, oneshot::Sender<(CommandResult, Instant)>>,
+    /// Commands waiting for their result: the host each was sent to, and
+    /// where its result goes.
+    waiters: HashMap<String, (String, oneshot::Sender<(CommandResult, Instant)>)>,
     next_session: u64,
 }
 
@@ -170,15 +172,34 @@ impl Hub {
         v
     }
 
-    /// Deliver a result from an agent; returns false when nobody waits for it
-    /// (a late or duplicate answer).
-    pub fn deliver(&self, result: CommandResult) -> bool {
+    /// Deliver a result from `host`'s agent. A session speaks only for its
+    /// own host: a result for a command that was sent to another host is
+    /// refused ([`Delivery::Foreign`]) and the command keeps waiting for
+    /// its own host's answer. `Late`: nobody waits for it (a late or
+    /// duplicate answer).
+    pub fn deliver(&self, host: &str, result: CommandResult) -> Delivery {
         let received = Instant::now();
-        let waiter = self.lock().waiters.remove(&result.command_id);
-        match waiter {
-            Some(tx) => tx.send((result, received)).is_ok(),
-            None => false,
+        let mut inner = self.lock();
+        match inner.waiters.get(&result.command_id) {
+            Some((to, _)) if to != host => Delivery::Foreign,
+            Some(_) => match inner.waiters.remove(&result.command_id) {
+                Some((_, tx)) => {
+                    if tx.send((result, received)).is_ok() {
+                        Delivery::Taken
+                    } else {
+                        Delivery::Late
+                    }
+                }
+                None => Delivery::Late,
+            },
+            None => Delivery::Late,
         }
+    }
+
+    /// Whether command `id` was sent to `host` and is waiting for its
+    /// result (output is accepted only for such a command).
+    pub fn expects(&self, host: &str, id: &str) -> bool {
+        self.lock().waiters.get(id).is_some_and(|(to, _)| to == host)
     }
 
     /// Send `cmd` to `host` and wait for its result, resending it (same id)
@@ -205,7 +226,7 @@ impl Hub {
         cmd.redact = self.redact.get().cloned().unwrap_or_default();
         cmd.accept_weaker = self.accept_weaker.get().cloned().unwrap_or_default();
         let (tx, mut rx) = oneshot::channel();
-        self.lock().waiters.insert(cmd.id.clone(), tx);
+        self.lock().waiters.insert(cmd.id.clone(), (host.to_owned(), tx));
         let started = Instant::now();
         // Time a leader spends unable to act (etcd out of reach) does not
         // count against the deadline: nothing could be sent or answered.
@@ -270,6 +291,17 @@ impl Hub {
     }
 }
 
+/// What became of a result an agent sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// It answered a command sent to its host.
+    Taken,
+    /// Nobody waits for it any more.
+    Late,
+    /// The command was sent to another host: refused.
+    Foreign,
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -278,7 +310,7 @@ mod tests {
     use tokio::time::Instant;
     use wavegate_proto::v1::{Command, ControllerMessage};
 
-    use super::{ExecError, Hub};
+    use super::{Delivery, ExecError, Hub};
 
     /// Before: a full session queue made `execute` wait for room with no
     /// deadline, so a host whose agent stopped reading was never failed.
@@ -336,5 +368,52 @@ mod tests {
             .await;
         assert!(matches!(r, Err(ExecError::NotSent(_))), "{r:?}");
         assert!(rx.try_recv().is_err(), "nothing reached the session");
+    }
+
+    /// Before: any session's result was delivered by command id alone, so
+    /// h1's agent could answer (and pass) h2's failed canary step.
+    #[tokio::test]
+    async fn a_session_speaks_only_for_its_own_host() {
+        let hub = std::sync::Arc::new(Hub::default());
+        let (tx1, _rx1) = mpsc::channel(4);
+        let (tx2, mut rx2) = mpsc::channel(4);
+        hub.connect("h1", tx1);
+        hub.connect("h2", tx2);
+        let cmd = Command {
+            redact: Vec::new(),
+            accept_weaker: Vec::new(),
+            id: "r1:1:h2:step0".into(),
+            kind: None,
+        };
+        let h = std::sync::Arc::clone(&hub);
+        let waiting = tokio::spawn(async move { h.execute("h2", cmd, Instant::now() + Duration::from_secs(30)).await });
+        let _sent = rx2.recv().await.expect("sent to h2");
+        assert!(hub.expects("h2", "r1:1:h2:step0"));
+        assert!(
+            !hub.expects("h1", "r1:1:h2:step0"),
+            "h1's output for it is not expected"
+        );
+        let forged = wavegate_proto::v1::CommandResult {
+            command_id: "r1:1:h2:step0".into(),
+            outcome: wavegate_proto::v1::Outcome::Ok as i32,
+            ..Default::default()
+        };
+        assert_eq!(hub.deliver("h1", forged), Delivery::Foreign);
+        let own = wavegate_proto::v1::CommandResult {
+            command_id: "r1:1:h2:step0".into(),
+            outcome: wavegate_proto::v1::Outcome::Failed as i32,
+            ..Default::default()
+        };
+        assert_eq!(hub.deliver("h2", own), Delivery::Taken);
+        let r = waiting.await.expect("join").expect("answered");
+        assert_eq!(
+            r.outcome,
+            wavegate_proto::v1::Outcome::Failed as i32,
+            "h2's own answer counts"
+        );
+        assert_eq!(
+            hub.deliver("h2", wavegate_proto::v1::CommandResult::default()),
+            Delivery::Late
+        );
     }
 }

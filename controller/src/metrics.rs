@@ -38,6 +38,9 @@ pub struct Metrics {
     pub output_dropped: IntCounter,
     /// Bytes of output not stored because a host was over its cap.
     pub output_capped: IntCounter,
+    /// Results and output chunks an agent sent for a command that was not
+    /// sent to its host (refused).
+    pub foreign_messages: IntCounter,
 }
 
 impl Metrics {
@@ -85,9 +88,14 @@ impl Metrics {
                 "output_capped_bytes_total",
                 "Bytes of output not stored because a host was over its cap.",
             ))?,
+            foreign_messages: IntCounter::with_opts(name(
+                "agent_foreign_messages_total",
+                "Results and output an agent sent for a command not sent to its host (refused).",
+            ))?,
             registry,
         };
         m.registry.register(Box::new(m.rollouts.clone()))?;
+        m.registry.register(Box::new(m.foreign_messages.clone()))?;
         m.registry.register(Box::new(m.waves_confirmed.clone()))?;
         m.registry.register(Box::new(m.waves_halted.clone()))?;
         m.registry.register(Box::new(m.steps.clone()))?;

@@ -29,6 +29,7 @@ fn fake_agent(hub: &Arc<Hub>, host: &str) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     hub.connect(host, tx);
     let hub = Arc::clone(hub);
+    let host = host.to_owned();
     tokio::spawn(async move {
         while let Some(Ok(msg)) = rx.recv().await {
             let Some(pb::controller_message::Body::Command(cmd)) = msg.body else {
@@ -47,12 +48,15 @@ fn fake_agent(hub: &Arc<Hub>, host: &str) {
                 .expect("json"),
                 _ => String::new(),
             };
-            hub.deliver(pb::CommandResult {
-                command_id: cmd.id,
-                outcome: pb::Outcome::Ok as i32,
-                report_json,
-                ..Default::default()
-            });
+            hub.deliver(
+                &host,
+                pb::CommandResult {
+                    command_id: cmd.id,
+                    outcome: pb::Outcome::Ok as i32,
+                    report_json,
+                    ..Default::default()
+                },
+            );
         }
     });
 }
