@@ -300,3 +300,22 @@ fn unreadable_files_and_bad_flags_are_bad_input() {
     ]);
     assert_eq!(run.status, 2, "{}", run.stdout);
 }
+
+/// Before: `wavegate ... | head -1` panicked with a backtrace when the reader
+/// went away. Now the program ends quietly, as Unix tools do.
+#[test]
+fn a_reader_that_went_away_ends_the_cli_quietly() {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = std::process::Command::new(wavegate_tests::wavegate_bin())
+        .args(["plan", "check", "--fleet"])
+        .arg(wavegate_tests::repo_root().join("examples/fleet.yaml"))
+        .arg(wavegate_tests::repo_root().join("examples/plans/good-explicit-mail.yaml"))
+        .stdout(writer)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(stderr.is_empty(), "nothing said: {stderr}");
+}
