@@ -267,14 +267,19 @@ impl AgentService for Api {
                         // Output of a command sent to this host, for the
                         // rollout the command belongs to (a submit's
                         // dry-run has none yet, and its output is not kept).
-                        let ours = hub.expects(&cert_host, &chunk.command_id)
-                            && (chunk.rollout_id.is_empty()
-                                || chunk.command_id.starts_with(&format!("{}:", chunk.rollout_id)));
-                        if ours {
+                        let rollout_ok = chunk.rollout_id.is_empty()
+                            || chunk.command_id.starts_with(&format!("{}:", chunk.rollout_id));
+                        if hub.expects(&cert_host, &chunk.command_id) && rollout_ok {
                             engine.accept_output(&cert_host, chunk).await;
                             None
-                        } else {
+                        } else if hub.sent_elsewhere(&cert_host, &chunk.command_id) || !rollout_ok {
                             Some(("output", chunk.command_id))
+                        } else if !chunk.rollout_id.is_empty() && engine.get(&chunk.rollout_id).await.is_err() {
+                            Some(("output for a rollout that does not exist", chunk.command_id))
+                        } else {
+                            // Late output of its own command (the controller
+                            // stopped waiting): not stored.
+                            None
                         }
                     }
                     _ => None,

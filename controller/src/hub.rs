@@ -202,6 +202,11 @@ impl Hub {
         self.lock().waiters.get(id).is_some_and(|(to, _)| to == host)
     }
 
+    /// Whether command `id` is waiting for another host than `host`.
+    pub fn sent_elsewhere(&self, host: &str, id: &str) -> bool {
+        self.lock().waiters.get(id).is_some_and(|(to, _)| to != host)
+    }
+
     /// Send `cmd` to `host` and wait for its result, resending it (same id)
     /// whenever the agent reconnects, until `deadline`.
     pub async fn execute(&self, host: &str, cmd: Command, deadline: Instant) -> Result<CommandResult, ExecError> {
