@@ -17,6 +17,7 @@ pub mod redact;
 pub mod rollout;
 pub mod snapshot;
 pub mod targets;
+pub mod text;
 pub mod units;
 pub mod violation;
 pub mod waves;

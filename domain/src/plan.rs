@@ -387,6 +387,18 @@ fn duration(
 fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
     let whole = Loc::file(file);
     let name = match doc.name {
+        Some(n) if n.value.chars().any(crate::text::is_active) => {
+            v.push(parse_error(
+                &loc_of(file, &n),
+                "name",
+                format!(
+                    "the plan name `{}` contains a control character",
+                    crate::text::inert(&n.value)
+                ),
+                "write the name in plain text: it is shown on operators' terminals",
+            ));
+            crate::text::inert(&n.value).into_owned()
+        }
         Some(n) if !n.value.trim().is_empty() => n.value,
         Some(n) => {
             v.push(parse_error(
@@ -595,6 +607,18 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
         let s = step.value;
         let field = format!("steps[{i}]");
         let name = match s.name {
+            Some(n) if n.value.chars().any(crate::text::is_active) => {
+                v.push(parse_error(
+                    &loc_of(file, &n),
+                    format!("{field}.name"),
+                    format!(
+                        "step name `{}` contains a control character",
+                        crate::text::inert(&n.value)
+                    ),
+                    "write the name in plain text: it is shown on operators' terminals",
+                ));
+                crate::text::inert(&n.value).into_owned()
+            }
             Some(n) if !n.value.trim().is_empty() => {
                 let at = loc_of(file, &n);
                 if let Some(first) = seen_names.insert(n.value.clone(), at.clone()) {
@@ -1108,6 +1132,18 @@ fn health(file: &str, doc: Option<HealthDoc>, v: &mut Vec<Violation>) -> Health 
         let c = c.value;
         let field = format!("health.checks[{i}]");
         let name = match c.name {
+            Some(n) if n.value.chars().any(crate::text::is_active) => {
+                v.push(parse_error(
+                    &loc_of(file, &n),
+                    format!("{field}.name"),
+                    format!(
+                        "health check name `{}` contains a control character",
+                        crate::text::inert(&n.value)
+                    ),
+                    "write the name in plain text: it is shown on operators' terminals",
+                ));
+                crate::text::inert(&n.value).into_owned()
+            }
             Some(n) if !n.value.trim().is_empty() => n.value,
             _ => {
                 v.push(parse_error(
@@ -1205,6 +1241,18 @@ fn health(file: &str, doc: Option<HealthDoc>, v: &mut Vec<Violation>) -> Health 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_with_control_characters_are_refused_with_the_field_named() {
+        let (_, v) = parse_ok(
+            "name: \"fix\\nr0009  completed  all-good\"\ntargets: {hosts: [a]}\nsteps:\n  - {name: \"s\\u001b[2J\", run: x, writes: [/x]}\nhealth: {checks: [{name: \"c\\u0007\", tcp: \"127.0.0.1:1\"}]}\n",
+        );
+        let fields: Vec<&str> = v.iter().filter_map(|x| x.field.as_deref()).collect();
+        for f in ["name", "steps[0].name", "health.checks[0].name"] {
+            assert!(fields.contains(&f), "{f} not refused: {v:?}");
+        }
+        assert!(v.iter().any(|x| x.message.contains("fix\\nr0009")), "{v:?}");
+    }
 
     fn parse_ok(text: &str) -> (Plan, Vec<Violation>) {
         parse(Source {

@@ -29,7 +29,7 @@ targets:
   expect_count: 1
 steps:
   - name: show config
-    run: "{print} && echo ok > /srv/app/marker"
+    run: "{print} && printf '\\033]0;pwned\\007title\\n' && echo ok > /srv/app/marker"
     writes: [/srv/app]
     timeout: 20s
 waves:
@@ -226,6 +226,7 @@ fn a_failing_step_that_printed_secrets_halts_and_the_webhook_carries_none_of_the
             " && echo ok > /srv/app/marker\"",
             " && exit 1\"\n    dry_run: {allow_failure: \"it fails on purpose, after printing\"}",
         )
+        .replace(" && printf '\\\\033]0;pwned\\\\007title\\\\n'", "")
         .replace("name: prints-secrets", "name: prints-secrets-and-fails")
         // Its last line, which a halt quotes, is a secret.
         .replace(" 'done'", &format!(" 'done' 'DB_PASSWORD={PASSWORD}'"));

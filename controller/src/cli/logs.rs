@@ -88,7 +88,7 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
             String::new()
         };
         if last_step.get(&c.host) != Some(&c.step) && a.step.is_none() {
-            let _ = writeln!(out, "{lead}--- {} ---", c.step);
+            let _ = writeln!(out, "{lead}--- {} ---", wavegate_domain::text::inert(&c.step));
             last_step.insert(c.host.clone(), c.step.clone());
         }
         if c.missing > 0 {
@@ -102,7 +102,9 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
         buf.extend_from_slice(&c.data);
         while let Some(i) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=i).collect();
-            if writeln!(out, "{lead}{}", String::from_utf8_lossy(&line[..line.len() - 1])).is_err() {
+            // What a host printed is shown, never obeyed by the terminal.
+            let text = String::from_utf8_lossy(&line[..line.len() - 1]);
+            if writeln!(out, "{lead}{}", wavegate_domain::text::inert(&text)).is_err() {
                 return Ok(0);
             }
         }
@@ -111,7 +113,11 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
     for ((host, _), rest) in partial {
         if !rest.is_empty() {
             let lead = if prefix { format!("{host} | ") } else { String::new() };
-            let _ = writeln!(out, "{lead}{}", String::from_utf8_lossy(&rest));
+            let _ = writeln!(
+                out,
+                "{lead}{}",
+                wavegate_domain::text::inert(&String::from_utf8_lossy(&rest))
+            );
         }
     }
     Ok(0)
