@@ -215,6 +215,31 @@ fn bad(loc: &Loc, field: String, message: String, fix: impl Into<String>) -> Vio
     Violation::new(Code::ParseError, message).at(loc).field(field).fix(fix)
 }
 
+/// A rule's `paths`, normalised; each one refused is reported at its place
+/// (rule `i`, whose id is `id`), with `example` in the fix.
+fn rule_paths(
+    file: &str,
+    i: usize,
+    id: &str,
+    paths: Option<&[Spanned<String>]>,
+    example: &str,
+    v: &mut Vec<Violation>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (j, p) in paths.into_iter().flatten().enumerate() {
+        match crate::plan::normalise_write_path(&p.value) {
+            Ok(n) => out.push(n),
+            Err(why) => v.push(bad(
+                &loc_of(file, p),
+                format!("rules[{i}].paths[{j}]"),
+                format!("rule `{id}`: path `{}` {why}", p.value),
+                format!("write absolute paths like `{example}`"),
+            )),
+        }
+    }
+    out
+}
+
 impl PolicySet {
     /// Parse policy files; every problem in every file is reported.
     pub fn parse(files: &[Source<'_>]) -> Result<PolicySet, Vec<Violation>> {
@@ -676,18 +701,7 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
             RuleKind::MinBake { min }
         }
         "untouchable" => {
-            let mut paths = Vec::new();
-            for (j, p) in r.paths.iter().flatten().enumerate() {
-                match crate::plan::normalise_write_path(&p.value) {
-                    Ok(n) => paths.push(n),
-                    Err(why) => v.push(bad(
-                        &loc_of(file, p),
-                        format!("rules[{i}].paths[{j}]"),
-                        format!("rule `{id}`: path `{}` {why}", p.value),
-                        "write absolute paths like `/srv/nfs`",
-                    )),
-                }
-            }
+            let paths = rule_paths(file, i, &id, r.paths.as_deref(), "/srv/nfs", v);
             if r.paths.as_ref().is_none_or(Vec::is_empty) {
                 v.push(bad(
                     &loc,
@@ -749,18 +763,7 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
             RuleKind::Redact { patterns }
         }
         "fetch-writes" => {
-            let mut paths = Vec::new();
-            for (j, p) in r.paths.iter().flatten().enumerate() {
-                match crate::plan::normalise_write_path(&p.value) {
-                    Ok(n) => paths.push(n),
-                    Err(why) => v.push(bad(
-                        &loc_of(file, p),
-                        format!("rules[{i}].paths[{j}]"),
-                        format!("rule `{id}`: path `{}` {why}", p.value),
-                        "write absolute paths like `/var/cache`",
-                    )),
-                }
-            }
+            let paths = rule_paths(file, i, &id, r.paths.as_deref(), "/var/cache", v);
             if r.paths.as_ref().is_none_or(Vec::is_empty) {
                 v.push(bad(
                     &loc,
@@ -799,18 +802,7 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
             RuleKind::SnapshotBackend { backend }
         }
         "protected-paths" => {
-            let mut paths = Vec::new();
-            for (j, p) in r.paths.iter().flatten().enumerate() {
-                match crate::plan::normalise_write_path(&p.value) {
-                    Ok(n) => paths.push(n),
-                    Err(why) => v.push(bad(
-                        &loc_of(file, p),
-                        format!("rules[{i}].paths[{j}]"),
-                        format!("rule `{id}`: path `{}` {why}", p.value),
-                        "write absolute paths like `/home`",
-                    )),
-                }
-            }
+            let paths = rule_paths(file, i, &id, r.paths.as_deref(), "/home", v);
             if r.paths.as_ref().is_none_or(Vec::is_empty) {
                 v.push(bad(
                     &loc,
