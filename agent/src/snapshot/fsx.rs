@@ -488,6 +488,22 @@ enum Pending {
     Child(std::rc::Rc<File>, Vec<u8>, RawPath),
 }
 
+/// Queue the names in directory `d` (host path `p`) but `skip`, in sorted
+/// order, to be opened when their turn comes.
+fn push_children(stack: &mut Vec<Pending>, d: File, p: &RawPath, skip: &[String]) -> Result<()> {
+    let d = std::rc::Rc::new(d);
+    let mut children = Vec::new();
+    for n in names(d.as_fd())? {
+        let cp = p.child(&n);
+        if !skipped(cp.as_bytes(), skip) {
+            children.push(Pending::Child(d.clone(), n, cp));
+        }
+    }
+    children.reverse();
+    stack.extend(children);
+    Ok(())
+}
+
 /// Walk `top` (a directory or any other node, shown as host path `path`)
 /// in pre-order, without following anything, leaving out `skip` and what
 /// is below it, and stopping at other filesystems than `dev` (those are
@@ -536,16 +552,7 @@ pub fn walk(
         if kind == Kind::Dir
             && let Some(d) = readable
         {
-            let d = std::rc::Rc::new(d);
-            let mut children = Vec::new();
-            for n in names(d.as_fd())? {
-                let cp = p.child(&n);
-                if !skipped(cp.as_bytes(), skip) {
-                    children.push(Pending::Child(d.clone(), n, cp));
-                }
-            }
-            children.reverse();
-            stack.extend(children);
+            push_children(&mut stack, d, &p, skip)?;
         }
     }
     Ok(walked)
@@ -583,16 +590,7 @@ pub fn inodes(top: Node, path: RawPath, skip: &[String]) -> Result<Vec<(RawPath,
             ],
         ));
         if node.kind() == Kind::Dir {
-            let d = std::rc::Rc::new(node.reopen()?);
-            let mut children = Vec::new();
-            for n in names(d.as_fd())? {
-                let cp = p.child(&n);
-                if !skipped(cp.as_bytes(), skip) {
-                    children.push(Pending::Child(d.clone(), n, cp));
-                }
-            }
-            children.reverse();
-            stack.extend(children);
+            push_children(&mut stack, node.reopen()?, &p, skip)?;
         }
     }
     Ok(out)
