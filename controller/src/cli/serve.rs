@@ -265,11 +265,6 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
     let listener = socket
         .listen(1024)
         .with_context(|| format!("listening on {}", args.listen))?;
-    if let Some(f) = &args.addr_file {
-        let tmp = f.with_extension("tmp");
-        std::fs::write(&tmp, addr.to_string())?;
-        std::fs::rename(&tmp, f)?;
-    }
     let web = tokio::net::TcpListener::bind(&args.web_listen)
         .await
         .with_context(|| format!("listening on {} for the web view", args.web_listen))?;
@@ -277,6 +272,12 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
     if let Some(f) = &args.web_addr_file {
         let tmp = f.with_extension("tmp");
         std::fs::write(&tmp, web_addr.to_string())?;
+        std::fs::rename(&tmp, f)?;
+    }
+    // Written last: whoever waits for this file finds both addresses.
+    if let Some(f) = &args.addr_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, addr.to_string())?;
         std::fs::rename(&tmp, f)?;
     }
     info!(%addr, %web_addr, tls = tls.is_some(), store = %engine.store().describe(), "Controller listening.");
