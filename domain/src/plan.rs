@@ -723,6 +723,20 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
         let allow_failure = s.dry_run.and_then(|d| {
             let dloc = loc_of(file, &d);
             match d.value.allow_failure {
+                // The reason is shown in every dry-run summary, one line
+                // each; a folded block's final newline is not a second line.
+                Some(a) if a.value.trim_end().chars().any(crate::text::is_active) => {
+                    v.push(parse_error(
+                        &loc_of(file, &a),
+                        format!("{field}.dry_run.allow_failure"),
+                        format!(
+                            "step `{name}`: `allow_failure` `{}` contains a control character",
+                            crate::text::inert(&a.value)
+                        ),
+                        "write the reason in plain text on one line: it is shown on operators' terminals",
+                    ));
+                    None
+                }
                 Some(a) if !a.value.trim().is_empty() => Some(a.value),
                 Some(a) => {
                     v.push(parse_error(

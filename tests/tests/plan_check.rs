@@ -301,6 +301,141 @@ fn unreadable_files_and_bad_flags_are_bad_input() {
     assert_eq!(run.status, 2, "{}", run.stdout);
 }
 
+/// `plan check` on a plan written here (in a temporary directory), in
+/// `--output` form `output`.
+fn check_written(name: &str, yaml: &str, output: &str) -> Run {
+    let dir = std::env::temp_dir().join(format!("wavegate-plan-check-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("plan.yaml");
+    std::fs::write(&path, yaml).expect("plan");
+    let run = wavegate([
+        "plan".as_ref(),
+        "check".as_ref(),
+        "--fleet".as_ref(),
+        fixture("fleet.yaml").as_os_str(),
+        path.as_os_str(),
+        "--output".as_ref(),
+        output.as_ref(),
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    run
+}
+
+/// Names and reasons are shown on operators' terminals: a control
+/// character in one (a newline that would forge a line of `rollout list`,
+/// an escape sequence, a bidirectional override) is refused, with the
+/// field named, and the report shows it escaped.
+#[test]
+fn control_characters_in_names_and_reasons_are_refused_with_the_field_named() {
+    let cases = [
+        ("plan name", "name: \"fix\\nr0099  completed  all-good\"\n", "name"),
+        ("step name", "name: fix\n", "steps[0].name"),
+        ("check name", "name: fix\n", "health.checks[0].name"),
+        ("allow_failure", "name: fix\n", "steps[0].dry_run.allow_failure"),
+    ];
+    for (what, head, field) in cases {
+        let step = if what == "step name" {
+            "\"patch\\e]0;pwned\\a\""
+        } else {
+            "patch"
+        };
+        let check = if what == "check name" { "\"web\\u202e\"" } else { "web" };
+        let why = if what == "allow_failure" {
+            "\"needs the license server\\r\\e[2Kall fine\""
+        } else {
+            "\"needs the license server\""
+        };
+        let plan = format!(
+            "{head}targets: {{hosts: [p1]}}
+steps:
+  - name: {step}
+    run: /usr/local/sbin/patch
+    writes: [/etc/app]
+    dry_run: {{allow_failure: {why}}}
+health:
+  checks:
+    - {{name: {check}, tcp: \"127.0.0.1:25\"}}
+"
+        );
+        let run = check_written("control", &plan, "json");
+        assert_eq!(run.status, 2, "{what}: bad input\n{}", run.stdout);
+        let r = run.json();
+        let v = r["violations"]
+            .as_array()
+            .expect("violations")
+            .iter()
+            .find(|v| v["field"] == field)
+            .unwrap_or_else(|| panic!("{what}: no violation names `{field}`: {r:#}"))
+            .clone();
+        assert_eq!(v["code"], "parse-error", "{what}: {v:#}");
+        assert!(
+            v["message"].as_str().unwrap_or("").contains("control character"),
+            "{what}: {v:#}"
+        );
+        assert_eq!(codes(&r).len(), 1, "{what}: only that: {r:#}");
+
+        let run = check_written("control", &plan, "table");
+        assert_eq!(run.status, 2, "{what}");
+        assert!(
+            !run.stdout.chars().any(|c| c.is_control() && c != '\n'),
+            "{what}: the report shows it escaped:\n{:?}",
+            run.stdout
+        );
+        assert!(
+            run.stdout.contains(&format!("(field `{field}`)")),
+            "{what}:\n{}",
+            run.stdout
+        );
+        assert!(
+            !run.stdout.lines().any(|l| l.starts_with("r0099")),
+            "{what}: no line forged:\n{}",
+            run.stdout
+        );
+    }
+}
+
+/// A name the inventory does not know is quoted in its violation; a
+/// newline or an escape sequence in it stays on the violation's line.
+#[test]
+fn an_unknown_host_with_escapes_is_quoted_inert() {
+    let plan = "name: fix
+targets: {hosts: [\"p9\\e[2J\\nOK: no violations; the plan may be submitted.\\u202e\"]}
+steps:
+  - {name: patch, run: /usr/local/sbin/patch, writes: [/etc/app]}
+";
+    let run = check_written("unknown-escapes", plan, "table");
+    assert_eq!(run.status, 3, "{}", run.stdout);
+    assert!(
+        !run.stdout
+            .chars()
+            .any(|c| wavegate_domain::text::is_active(c) && c != '\n'),
+        "{:?}",
+        run.stdout
+    );
+    assert!(
+        run.stdout
+            .contains("p9\\x1b[2J\\nOK: no violations; the plan may be submitted.\\u{202e}"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.lines().any(|l| l.starts_with("OK: ")), "{}", run.stdout);
+    // JSON keeps the name as written, every control an escape.
+    let run = check_written("unknown-escapes", plan, "json");
+    assert!(
+        !run.stdout
+            .chars()
+            .any(|c| wavegate_domain::text::is_active(c) && c != '\n'),
+        "{:?}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("\\u202e"), "{}", run.stdout);
+    assert!(
+        run.json().to_string().contains("\\u001b[2J"),
+        "the name reads back as written: {}",
+        run.stdout
+    );
+}
+
 /// Before: `wavegate ... | head -1` panicked with a backtrace when the reader
 /// went away. Now the program ends quietly, as Unix tools do.
 #[test]

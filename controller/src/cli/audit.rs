@@ -9,11 +9,12 @@ use clap::Subcommand;
 use ed25519_dalek::VerifyingKey;
 use serde_json::json;
 use wavegate_domain::audit::{self, AuditRecord, Checkpoint};
+use wavegate_domain::text::{inert, inert_lines};
 use wavegate_domain::units::{Scalar, parse_duration};
 use wavegate_proto::v1 as pb;
 
 use super::Output;
-use super::client::{Conn, exit_for};
+use super::client::{Conn, refused};
 use crate::engine::utc;
 
 /// `wavegate audit ...`
@@ -94,16 +95,18 @@ fn since_ms(s: &str, now_ms: u64) -> Result<u64> {
     Ok(((days * 86_400 + hh * 3600 + mm * 60 + ss) * 1000).max(0) as u64)
 }
 
+/// One record on one line: its text quotes hosts and plans (a step's last
+/// output, a halt reason), made inert with a newline in it escaped.
 fn line(r: &AuditRecord) -> String {
     match &r.body {
         Some(b) => format!(
             "{:>6}  {}  {:<8} {:<6} {:<8} {}",
             r.seq,
             utc(r.at_ms),
-            b.kind,
-            b.rollout.as_deref().unwrap_or("-"),
-            b.host.as_deref().unwrap_or("-"),
-            b.text
+            inert(&b.kind),
+            inert(b.rollout.as_deref().unwrap_or("-")),
+            inert(b.host.as_deref().unwrap_or("-")),
+            inert(&b.text)
         ),
         None => format!(
             "{:>6}  {}  (another rollout's record; hash {})",
@@ -184,7 +187,7 @@ pub fn verify_file(path: &Path, public_key: Option<&str>) -> Result<u8> {
             Ok(0)
         }
         Err(t) => {
-            println!("TAMPERED: {t}");
+            println!("TAMPERED: {}", inert(&t.to_string()));
             Ok(1)
         }
     }
@@ -227,7 +230,7 @@ pub async fn run(cmd: AuditCommand, conn: &Conn) -> Result<u8> {
                     );
                     Ok(0)
                 } else {
-                    println!("TAMPERED: {}", r.detail);
+                    println!("TAMPERED: {}", inert(&r.detail));
                     Ok(1)
                 }
             }
@@ -284,20 +287,24 @@ pub async fn run(cmd: AuditCommand, conn: &Conn) -> Result<u8> {
             let keep = |r: &&AuditRecord| {
                 r.at_ms >= since
                     && r.body.as_ref().is_some_and(|b| {
-                        rollout.as_ref().is_none_or(|x| b.rollout.as_ref() == Some(x))
-                            && host
-                                .as_ref()
-                                .is_none_or(|x| b.host.as_ref() == Some(x) || b.text.contains(x.as_str()))
+                        // The controller resolved a short id (`r0007`) and
+                        // left only that rollout's bodies.
+                        rollout.as_ref().is_none_or(|x| {
+                            b.rollout
+                                .as_deref()
+                                .is_some_and(|r| r == x || r.starts_with(&format!("{x}-")))
+                        }) && host
+                            .as_ref()
+                            .is_none_or(|x| b.host.as_ref() == Some(x) || b.text.contains(x.as_str()))
                     })
             };
             let mut out = std::io::stdout().lock();
             for r in records.iter().filter(keep) {
                 // One record per line (JSON) or per document (YAML), so a
                 // long log streams.
-                let text = match output {
-                    Output::Json => serde_json::to_string(r)?,
-                    Output::Yaml => format!("---\n{}", serde_saphyr::to_string(r)?.trim_end()),
-                    Output::Table => line(r),
+                let text = match output.record(r)? {
+                    Some(doc) => doc,
+                    None => line(r),
                 };
                 // A reader that stops early (`| head`) is not an error.
                 if writeln!(out, "{text}").is_err() {
@@ -326,16 +333,21 @@ pub async fn run(cmd: AuditCommand, conn: &Conn) -> Result<u8> {
                             report,
                             "{}  SUBMITTED by {}",
                             utc(r.at_ms),
-                            b.actor.as_deref().unwrap_or("?")
+                            inert(b.actor.as_deref().unwrap_or("?"))
                         );
                         let _ = writeln!(
                             report,
                             "      plan hash  {}",
-                            b.data["plan_hash"].as_str().unwrap_or("?")
+                            inert(b.data["plan_hash"].as_str().unwrap_or("?"))
                         );
-                        let _ = writeln!(report, "      targets    {}", b.data["targets"]);
+                        let _ = writeln!(report, "      targets    {}", inert(&b.data["targets"].to_string()));
                         for w in b.data["waves"].as_array().into_iter().flatten() {
-                            let _ = writeln!(report, "      wave {:<4}  {}", w["index"], w["hosts"]);
+                            let _ = writeln!(
+                                report,
+                                "      wave {:<4}  {}",
+                                inert(&w["index"].to_string()),
+                                inert(&w["hosts"].to_string())
+                            );
                         }
                     }
                     "host" => {
@@ -346,17 +358,17 @@ pub async fn run(cmd: AuditCommand, conn: &Conn) -> Result<u8> {
                         let extra = if last.is_null() {
                             String::new()
                         } else {
+                            let sha = last["output_sha256"].as_str().unwrap_or("");
                             format!(
                                 " [step `{}` {} exit {} in {} ms, output sha256 {}]",
-                                last["step"].as_str().unwrap_or("?"),
-                                last["outcome"].as_str().unwrap_or("?"),
-                                last["exit_code"],
-                                last["duration_ms"],
-                                &last["output_sha256"].as_str().unwrap_or("")
-                                    [..12.min(last["output_sha256"].as_str().unwrap_or("").len())]
+                                inert(last["step"].as_str().unwrap_or("?")),
+                                inert(last["outcome"].as_str().unwrap_or("?")),
+                                inert(&last["exit_code"].to_string()),
+                                inert(&last["duration_ms"].to_string()),
+                                inert(sha.get(..12).unwrap_or(sha))
                             )
                         };
-                        let _ = writeln!(report, "{}  host  {}{extra}", utc(r.at_ms), b.text);
+                        let _ = writeln!(report, "{}  host  {}{extra}", utc(r.at_ms), inert(&b.text));
                     }
                     _ => {
                         // Rollout events carry their own timestamp first.
@@ -366,19 +378,20 @@ pub async fn run(cmd: AuditCommand, conn: &Conn) -> Result<u8> {
                             .map(|(_, rest)| rest)
                             .filter(|_| b.text.starts_with("20"))
                             .unwrap_or(&b.text);
-                        let _ = writeln!(report, "{}  {text}", utc(r.at_ms));
+                        let _ = writeln!(report, "{}  {}", utc(r.at_ms), inert(text));
                     }
                 }
             }
-            let _ = std::io::stdout().lock().write_all(report.as_bytes());
+            // Each record's text is one line's part, made inert above; the
+            // report as a whole once more, whatever built it.
+            let _ = std::io::stdout().lock().write_all(inert_lines(&report).as_bytes());
             Ok(0)
         }
     }
 }
 
 fn fail(status: &tonic::Status) -> u8 {
-    eprintln!("wavegate: {}", status.message());
-    exit_for(status)
+    refused(status)
 }
 
 #[cfg(test)]

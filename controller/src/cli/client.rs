@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tonic::transport::{Channel, Endpoint};
+use wavegate_domain::text::{inert, inert_lines};
 use wavegate_proto::v1::operator_service_client::OperatorServiceClient;
 
 use crate::tls::TlsFiles;
@@ -50,10 +51,10 @@ impl Conn {
                 Ok(mut c) => match c.role(wavegate_proto::v1::RoleRequest {}).await {
                     Ok(r) if matches!(r.get_ref().role.as_str(), "leader" | "single") => return Ok(c),
                     Ok(r) => {
-                        why.push(format!("{url}: {}", r.get_ref().role));
+                        why.push(format!("{url}: {}", inert(&r.get_ref().role)));
                         fallback.get_or_insert(c);
                     }
-                    Err(s) => why.push(format!("{url}: {}", s.message())),
+                    Err(s) => why.push(format!("{url}: {}", inert(s.message()))),
                 },
                 Err(e) => why.push(format!("{url}: {e:#}")),
             }
@@ -96,6 +97,14 @@ impl Conn {
             .with_context(|| format!("connecting to the controller at {url}"))?;
         Ok(OperatorServiceClient::new(channel))
     }
+}
+
+/// Say why the controller refused a call, on standard error, and return the
+/// exit status it maps to. The controller's message can quote a plan or a
+/// host (a name, a path), so it is shown inert.
+pub fn refused(status: &tonic::Status) -> u8 {
+    eprintln!("wavegate: {}", inert_lines(status.message()));
+    exit_for(status)
 }
 
 /// The exit status a refused call maps to: 2 bad input, 3 refused by a gate,

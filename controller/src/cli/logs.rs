@@ -4,14 +4,16 @@
 //! until the steps end.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::Write as _;
 
 use anyhow::{Context, Result};
 use serde_json::json;
+use wavegate_domain::text::inert;
 use wavegate_proto::v1 as pb;
 
-use super::Output;
-use super::client::{Client, exit_for};
+use super::client::{Client, refused};
+use super::{Output, show};
 
 /// What to show.
 pub struct Args {
@@ -40,10 +42,7 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
     };
     let mut stream = match client.logs(req).await {
         Ok(s) => s.into_inner(),
-        Err(status) => {
-            eprintln!("wavegate: {}", status.message());
-            return Ok(exit_for(&status));
-        }
+        Err(status) => return Ok(refused(&status)),
     };
     if a.summary {
         let mut rows = Vec::new();
@@ -55,12 +54,20 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
             .map(|c| json!({"host": c.host, "step": c.step, "stored": c.stored, "verified": c.verified}))
             .collect();
         if !a.output.emit(&v)? {
-            println!("{:<12} {:<32} {:>12}  VERIFIED", "HOST", "STEP", "STORED");
+            let mut out = format!("{:<12} {:<32} {:>12}  VERIFIED\n", "HOST", "STEP", "STORED");
             for c in &rows {
                 // A check has no result to hold its output against.
                 let verified = if c.verified.is_empty() { "-" } else { &c.verified };
-                println!("{:<12} {:<32} {:>12}  {verified}", c.host, c.step, c.stored);
+                let _ = writeln!(
+                    out,
+                    "{:<12} {:<32} {:>12}  {}",
+                    inert(&c.host),
+                    inert(&c.step),
+                    c.stored,
+                    inert(verified)
+                );
             }
+            show(&out);
         }
         return Ok(0);
     }
@@ -73,22 +80,22 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
         if a.output != Output::Table {
             let text = String::from_utf8_lossy(&c.data);
             let v = json!({"host": c.host, "step": c.step, "offset": c.offset, "missing": c.missing, "text": text});
-            let line = match a.output {
-                Output::Yaml => format!("---\n{}", serde_saphyr::to_string(&v)?.trim_end()),
-                _ => v.to_string(),
-            };
+            let line = a.output.record(&v)?.unwrap_or_default();
             if writeln!(out, "{line}").is_err() {
                 return Ok(0);
             }
             continue;
         }
+        // Every line shown below is made inert where it is built: a line
+        // of output ends at its newline, and the host and step names are
+        // parts of lines.
         let lead = if prefix {
-            format!("{} | ", c.host)
+            format!("{} | ", inert(&c.host))
         } else {
             String::new()
         };
         if last_step.get(&c.host) != Some(&c.step) && a.step.is_none() {
-            let _ = writeln!(out, "{lead}--- {} ---", wavegate_domain::text::inert(&c.step));
+            let _ = writeln!(out, "{lead}--- {} ---", inert(&c.step));
             last_step.insert(c.host.clone(), c.step.clone());
         }
         if c.missing > 0 {
@@ -104,7 +111,7 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
             let line: Vec<u8> = buf.drain(..=i).collect();
             // What a host printed is shown, never obeyed by the terminal.
             let text = String::from_utf8_lossy(&line[..line.len() - 1]);
-            if writeln!(out, "{lead}{}", wavegate_domain::text::inert(&text)).is_err() {
+            if writeln!(out, "{lead}{}", inert(&text)).is_err() {
                 return Ok(0);
             }
         }
@@ -112,12 +119,12 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
     }
     for ((host, _), rest) in partial {
         if !rest.is_empty() {
-            let lead = if prefix { format!("{host} | ") } else { String::new() };
-            let _ = writeln!(
-                out,
-                "{lead}{}",
-                wavegate_domain::text::inert(&String::from_utf8_lossy(&rest))
-            );
+            let lead = if prefix {
+                format!("{} | ", inert(&host))
+            } else {
+                String::new()
+            };
+            let _ = writeln!(out, "{lead}{}", inert(&String::from_utf8_lossy(&rest)));
         }
     }
     Ok(0)

@@ -4,9 +4,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
+use wavegate_domain::text::inert;
 use wavegate_domain::{Code, Loc, Report, Source, Violation, check_sources};
 
-use super::{Output, PolicyArgs};
+use super::{Output, PolicyArgs, show};
 use crate::policies;
 
 /// `wavegate plan ...`
@@ -42,7 +43,7 @@ pub fn run(cmd: PlanCommand) -> anyhow::Result<u8> {
         } => {
             let report = check_files(&fleet, &plan, &policies);
             if !output.emit(&report)? {
-                print!("{}", render(&report));
+                show(&render(&report));
             }
             Ok(report.exit_status())
         }
@@ -96,26 +97,56 @@ fn list(items: &[String], max: usize) -> String {
     if items.is_empty() {
         return "-".into();
     }
-    let mut s = items.iter().take(max).cloned().collect::<Vec<_>>().join(", ");
+    let mut s = items.iter().take(max).map(|i| inert(i)).collect::<Vec<_>>().join(", ");
     if items.len() > max {
         let _ = write!(s, " (+{} more)", items.len() - max);
     }
     s
 }
 
-/// The report for a person.
+/// Every item, each made inert, comma-separated.
+fn joined(items: &[String]) -> String {
+    items.iter().map(|i| inert(i)).collect::<Vec<_>>().join(", ")
+}
+
+/// A command of several lines, each made inert, the later ones indented
+/// under the first: a line of a step's `run` does not pass for a line of
+/// the report.
+fn command(text: &str, indent: &str) -> String {
+    text.trim_end()
+        .lines()
+        .map(|l| inert(l).into_owned())
+        .collect::<Vec<_>>()
+        .join(&format!("\n{indent}"))
+}
+
+/// A violation whose every field quoting the plan, the inventory or a
+/// policy (a host's or a path's name) is made inert on its line; its own
+/// lines (hosts, fix) stay.
+fn inert_violation(v: &Violation) -> Violation {
+    let mut v = v.clone();
+    v.message = inert(&v.message).into_owned();
+    v.hosts = v.hosts.iter().map(|h| inert(h).into_owned()).collect();
+    v.file = v.file.as_deref().map(|f| inert(f).into_owned());
+    v.field = v.field.as_deref().map(|f| inert(f).into_owned());
+    v.fix = v.fix.as_deref().map(|f| inert(f).into_owned());
+    v
+}
+
+/// The report for a person. Names, paths and commands are the plan
+/// author's and the inventory's: every one is made inert on its line.
 pub fn render(r: &Report) -> String {
     let mut out = String::new();
-    let name = r.plan.as_deref().unwrap_or("(unreadable)");
-    let _ = writeln!(out, "plan      {name}  ({})", r.plan_file);
-    let _ = writeln!(out, "fleet     {}", r.fleet_file);
+    let name = inert(r.plan.as_deref().unwrap_or("(unreadable)"));
+    let _ = writeln!(out, "plan      {name}  ({})", inert(&r.plan_file));
+    let _ = writeln!(out, "fleet     {}", inert(&r.fleet_file));
     let _ = writeln!(
         out,
         "policies  {}",
         if r.policies.is_empty() {
             "-".into()
         } else {
-            r.policies.join(", ")
+            joined(&r.policies)
         }
     );
     let _ = writeln!(out);
@@ -167,40 +198,42 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(out);
         let _ = writeln!(out, "steps:");
         for (i, st) in r.steps.iter().enumerate() {
+            let step = inert(&st.name);
             match &st.packages {
                 Some(p) => {
-                    let _ = writeln!(out, "  {} {}: package step, {p}", i + 1, st.name);
+                    let _ = writeln!(out, "  {} {step}: package step, {}", i + 1, inert(p));
                     let _ = writeln!(
                         out,
                         "      writes: {} and the directories of the packages' files on each host (from its package database and the fetched packages)",
-                        st.writes.join(", ")
+                        joined(&st.writes)
                     );
                 }
                 None => {
-                    let _ = writeln!(out, "  {} {}: {}", i + 1, st.name, st.run);
-                    let _ = writeln!(out, "      writes: {}", st.writes.join(", "));
+                    let _ = writeln!(out, "  {} {step}: {}", i + 1, command(&st.run, "        "));
+                    let _ = writeln!(out, "      writes: {}", joined(&st.writes));
                 }
             }
             if let Some(f) = &st.fetch {
                 let _ = writeln!(
                     out,
-                    "      fetch first, with the network, writing only {}: {f}",
-                    st.fetch_writes.join(", ")
+                    "      fetch first, with the network, writing only {}: {}",
+                    joined(&st.fetch_writes),
+                    command(f, "        ")
                 );
             }
             if st.max_deletions > 0 {
                 let _ = writeln!(out, "      may delete {} files per host", st.max_deletions);
             }
             if let Some(why) = &st.allow_failure {
-                let _ = writeln!(out, "      a failing dry-run is allowed: {why}");
+                let _ = writeln!(out, "      a failing dry-run is allowed: {}", inert(why));
             }
             if st.reboot != "never" {
-                let _ = writeln!(out, "      reboots the host afterwards ({})", st.reboot);
+                let _ = writeln!(out, "      reboots the host afterwards ({})", inert(&st.reboot));
             }
         }
     }
     for note in &r.notes {
-        let _ = writeln!(out, "note: {note}");
+        let _ = writeln!(out, "note: {}", inert(note));
     }
     let _ = writeln!(out);
     if r.violations.is_empty() {
@@ -208,7 +241,7 @@ pub fn render(r: &Report) -> String {
     } else {
         let _ = writeln!(out, "violations ({}):", r.violations.len());
         for v in &r.violations {
-            let _ = writeln!(out, "  {v}");
+            let _ = writeln!(out, "  {}", inert_violation(v));
         }
         let _ = writeln!(out);
         let verdict = match r.exit_status() {
@@ -218,4 +251,48 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(out, "{verdict}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_on_a_hostile_plan_keeps_its_lines() {
+        let plan = "name: p
+targets: {hosts: [\"p1\\e[2J\\nOK: no violations; the plan may be submitted.\"]}
+steps:
+  - name: s
+    run: |
+      echo one
+      printf '\\033]0;t\\007'\u{202e}
+    writes: [/etc/app]
+";
+        let fleet = "hosts:\n  - {id: p1}\n";
+        let report = check_sources(
+            Source {
+                name: "fleet.yaml",
+                text: fleet,
+            },
+            Source {
+                name: "plan.yaml",
+                text: plan,
+            },
+            &wavegate_domain::PolicySet::default(),
+        );
+        let text = render(&report);
+        assert!(
+            !text.chars().any(|c| wavegate_domain::text::is_active(c) && c != '\n'),
+            "{text}"
+        );
+        // The host's name stays inside its violation's line; the only
+        // verdict line is the report's own.
+        assert_eq!(text.lines().filter(|l| l.starts_with("OK: ")).count(), 0, "{text}");
+        assert!(text.contains("p1\\x1b[2J\\nOK: no violations"), "{text}");
+        // A command's later lines are indented under its first.
+        assert!(
+            text.contains("  1 s: echo one\n        printf '\\033]0;t\\007'\\u{202e}\n"),
+            "{text}"
+        );
+    }
 }

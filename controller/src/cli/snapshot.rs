@@ -1,12 +1,15 @@
 //! `wavegate snapshot`: the pre-change snapshots the controller tracks.
 
+use std::fmt::Write as _;
+
 use anyhow::Result;
 use clap::Subcommand;
 use serde_json::json;
+use wavegate_domain::text::inert;
 use wavegate_proto::v1 as pb;
 
-use super::Output;
-use super::client::{Conn, exit_for};
+use super::client::{Conn, refused};
+use super::{Output, show};
 
 /// `wavegate snapshot ...`
 #[derive(Debug, Subcommand)]
@@ -46,10 +49,7 @@ pub async fn run(cmd: SnapshotCommand, conn: &Conn) -> Result<u8> {
         .await
     {
         Ok(r) => r.into_inner().snapshots,
-        Err(status) => {
-            eprintln!("wavegate: {}", status.message());
-            return Ok(exit_for(&status));
-        }
+        Err(status) => return Ok(refused(&status)),
     };
     match output {
         Output::Json | Output::Yaml => {
@@ -72,25 +72,29 @@ pub async fn run(cmd: SnapshotCommand, conn: &Conn) -> Result<u8> {
             output.emit(&v)?;
         }
         Output::Table => {
-            println!(
-                "{:<8} {:<12} {:>4} {:>12} {:>7}  {:<9} BACKEND",
+            // A row per snapshot, a line per note: a mount path from a host
+            // stays on its line.
+            let mut out = format!(
+                "{:<8} {:<12} {:>4} {:>12} {:>7}  {:<9} BACKEND\n",
                 "ROLLOUT", "HOST", "WAVE", "BYTES", "FILES", "STATE"
             );
             for s in &list {
-                println!(
+                let _ = writeln!(
+                    out,
                     "{:<8} {:<12} {:>4} {:>12} {:>7}  {:<9} {}",
-                    s.rollout_id,
-                    s.host,
+                    inert(&s.rollout_id),
+                    inert(&s.host),
                     s.wave,
                     s.bytes,
                     s.files,
-                    s.state,
-                    backends(s)
+                    inert(&s.state),
+                    inert(&backends(s))
                 );
                 for p in s.parts.iter().filter(|p| !p.note.is_empty()) {
-                    println!("{:>46} {}: {}", "", p.mount, p.note);
+                    let _ = writeln!(out, "{:>46} {}: {}", "", inert(&p.mount), inert(&p.note));
                 }
             }
+            show(&out);
         }
     }
     Ok(0)

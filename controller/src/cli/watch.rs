@@ -9,19 +9,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use wavegate_domain::text::inert;
 use wavegate_proto::v1 as pb;
 
-use super::client::{Client, exit_for};
+use super::client::{Client, refused};
 use super::rollout::render_status;
 
 /// Run `rollout watch`.
 pub async fn run(client: &mut Client, id: String) -> Result<u8> {
     let stream = match client.watch(pb::RolloutRequest { id }).await {
         Ok(s) => s.into_inner(),
-        Err(status) => {
-            eprintln!("wavegate: {}", status.message());
-            return Ok(exit_for(&status));
-        }
+        Err(status) => return Ok(refused(&status)),
     };
     let last = if std::io::stdout().is_terminal() {
         live(stream, std::env::var_os("NO_COLOR").is_none()).await?
@@ -37,7 +35,7 @@ pub async fn run(client: &mut Client, id: String) -> Result<u8> {
 async fn plain(mut stream: tonic::Streaming<pb::RolloutStatus>) -> Result<Option<pb::RolloutStatus>> {
     let mut last = None;
     while let Some(s) = stream.message().await.context("the controller closed the watch")? {
-        println!("{}", render_status(&s));
+        super::show(&format!("{}\n", render_status(&s)));
         last = Some(s);
     }
     Ok(last)
@@ -68,7 +66,7 @@ fn wave_message(w: &pb::WaveStatus, color: bool) -> String {
             });
         }
     }
-    let mut msg = format!("{:<9} {}", w.state, parts.join(", "));
+    let mut msg = format!("{:<9} {}", inert(&w.state), parts.join(", "));
     if w.state == "baking" && w.bake_ends_ms > 0 {
         let left = w.bake_ends_ms.saturating_sub(now_ms());
         msg.push_str(&format!(", bake {:.1}s left", left as f64 / 1000.0));
@@ -77,22 +75,24 @@ fn wave_message(w: &pb::WaveStatus, color: bool) -> String {
 }
 
 /// The lines under the waves: failing hosts with their last output, and
-/// the halt reason.
+/// the halt reason. What hosts said is made inert, line by line, before
+/// the colour goes in: the only escape sequences here are our own.
 fn footer(s: &pb::RolloutStatus, color: bool) -> String {
     let mut lines = Vec::new();
     for h in s.waves.iter().flat_map(|w| &w.hosts).filter(|h| h.state == "failed") {
+        let id = inert(&h.id);
         let name = if color {
-            format!("\x1b[31m{}\x1b[0m", h.id)
+            format!("\x1b[31m{id}\x1b[0m")
         } else {
-            h.id.clone()
+            id.into_owned()
         };
-        lines.push(format!("FAILED {name}: {}", h.detail));
+        lines.push(format!("FAILED {name}: {}", inert(&h.detail)));
         for l in h.last_output.lines() {
-            lines.push(format!("    | {l}"));
+            lines.push(format!("    | {}", inert(l)));
         }
     }
     if !s.halt_reason.is_empty() {
-        lines.push(format!("HALTED: {}", s.halt_reason));
+        lines.push(format!("HALTED: {}", inert(&s.halt_reason)));
     }
     lines.join("\n")
 }
@@ -110,9 +110,9 @@ async fn live(mut stream: tonic::Streaming<pb::RolloutStatus>, color: bool) -> R
     let draw = |s: &pb::RolloutStatus, bars: &mut Vec<ProgressBar>| {
         header.set_message(format!(
             "rollout {}  plan {}  {}  (approvals {}/{})",
-            s.id,
-            s.plan_name,
-            s.state.to_uppercase(),
+            inert(&s.id),
+            inert(&s.plan_name),
+            inert(&s.state.to_uppercase()),
             s.approvers.len(),
             s.approvals_required
         ));
@@ -160,4 +160,47 @@ async fn live(mut stream: tonic::Streaming<pb::RolloutStatus>, color: bool) -> R
     }
     tail.finish();
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_footer_shows_what_a_host_printed_and_colours_only_with_its_own_escapes() {
+        let s = pb::RolloutStatus {
+            halt_reason: "canary failed; last: \u{1b}[2J\nHALTED: nothing".into(),
+            waves: vec![pb::WaveStatus {
+                index: 1,
+                state: "halted".into(),
+                hosts: vec![pb::HostStatus {
+                    id: "w1".into(),
+                    state: "failed".into(),
+                    detail: "exit 1; last output: \u{1b}]0;pwned\u{7}\rfine".into(),
+                    last_output: "one\n\u{9b}2Jtwo \u{202e}gnp.exe\nthree".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = footer(&s, true);
+        // The colour around the host's name is the only escape sequence.
+        assert_eq!(text.matches('\u{1b}').count(), 2, "{text:?}");
+        let plain = text.replace("\u{1b}[31m", "").replace("\u{1b}[0m", "");
+        assert!(
+            !plain.chars().any(|c| wavegate_domain::text::is_active(c) && c != '\n'),
+            "{plain:?}"
+        );
+        assert_eq!(
+            plain.lines().collect::<Vec<_>>(),
+            [
+                "FAILED w1: exit 1; last output: \\x1b]0;pwned\\x07\\rfine",
+                "    | one",
+                "    | \\x9b2Jtwo \\u{202e}gnp.exe",
+                "    | three",
+                "HALTED: canary failed; last: \\x1b[2J\\nHALTED: nothing",
+            ]
+        );
+    }
 }
