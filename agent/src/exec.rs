@@ -50,6 +50,13 @@ fn interrupted(why: &str) -> Stored {
     }
 }
 
+fn refused(why: &str) -> Stored {
+    Stored {
+        outcome: Outcome::Refused as i32,
+        ..interrupted(why)
+    }
+}
+
 /// Run a job through the supervisor in a scratch directory (health checks:
 /// not journaled, always run afresh).
 pub async fn run_supervised(exe: &Path, scratch: &Path, job: &Job) -> Result<Stored> {
@@ -82,6 +89,34 @@ pub async fn run_supervised_tailed(
 /// The bool says whether the answer is a replay. `exe` is the agent binary
 /// (its `exec-step` mode is the supervisor).
 pub async fn run_step_once(exe: &Path, journal: &Journal, job: Job) -> Result<(Stored, bool)> {
+    // The same id must be the same command: an id reused with other
+    // content (a controller store put back from a backup counts its ids
+    // again) is refused, not answered with another command's result.
+    let before = match journal.accepted_job(&job.command_id) {
+        Ok(b) => b,
+        Err(e) => {
+            return Ok((
+                refused(&format!(
+                    "command {} is in the journal but its entry cannot be read ({e:#}); not run, not replayed",
+                    job.command_id
+                )),
+                false,
+            ));
+        }
+    };
+    if let Some(before) = before
+        && before.content_digest() != job.content_digest()
+    {
+        tracing::warn!(command = %job.command_id, "A command id came again with other content; refused.");
+        return Ok((
+            refused(&format!(
+                "command id {} was used before for another command (accepted at {} ms since the epoch); \
+                 refused: neither run nor answered from the journal",
+                job.command_id, before.accepted_ms
+            )),
+            false,
+        ));
+    }
     match journal.lookup(&job.command_id) {
         Known::Finished(stored) => Ok((stored, true)),
         Known::Accepted(dir) => {
@@ -100,5 +135,62 @@ pub async fn run_step_once(exe: &Path, journal: &Journal, job: Job) -> Result<(S
             let dir = journal.accept(&job)?;
             Ok((spawn_and_wait(exe, &dir).await?, false))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, run: &str, root: &Path) -> Job {
+        Job::new(id, run, 1_000, root, journal::Mode::Confined)
+    }
+
+    /// A finished step is answered from the journal when its id and its
+    /// content come again, and refused when only the id does.
+    #[tokio::test]
+    async fn an_id_seen_again_with_other_content_is_refused_not_replayed() {
+        let dir = std::env::temp_dir().join(format!("wg-journal-{}-{}", std::process::id(), rand::random::<u32>()));
+        let journal = Journal::open(&dir).expect("journal");
+        let first = job("r0001-aaaaaa:0:h1:step0:x", "echo one", &dir);
+        let at = journal.accept(&first).expect("accept");
+        let ok = Stored {
+            outcome: Outcome::Ok as i32,
+            exit_code: 0,
+            ..interrupted("done")
+        };
+        journal::finish(&at, &ok).expect("finish");
+        // The supervisor is never started: both answers come before it.
+        let exe = Path::new("/nonexistent/wavegate-agent");
+
+        let (same, replayed) = run_step_once(exe, &journal, first.clone()).await.expect("answer");
+        assert!(replayed);
+        assert_eq!(same.outcome, Outcome::Ok as i32);
+
+        let mut other = job("r0001-aaaaaa:0:h1:step0:x", "rm -rf /home/*", &dir);
+        other.from = "https://elsewhere".into();
+        let (answer, replayed) = run_step_once(exe, &journal, other).await.expect("answer");
+        assert!(!replayed);
+        assert_eq!(answer.outcome, Outcome::Refused as i32, "{}", answer.detail);
+        assert!(
+            answer.detail.contains("used before for another command"),
+            "{}",
+            answer.detail
+        );
+
+        // What the agent adds itself (the controller's address, the boot)
+        // does not make it another command.
+        let mut resent = first.clone();
+        resent.from = "https://standby".into();
+        resent.boot_id = "another-boot".into();
+        let (again, replayed) = run_step_once(exe, &journal, resent).await.expect("answer");
+        assert!(replayed);
+        assert_eq!(again.outcome, Outcome::Ok as i32);
+
+        // An entry that cannot be read: refused, not guessed.
+        std::fs::write(at.join("job.json"), b"{not json").expect("damage");
+        let (broken, _) = run_step_once(exe, &journal, first).await.expect("answer");
+        assert_eq!(broken.outcome, Outcome::Refused as i32, "{}", broken.detail);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

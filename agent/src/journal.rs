@@ -116,6 +116,30 @@ impl Job {
     }
 }
 
+impl Job {
+    /// A digest of what the controller asked for: the command, its limits
+    /// and what it may write. Not of what this agent adds (its hidden and
+    /// protected paths, the boot, the controller's address, the time), so
+    /// the same command sent again by another controller matches. A
+    /// command id seen again with another digest is not the same command:
+    /// it is neither run nor answered from the journal.
+    pub fn content_digest(&self) -> String {
+        let what = serde_json::json!({
+            "run": self.run,
+            "timeout_ms": self.timeout_ms,
+            "host_root": self.host_root,
+            "mode": self.mode,
+            "writes": self.writes,
+            "create_dirs": self.create_dirs,
+            "create_files": self.create_files,
+            "steps": self.steps,
+            "untouchable": self.untouchable,
+            "accept_weaker": self.accept_weaker,
+        });
+        hex::encode(Sha256::digest(what.to_string().as_bytes()))
+    }
+}
+
 /// A finished command, as journaled (mirrors the wire result).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Stored {
@@ -215,6 +239,19 @@ impl Journal {
             Known::Accepted(dir)
         } else {
             Known::New
+        }
+    }
+
+    /// The job accepted under `id`, if any. An entry that is there but
+    /// cannot be read is an error: the caller cannot tell what ran.
+    pub fn accepted_job(&self, id: &str) -> Result<Option<Job>> {
+        let path = self.job_dir(id).join("job.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
 
