@@ -269,6 +269,7 @@ fn result_of(id: &str, s: crate::journal::Stored, replayed: bool) -> pb::Command
         replayed,
         detail: s.detail,
         report_json: s.report,
+        ..Default::default()
     }
 }
 
@@ -299,6 +300,9 @@ async fn run_streamed(
     let path = journal.job_dir(&job.command_id).join("output.log");
     crate::output::while_running(path, s, tx, run_step_once(&cfg.exe, journal, job)).await
 }
+
+/// How many paths a restore preview names (it counts them all).
+const PREVIEW_PATHS: usize = 200;
 
 async fn answer(
     cfg: &Config,
@@ -566,6 +570,31 @@ async fn answer(
             })
             .await;
             snapshot_result(&id, res, "snapshot taken and verified")
+        }
+        Some(command::Kind::RestoreSnapshot(r)) if r.preview => {
+            let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
+            let res = tokio::task::spawn_blocking(move || {
+                snapshot::changes(&state, &host, &root, &r.rollout_id, PREVIEW_PATHS)
+            })
+            .await;
+            match res {
+                Ok(Ok((changes, total))) => pb::CommandResult {
+                    command_id: id.clone(),
+                    outcome: pb::Outcome::Ok as i32,
+                    detail: format!("a restore would change {total} paths"),
+                    changes: changes
+                        .into_iter()
+                        .map(|(path, change)| pb::PathChange {
+                            path,
+                            change: change.to_owned(),
+                        })
+                        .collect(),
+                    changes_total: total,
+                    ..Default::default()
+                },
+                Ok(Err(e)) => refused(format!("{e:#}")),
+                Err(e) => refused(e.to_string()),
+            }
         }
         Some(command::Kind::RestoreSnapshot(r)) => {
             let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());

@@ -733,6 +733,62 @@ fn load(state_dir: &Path, host: &str, rollout: &str) -> Result<(PathBuf, Manifes
     Ok((d, m))
 }
 
+/// What a restore of this rollout's snapshot would change on the host now:
+/// the first `limit` paths (path, `changed` | `added` | `removed`), and how
+/// many in all. Changes nothing. A path is changed when its type, owner,
+/// mode, size, time, link target or (where the snapshot has it) content
+/// differ from the snapshot's record.
+pub fn changes(
+    state_dir: &Path,
+    host: &str,
+    root: &Path,
+    rollout: &str,
+    limit: usize,
+) -> Result<(Vec<(String, &'static str)>, u64)> {
+    let (_, m) = load(state_dir, host, rollout)?;
+    let root_fd = fsx::open_dir(root)?;
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    let mut note = |path: &RawPath, what: &'static str| {
+        total += 1;
+        if out.len() < limit {
+            out.push((path.escaped(), what));
+        }
+    };
+    for part in &m.parts {
+        let mut want: BTreeMap<RawPath, &Entry> = part.entries.iter().map(|e| (e.path.clone(), e)).collect();
+        let roots: Vec<String> = part.roots.keys().cloned().collect();
+        walk_part(root_fd.as_fd(), "/", &roots, &part.skip, &mut |e, f| {
+            match want.remove(&e.path) {
+                None => note(&e.path, "added"),
+                Some(old) => {
+                    let same_meta = old.kind == e.kind
+                        && (old.mode, old.uid, old.gid) == (e.mode, e.uid, e.gid)
+                        && old.link == e.link
+                        && old.rdev == e.rdev
+                        && (e.kind == Kind::Dir
+                            || (old.size, old.mtime, old.mtime_nsec) == (e.size, e.mtime, e.mtime_nsec));
+                    let same_data = match (e.kind, f) {
+                        (Kind::File, Some(f)) if same_meta && !old.sha256.is_empty() => {
+                            fsx::digest(f, e.size, |_, _| Ok(()))? == old.sha256
+                        }
+                        _ => true,
+                    };
+                    if !(same_meta && same_data) {
+                        note(&e.path, "changed");
+                    }
+                }
+            }
+            Ok(())
+        })
+        .with_context(|| format!("comparing {} with its snapshot", part.mount))?;
+        for p in want.keys() {
+            note(p, "removed");
+        }
+    }
+    Ok((out, total))
+}
+
 /// One restore at a time on a host: two restores of overlapping write sets
 /// would each swap the other's work.
 static RESTORING: std::sync::Mutex<()> = std::sync::Mutex::new(());
