@@ -54,6 +54,22 @@ impl Api {
         }
     }
 
+    /// The person the caller's certificate names (empty when none: such a
+    /// certificate cannot approve). In local development, an
+    /// `x-wavegate-person` header, or the name.
+    fn person<T>(&self, req: &Request<T>, name: &str) -> String {
+        match self.auth {
+            Auth::MutualTls => crate::tls::peer_person(req).unwrap_or_default(),
+            Auth::InsecurePlaintextForLocalDev => req
+                .metadata()
+                .get("x-wavegate-person")
+                .and_then(|v| v.to_str().ok())
+                .filter(|p| crate::tls::is_valid_person(p))
+                .unwrap_or(name)
+                .to_owned(),
+        }
+    }
+
     /// An identity, or the refusal of a caller without one, recorded.
     async fn known(&self, id: Result<Identity, Status>) -> Result<Identity, Status> {
         if let Err(e) = &id {
@@ -189,6 +205,36 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
             })
             .collect(),
         events: r.events.clone(),
+        rollback_requests: r
+            .rollback_requests
+            .iter()
+            .map(|q| pb::RollbackRequestStatus {
+                number: q.number,
+                state: q.state.as_str().into(),
+                requested_by: q.requested_by.clone(),
+                hosts: q.hosts.clone(),
+                preview: q
+                    .preview
+                    .iter()
+                    .map(|p| pb::HostPreview {
+                        host: p.host.clone(),
+                        changes: p
+                            .changes
+                            .iter()
+                            .map(|(path, change)| pb::PathChange {
+                                path: path.clone(),
+                                change: change.clone(),
+                            })
+                            .collect(),
+                        total: p.total,
+                        error: p.error.clone(),
+                    })
+                    .collect(),
+                preview_digest: q.digest.clone(),
+                approvers: q.approvals.iter().map(|a| a.who.clone()).collect(),
+                approvals_required: q.approvals_required,
+            })
+            .collect(),
     }
 }
 
@@ -328,6 +374,7 @@ impl OperatorService for Api {
                 "submitting a plan",
             )
             .await?;
+        let person = self.person(&req, &who);
         let r = req.into_inner();
         let file = if r.plan_file.is_empty() {
             "plan.yaml".to_owned()
@@ -336,7 +383,7 @@ impl OperatorService for Api {
         };
         let (entry, report) = self
             .engine
-            .submit(&who, &file, &r.plan_yaml, &r.bypass)
+            .submit(&who, &person, &file, &r.plan_yaml, &r.bypass)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::SubmitResponse {
@@ -352,10 +399,11 @@ impl OperatorService for Api {
         let who = self
             .operator(self.identity(&req), &[Role::Approver, Role::Admin], "approving")
             .await?;
+        let person = self.person(&req, &who);
         let r = req.into_inner();
         let entry = self
             .engine
-            .approve(&who, &r.id, &r.plan_hash)
+            .approve(&who, &person, &self.engine.full_id(&r.id), &r.plan_hash)
             .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
@@ -363,13 +411,17 @@ impl OperatorService for Api {
 
     async fn status(&self, req: Request<pb::RolloutRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
         self.operator(self.identity(&req), READERS, "reading status").await?;
-        let entry = self.engine.show(&req.into_inner().id).await.map_err(to_status)?;
+        let entry = self
+            .engine
+            .show(&self.engine.full_id(&req.into_inner().id))
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
     }
 
     async fn watch(&self, req: Request<pb::RolloutRequest>) -> Result<Response<Self::WatchStream>, Status> {
         self.operator(self.identity(&req), READERS, "watching").await?;
-        let id = req.into_inner().id;
+        let id = self.engine.full_id(&req.into_inner().id);
         let engine = Arc::clone(&self.engine);
         engine.show(&id).await.map_err(to_status)?;
         let mut changes = engine.subscribe();
@@ -410,7 +462,7 @@ impl OperatorService for Api {
         let who = self.operator(self.identity(&req), CHANGERS, "pausing").await?;
         let entry = self
             .engine
-            .control(&who, &req.into_inner().id, "pause")
+            .control(&who, &self.engine.full_id(&req.into_inner().id), "pause")
             .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
@@ -421,7 +473,7 @@ impl OperatorService for Api {
         let who = self.operator(self.identity(&req), CHANGERS, "resuming").await?;
         let entry = self
             .engine
-            .control(&who, &req.into_inner().id, "resume")
+            .control(&who, &self.engine.full_id(&req.into_inner().id), "resume")
             .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
@@ -450,7 +502,11 @@ impl OperatorService for Api {
         self.operator(self.identity(&req), READERS, "reading dry-run reports")
             .await?;
         let r = req.into_inner();
-        let records = self.engine.dry_runs(&r.id).await.map_err(to_status)?;
+        let records = self
+            .engine
+            .dry_runs(&self.engine.full_id(&r.id))
+            .await
+            .map_err(to_status)?;
         let records: Vec<_> = records
             .into_iter()
             .filter(|(_, d)| r.host.is_empty() || d.host == r.host)
@@ -473,17 +529,37 @@ impl OperatorService for Api {
 
     async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
         self.leader_only()?;
-        let who = self.operator(self.identity(&req), CHANGERS, "rolling back").await?;
+        let approving = req.get_ref().approve;
+        let who = if approving {
+            self.operator(
+                self.identity(&req),
+                &[Role::Approver, Role::Admin],
+                "approving a rollback",
+            )
+            .await?
+        } else {
+            self.operator(self.identity(&req), CHANGERS, "asking for a rollback")
+                .await?
+        };
+        let person = self.person(&req, &who);
         let r = req.into_inner();
-        let wave = (r.wave > 0).then_some(r.wave as usize);
-        let host = (!r.host.is_empty()).then_some(r.host.as_str());
-        let entry = self.engine.rollback(&who, &r.id, wave, host).await.map_err(to_status)?;
+        let id = self.engine.full_id(&r.id);
+        let entry = if approving {
+            self.engine
+                .approve_rollback(&who, &person, &id, &r.preview_digest)
+                .await
+        } else {
+            let wave = (r.wave > 0).then_some(r.wave as usize);
+            let host = (!r.host.is_empty()).then_some(r.host.as_str());
+            self.engine.request_rollback(&who, &person, &id, wave, host).await
+        }
+        .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
     }
 
     async fn snapshots(&self, req: Request<pb::SnapshotsRequest>) -> Result<Response<pb::SnapshotsResponse>, Status> {
         self.operator(self.identity(&req), READERS, "listing snapshots").await?;
-        let want = req.into_inner().rollout_id;
+        let want = self.engine.full_id(&req.into_inner().rollout_id);
         let mut snapshots = Vec::new();
         for e in self.engine.list().await.iter().rev() {
             if !want.is_empty() && e.rollout.id != want {
@@ -526,7 +602,8 @@ impl OperatorService for Api {
 
     async fn logs(&self, req: Request<pb::LogsRequest>) -> Result<Response<Self::LogsStream>, Status> {
         self.operator(self.identity(&req), READERS, "reading output").await?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        r.id = self.engine.full_id(&r.id);
         let engine = Arc::clone(&self.engine);
         let entry = engine.show(&r.id).await.map_err(to_status)?;
         if !r.host.is_empty() && !entry.hosts.contains_key(&r.host) {
@@ -606,7 +683,7 @@ impl OperatorService for Api {
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
         self.operator(self.identity(&req), READERS, "reading the audit log")
             .await?;
-        let want = req.into_inner().rollout_id;
+        let want = self.engine.full_id(&req.into_inner().rollout_id);
         let store = self.engine.store();
         let (mut records, cp) = store.audit().await.map_err(|e| Status::internal(format!("{e:#}")))?;
         if !want.is_empty() {
@@ -682,7 +759,7 @@ impl OperatorService for Api {
         let who = self.operator(self.identity(&req), CHANGERS, "aborting").await?;
         let entry = self
             .engine
-            .control(&who, &req.into_inner().id, "abort")
+            .control(&who, &self.engine.full_id(&req.into_inner().id), "abort")
             .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))

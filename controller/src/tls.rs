@@ -4,6 +4,11 @@
 //! `wavegate://agent/<host-id>` or `wavegate://operator/<role>/<name>`. The
 //! controller trusts an identity only from a client certificate the TLS layer
 //! has verified against the CA; nothing in a request can claim another.
+//!
+//! An operator certificate also names the person who holds it, in a second
+//! SAN URI `wavegate://person/<person>` set by the CA tooling: one person
+//! may hold several certificates (a laptop and a jump host, two roles), and
+//! approvals count people, not certificate names.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -107,6 +112,36 @@ impl Identity {
     }
 }
 
+/// The SAN URI that names the person holding an operator certificate.
+pub fn person_uri(person: &str) -> String {
+    format!("wavegate://person/{person}")
+}
+
+/// Whether `person` can name a person in a certificate: printable ASCII
+/// (an e-mail address, an employee number), no `/`, at most 128 bytes.
+pub fn is_valid_person(person: &str) -> bool {
+    !person.is_empty() && person.len() <= 128 && person.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
+}
+
+/// The person a DER certificate (already verified by TLS) names, if any.
+pub fn person_from_der(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => u
+            .strip_prefix("wavegate://person/")
+            .filter(|p| is_valid_person(p))
+            .map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// The person a request's verified peer certificate names, if any.
+pub fn peer_person<T>(req: &tonic::Request<T>) -> Option<String> {
+    let certs = req.peer_certs()?;
+    person_from_der(certs.first()?.as_ref())
+}
+
 /// The files of a certificate directory.
 #[derive(Clone, Debug)]
 pub struct CertDir {
@@ -200,14 +235,26 @@ impl CertDir {
         Ok(pair)
     }
 
-    /// Issue an operator certificate.
-    pub fn issue_operator(&self, name: &str, role: Role) -> Result<Pair> {
+    /// Issue an operator certificate to `person` (see [`is_valid_person`]).
+    pub fn issue_operator(&self, name: &str, role: Role, person: &str) -> Result<Pair> {
+        if !is_valid_person(person) {
+            bail!(
+                "`{person}` cannot name a person: use printable ASCII without `/` (an e-mail address or an employee number)"
+            );
+        }
         let pair = self.operator(name);
         let id = Identity::Operator {
             name: name.to_owned(),
             role,
         };
-        self.issue_leaf(&pair, name, Vec::new(), Some(id), ExtendedKeyUsagePurpose::ClientAuth)?;
+        self.issue_leaf_with(
+            &pair,
+            name,
+            Vec::new(),
+            Some(id),
+            Some(person),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
         Ok(pair)
     }
 
@@ -217,6 +264,18 @@ impl CertDir {
         cn: &str,
         dns: Vec<String>,
         id: Option<Identity>,
+        usage: ExtendedKeyUsagePurpose,
+    ) -> Result<()> {
+        self.issue_leaf_with(pair, cn, dns, id, None, usage)
+    }
+
+    fn issue_leaf_with(
+        &self,
+        pair: &Pair,
+        cn: &str,
+        dns: Vec<String>,
+        id: Option<Identity>,
+        person: Option<&str>,
         usage: ExtendedKeyUsagePurpose,
     ) -> Result<()> {
         let ca_pem = std::fs::read_to_string(self.ca()).with_context(|| {
@@ -233,6 +292,9 @@ impl CertDir {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         if let Some(id) = id {
             params.subject_alt_names.push(SanType::URI(id.uri().try_into()?));
+        }
+        if let Some(p) = person {
+            params.subject_alt_names.push(SanType::URI(person_uri(p).try_into()?));
         }
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &issuer)?;
@@ -344,7 +406,16 @@ mod tests {
         certs.init(&[]).expect("init");
         assert!(certs.init(&[]).is_err(), "a second init must not replace the CA");
         let agent = certs.issue_agent("p09").expect("agent");
-        let op = certs.issue_operator("ann", Role::Approver).expect("operator");
+        let op = certs
+            .issue_operator("ann", Role::Approver, "ann@example.net")
+            .expect("operator");
+        let op_der = rustls_pemfile_first(&std::fs::read(&op.cert).expect("cert"));
+        assert_eq!(person_from_der(&op_der).as_deref(), Some("ann@example.net"));
+        assert!(
+            certs.issue_operator("x", Role::Approver, "a/b").is_err(),
+            "a `/` in a person"
+        );
+        assert!(certs.issue_operator("x", Role::Approver, "").is_err(), "no person");
         for (pair, want) in [
             (agent, Identity::Agent("p09".into())),
             (
@@ -358,6 +429,9 @@ mod tests {
             let pem = std::fs::read(&pair.cert).expect("cert");
             let der = rustls_pemfile_first(&pem);
             assert_eq!(Identity::from_der(&der), Some(want));
+            if matches!(Identity::from_der(&der), Some(Identity::Agent(_))) {
+                assert_eq!(person_from_der(&der), None, "an agent is no person");
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

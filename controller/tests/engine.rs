@@ -79,6 +79,7 @@ async fn engine(dir: &std::path::Path) -> Arc<Engine> {
         Settings {
             agent_grace: Duration::from_secs(1),
             output_cap: wavegate::engine::DEFAULT_OUTPUT_CAP,
+            output_rollout_cap: wavegate::engine::DEFAULT_OUTPUT_ROLLOUT_CAP,
             notify: false,
             leadership: wavegate::leader::Leadership::single(),
         },
@@ -92,13 +93,21 @@ async fn bypass_and_self_approval_are_refused_and_recorded_durably() {
     let dir = data_dir("refusals");
     let e = engine(&dir).await;
     let err = e
-        .submit("sam", "plan.yaml", PLAN, &["canary".into()])
+        .submit("sam", "sam@x", "plan.yaml", PLAN, &["canary".into()])
         .await
         .expect_err("bypass refused");
     assert!(matches!(err, EngineError::Denied(_)), "{err}");
-    let (entry, _) = e.submit("sam", "plan.yaml", PLAN, &[]).await.expect("submit");
+    let nobody = e
+        .submit("sam", "", "plan.yaml", PLAN, &[])
+        .await
+        .expect_err("no person");
+    assert!(matches!(nobody, EngineError::Denied(_)), "{nobody}");
+    let (entry, _) = e.submit("sam", "sam@x", "plan.yaml", PLAN, &[]).await.expect("submit");
     let id = entry.rollout.id.clone();
-    assert!(matches!(e.approve("sam", &id, "").await, Err(EngineError::Denied(_))));
+    assert!(matches!(
+        e.approve("sam", "sam@x", &id, "").await,
+        Err(EngineError::Denied(_))
+    ));
     assert_eq!(
         e.get(&id).await.expect("get").rollout.state,
         RolloutState::AwaitingApproval
@@ -137,7 +146,7 @@ async fn a_refused_plan_creates_no_rollout() {
     let dir = data_dir("refused-plan");
     let e = engine(&dir).await;
     let bad = PLAN.replace("targets: {hosts: [p1, b1]}\n", "");
-    match e.submit("sam", "plan.yaml", &bad, &[]).await {
+    match e.submit("sam", "sam@x", "plan.yaml", &bad, &[]).await {
         Err(EngineError::Refused(report)) => assert!(
             report
                 .violations
@@ -148,7 +157,7 @@ async fn a_refused_plan_creates_no_rollout() {
     }
     let typo = PLAN.replace("name: t", "nmae: t");
     assert!(matches!(
-        e.submit("sam", "plan.yaml", &typo, &[]).await,
+        e.submit("sam", "sam@x", "plan.yaml", &typo, &[]).await,
         Err(EngineError::BadPlan(_))
     ));
     assert!(e.list().await.is_empty(), "nothing is half-created");

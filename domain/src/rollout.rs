@@ -132,6 +132,10 @@ pub struct TransitionError {
 pub struct Approval {
     /// Certificate name of the approver.
     pub who: String,
+    /// The person the approver's certificate names: approvals count
+    /// distinct people, not names.
+    #[serde(default)]
+    pub person: String,
     /// SHA-256 of the plan the approver saw.
     pub plan_hash: String,
     /// SHA-256 of the dry-run reports the approver saw.
@@ -231,6 +235,9 @@ pub struct Rollout {
     pub inventory_hash: String,
     /// Who submitted it.
     pub submitter: String,
+    /// The person the submitter's certificate names (who may not approve).
+    #[serde(default)]
+    pub submitter_person: String,
     /// Approvals so far.
     pub approvals: Vec<Approval>,
     /// Approvals needed.
@@ -282,6 +289,115 @@ pub struct Rollout {
     pub snapshot_backend: String,
     /// Human-readable events, oldest first.
     pub events: Vec<String>,
+    /// People's requests to restore hosts from their snapshots, oldest
+    /// first (the automatic rollback of a failed wave is not one).
+    #[serde(default)]
+    pub rollback_requests: Vec<RollbackRequest>,
+}
+
+/// Where a rollback request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RollbackState {
+    /// Waiting for the approvals the rollout itself needed.
+    AwaitingApproval,
+    /// Approved; hosts are being restored.
+    Running,
+    /// Every host was restored, or tried.
+    Done,
+}
+
+impl RollbackState {
+    /// The name in status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RollbackState::AwaitingApproval => "awaiting_approval",
+            RollbackState::Running => "running",
+            RollbackState::Done => "done",
+        }
+    }
+}
+
+/// What a restore would change on one host, seen when it was asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPreview {
+    /// Host id.
+    pub host: String,
+    /// The first paths: (path, `changed` | `added` | `removed`).
+    pub changes: Vec<(String, String)>,
+    /// How many paths in all.
+    pub total: u64,
+    /// Why there is no preview, when the host could not give one.
+    pub error: String,
+}
+
+/// A person's request to undo a rollout (or part of it): a change like
+/// any other, approved like the plan it undoes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRequest {
+    /// 1-based, per rollout.
+    pub number: u32,
+    /// Where it is.
+    pub state: RollbackState,
+    /// Who asked (certificate name), and the person.
+    pub requested_by: String,
+    /// The requester's person (who may not approve it).
+    pub requester_person: String,
+    /// The hosts it restores.
+    pub hosts: Vec<String>,
+    /// What it would revert, per host.
+    pub preview: Vec<HostPreview>,
+    /// SHA-256 of hosts and preview: what approvals are bound to.
+    pub digest: String,
+    /// Approvals so far.
+    pub approvals: Vec<Approval>,
+    /// Approvals needed.
+    pub approvals_required: u32,
+    /// Unix milliseconds.
+    pub at_ms: u64,
+}
+
+impl RollbackRequest {
+    /// Record an approval (the caller has checked the role and the
+    /// digest). Refused for the requester's person and for a person with
+    /// no identity; a person approves once. True once it has every
+    /// approval it needs (and is running).
+    pub fn approve(&mut self, approval: Approval) -> Result<bool, String> {
+        if self.state != RollbackState::AwaitingApproval {
+            return Err(format!("rollback request {} is {}", self.number, self.state.as_str()));
+        }
+        if approval.person.is_empty() {
+            return Err(format!("the certificate of {} names no person", approval.who));
+        }
+        if approval.person == self.requester_person {
+            return Err(format!(
+                "{} ({}) asked for this rollback and cannot approve it; another person must",
+                approval.who, approval.person
+            ));
+        }
+        if approval.digest_differs(&self.digest) {
+            return Err(format!(
+                "the preview changed: you approved {}, the request is {}; read it again",
+                approval.dry_run_digest, self.digest
+            ));
+        }
+        if !self.approvals.iter().any(|a| a.person == approval.person) {
+            self.approvals.push(approval);
+        }
+        if self.approvals.len() >= self.approvals_required.max(1) as usize {
+            self.state = RollbackState::Running;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+impl Approval {
+    /// For a rollback request: `dry_run_digest` carries the preview digest
+    /// the approver read (empty: the current one).
+    fn digest_differs(&self, current: &str) -> bool {
+        !self.dry_run_digest.is_empty() && self.dry_run_digest != current
+    }
 }
 
 impl Rollout {
@@ -302,7 +418,15 @@ impl Rollout {
     /// has moved to running.
     pub fn approve(&mut self, approval: Approval) -> Result<bool, TransitionError> {
         self.guard("approve", &[RolloutState::AwaitingApproval])?;
-        if !self.approvals.iter().any(|a| a.who == approval.who) {
+        // One person, one approval, whatever name each certificate has.
+        let same = |a: &Approval| {
+            if a.person.is_empty() || approval.person.is_empty() {
+                a.who == approval.who
+            } else {
+                a.person == approval.person
+            }
+        };
+        if !self.approvals.iter().any(same) {
             self.approvals.push(approval);
         }
         let valid = self
@@ -511,6 +635,7 @@ mod tests {
             plan_hash: "h1".into(),
             inventory_hash: "i1".into(),
             submitter: "sam".into(),
+            submitter_person: "sam@x".into(),
             approvals: Vec::new(),
             approvals_required: 2,
             state: RolloutState::AwaitingApproval,
@@ -545,12 +670,14 @@ mod tests {
             untouchable: Vec::new(),
             snapshot_backend: String::new(),
             events: Vec::new(),
+            rollback_requests: Vec::new(),
         }
     }
 
     fn approval(who: &str, hash: &str) -> Approval {
         Approval {
             who: who.into(),
+            person: format!("{who}@x"),
             plan_hash: hash.into(),
             dry_run_digest: "d1".into(),
             at_ms: 0,
@@ -583,6 +710,67 @@ mod tests {
         assert_eq!(r.approve(approval("cy", "h1")), Ok(true));
         assert_eq!(r.state, RolloutState::Running);
         assert!(r.approve(approval("dee", "h1")).is_err(), "no approvals once running");
+    }
+
+    #[test]
+    fn two_certificates_of_one_person_approve_once() {
+        let mut r = rollout();
+        assert_eq!(r.approve(approval("ann", "h1")), Ok(false));
+        let ann_again = Approval {
+            person: "ann@x".into(),
+            ..approval("ann-laptop", "h1")
+        };
+        assert_eq!(r.approve(ann_again), Ok(false), "the same person under another name");
+        assert_eq!(r.approvals.len(), 1);
+        assert_eq!(r.approve(approval("bob", "h1")), Ok(true));
+    }
+
+    fn request() -> RollbackRequest {
+        RollbackRequest {
+            number: 1,
+            state: RollbackState::AwaitingApproval,
+            requested_by: "sam".into(),
+            requester_person: "sam@x".into(),
+            hosts: vec!["a".into()],
+            preview: Vec::new(),
+            digest: "p1".into(),
+            approvals: Vec::new(),
+            approvals_required: 2,
+            at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_rollback_request_needs_other_people_and_the_preview_they_read() {
+        let mut q = request();
+        let sam = Approval {
+            person: "sam@x".into(),
+            ..approval("sam-admin", "")
+        };
+        assert!(q.approve(sam).is_err(), "the requester under another name");
+        let nobody = Approval {
+            person: String::new(),
+            ..approval("old-cert", "")
+        };
+        assert!(q.approve(nobody).is_err(), "a certificate that names no person");
+        let stale = Approval {
+            dry_run_digest: "p0".into(),
+            ..approval("ann", "")
+        };
+        assert!(q.approve(stale).is_err(), "another preview than the request's");
+        let ann = Approval {
+            dry_run_digest: "p1".into(),
+            ..approval("ann", "")
+        };
+        assert_eq!(q.approve(ann.clone()), Ok(false));
+        assert_eq!(q.approve(ann), Ok(false), "one person, one approval");
+        let bob = Approval {
+            dry_run_digest: String::new(),
+            ..approval("bob", "")
+        };
+        assert_eq!(q.approve(bob), Ok(true), "no digest: the current preview");
+        assert_eq!(q.state, RollbackState::Running);
+        assert!(q.approve(approval("cy", "")).is_err(), "no approvals once running");
     }
 
     #[test]

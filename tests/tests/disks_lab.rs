@@ -230,8 +230,7 @@ approvals: 2
         assert_eq!(parts[0]["fstype"], "ext4", "{s:#}");
         assert_eq!(parts[0]["backend"], "tar+zstd", "{s:#}");
     }
-    let run = lab.wavegate_as("approver", &["rollout", "rollback", &id]);
-    assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
+    lab.rollback(&id);
     assert_eq!(
         lab.all_host_files(),
         before,
@@ -385,8 +384,7 @@ approvals: 2
         lab.read_host("w1", "/home/acme/tmp/stamp").as_deref(),
         Some("rotated\n")
     );
-    let run = lab.wavegate_as("approver", &["rollout", "rollback", &id]);
-    assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
+    lab.rollback(&id);
     assert_eq!(
         lab.all_host_files(),
         before,

@@ -87,6 +87,7 @@ async fn engine(
         Settings {
             agent_grace: Duration::from_secs(1),
             output_cap: 4 << 20,
+            output_rollout_cap: 256 << 20,
             notify: false,
             leadership: Arc::clone(leadership),
         },
@@ -129,7 +130,10 @@ async fn a_failure_stored_without_its_halt_is_halted_by_the_successor_before_any
 
     let steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let first = engine(&store, &leadership, &steps).await;
-    let (entry, _) = first.submit("sam", "plan.yaml", PLAN, &[]).await.expect("submit");
+    let (entry, _) = first
+        .submit("sam", "sam@x", "plan.yaml", PLAN, &[])
+        .await
+        .expect("submit");
     let id = entry.rollout.id.clone();
     drop(first);
 

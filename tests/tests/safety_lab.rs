@@ -219,13 +219,61 @@ health:
         "confirmed waves retain: {snaps:#}"
     );
 
-    // An auditor may not roll back; an operator may.
+    // An auditor may not roll back. Undoing a completed rollout is a
+    // change like the rollout itself: one person alone cannot do it.
     assert_eq!(lab.wavegate_as("auditor", &["rollout", "rollback", &id]).status, 3);
-    let run = lab.wavegate_as("approver", &["rollout", "rollback", &id]);
+    let after = lab.all_host_files();
+    let asked = lab.wavegate_as("approver", &["rollout", "rollback", &id]);
+    assert_eq!(asked.status, 0, "{}\n{}", asked.stdout, asked.stderr);
+    assert_eq!(lab.all_host_files(), after, "asking for a rollback changes nothing");
+    assert!(
+        asked.stdout.contains("removed") && asked.stdout.contains("/var/cache/app/old-0.tmp"),
+        "the request shows what a restore would bring back:\n{}",
+        asked.stdout
+    );
+    let status = lab.status(&id);
+    let q = &status["rollback_requests"][0];
+    assert_eq!(q["state"], "awaiting_approval", "{status:#}");
+    assert_eq!(
+        q["preview"][0]["total"], 5,
+        "five deleted files come back per host: {q:#}"
+    );
+    let digest = q["preview_digest"].as_str().expect("digest").to_owned();
+    let own = lab.wavegate_as("approver", &["rollout", "rollback", &id, "--approve"]);
+    assert_eq!(own.status, 3, "the person who asked approved it:\n{}", own.stderr);
+    let stale = lab.wavegate_as("admin", &["rollout", "rollback", &id, "--approve", "--preview", "0000"]);
+    assert_eq!(
+        stale.status, 3,
+        "an approval of another preview counted:\n{}",
+        stale.stderr
+    );
+    assert_eq!(lab.all_host_files(), after, "refused approvals change nothing");
+    let run = lab.wavegate_as(
+        "admin",
+        &["rollout", "rollback", &id, "--approve", "--preview", &digest],
+    );
     assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
     assert_eq!(
         lab.all_host_files(),
         before,
         "the rollback restored every file byte for byte"
     );
+    assert_eq!(lab.status(&id)["rollback_requests"][0]["state"], "done");
+    // Its own entries in the audit log, and the refusals; the log verifies.
+    let log = lab.wavegate_as("auditor", &["audit", "log", "--rollout", &id, "--output", "json"]);
+    let requests = log
+        .stdout
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"rollback_request\""))
+        .count();
+    assert!(requests >= 3, "asked, approved and done are recorded:\n{}", log.stdout);
+    let refusals = lab.wavegate_as("auditor", &["audit", "log", "--output", "json"]);
+    assert!(
+        refusals
+            .stdout
+            .contains("asked for this rollback and cannot approve it"),
+        "the one-person approval is in the audit log"
+    );
+    let verify = lab.wavegate_as("auditor", &["audit", "verify"]);
+    assert_eq!(verify.status, 0, "{}\n{}", verify.stdout, verify.stderr);
 }

@@ -42,6 +42,11 @@ pub enum IssueCommand {
         /// submitter, approver, auditor or admin.
         #[arg(long)]
         role: String,
+        /// The person who holds it, the same in all their certificates (an
+        /// e-mail address or an employee number): approvals count people,
+        /// so two certificates of one person approve once.
+        #[arg(long)]
+        person: String,
         /// Directory of the CA.
         #[arg(long, default_value = "certs", env = "WAVEGATE_CERTS")]
         dir: PathBuf,
@@ -68,7 +73,12 @@ pub fn run(cmd: CertsCommand) -> Result<u8> {
             let pair = CertDir::new(&dir).issue_agent(&host_id)?;
             println!("{}\n{}", pair.cert.display(), pair.key.display());
         }
-        CertsCommand::Issue(IssueCommand::Operator { name, role, dir }) => {
+        CertsCommand::Issue(IssueCommand::Operator {
+            name,
+            role,
+            person,
+            dir,
+        }) => {
             let Some(role) = Role::parse(&role) else {
                 eprintln!("wavegate: --role must be submitter, approver, auditor or admin, not `{role}`");
                 return Ok(2);
@@ -76,7 +86,13 @@ pub fn run(cmd: CertsCommand) -> Result<u8> {
             if name.is_empty() || name.contains('/') {
                 return Err(anyhow!("an operator name must be non-empty and contain no `/`"));
             }
-            let pair = CertDir::new(&dir).issue_operator(&name, role)?;
+            if !crate::tls::is_valid_person(&person) {
+                eprintln!(
+                    "wavegate: --person `{person}` cannot name a person: give printable ASCII without `/` and spaces, like an e-mail address or an employee number"
+                );
+                return Ok(2);
+            }
+            let pair = CertDir::new(&dir).issue_operator(&name, role, &person)?;
             println!("{}\n{}", pair.cert.display(), pair.key.display());
         }
     }

@@ -7,10 +7,11 @@ use anyhow::Result;
 use clap::Subcommand;
 use serde_json::json;
 use wavegate_domain::Report;
+use wavegate_domain::text::inert;
 use wavegate_proto::v1 as pb;
 
-use super::Output;
-use super::client::{Conn, exit_for};
+use super::client::{Conn, refused};
+use super::{Output, show};
 
 /// `wavegate rollout ...`
 #[derive(Debug, Subcommand)]
@@ -112,17 +113,28 @@ pub enum RolloutCommand {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Restore hosts of a halted, paused, aborted or completed rollout from
-    /// their snapshots (default: every host that has one).
+    /// Ask to restore hosts of a halted, paused, aborted or completed
+    /// rollout from their snapshots (default: every host that has one).
+    /// It shows what a restore would revert on each host and waits for the
+    /// approvals the rollout itself needed, from other people (`--approve`).
     Rollback {
         /// Rollout id.
         id: String,
         /// Only the hosts of this wave (1-based).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "approve")]
         wave: Option<u32>,
         /// Only this host.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "approve")]
         host: Option<String>,
+        /// Approve the rollout's waiting rollback request (an approver or
+        /// admin, not the person who asked); with every approval in, the
+        /// hosts are restored.
+        #[arg(long)]
+        approve: bool,
+        /// With --approve: the preview digest you read (the request shows
+        /// it); refused if the request changed since.
+        #[arg(long, requires = "approve")]
+        preview: Option<String>,
     },
 }
 
@@ -149,44 +161,136 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "events": s.events,
+        "rollback_requests": s.rollback_requests.iter().map(|q| json!({
+            "number": q.number,
+            "state": q.state,
+            "requested_by": q.requested_by,
+            "hosts": q.hosts,
+            "preview": q.preview.iter().map(|p| json!({
+                "host": p.host,
+                "total": p.total,
+                "error": p.error,
+                "changes": p.changes.iter().map(|c| json!({"path": c.path, "change": c.change})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "preview_digest": q.preview_digest,
+            "approvers": q.approvers,
+            "approvals_required": q.approvals_required,
+        })).collect::<Vec<_>>(),
     })
 }
 
-/// Status for a person.
+/// The newest rollback request, for a person: what a restore would revert
+/// on each host (tenant file names, made inert), and what comes next.
+fn render_rollback(s: &pb::RolloutStatus) -> String {
+    let mut out = String::new();
+    let Some(q) = s.rollback_requests.last() else {
+        return out;
+    };
+    let _ = writeln!(
+        out,
+        "rollback request {} of rollout {}: {} (asked by {}; approvals {} of {}: {})",
+        q.number,
+        s.id,
+        q.state,
+        inert(&q.requested_by),
+        q.approvers.len(),
+        q.approvals_required,
+        inert(&q.approvers.join(", "))
+    );
+    for p in &q.preview {
+        if !p.error.is_empty() {
+            let _ = writeln!(out, "  {}: no preview: {}", inert(&p.host), inert(&p.error));
+            continue;
+        }
+        let _ = writeln!(out, "  {}: a restore reverts {} paths", inert(&p.host), p.total);
+        for c in &p.changes {
+            let _ = writeln!(out, "    {:<8} {}", c.change, inert(&c.path));
+        }
+        let shown = p.changes.len() as u64;
+        if p.total > shown {
+            let _ = writeln!(out, "    ... and {} more", p.total - shown);
+        }
+    }
+    let _ = writeln!(out, "  preview {}", q.preview_digest);
+    if q.state == "awaiting_approval" {
+        let _ = writeln!(
+            out,
+            "  next: another person approves with `wavegate rollout rollback {} --approve --preview {}`",
+            s.id, q.preview_digest
+        );
+    }
+    out
+}
+
+/// Status for a person. Every field is one line's part, made inert: a plan
+/// name or a halt reason (which quotes a host's last output) with a newline
+/// in it stays on its line.
 pub fn render_status(s: &pb::RolloutStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "rollout {}  plan {}  state {}",
-        s.id,
-        s.plan_name,
-        s.state.to_uppercase()
+        inert(&s.id),
+        inert(&s.plan_name),
+        inert(&s.state.to_uppercase())
     );
+    let approvers: Vec<_> = s.approvers.iter().map(|a| inert(a)).collect();
     let _ = writeln!(
         out,
         "submitted by {}; approvals {}/{}{}",
-        s.submitter,
+        inert(&s.submitter),
         s.approvers.len(),
         s.approvals_required,
-        if s.approvers.is_empty() {
+        if approvers.is_empty() {
             String::new()
         } else {
-            format!(" ({})", s.approvers.join(", "))
+            format!(" ({})", approvers.join(", "))
         }
     );
     if !s.halt_reason.is_empty() {
-        let _ = writeln!(out, "HALTED: {}", s.halt_reason);
+        let _ = writeln!(out, "HALTED: {}", inert(&s.halt_reason));
     }
     for w in &s.waves {
-        let hosts: Vec<String> = w.hosts.iter().map(|h| format!("{}={}", h.id, h.state)).collect();
-        let _ = writeln!(out, "  wave {:<3} {:<10} {}", w.index, w.state, hosts.join(" "));
+        let hosts: Vec<String> = w
+            .hosts
+            .iter()
+            .map(|h| format!("{}={}", inert(&h.id), inert(&h.state)))
+            .collect();
+        let _ = writeln!(out, "  wave {:<3} {:<10} {}", w.index, inert(&w.state), hosts.join(" "));
+    }
+    for q in &s.rollback_requests {
+        let _ = writeln!(
+            out,
+            "rollback request {}: {} (asked by {} for {}; approvals {}/{})",
+            q.number,
+            inert(&q.state),
+            inert(&q.requested_by),
+            inert(&q.hosts.join(", ")),
+            q.approvers.len(),
+            q.approvals_required
+        );
     }
     out
 }
 
+/// `rollout list` for a person: a row per rollout. A plan name with a
+/// newline in it does not make a row of its own.
+fn list_rows(rollouts: &[pb::RolloutStatus]) -> String {
+    let mut rows = String::new();
+    for s in rollouts {
+        let _ = writeln!(
+            rows,
+            "{}  {:<18} {}",
+            inert(&s.id),
+            inert(&s.state),
+            inert(&s.plan_name)
+        );
+    }
+    rows
+}
+
 fn fail(status: &tonic::Status) -> u8 {
-    eprintln!("wavegate: {}", status.message());
-    exit_for(status)
+    refused(status)
 }
 
 /// Run a `rollout` subcommand.
@@ -233,16 +337,20 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                             )?;
                         }
                         Output::Table => {
-                            println!(
-                                "submitted: rollout {} (plan {}), waiting for approval",
-                                r.id, r.plan_hash
+                            let mut out = format!(
+                                "submitted: rollout {} (plan {}), waiting for approval\n",
+                                inert(&r.id),
+                                inert(&r.plan_hash)
                             );
                             if !r.dry_runs.is_empty() {
-                                println!("dry-run of the first wave:");
+                                out.push_str("dry-run of the first wave:\n");
+                                // One line per host and step, whatever paths
+                                // and package names it quotes.
                                 for d in &r.dry_runs {
-                                    println!("  {d}");
+                                    let _ = writeln!(out, "  {}", inert(d));
                                 }
                             }
+                            show(&out);
                         }
                     }
                     Ok(0)
@@ -252,12 +360,12 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                         && blocked.get("dry_runs").is_some()
                     {
                         if !output.emit(&blocked)? {
-                            print!("{}", render_blocked(&blocked));
+                            show(&render_blocked(&blocked));
                         }
                     } else if let Ok(report) = serde_json::from_slice::<Report>(status.details())
                         && !output.emit(&report)?
                     {
-                        print!("{}", super::plan::render(&report));
+                        show(&super::plan::render(&report));
                     }
                     Ok(fail(&status))
                 }
@@ -272,7 +380,7 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                 .await
             {
                 Ok(s) => {
-                    print!("{}", render_status(&s.into_inner()));
+                    show(&render_status(&s.into_inner()));
                     Ok(0)
                 }
                 Err(status) => Ok(fail(&status)),
@@ -285,7 +393,7 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                     Output::Json | Output::Yaml => {
                         output.emit(&status_json(&s))?;
                     }
-                    Output::Table => print!("{}", render_status(&s)),
+                    Output::Table => show(&render_status(&s)),
                 }
                 Ok(0)
             }
@@ -321,11 +429,7 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                         let all: Vec<_> = l.rollouts.iter().map(status_json).collect();
                         output.emit(&all)?;
                     }
-                    Output::Table => {
-                        for s in &l.rollouts {
-                            println!("{}  {:<18} {}", s.id, s.state, s.plan_name);
-                        }
-                    }
+                    Output::Table => show(&list_rows(&l.rollouts)),
                 }
                 Ok(0)
             }
@@ -347,9 +451,11 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                             output.emit(&v)?;
                         }
                         Output::Table => {
+                            let mut out = String::new();
                             for line in &r.summaries {
-                                println!("{line}");
+                                let _ = writeln!(out, "{}", inert(line));
                             }
+                            show(&out);
                         }
                     }
                     Ok(0)
@@ -357,15 +463,30 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                 Err(status) => Ok(fail(&status)),
             }
         }
-        RolloutCommand::Rollback { id, wave, host } => control(
-            client
+        RolloutCommand::Rollback {
+            id,
+            wave,
+            host,
+            approve,
+            preview,
+        } => {
+            let res = client
                 .rollback(pb::RollbackRequest {
                     id,
                     wave: wave.unwrap_or(0),
                     host: host.unwrap_or_default(),
+                    approve,
+                    preview_digest: preview.unwrap_or_default(),
                 })
-                .await,
-        ),
+                .await;
+            match res {
+                Ok(s) => {
+                    show(&render_rollback(&s.into_inner()));
+                    Ok(0)
+                }
+                Err(status) => Ok(fail(&status)),
+            }
+        }
         RolloutCommand::Pause { id } => control(client.pause(pb::RolloutRequest { id }).await),
         RolloutCommand::Resume { id } => control(client.resume(pb::RolloutRequest { id }).await),
         RolloutCommand::Abort { id } => control(client.abort(pb::RolloutRequest { id }).await),
@@ -373,17 +494,20 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
 }
 
 /// A refused submission's dry-run, for a person: every blocked step with
-/// what it would have deleted or changed outside its write set.
+/// what it would have deleted or changed outside its write set. Paths are
+/// a tenant's file names and the tail is a step's output: every field is
+/// made inert on its line.
 fn render_blocked(v: &serde_json::Value) -> String {
+    let text = |x: &serde_json::Value, or: &'static str| inert(x.as_str().unwrap_or(or)).into_owned();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "REFUSED: rollout {} was stored refused; its first wave's dry-run was blocked.",
-        v["id"].as_str().unwrap_or("?")
+        text(&v["id"], "?")
     );
     for d in v["dry_runs"].as_array().into_iter().flatten() {
-        let host = d["host"].as_str().unwrap_or("?");
-        let step = d["step"].as_str().unwrap_or("?");
+        let host = text(&d["host"], "?");
+        let step = text(&d["step"], "?");
         let verdict = if d["blocked"] == true { "BLOCKED" } else { "ok" };
         let _ = writeln!(out, "  {host} / {step}: {verdict}");
         if let Some(r) = d.get("report").filter(|r| !r.is_null()) {
@@ -399,20 +523,16 @@ fn render_blocked(v: &serde_json::Value) -> String {
                     r["outside"]["count"], r["outside_deleted"]["count"]
                 );
                 for p in r["outside"]["sample"].as_array().into_iter().flatten() {
-                    let _ = writeln!(out, "      {}", p.as_str().unwrap_or("?"));
+                    let _ = writeln!(out, "      {}", text(p, "?"));
                 }
             }
             for p in r["packages"].as_array().into_iter().flatten() {
-                let (name, from, to) = (
-                    p["name"].as_str().unwrap_or("?"),
-                    p["from"].as_str().unwrap_or(""),
-                    p["to"].as_str().unwrap_or(""),
-                );
+                let (name, from, to) = (text(&p["name"], "?"), text(&p["from"], ""), text(&p["to"], ""));
                 let _ = writeln!(
                     out,
                     "    package {name} {} -> {}",
-                    if from.is_empty() { "(new)" } else { from },
-                    if to.is_empty() { "(removed)" } else { to }
+                    if from.is_empty() { "(new)" } else { &from },
+                    if to.is_empty() { "(removed)" } else { &to }
                 );
             }
         }
@@ -422,18 +542,18 @@ fn render_blocked(v: &serde_json::Value) -> String {
             let _ = writeln!(
                 out,
                 "    its fetch {}: {}",
-                f["outcome"].as_str().unwrap_or("?"),
-                f["detail"].as_str().unwrap_or("")
+                text(&f["outcome"], "?"),
+                text(&f["detail"], "")
             );
         }
         for reason in d["reasons"].as_array().into_iter().flatten() {
-            let _ = writeln!(out, "    {}", reason.as_str().unwrap_or("?"));
+            let _ = writeln!(out, "    {}", text(reason, "?"));
         }
         let tail = d["report"]["output_tail"].as_str().unwrap_or_default().trim_end();
         if d["blocked"] == true && !tail.is_empty() {
             let _ = writeln!(out, "    its last output:");
             for l in tail.lines() {
-                let _ = writeln!(out, "      | {l}");
+                let _ = writeln!(out, "      | {}", inert(l));
             }
         }
     }
@@ -443,9 +563,88 @@ fn render_blocked(v: &serde_json::Value) -> String {
 fn control(res: Result<tonic::Response<pb::RolloutStatus>, tonic::Status>) -> Result<u8> {
     match res {
         Ok(s) => {
-            print!("{}", render_status(&s.into_inner()));
+            show(&render_status(&s.into_inner()));
             Ok(0)
         }
         Err(status) => Ok(fail(&status)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rollout whose plan name, submitter, host and halt reason carry
+    /// what a hostile plan or host would write.
+    fn hostile() -> pb::RolloutStatus {
+        pb::RolloutStatus {
+            id: "r0007".into(),
+            state: "halted".into(),
+            plan_name: "fix\nr0008  completed          all-good".into(),
+            submitter: "ops\u{1b}]0;pwned\u{7}".into(),
+            approvers: vec!["ann\u{202e}".into()],
+            halt_reason: "w1: step failed; last output: \u{1b}[2J\rALL HEALTHY\u{9b}31m".into(),
+            waves: vec![pb::WaveStatus {
+                index: 1,
+                state: "halted".into(),
+                hosts: vec![pb::HostStatus {
+                    id: "w1\nw2=healthy".into(),
+                    state: "failed".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn assert_inert(text: &str) {
+        assert!(
+            !text.chars().any(|c| wavegate_domain::text::is_active(c) && c != '\n'),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn a_status_keeps_its_lines_whatever_the_plan_and_hosts_say() {
+        let text = render_status(&hostile());
+        assert_inert(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[0],
+            "rollout r0007  plan fix\\nr0008  completed          all-good  state HALTED"
+        );
+        assert!(lines[1].contains("ops\\x1b]0;pwned\\x07") && lines[1].contains("ann\\u{202e}"));
+        assert_eq!(
+            lines[2],
+            "HALTED: w1: step failed; last output: \\x1b[2J\\rALL HEALTHY\\x9b31m"
+        );
+        assert!(lines[3].ends_with("w1\\nw2=healthy=failed"), "{}", lines[3]);
+    }
+
+    #[test]
+    fn a_plan_name_with_a_newline_does_not_forge_a_row_of_the_list() {
+        let rows = list_rows(&[hostile()]);
+        assert_eq!(rows.lines().count(), 1, "{rows}");
+        assert!(rows.starts_with("r0007  halted"), "{rows}");
+    }
+
+    #[test]
+    fn a_blocked_dry_run_shows_paths_and_output_inert() {
+        let blocked = json!({"id": "r0009", "dry_runs": [{
+            "host": "w1", "step": "spill", "blocked": true, "reasons": ["it wrote \u{1b}[31moutside"],
+            "report": {"deleted": {"count": 0, "bytes": 0}, "modified": {"count": 0}, "created": {"count": 1},
+                       "outside": {"count": 1, "sample": ["/srv/a\nb\u{202e}"]}, "outside_deleted": {"count": 0},
+                       "output_tail": "fine\n\u{1b}]8;;http://x/\u{1b}\\link\rALL GOOD\n"},
+        }]});
+        let text = render_blocked(&blocked);
+        assert_inert(&text);
+        assert!(text.contains("      /srv/a\\nb\\u{202e}\n"), "{text}");
+        assert!(text.contains("    it wrote \\x1b[31moutside\n"), "{text}");
+        assert!(
+            text.contains("      | fine\n      | \\x1b]8;;http://x/\\x1b\\link\\rALL GOOD\n"),
+            "{text}"
+        );
     }
 }

@@ -215,6 +215,7 @@ impl Engine {
                 .ok_or_else(|| EngineError::NotFound(id.to_owned()))?;
             let events_before = entry.rollout.events.len();
             let state_before = entry.rollout.state;
+            let requests_before = entry.rollout.rollback_requests.clone();
             let (out, changed) = f(entry)?;
             // A state worth a person's attention is announced in the same
             // commit as the change that reached it.
@@ -237,6 +238,30 @@ impl Engine {
                     data: serde_json::Value::Null,
                 })
                 .collect();
+            // A rollback request is its own entry, with everything an
+            // auditor asks of it: who asked, for which hosts, what it would
+            // revert, who approved.
+            for q in &entry.rollout.rollback_requests {
+                if requests_before.iter().any(|b| b == q) {
+                    continue;
+                }
+                let actor = q.approvals.last().map_or(&q.requested_by, |a| &a.who);
+                bodies.push(AuditBody {
+                    kind: "rollback_request".into(),
+                    rollout: Some(id.to_owned()),
+                    host: None,
+                    actor: Some(actor.clone()),
+                    text: format!(
+                        "rollback request {} {} (asked by {}, {} of {} approvals)",
+                        q.number,
+                        q.state.as_str(),
+                        q.requested_by,
+                        q.approvals.len(),
+                        q.approvals_required
+                    ),
+                    data: serde_json::to_value(q).unwrap_or_default(),
+                });
+            }
             let mut hosts = Vec::new();
             for name in changed.iter().collect::<BTreeSet<_>>() {
                 let Some(h) = entry.hosts.get(name) else { continue };

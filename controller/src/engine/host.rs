@@ -148,7 +148,7 @@ impl Engine {
                 // when a later step is a package step, every step from here
                 // is dry-run: their write sets on this host are what the
                 // snapshot must hold.
-                let tag = format!("{id}:{attempt}:{}", self.boot);
+                let tag = format!("{id}:{attempt}:{}:{}", self.boot, nonce());
                 let later_packages = steps[index + 1..].iter().any(|s| s.packages.is_some());
                 let to_dry = if !has_snapshot && later_packages {
                     &steps[index..]
@@ -209,7 +209,7 @@ impl Engine {
                     let cmd = pb::Command {
                         redact: Vec::new(),
                         accept_weaker: Vec::new(),
-                        id: format!("{id}:{host}:snapshot"),
+                        id: format!("{id}:{host}:snapshot:{}", nonce()),
                         kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
                             rollout_id: id.to_owned(),
                             paths: paths.into_iter().collect(),
@@ -294,7 +294,7 @@ impl Engine {
                     return Ok(None);
                 }
                 // 3. Persist the command id, unless a halt came in meanwhile.
-                let cmd_id = format!("{id}:{attempt}:{host}:step{index}");
+                let cmd_id = format!("{id}:{attempt}:{host}:step{index}:{}", nonce());
                 let sent = self
                     .mutate(id, |e| {
                         if e.rollout.state != RolloutState::Running {

@@ -20,8 +20,8 @@ use wavegate_domain::effects::{DryRunRecord, FetchRecord, StepReport};
 use wavegate_domain::plan::Reboot;
 use wavegate_domain::plan::{CheckKind, OnFailure, Plan};
 use wavegate_domain::rollout::{
-    Approval, CheckSpec, HostRecord, HostState, ProbeSpec, RebootWait, Rollout, RolloutState, StepResult, StepSpec,
-    TransitionError, Wave, WaveState, over_budget,
+    Approval, CheckSpec, HostPreview, HostRecord, HostState, ProbeSpec, RebootWait, RollbackRequest, RollbackState,
+    Rollout, RolloutState, StepResult, StepSpec, TransitionError, Wave, WaveState, over_budget,
 };
 use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};
 use wavegate_domain::{Fleet, PolicySet, Report, Source, check_plan};
@@ -86,6 +86,9 @@ pub struct Settings {
     pub agent_grace: Duration,
     /// How much output the controller keeps per host and rollout.
     pub output_cap: u64,
+    /// How much output the controller keeps per rollout, every host
+    /// together: hosts that flood cannot fill the controller's disk.
+    pub output_rollout_cap: u64,
     /// Whether state changes are announced (a webhook is configured):
     /// their notifications go into the outbox with each change.
     pub notify: bool,
@@ -95,6 +98,9 @@ pub struct Settings {
 
 /// The output kept per host and rollout when the controller is not told.
 pub const DEFAULT_OUTPUT_CAP: u64 = 256 << 20;
+
+/// The output kept per rollout (all hosts) when the controller is not told.
+pub const DEFAULT_OUTPUT_ROLLOUT_CAP: u64 = 2 << 30;
 
 /// Changes applied in memory and waiting for their commit, in order.
 struct Pending {
@@ -220,6 +226,14 @@ fn outcome_name(o: i32) -> &'static str {
     }
 }
 
+/// The unguessable part of a command id: a session that learns or
+/// guesses another host's ids still cannot answer for it (the hub also
+/// checks the host), and no id repeats across controllers or restored
+/// stores.
+fn nonce() -> String {
+    crate::store::random_letters(8)
+}
+
 fn checks_command(id: String, checks: &[CheckSpec]) -> pb::Command {
     let rollout_id = id.split(':').next().unwrap_or_default().to_owned();
     let checks = checks
@@ -288,7 +302,7 @@ impl Engine {
         let (durable, _) = watch::channel(Durable::default());
         let wake = Arc::new(Notify::new());
         let (output, output_rx) = output::OutputSink::new();
-        let cap = settings.output_cap;
+        let cap = (settings.output_cap, settings.output_rollout_cap);
         let engine = Arc::new(Engine {
             output,
             notified: Arc::new(Notify::new()),
@@ -498,6 +512,22 @@ impl Engine {
     /// A copy of one rollout, as committed.
     pub async fn get(&self, id: &str) -> Result<Entry, EngineError> {
         self.read_durable(id, Entry::clone).await
+    }
+
+    /// The full id of the rollout an operator names: the id itself, or its
+    /// number alone (`r0007` for `r0007-k3x9qa`) when exactly one rollout
+    /// has it. Anything else is returned as given (and is then not found).
+    pub fn full_id(&self, id: &str) -> String {
+        let st = self.lock();
+        if id.is_empty() || st.rollouts.contains_key(id) {
+            return id.to_owned();
+        }
+        let prefix = format!("{id}-");
+        let mut found = st.rollouts.keys().filter(|k| k.starts_with(&prefix));
+        match (found.next(), found.next()) {
+            (Some(one), None) => one.clone(),
+            _ => id.to_owned(),
+        }
     }
 
     /// `get` for an operator or the web view: on a leader cut off from its

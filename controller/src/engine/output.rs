@@ -5,8 +5,8 @@
 //! control), and the agent then skips ahead and says how much; memory stays
 //! bounded on both sides. One writer stores the chunks in batches. A chunk sent twice (after a reconnect the agent sends a step's
 //! output again from the start) is stored once, by its offset. Each host
-//! keeps at most a cap of output per rollout; past it, output is counted,
-//! not stored. When a step's result comes,
+//! keeps at most a cap of output per rollout, and a rollout at most a cap
+//! for all its hosts; past them, output is counted, not stored. When a step's result comes,
 //! its stored output is checked against the agent's SHA-256 of the whole.
 
 use std::collections::HashMap;
@@ -163,8 +163,14 @@ impl Engine {
 
 /// The output writer: takes what the sessions queued, drops what is stored
 /// already or over the cap, stores the rest in batches.
-pub(super) async fn writer(engine: Weak<Engine>, mut rx: mpsc::Receiver<(String, pb::OutputChunk)>, cap: u64) {
+pub(super) async fn writer(
+    engine: Weak<Engine>,
+    mut rx: mpsc::Receiver<(String, pb::OutputChunk)>,
+    (cap, rollout_cap): (u64, u64),
+) {
     let mut hosts: HashMap<(String, String), HostOutput> = HashMap::new();
+    // Bytes stored per rollout, every host together.
+    let mut rollouts: HashMap<String, u64> = HashMap::new();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let mut bytes = batch[0].1.data.len();
@@ -182,6 +188,21 @@ pub(super) async fn writer(engine: Weak<Engine>, mut rx: mpsc::Receiver<(String,
         let mut pieces = Vec::new();
         for (host, c) in batch {
             let key = (c.rollout_id.clone(), host.clone());
+            if !rollouts.contains_key(&c.rollout_id) {
+                // What an earlier run stored for every host of the rollout.
+                let mut total = 0;
+                if let Ok(e) = engine.get(&c.rollout_id).await {
+                    for h in e.hosts.keys() {
+                        let known = engine
+                            .store
+                            .output_ends(c.rollout_id.clone(), h.clone())
+                            .await
+                            .unwrap_or_default();
+                        total += known.iter().map(|(_, e)| e).sum::<u64>();
+                    }
+                }
+                rollouts.insert(c.rollout_id.clone(), total);
+            }
             if !hosts.contains_key(&key) {
                 // What an earlier run of the controller stored already.
                 let (r, h) = key.clone();
@@ -203,11 +224,13 @@ pub(super) async fn writer(engine: Weak<Engine>, mut rx: mpsc::Receiver<(String,
             } else {
                 (c.offset, c.data)
             };
-            if ho.total + data.len() as u64 > cap {
+            let in_rollout = rollouts.get(&c.rollout_id).copied().unwrap_or(0);
+            if ho.total + data.len() as u64 > cap || in_rollout + data.len() as u64 > rollout_cap {
                 engine.metrics.output_capped.inc_by(data.len() as u64);
                 continue;
             }
             ho.total += data.len() as u64;
+            rollouts.insert(c.rollout_id.clone(), in_rollout + data.len() as u64);
             ho.ends.insert(c.step.clone(), offset + data.len() as u64);
             pieces.push(OutputPiece {
                 rollout: c.rollout_id,

@@ -39,9 +39,10 @@ impl Engine {
                 let cmd = pb::Command {
                     redact: Vec::new(),
                     accept_weaker: Vec::new(),
-                    id: format!("{id}:{host}:restore:{}", now_ms()),
+                    id: format!("{id}:{host}:restore:{}", nonce()),
                     kind: Some(pb::command::Kind::RestoreSnapshot(pb::RestoreSnapshot {
                         rollout_id: id.clone(),
+                        preview: false,
                     })),
                 };
                 let deadline = Instant::now() + Duration::from_secs(600) + engine.settings.agent_grace;
@@ -54,7 +55,7 @@ impl Engine {
                     crate::failpoint::hit("rollback-restored");
                 }
                 if ok && !checks.is_empty() {
-                    let cmd = checks_command(format!("{id}:{host}:after-restore:{}", now_ms()), &checks);
+                    let cmd = checks_command(format!("{id}:{host}:after-restore:{}", nonce()), &checks);
                     let deadline = Instant::now() + checks_timeout(&checks) + engine.settings.agent_grace;
                     detail.push_str(match engine.hub.execute(&host, cmd, deadline).await {
                         Ok(r) if r.outcome == pb::Outcome::Ok as i32 => "; health checks pass",
@@ -92,14 +93,24 @@ impl Engine {
         out
     }
 
-    /// Restore hosts on an operator's request (`rollout rollback`).
-    pub async fn rollback(
+    /// An operator's `rollout rollback`: not a restore but a request for
+    /// one, a change like any other. It names the hosts, shows what a
+    /// restore would revert on each (asked of the agents now), and waits
+    /// for the approvals the rollout itself needed, from people other than
+    /// the one who asked. A request still waiting is replaced by a new one.
+    pub async fn request_rollback(
         self: &Arc<Self>,
         who: &str,
+        person: &str,
         id: &str,
         wave: Option<usize>,
         host: Option<&str>,
     ) -> Result<Entry, EngineError> {
+        if person.is_empty() {
+            return Err(EngineError::Denied(format!(
+                "the certificate of {who} names no person; have it issued again with `--person`"
+            )));
+        }
         let entry = self.get(id).await?;
         if matches!(
             entry.rollout.state,
@@ -122,7 +133,173 @@ impl Engine {
                 "no host of that selection has a snapshot to restore".into(),
             ));
         }
-        self.restore_hosts(id, &hosts, who).await;
+        let mut previews = Vec::new();
+        for host in &hosts {
+            let engine = Arc::clone(self);
+            let (id, host) = (id.to_owned(), host.clone());
+            previews.push(tokio::spawn(async move { engine.preview_restore(&id, &host).await }));
+        }
+        let mut preview = Vec::new();
+        for p in previews {
+            preview.push(p.await.map_err(|e| EngineError::Store(anyhow::anyhow!(e)))?);
+        }
+        let digest = hex::encode(Sha256::digest(
+            serde_json::to_vec(&(&hosts, &preview)).map_err(anyhow::Error::from)?,
+        ));
+        let total: u64 = preview.iter().map(|p| p.total).sum();
+        let unknown: Vec<String> = preview
+            .iter()
+            .filter(|p| !p.error.is_empty())
+            .map(|p| p.host.clone())
+            .collect();
+        self.mutate(id, |e| {
+            let r = &mut e.rollout;
+            let number = r.rollback_requests.len() as u32 + 1;
+            for old in r
+                .rollback_requests
+                .iter_mut()
+                .filter(|q| q.state == RollbackState::AwaitingApproval)
+            {
+                old.state = RollbackState::Done;
+                let n = old.number;
+                r.events.push(format!(
+                    "{} rollback request {n} withdrawn: replaced by request {number} of {who}",
+                    utc(now_ms())
+                ));
+            }
+            let required = r.approvals_required.max(1);
+            r.rollback_requests.push(RollbackRequest {
+                number,
+                state: RollbackState::AwaitingApproval,
+                requested_by: who.to_owned(),
+                requester_person: person.to_owned(),
+                hosts: hosts.clone(),
+                preview,
+                digest: digest.clone(),
+                approvals: Vec::new(),
+                approvals_required: required,
+                at_ms: now_ms(),
+            });
+            let unknown = if unknown.is_empty() {
+                String::new()
+            } else {
+                format!("; no preview from {}", unknown.join(", "))
+            };
+            event(
+                r,
+                format!(
+                    "rollback request {number} by {who} ({person}): restore {} from their snapshots, \
+                     reverting {total} paths{unknown}; preview {digest}; needs {required} approvals of other people",
+                    hosts.join(", ")
+                ),
+            );
+            Ok(((), Vec::new()))
+        })
+        .await?;
+        self.get(id).await
+    }
+
+    /// What a restore would change on `host` now, as its agent sees it.
+    async fn preview_restore(&self, id: &str, host: &str) -> HostPreview {
+        let cmd = pb::Command {
+            redact: Vec::new(),
+            accept_weaker: Vec::new(),
+            id: format!("{id}:{host}:preview:{}", nonce()),
+            kind: Some(pb::command::Kind::RestoreSnapshot(pb::RestoreSnapshot {
+                rollout_id: id.to_owned(),
+                preview: true,
+            })),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120) + self.settings.agent_grace;
+        let mut p = HostPreview {
+            host: host.to_owned(),
+            ..HostPreview::default()
+        };
+        match self.hub.execute(host, cmd, deadline).await {
+            Ok(r) if r.outcome == pb::Outcome::Ok as i32 => {
+                p.changes = r.changes.into_iter().map(|c| (c.path, c.change)).collect();
+                p.total = r.changes_total;
+            }
+            Ok(r) => p.error = r.detail,
+            Err(e) => p.error = e.to_string(),
+        }
+        p
+    }
+
+    /// Approve the rollout's waiting rollback request, bound to the preview
+    /// digest the approver read (empty: the current one). With every
+    /// approval in, its hosts are restored, and the request is done.
+    pub async fn approve_rollback(
+        self: &Arc<Self>,
+        who: &str,
+        person: &str,
+        id: &str,
+        digest: &str,
+    ) -> Result<Entry, EngineError> {
+        let approved = self
+            .mutate(id, |e| {
+                let r = &mut e.rollout;
+                let q = r
+                    .rollback_requests
+                    .iter_mut()
+                    .rev()
+                    .find(|q| q.state == RollbackState::AwaitingApproval)
+                    .ok_or_else(|| {
+                        EngineError::Denied(format!(
+                            "rollout {id} has no rollback request waiting for approval; ask for one with `rollout rollback {id}`"
+                        ))
+                    })?;
+                let started = q
+                    .approve(Approval {
+                        who: who.to_owned(),
+                        person: person.to_owned(),
+                        plan_hash: String::new(),
+                        dry_run_digest: digest.to_owned(),
+                        at_ms: now_ms(),
+                    })
+                    .map_err(EngineError::Denied)?;
+                let (number, have, need, hosts) =
+                    (q.number, q.approvals.len(), q.approvals_required, q.hosts.clone());
+                event(
+                    r,
+                    format!("rollback request {number} approved by {who} ({person}; {have} of {need})"),
+                );
+                Ok((started.then_some((number, hosts)), Vec::new()))
+            })
+            .await;
+        let approved = match approved {
+            Err(EngineError::Denied(msg)) => {
+                self.refuse(&format!("rollback approval of {id} by {who}: {msg}")).await;
+                let _ = self
+                    .mutate(id, |e| {
+                        event(&mut e.rollout, format!("refused rollback approval by {who}: {msg}"));
+                        Ok(((), Vec::new()))
+                    })
+                    .await;
+                return Err(EngineError::Denied(msg));
+            }
+            other => other?,
+        };
+        if let Some((number, hosts)) = approved {
+            let results = self
+                .restore_hosts(id, &hosts, &format!("rollback request {number}"))
+                .await;
+            let failed: Vec<&str> = results.iter().filter(|(_, ok)| !ok).map(|(h, _)| h.as_str()).collect();
+            let failed = failed.join(", ");
+            self.mutate(id, |e| {
+                if let Some(q) = e.rollout.rollback_requests.iter_mut().find(|q| q.number == number) {
+                    q.state = RollbackState::Done;
+                }
+                let how = if failed.is_empty() {
+                    "every host restored".to_owned()
+                } else {
+                    format!("NOT restored: {failed}")
+                };
+                event(&mut e.rollout, format!("rollback request {number} done: {how}"));
+                Ok(((), Vec::new()))
+            })
+            .await?;
+        }
         self.get(id).await
     }
 
@@ -156,7 +333,7 @@ impl Engine {
             let cmd = pb::Command {
                 redact: Vec::new(),
                 accept_weaker: Vec::new(),
-                id: format!("{id}:{host}:release:{}", now_ms()),
+                id: format!("{id}:{host}:release:{}", nonce()),
                 kind: Some(pb::command::Kind::ReleaseSnapshot(pb::ReleaseSnapshot {
                     rollout_id: id.clone(),
                 })),

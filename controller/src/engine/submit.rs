@@ -99,6 +99,8 @@ pub(super) fn build(
         untouchable,
         snapshot_backend: policies.snapshot_backend().unwrap_or_default(),
         events: Vec::new(),
+        rollback_requests: Vec::new(),
+        submitter_person: String::new(),
     };
     event(
         &mut rollout,
@@ -115,11 +117,24 @@ impl Engine {
     pub async fn submit(
         self: &Arc<Self>,
         submitter: &str,
+        person: &str,
         plan_file: &str,
         plan_yaml: &str,
         bypass: &[String],
     ) -> Result<(Entry, Report), EngineError> {
         self.leading()?;
+        if person.is_empty() {
+            // Who may approve it is decided by person: without one, no
+            // approver could be told apart from the submitter.
+            self.refuse(&format!(
+                "{submitter} submitted with a certificate that names no person"
+            ))
+            .await;
+            return Err(EngineError::Denied(format!(
+                "the certificate of {submitter} names no person, so no approver could be told apart from you; \
+                 have it issued again with `wavegate certs issue operator {submitter} --role ROLE --person ID`"
+            )));
+        }
         if !bypass.is_empty() {
             self.refuse(&format!("{submitter} asked to bypass: {}", bypass.join(", ")))
                 .await;
@@ -143,9 +158,10 @@ impl Engine {
         };
         let hash = hex::encode(Sha256::digest(plan_yaml.as_bytes()));
         let waves: Vec<Vec<String>> = report.waves.iter().map(|w| w.hosts.clone()).collect();
-        let (template, template_hosts) = build(String::new(), submitter, &hash, &plan, &waves, &self.policies);
+        let (mut template, template_hosts) = build(String::new(), submitter, &hash, &plan, &waves, &self.policies);
+        template.submitter_person = person.to_owned();
         let first = waves.first().cloned().unwrap_or_default();
-        let tag = format!("submit:{}:{}", &hash[..12], self.boot);
+        let tag = format!("submit:{}:{}:{}", &hash[..12], self.boot, nonce());
         let mut probes = Vec::new();
         for host in first {
             let engine = Arc::clone(self);
@@ -423,13 +439,31 @@ impl Engine {
     }
 
     /// Approve, bound to the plan hash the approver saw.
-    pub async fn approve(self: &Arc<Self>, who: &str, id: &str, plan_hash: &str) -> Result<Entry, EngineError> {
+    pub async fn approve(
+        self: &Arc<Self>,
+        who: &str,
+        person: &str,
+        id: &str,
+        plan_hash: &str,
+    ) -> Result<Entry, EngineError> {
         let started = self
             .mutate(id, |e| {
                 let r = &mut e.rollout;
-                if r.submitter == who {
+                if r.submitter == who || (!person.is_empty() && person == r.submitter_person) {
                     return Err(EngineError::Denied(format!(
-                        "{who} submitted this rollout and cannot approve it; another person must"
+                        "{who} ({person}) submitted this rollout and cannot approve it; another person must"
+                    )));
+                }
+                if let Some(a) = r.approvals.iter().find(|a| a.person == person && a.who != who) {
+                    return Err(EngineError::Denied(format!(
+                        "{who} is {person}, who approved already as {}; approvals count people, not certificates",
+                        a.who
+                    )));
+                }
+                if person.is_empty() {
+                    return Err(EngineError::Denied(format!(
+                        "the certificate of {who} names no person, so its approval cannot be counted; \
+                         have it issued again with `wavegate certs issue operator {who} --role ROLE --person ID`"
                     )));
                 }
                 if !plan_hash.is_empty() && plan_hash != r.plan_hash {
@@ -442,6 +476,7 @@ impl Engine {
                 let dry_run_digest = r.dry_run_digest.clone();
                 let started = r.approve(Approval {
                     who: who.to_owned(),
+                    person: person.to_owned(),
                     plan_hash: hash,
                     dry_run_digest,
                     at_ms: now_ms(),
@@ -449,7 +484,7 @@ impl Engine {
                 event(
                     r,
                     format!(
-                        "approved by {who} ({} of {}) for plan {} and dry-run reports {}",
+                        "approved by {who} ({person}; {} of {}) for plan {} and dry-run reports {}",
                         r.approvals.len(),
                         r.approvals_required,
                         r.plan_hash,

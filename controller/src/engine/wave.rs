@@ -124,7 +124,10 @@ impl Engine {
             };
             let mut probes = Vec::new();
             for host in healthy {
-                let cmd = checks_command(format!("{id}:{attempt}:{host}:bake:{}:{round}", self.boot), &checks);
+                let cmd = checks_command(
+                    format!("{id}:{attempt}:{host}:bake:{}:{round}:{}", self.boot, nonce()),
+                    &checks,
+                );
                 let deadline = Instant::now() + checks_timeout(&checks) + self.settings.agent_grace;
                 let engine = Arc::clone(self);
                 probes.push(tokio::spawn(async move {

@@ -532,7 +532,7 @@ impl StateStore for EtcdStore {
                 .context("the next rollout number in etcd is unreadable")?,
             None => 1,
         };
-        let (rollout, hosts, bodies, outbox) = build(format!("r{next:04}"));
+        let (rollout, hosts, bodies, outbox) = build(super::rollout_id(next));
         let mut ops = vec![
             put(self.k(keys::NEXT_ROLLOUT), (next + 1).to_string()),
             put(self.k(&format!("{}{plan_hash}", keys::PLANS)), plan_yaml),

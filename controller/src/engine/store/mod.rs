@@ -80,6 +80,24 @@ pub struct OutputPiece {
     pub data: Vec<u8>,
 }
 
+/// Letters of the random part of ids: no two that read alike (no i, l, o, u).
+const ID_LETTERS: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+
+/// `n` random letters of [`ID_LETTERS`] (5 bits each).
+pub fn random_letters(n: usize) -> String {
+    (0..n)
+        .map(|_| char::from(ID_LETTERS[usize::from(rand::random::<u8>() & 31)]))
+        .collect()
+}
+
+/// The id of the `seq`th rollout of a store: its number for people, and
+/// 30 random bits so that an id is never given twice, even by a store put
+/// back from a backup that has counted the same numbers again (the agents
+/// keep snapshots and journals under the old ids).
+pub fn rollout_id(seq: u64) -> String {
+    format!("r{seq:04}-{}", random_letters(6))
+}
+
 /// The key of a piece of output: rollout, host, step and offset, so that a
 /// range scan reads one step's output in order.
 pub fn output_key(rollout: &str, host: &str, step: &str, offset: u64) -> String {

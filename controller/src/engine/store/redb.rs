@@ -242,7 +242,7 @@ impl RedbStore {
             let mut meta = txn.open_table(META)?;
             let next = meta.get("next_rollout")?.map_or(1, |v| v.value());
             meta.insert("next_rollout", next + 1)?;
-            let (r, h, b, o) = build(format!("r{next:04}"));
+            let (r, h, b, o) = build(super::rollout_id(next));
             built = (r, h);
             bodies = b;
             outbox = o;
