@@ -2,38 +2,108 @@
 //! port: `/` (rollouts), `/rollouts/{id}` (waves by hosts, dry-runs,
 //! snapshots, output), `/audit` (timeline and verification), `/metrics`,
 //! `/live`, `/ready`. Server-rendered HTML; nothing here changes anything.
+//!
+//! Served over TLS with the controller's certificate, and only to someone
+//! let in (see [`access`]): a client certificate from the CA with an
+//! operator role, or a browser session from a one-time login link.
+
+mod access;
+mod incoming;
 
 use std::fmt::Write as _;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use tokio::net::TcpListener;
 use wavegate_domain::rollout::RolloutState;
 use wavegate_domain::snapshot::SnapshotState;
 
+pub use self::access::{SESSION, Viewer, host_name};
+pub use self::incoming::{ClientCert, Peer, fetch};
 use crate::engine::{Engine, Entry, utc};
+use crate::tls::TlsFiles;
 
-/// Serve the web view on `listener` until `shutdown`.
-pub async fn serve(
+/// How the web view is served and who may read it.
+pub struct WebOptions<'a> {
+    /// The controller's TLS files; `None` serves plain HTTP (local
+    /// development only: the login token then crosses the wire in clear).
+    pub tls: Option<&'a TlsFiles>,
+    /// More names it answers to besides its address and `localhost`
+    /// (`--web-host`, checked by [`host_name`]).
+    pub hosts: Vec<String>,
+    /// Where the current login link is kept (mode 0600).
+    pub login_file: Option<PathBuf>,
+}
+
+/// The web view, bound, with its first login link made (and written).
+pub struct WebView {
     listener: TcpListener,
-    engine: Arc<Engine>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let app = Router::new()
-        .route("/", get(index))
-        .route("/rollouts/{id}", get(rollout))
-        .route("/audit", get(audit))
-        .route("/metrics", get(metrics))
-        .route("/live", get(|| async { "ok\n" }))
-        .route("/ready", get(ready))
-        .with_state(engine);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
-    Ok(())
+    tls: Option<Arc<rustls::ServerConfig>>,
+    access: Arc<access::Access>,
+}
+
+impl WebView {
+    /// Prepare the view on `listener`: TLS, the names it answers to, and
+    /// the first login link, printed and written to the login file before
+    /// this returns.
+    pub fn new(listener: TcpListener, options: WebOptions<'_>) -> anyhow::Result<WebView> {
+        use anyhow::Context as _;
+        let tls = options
+            .tls
+            .map(incoming::server_config)
+            .transpose()
+            .context("the web view's TLS")?;
+        let access = access::Access::new(
+            listener.local_addr()?,
+            &options.hosts,
+            tls.is_some(),
+            options.login_file,
+        )?;
+        Ok(WebView {
+            listener,
+            tls,
+            access: Arc::new(access),
+        })
+    }
+
+    /// Serve until `shutdown`.
+    pub async fn serve(
+        self,
+        engine: Arc<Engine>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let app = Router::new()
+            .route("/", get(index))
+            .route("/rollouts/{id}", get(rollout))
+            .route("/audit", get(audit))
+            .route("/metrics", get(metrics))
+            .route("/live", get(|| async { "ok\n" }))
+            .route("/ready", get(ready))
+            .with_state(engine)
+            // Runs for every request, also one no route matches (`/login`
+            // is answered there).
+            .layer(axum::middleware::from_fn_with_state(self.access, access::guard))
+            .into_make_service_with_connect_info::<Peer>();
+        match self.tls {
+            Some(config) => {
+                axum::serve(incoming::tls(self.listener, config)?, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await?;
+            }
+            None => {
+                axum::serve(incoming::plain(self.listener)?, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Escape text for HTML.
@@ -242,7 +312,7 @@ fn rollout_body(e: &Entry) -> String {
 }
 
 async fn rollout(State(engine): State<Arc<Engine>>, Path(id): Path<String>) -> Response {
-    match engine.show(&id).await {
+    match engine.show(&engine.full_id(&id)).await {
         Ok(e) => {
             let moving = matches!(
                 e.rollout.state,
@@ -392,23 +462,29 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     ([("content-type", "text/plain; version=0.0.4")], m.render()).into_response()
 }
 
-async fn ready(State(engine): State<Arc<Engine>>) -> Response {
+/// Ready or not; why not only to someone let in (the reasons name the
+/// store and the other controllers).
+async fn ready(State(engine): State<Arc<Engine>>, viewer: Option<Extension<Viewer>>) -> Response {
+    let why = match readiness(&engine).await {
+        Ok(()) => return (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => why,
+    };
+    let body = match viewer {
+        Some(_) => format!("{why}\n"),
+        None => "not ready\n".to_owned(),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+}
+
+async fn readiness(engine: &Engine) -> Result<(), String> {
     if let Some(why) = engine.store_failure() {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
+        return Err(why);
     }
-    if let Err(why) = engine.leadership().may_act() {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response();
-    }
-    if let Err(e) = engine.leading() {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response();
-    }
+    engine.leadership().may_act()?;
+    engine.leading().map_err(|e| e.to_string())?;
     match engine.store().audit_len().await {
-        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the store cannot be read: {e:#}\n"),
-        )
-            .into_response(),
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("the store cannot be read: {e:#}")),
     }
 }
 

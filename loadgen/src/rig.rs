@@ -87,7 +87,7 @@ impl Rig {
             ("approver", Role::Approver),
             ("admin", Role::Admin),
         ] {
-            certs.issue_operator(who, role)?;
+            certs.issue_operator(who, role, &format!("{who}@loadgen"))?;
         }
         let mut rig = Rig {
             dir,
@@ -207,7 +207,7 @@ impl Rig {
             if let (Ok(a), Ok(w)) = (std::fs::read_to_string(&addr), std::fs::read_to_string(&web)) {
                 self.urls.push(format!("https://{}", a.trim()));
                 if i == 1 {
-                    self.web = format!("http://{}", w.trim());
+                    self.web = format!("https://{}", w.trim());
                 }
                 return Ok(());
             }
@@ -292,10 +292,16 @@ impl Rig {
         }
     }
 
-    /// A metric's value from /metrics (the first sample whose name matches).
+    /// A metric's value from /metrics (the first sample whose name matches),
+    /// scraped with the admin's certificate as Prometheus scrapes.
     pub async fn metric(&self, name: &str) -> Result<Option<f64>> {
-        let addr = self.web.trim_start_matches("http://").to_owned();
-        let text = tokio::task::spawn_blocking(move || http_get(&addr, "/metrics")).await??;
+        let addr = self.web.trim_start_matches("https://").parse()?;
+        let admin = self.certs.operator("admin");
+        let files = wavegate::tls::TlsFiles::read(&self.certs.ca(), &admin.cert, &admin.key)?;
+        let (status, text) = wavegate::web::fetch(addr, &files, "/metrics").await?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
         Ok(text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
             let (k, v) = l.split_once(' ')?;
             (k == name).then(|| v.trim().parse().ok())?
@@ -329,19 +335,6 @@ fn issue_agents(certs: &CertDir, hosts: &[String]) -> Result<()> {
         jobs.into_iter()
             .try_for_each(|j| j.join().map_err(|_| anyhow::anyhow!("a certificate thread panicked"))?)
     })
-}
-
-/// A plain HTTP/1.0 GET on loopback (the web view), body only.
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    Ok(out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
 }
 
 /// Resident memory of a process, in KiB.

@@ -262,6 +262,32 @@ impl Lab {
         assert_eq!(run.status, 0, "approve failed:\n{}\n{}", run.stdout, run.stderr);
     }
 
+    /// Undo a rollout as people do: the approver asks for the rollback
+    /// (which only shows what it would revert), the admin, another person,
+    /// approves the preview they read, and the hosts are restored. Returns
+    /// the request's text.
+    pub fn rollback(&self, id: &str) -> String {
+        let asked = self.wavegate_as("approver", &["rollout", "rollback", id]);
+        assert_eq!(
+            asked.status, 0,
+            "rollback request failed:\n{}\n{}",
+            asked.stdout, asked.stderr
+        );
+        let digest = self.status(id)["rollback_requests"]
+            .as_array()
+            .and_then(|q| q.last())
+            .and_then(|q| q["preview_digest"].as_str())
+            .expect("the request's preview digest")
+            .to_owned();
+        let run = self.wavegate_as("admin", &["rollout", "rollback", id, "--approve", "--preview", &digest]);
+        assert_eq!(
+            run.status, 0,
+            "rollback approval failed:\n{}\n{}",
+            run.stdout, run.stderr
+        );
+        asked.stdout
+    }
+
     /// `rollout status --output json` as the auditor.
     pub fn status(&self, id: &str) -> Value {
         let run = self.wavegate_as("auditor", &["rollout", "status", id, "--output", "json"]);
@@ -546,5 +572,102 @@ impl Drop for Lab {
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// An answer of the web view.
+#[derive(Debug)]
+pub struct Http {
+    /// The status code (0 when curl got no answer).
+    pub status: u16,
+    /// The header lines, as sent.
+    pub head: String,
+    /// The body.
+    pub body: String,
+}
+
+impl Http {
+    /// The value of a header (named in any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// The web view: HTTPS with the controller's certificate, read with curl
+/// trusting the lab's CA.
+impl Lab {
+    /// The first controller's web view (`https://ADDR`).
+    pub fn web(&self) -> String {
+        let lab: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("lab.json")).expect("lab.json"))
+            .expect("lab.json is JSON");
+        lab["web"].as_str().expect("lab.json names the web view").to_owned()
+    }
+
+    /// The first controller's current login link (the file `lab.json`
+    /// names: each use of a link writes the next one there).
+    pub fn web_login(&self) -> String {
+        let lab: Value = serde_json::from_str(&std::fs::read_to_string(self.dir.join("lab.json")).expect("lab.json"))
+            .expect("lab.json is JSON");
+        let file = lab["web_login_files"][0]
+            .as_str()
+            .expect("lab.json names the login file");
+        std::fs::read_to_string(file).expect("the login file").trim().to_owned()
+    }
+
+    /// curl arguments that present a certificate of the lab: an identity
+    /// (`auditor`, `admin`, ...) or `agent-HOST`.
+    pub fn cert_args(&self, who: &str) -> Vec<String> {
+        let certs = self.dir.join("certs");
+        let (cert, key) = match who.strip_prefix("agent-") {
+            Some(_) => (certs.join(format!("{who}.pem")), certs.join(format!("{who}.key"))),
+            None => {
+                let env = self.identity(who);
+                let get = |k: &str| {
+                    env.iter()
+                        .find(|(n, _)| n == k)
+                        .map(|(_, v)| PathBuf::from(v))
+                        .unwrap_or_else(|| panic!("{who} has no {k}"))
+                };
+                (get("WAVEGATE_CERT"), get("WAVEGATE_KEY"))
+            }
+        };
+        vec![
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+        ]
+    }
+
+    /// GET `url` (a path on the first web view, or a whole URL) with more
+    /// curl arguments (a certificate, a header, a cookie).
+    pub fn web_get(&self, url: &str, args: &[String]) -> Http {
+        let url = if url.starts_with('/') {
+            format!("{}{url}", self.web())
+        } else {
+            url.to_owned()
+        };
+        let out = Command::new("curl")
+            .args(["-s", "-S", "--max-time", "30", "-D", "-", "--cacert"])
+            .arg(self.dir.join("certs").join("ca.pem"))
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Http {
+            status: head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0),
+            head: head.to_owned(),
+            body: body.to_owned(),
+        }
+    }
+
+    /// GET a path on the first web view as the lab identity `who`.
+    pub fn web_as(&self, who: &str, path: &str) -> Http {
+        self.web_get(path, &self.cert_args(who))
     }
 }

@@ -297,24 +297,18 @@ fn one_etcd_member_killed_mid_rollout_changes_nothing() {
     );
 }
 
-fn ready(web: &str) -> (u16, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-s", "-o", "-", "-w", "\n%{http_code}", &format!("{web}/ready")])
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+/// `/ready` of the first controller, asked with the auditor's certificate
+/// (without one it says whether, not why).
+fn ready(lab: &Lab) -> (u16, String) {
+    let r = lab.web_as("auditor", "/ready");
+    (r.status, r.body)
 }
 
 #[test]
 fn quorum_lost_stops_all_dispatch_ready_says_why_and_it_goes_on_when_quorum_returns() {
     let h = ha("ha-quorum", &[]);
     let (lab, etcd) = (&h.lab, &h.etcd);
-    let lab_json: Value =
-        serde_json::from_str(&std::fs::read_to_string(lab.dir.join("lab.json")).expect("lab.json")).expect("json");
-    let web = lab_json["web"].as_str().expect("web").to_owned();
-    assert_eq!(ready(&web).0, 200, "the leader is ready");
+    assert_eq!(ready(lab).0, 200, "the leader is ready");
     let id = lab.submit("lab/long-bakes.yaml");
     lab.approve(&id);
     in_flight(lab, &id);
@@ -323,12 +317,18 @@ fn quorum_lost_stops_all_dispatch_ready_says_why_and_it_goes_on_when_quorum_retu
     // First the store cannot be read; once the lease could have expired,
     // the leader knows it may not act, and says so.
     let why = eventually(LONG, "/ready to say the leader cannot act", || {
-        let (code, body) = ready(&web);
+        let (code, body) = ready(lab);
         (code == 503 && body.contains("lease")).then_some(body)
     });
     assert!(
         why.contains("sends nothing") || why.contains("in time"),
         "/ready says why: {why}"
+    );
+    let anyone = lab.web_get("/ready", &[]);
+    assert_eq!(
+        (anyone.status, anyone.body.as_str()),
+        (503, "not ready\n"),
+        "without a certificate /ready says whether, not why"
     );
     // Nothing is sent while the quorum is gone: the hosts' files and
     // journals stay as they are, however long it lasts.
@@ -343,13 +343,13 @@ fn quorum_lost_stops_all_dispatch_ready_says_why_and_it_goes_on_when_quorum_retu
             .map(|h| (marker_lines(lab, h), lab.jobs(h).len()))
             .collect();
         assert_eq!(now, before, "a host was sent something while etcd had no quorum");
-        assert_eq!(ready(&web).0, 503, "still not ready without a quorum");
+        assert_eq!(ready(lab).0, 503, "still not ready without a quorum");
         std::thread::sleep(Duration::from_millis(200));
     }
     etcd.start_member(2);
     etcd.start_member(3);
     eventually(LONG, "/ready again once the quorum is back", || {
-        (ready(&web).0 == 200).then_some(())
+        (ready(lab).0 == 200).then_some(())
     });
     finishes_once(lab, &id);
 }

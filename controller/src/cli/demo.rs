@@ -340,7 +340,12 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
 async fn stories(lab_dir: &Path) -> Result<bool> {
     let lab_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(lab_dir.join("lab.json"))?)?;
     let url = lab_json["controller"].as_str().unwrap_or_default().to_owned();
-    let web = lab_json["web"].as_str().unwrap_or_default().to_owned();
+    // The web view needs a login: its one-time link logs a browser in.
+    let web = lab_json["web_login"]
+        .as_str()
+        .or(lab_json["web"].as_str())
+        .unwrap_or_default()
+        .to_owned();
     for i in 0..CUSTOMERS.len() {
         for host in [format!("w{:02}", i + 1), format!("bk{:02}", i + 1)] {
             // A shared server hosts several customers' sites and mail.
@@ -525,7 +530,8 @@ async fn stories(lab_dir: &Path) -> Result<bool> {
     println!(
         "  packages:  wgtest 1.0 -> 1.1 through apt on {upgraded} hosts, each dry-run offline first (rollout {id4})"
     );
-    println!("  look next: the web view {web}  (while the lab runs: `wavegate demo --keep`)");
+    println!("  look next: the web view, logging in with {web}");
+    println!("             (works once, while the lab runs: `wavegate demo --keep`)");
     println!(
         "             `. {}/identities/auditor.env; wavegate audit report {id3}`; `wavegate audit verify`",
         lab_dir.display()

@@ -761,7 +761,8 @@ pub async fn up_ha(
     }
     let mut identities = Vec::new();
     for (stem, name, role) in IDENTITIES {
-        identities.push((*stem, certs.issue_operator(name, *role)?));
+        // Each lab identity is a person of its own.
+        identities.push((*stem, certs.issue_operator(name, *role, &format!("{name}@lab"))?));
     }
 
     // The controllers: one, or (on etcd) the first, elected, then the
@@ -773,6 +774,7 @@ pub async fn up_ha(
     let count = ha.map_or(1, |h| h.stores.len());
     let mut urls = Vec::new();
     let mut webs = Vec::new();
+    let mut web_logins = Vec::new();
     for i in 1..=count {
         let suffix = if i == 1 { String::new() } else { format!("-{i}") };
         let data = dir.join(format!("controller{suffix}"));
@@ -783,8 +785,10 @@ pub async fn up_ha(
         }
         let addr_file = dir.join(format!("controller{suffix}.addr"));
         let web_file = dir.join(format!("web{suffix}.addr"));
+        let login_file = dir.join(format!("web{suffix}.login"));
         let _ = std::fs::remove_file(&addr_file);
         let _ = std::fs::remove_file(&web_file);
+        let _ = std::fs::remove_file(&login_file);
         let server = certs.controller();
         let mut args: Vec<String> = vec![
             "serve".into(),
@@ -808,6 +812,8 @@ pub async fn up_ha(
             "127.0.0.1:0".into(),
             "--web-addr-file".into(),
             web_file.display().to_string(),
+            "--web-login-file".into(),
+            login_file.display().to_string(),
             "--policies".into(),
             policy_dir.display().to_string(),
         ];
@@ -860,11 +866,17 @@ pub async fn up_ha(
             }
         }
         let web_url = match std::fs::read_to_string(&web_file) {
-            Ok(a) => format!("http://{}", a.trim()),
+            Ok(a) => format!("https://{}", a.trim()),
             Err(_) => bail!("controller {i} did not report its web address"),
+        };
+        // Written before the address files: there by now.
+        let login = match std::fs::read_to_string(&login_file) {
+            Ok(l) => l.trim().to_owned(),
+            Err(_) => bail!("controller {i} did not write its web login link"),
         };
         urls.push(url);
         webs.push(web_url);
+        web_logins.push((login, login_file));
     }
     let url = urls.join(",");
 
@@ -915,6 +927,10 @@ pub async fn up_ha(
             "controllers": urls,
             "web": webs[0],
             "webs": webs,
+            // The first login link, used up by its first use; each
+            // controller's file always holds its current one.
+            "web_login": web_logins[0].0,
+            "web_login_files": web_logins.iter().map(|(_, f)| f.display().to_string()).collect::<Vec<_>>(),
             "store": ha.map(|h| json!({"urls": h.stores, "prefix": h.prefix})),
         }))?,
     )?;
@@ -944,6 +960,12 @@ pub async fn up_ha(
         "lab up in {}: controller {url}, {} agents connected",
         dir.display(),
         hosts.len()
+    );
+    println!(
+        "  web view: {} (log in once with {}; the next link is then in {})",
+        webs[0],
+        web_logins[0].0,
+        web_logins[0].1.display()
     );
     if let Some(h) = ha {
         println!(

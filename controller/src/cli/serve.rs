@@ -37,13 +37,18 @@ pub struct ServeArgs {
     /// Write the bound address here once listening (useful with port 0).
     #[arg(long, value_name = "FILE")]
     pub addr_file: Option<PathBuf>,
-    /// Address of the read-only web view, /metrics, /live and /ready. Keep it
-    /// on loopback or behind an authenticating proxy: it shows every rollout.
+    /// Address of the read-only web view, /metrics, /live and /ready, served
+    /// over TLS with --cert. Every page but /live and /ready needs a client
+    /// certificate from --ca with an operator or auditor role, or a browser
+    /// session from the one-time login link printed at start.
     #[arg(long, default_value = "127.0.0.1:7080")]
     pub web_listen: String,
     /// Write the web view's bound address here once listening.
     #[arg(long, value_name = "FILE")]
     pub web_addr_file: Option<PathBuf>,
+    /// Who may read the web view, and by which names.
+    #[command(flatten)]
+    pub web_access: Box<WebAccessArgs>,
     /// CA certificate that signs agent and operator certificates.
     #[arg(long, value_name = "FILE", env = "WAVEGATE_CA")]
     pub ca: Option<PathBuf>,
@@ -66,6 +71,10 @@ pub struct ServeArgs {
     /// Default: 256M with the embedded store, 4M with etcd.
     #[arg(long, value_parser = bytes)]
     pub output_cap: Option<u64>,
+    /// How much output to keep per rollout, every host together, like 2G.
+    /// Default: 2G with the embedded store, 256M with etcd.
+    #[arg(long, value_parser = bytes)]
+    pub output_rollout_cap: Option<u64>,
     /// The store: the embedded one in --data (the default), or an etcd
     /// cluster several controllers share, one of them leading:
     /// etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379.
@@ -104,6 +113,21 @@ pub struct ServeArgs {
     /// system's.
     #[arg(long, value_name = "FILE")]
     pub webhook_ca: Option<PathBuf>,
+}
+
+/// The web view's login link and the names it answers to.
+#[derive(Debug, Args)]
+pub struct WebAccessArgs {
+    /// Keep the web view's current login link in this file (mode 0600),
+    /// written before the address files; each use of a link writes the next.
+    #[arg(long, value_name = "FILE")]
+    pub web_login_file: Option<PathBuf>,
+    /// Another name the web view answers to, as browsers send it in `Host`
+    /// (NAME or NAME:PORT; repeatable). Its address and localhost always
+    /// work; any other name is refused (defeating DNS rebinding). The first
+    /// one names the login link.
+    #[arg(long, value_name = "NAME", value_parser = crate::web::host_name)]
+    pub web_host: Vec<String>,
 }
 
 /// Parse a size flag: a count of bytes with K, M or G.
@@ -257,6 +281,11 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
         Settings {
             agent_grace: args.agent_grace,
             output_cap,
+            output_rollout_cap: args.output_rollout_cap.unwrap_or(if etcd.is_some() {
+                256 << 20
+            } else {
+                crate::engine::DEFAULT_OUTPUT_ROLLOUT_CAP
+            }),
             notify: webhook.is_some(),
             leadership: Arc::clone(&leadership),
         },
@@ -269,6 +298,14 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
         .await
         .with_context(|| format!("listening on {} for the web view", args.web_listen))?;
     let web_addr = web.local_addr()?;
+    let web = crate::web::WebView::new(
+        web,
+        crate::web::WebOptions {
+            tls: tls.as_ref(),
+            hosts: args.web_access.web_host.clone(),
+            login_file: args.web_access.web_login_file.clone(),
+        },
+    )?;
     if let Some(f) = &args.web_addr_file {
         let tmp = f.with_extension("tmp");
         std::fs::write(&tmp, web_addr.to_string())?;
@@ -281,9 +318,23 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
         std::fs::rename(&tmp, f)?;
     }
     info!(%addr, %web_addr, tls = tls.is_some(), store = %engine.store().describe(), "Controller listening.");
+    // SIGTERM or ^C: let the agents go (their sessions end, so nothing
+    // waits on them), stop both listeners, and give what is in flight a
+    // bounded time.
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    {
+        let hub = Arc::clone(engine.hub());
+        tokio::spawn(async move {
+            shutdown().await;
+            let n = hub.disconnect_all();
+            info!(agents = n, "Shutting down: agent sessions closed.");
+            let _ = stop_tx.send(true);
+        });
+    }
     let web_engine = Arc::clone(&engine);
+    let web_stop = stopped(stop.clone());
     tokio::spawn(async move {
-        if let Err(e) = crate::web::serve(web, web_engine, std::future::pending()).await {
+        if let Err(e) = web.serve(web_engine, web_stop).await {
             tracing::error!(error = %e, "The web view stopped.");
         }
     });
@@ -305,7 +356,16 @@ pub async fn run(args: ServeArgs) -> Result<u8> {
             follower = Some(tokio::spawn(follow_role(Arc::clone(&engine), webhook, bound)));
         }
     }
-    crate::server::serve(listener, Arc::clone(&engine), tls, shutdown()).await?;
+    let grpc = crate::server::serve(listener, Arc::clone(&engine), tls, stopped(stop.clone()));
+    tokio::select! {
+        r = grpc => r?,
+        () = async {
+            stopped(stop).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("Operator streams were still open {} s after the signal; stopping anyway.", SHUTDOWN_GRACE.as_secs());
+        }
+    }
     // A controller that is shutting down gives its leadership up; it does
     // not start again as a standby.
     if let Some(f) = follower {
@@ -449,6 +509,15 @@ fn raise_open_file_limit() {
     {
         tracing::warn!(error = %e, soft, "Could not raise the open-file limit; agents beyond it are refused.");
     }
+}
+
+/// How long open operator streams (`watch`, `logs -f`) may keep a
+/// controller that was told to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Resolves once `stop` says so (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn shutdown() {
