@@ -538,8 +538,7 @@ impl OperatorService for Api {
             )
             .await?
         } else {
-            self.operator(self.identity(&req), CHANGERS, "asking for a rollback")
-                .await?
+            self.operator(self.identity(&req), CHANGERS, "rolling back").await?
         };
         let person = self.person(&req, &who);
         let r = req.into_inner();
