@@ -462,7 +462,11 @@ impl OperatorService for Api {
         let who = self.operator(self.identity(&req), CHANGERS, "pausing").await?;
         let entry = self
             .engine
-            .control(&who, &self.engine.full_id(&req.into_inner().id), "pause")
+            .control(
+                &who,
+                &self.engine.full_id(&req.into_inner().id),
+                wavegate_domain::rollout::Control::Pause,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
@@ -473,7 +477,11 @@ impl OperatorService for Api {
         let who = self.operator(self.identity(&req), CHANGERS, "resuming").await?;
         let entry = self
             .engine
-            .control(&who, &self.engine.full_id(&req.into_inner().id), "resume")
+            .control(
+                &who,
+                &self.engine.full_id(&req.into_inner().id),
+                wavegate_domain::rollout::Control::Resume,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))
@@ -758,7 +766,11 @@ impl OperatorService for Api {
         let who = self.operator(self.identity(&req), CHANGERS, "aborting").await?;
         let entry = self
             .engine
-            .control(&who, &self.engine.full_id(&req.into_inner().id), "abort")
+            .control(
+                &who,
+                &self.engine.full_id(&req.into_inner().id),
+                wavegate_domain::rollout::Control::Abort,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(to_status_message(&entry)))

@@ -3,6 +3,7 @@
 //! The controller's engine persists a [`Rollout`] and its [`HostRecord`]s on
 //! every change and asks this module what is allowed; no I/O happens here.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -624,6 +625,152 @@ pub fn over_budget(failed: usize, budget: usize) -> bool {
     failed > budget
 }
 
+/// What a person may do to a rollout once it is approved. A closed set:
+/// an action nobody wrote down cannot reach the state machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// No new host starts; what runs finishes.
+    Pause,
+    /// Go on; from a halt, re-enter the halted wave and retry its failed
+    /// hosts.
+    Resume,
+    /// Stop for good.
+    Abort,
+}
+
+impl Control {
+    /// The word in events and the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Control::Pause => "pause",
+            Control::Resume => "resume",
+            Control::Abort => "abort",
+        }
+    }
+}
+
+/// A wave over its failure budget: the halt, decided and not yet applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HaltDecision {
+    /// The wave (0-based).
+    pub wave: usize,
+    /// Its failed hosts.
+    pub failed: usize,
+    /// Its hosts.
+    pub size: usize,
+    /// Failed hosts it tolerates.
+    pub budget: usize,
+    /// Hosts of the rollout with a step in flight at the halt (the
+    /// auditors' question: who else ran it?), in order.
+    pub in_flight: Vec<String>,
+}
+
+impl HaltDecision {
+    /// The halt reason people read: the count against the budget, the
+    /// failure that tipped it, and who else was mid-step.
+    pub fn reason(&self, host: &str, detail: &str) -> String {
+        let what = if self.wave == 0 {
+            "the canary (wave 1)".to_string()
+        } else {
+            format!("wave {}", self.wave + 1)
+        };
+        let mut reason = format!(
+            "{what}: {} of {} hosts failed, budget {}; last: {host}: {detail}",
+            self.failed, self.size, self.budget
+        );
+        if !self.in_flight.is_empty() {
+            reason.push_str(&format!("; in flight at the halt: {}", self.in_flight.join(", ")));
+        }
+        reason
+    }
+}
+
+impl Rollout {
+    /// The one halt decision: wave `wave` must halt when the rollout is
+    /// running or paused and more of the wave's hosts have failed than its
+    /// budget allows.
+    pub fn halt_decision(&self, wave: usize, hosts: &BTreeMap<String, HostRecord>) -> Option<HaltDecision> {
+        if !matches!(self.state, RolloutState::Running | RolloutState::Paused) {
+            return None;
+        }
+        let size = self.waves.get(wave)?.hosts.len();
+        let failed = hosts
+            .values()
+            .filter(|h| h.wave == wave && h.state == HostState::Failed)
+            .count();
+        let budget = self.budget(wave, size);
+        over_budget(failed, budget).then(|| HaltDecision {
+            wave,
+            failed,
+            size,
+            budget,
+            in_flight: hosts
+                .values()
+                .filter(|h| h.in_flight.is_some())
+                .map(|h| h.host.clone())
+                .collect(),
+        })
+    }
+
+    /// Apply a halt: the rollout and its wave halt with `reason`; with
+    /// `on_failure: rollback` the rollback is pending; every pinned
+    /// snapshot stays pinned past its retention. Returns the hosts whose
+    /// records changed.
+    pub fn apply_halt(
+        &mut self,
+        d: &HaltDecision,
+        reason: String,
+        hosts: &mut BTreeMap<String, HostRecord>,
+    ) -> Result<Vec<String>, TransitionError> {
+        self.halt(d.wave, reason)?;
+        if self.on_failure == "rollback" {
+            self.rollback_pending = true;
+        }
+        let mut changed = Vec::new();
+        for h in hosts.values_mut() {
+            if let Some(snap) = h.snapshot.as_mut() {
+                let before = snap.clone();
+                snap.apply(&crate::snapshot::SnapshotEvent::Halted);
+                if *snap != before {
+                    changed.push(h.host.clone());
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// A person's control. Returns the hosts whose records changed: a
+    /// resume from a halt retries the failed hosts of the re-entered wave
+    /// (with fresh command ids: `attempt` goes up).
+    pub fn control(
+        &mut self,
+        c: Control,
+        hosts: &mut BTreeMap<String, HostRecord>,
+    ) -> Result<Vec<String>, TransitionError> {
+        let mut changed = Vec::new();
+        match c {
+            Control::Pause => self.pause()?,
+            Control::Abort => self.abort()?,
+            Control::Resume => {
+                let was_halted = self.state == RolloutState::Halted;
+                self.resume()?;
+                if was_halted {
+                    for h in hosts.values_mut() {
+                        if h.state == HostState::Failed
+                            && self.waves.get(h.wave).is_some_and(|w| w.state == WaveState::Pending)
+                        {
+                            h.state = HostState::Running;
+                            h.in_flight = None;
+                            changed.push(h.host.clone());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(changed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -771,6 +918,108 @@ mod tests {
         assert_eq!(q.approve(bob), Ok(true), "no digest: the current preview");
         assert_eq!(q.state, RollbackState::Running);
         assert!(q.approve(approval("cy", "")).is_err(), "no approvals once running");
+    }
+
+    /// Two waves (a: canary, b: wave 2), running, with their host records.
+    fn running() -> (Rollout, BTreeMap<String, HostRecord>) {
+        let mut r = rollout();
+        r.state = RolloutState::Running;
+        r.waves[1].hosts = vec!["b".into(), "c".into(), "d".into(), "e".into()];
+        let hosts = [("a", 0), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]
+            .into_iter()
+            .map(|(h, w)| (h.to_owned(), HostRecord::new(h.into(), w)))
+            .collect();
+        (r, hosts)
+    }
+
+    fn fail(hosts: &mut BTreeMap<String, HostRecord>, h: &str) {
+        let rec = hosts.get_mut(h).expect("host");
+        rec.state = HostState::Failed;
+        rec.in_flight = None;
+    }
+
+    #[test]
+    fn the_canary_halts_on_its_first_failure_and_names_who_was_in_flight() {
+        let (mut r, mut hosts) = running();
+        assert_eq!(r.halt_decision(0, &hosts), None, "nothing failed");
+        hosts.get_mut("b").expect("b").in_flight = Some("cmd".into());
+        fail(&mut hosts, "a");
+        let d = r.halt_decision(0, &hosts).expect("the canary's budget is 0");
+        assert_eq!((d.failed, d.size, d.budget), (1, 1, 0));
+        assert_eq!(d.in_flight, vec!["b".to_owned()]);
+        let reason = d.reason("a", "exit 1");
+        assert_eq!(
+            reason,
+            "the canary (wave 1): 1 of 1 hosts failed, budget 0; last: a: exit 1; in flight at the halt: b"
+        );
+        r.apply_halt(&d, reason, &mut hosts).expect("halt");
+        assert_eq!((r.state, r.waves[0].state), (RolloutState::Halted, WaveState::Halted));
+        assert!(r.rollback_pending, "on_failure: rollback");
+        assert_eq!(r.halt_decision(0, &hosts), None, "a halted rollout is not halted again");
+    }
+
+    #[test]
+    fn a_wave_tolerates_its_share_rounded_down() {
+        // 25 % of 4 hosts tolerates one failure; the second halts.
+        let (mut r, mut hosts) = running();
+        r.budget_wave = Amount::Percent(25);
+        fail(&mut hosts, "b");
+        assert_eq!(r.halt_decision(1, &hosts), None, "one of four is within 25 %");
+        fail(&mut hosts, "c");
+        let d = r.halt_decision(1, &hosts).expect("two of four is over");
+        assert_eq!((d.wave, d.failed, d.budget), (1, 2, 1));
+        assert!(d.reason("c", "x").starts_with("wave 2: 2 of 4 hosts failed, budget 1"));
+        // 10 % of 4 rounds down to 0: the first failure halts.
+        r.budget_wave = Amount::Percent(10);
+        let (_, mut fresh) = running();
+        fail(&mut fresh, "e");
+        assert!(r.halt_decision(1, &fresh).is_some());
+        // A count is a count.
+        r.budget_wave = Amount::Count(2);
+        assert_eq!(r.halt_decision(1, &hosts), None);
+    }
+
+    #[test]
+    fn only_a_running_or_paused_rollout_halts_and_halt_only_keeps_rollback_when_asked() {
+        let (mut r, mut hosts) = running();
+        fail(&mut hosts, "a");
+        for state in [
+            RolloutState::AwaitingApproval,
+            RolloutState::Halted,
+            RolloutState::Completed,
+            RolloutState::Aborted,
+        ] {
+            r.state = state;
+            assert_eq!(r.halt_decision(0, &hosts), None, "{state:?}");
+        }
+        r.state = RolloutState::Paused;
+        let d = r.halt_decision(0, &hosts).expect("a paused rollout halts");
+        r.on_failure = "halt".into();
+        r.apply_halt(&d, "x".into(), &mut hosts).expect("halt");
+        assert!(!r.rollback_pending, "on_failure: halt leaves the hosts as they are");
+        assert_eq!(r.halt_decision(7, &hosts), None, "no such wave");
+    }
+
+    #[test]
+    fn controls_are_guarded_and_a_resume_retries_the_halted_waves_failed_hosts() {
+        let (mut r, mut hosts) = running();
+        assert_eq!(r.control(Control::Pause, &mut hosts), Ok(Vec::new()));
+        assert!(r.control(Control::Pause, &mut hosts).is_err(), "paused already");
+        r.control(Control::Resume, &mut hosts).expect("resume a pause");
+        assert_eq!(r.attempt, 0, "a pause is no new attempt");
+        fail(&mut hosts, "a");
+        let d = r.halt_decision(0, &hosts).expect("halt");
+        r.apply_halt(&d, "x".into(), &mut hosts).expect("halt");
+        assert!(r.control(Control::Pause, &mut hosts).is_err(), "a halt is not paused");
+        let changed = r.control(Control::Resume, &mut hosts).expect("resume");
+        assert_eq!(changed, vec!["a".to_owned()], "the failed canary is retried");
+        assert_eq!(hosts["a"].state, HostState::Running);
+        assert_eq!((r.attempt, r.waves[0].state), (1, WaveState::Pending));
+        assert_eq!(r.halt_reason, None);
+        assert_eq!(r.control(Control::Abort, &mut hosts), Ok(Vec::new()));
+        for c in [Control::Pause, Control::Resume, Control::Abort] {
+            assert!(r.control(c, &mut hosts).is_err(), "{c:?} after an abort");
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@ use wavegate_domain::effects::{DryRunRecord, FetchRecord, StepReport};
 use wavegate_domain::plan::Reboot;
 use wavegate_domain::plan::{CheckKind, OnFailure, Plan};
 use wavegate_domain::rollout::{
-    Approval, CheckSpec, HostPreview, HostRecord, HostState, ProbeSpec, RebootWait, RollbackRequest, RollbackState,
-    Rollout, RolloutState, StepResult, StepSpec, TransitionError, Wave, WaveState, over_budget,
+    Approval, CheckSpec, Control, HostPreview, HostRecord, HostState, ProbeSpec, RebootWait, RollbackRequest,
+    RollbackState, Rollout, RolloutState, StepResult, StepSpec, TransitionError, Wave, WaveState,
 };
 use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};
 use wavegate_domain::{Fleet, PolicySet, Report, Source, check_plan};

@@ -515,35 +515,14 @@ impl Engine {
     }
 
     /// Pause, resume or abort, on an operator's word.
-    pub async fn control(self: &Arc<Self>, who: &str, id: &str, action: &str) -> Result<Entry, EngineError> {
+    pub async fn control(self: &Arc<Self>, who: &str, id: &str, action: Control) -> Result<Entry, EngineError> {
         self.mutate(id, |e| {
-            let r = &mut e.rollout;
-            let mut changed = Vec::new();
-            match action {
-                "pause" => r.pause()?,
-                "resume" => {
-                    let was_halted = r.state == RolloutState::Halted;
-                    r.resume()?;
-                    if was_halted {
-                        // Failed hosts of the re-entered wave are retried.
-                        for h in e.hosts.values_mut() {
-                            if h.state == HostState::Failed
-                                && r.waves.get(h.wave).is_some_and(|w| w.state == WaveState::Pending)
-                            {
-                                h.state = HostState::Running;
-                                h.in_flight = None;
-                                changed.push(h.host.clone());
-                            }
-                        }
-                    }
-                }
-                _ => r.abort()?,
-            }
-            event(r, format!("{action} by {who}"));
+            let changed = e.rollout.control(action, &mut e.hosts)?;
+            event(&mut e.rollout, format!("{} by {who}", action.as_str()));
             Ok(((), changed))
         })
         .await?;
-        if action == "resume" {
+        if action == Control::Resume {
             self.spawn_driver(id);
         }
         self.get(id).await

@@ -231,51 +231,17 @@ impl Engine {
         host: &str,
         detail: &str,
     ) -> Result<Option<Vec<String>>, EngineError> {
-        let failed = e
-            .hosts
-            .values()
-            .filter(|h| h.wave == w && h.state == HostState::Failed)
-            .count();
-        let r = &mut e.rollout;
-        let size = r.waves[w].hosts.len();
-        let budget = r.budget(w, size);
-        if !over_budget(failed, budget) || !matches!(r.state, RolloutState::Running | RolloutState::Paused) {
+        let Some(d) = e.rollout.halt_decision(w, &e.hosts) else {
             return Ok(None);
-        }
-        let in_flight: Vec<String> = e
-            .hosts
-            .values()
-            .filter(|h| h.in_flight.is_some())
-            .map(|h| h.host.clone())
-            .collect();
-        let what = if w == 0 {
-            "the canary (wave 1)".to_string()
-        } else {
-            format!("wave {}", w + 1)
         };
-        let mut reason = format!("{what}: {failed} of {size} hosts failed, budget {budget}; last: {host}: {detail}");
-        if !in_flight.is_empty() {
-            reason.push_str(&format!("; in flight at the halt: {}", in_flight.join(", ")));
-        }
-        r.halt(w, reason.clone())?;
-        event(r, format!("halted: {reason}"));
+        let reason = d.reason(host, detail);
+        // Only hosts whose records change are written again: at 10,000
+        // hosts, serialising every record here made the halt several times
+        // slower to commit.
+        let mut changed = e.rollout.apply_halt(&d, reason.clone(), &mut e.hosts)?;
+        changed.push(host.to_owned());
+        event(&mut e.rollout, format!("halted: {reason}"));
         self.metrics.waves_halted.inc();
-        if r.on_failure == "rollback" {
-            r.rollback_pending = true;
-        }
-        // Only hosts whose snapshot record changes are written again: at
-        // 10,000 hosts, serialising every record here made the halt several
-        // times slower to commit.
-        let mut changed = vec![host.to_owned()];
-        for h in e.hosts.values_mut() {
-            if let Some(snap) = h.snapshot.as_mut() {
-                let before = snap.clone();
-                snap.apply(&SnapshotEvent::Halted);
-                if *snap != before {
-                    changed.push(h.host.clone());
-                }
-            }
-        }
         Ok(Some(changed))
     }
 
@@ -292,15 +258,12 @@ impl Engine {
                 .filter(|e| matches!(e.rollout.state, RolloutState::Running | RolloutState::Paused))
                 .filter_map(|e| {
                     (0..e.rollout.waves.len()).find_map(|w| {
-                        let failed: Vec<_> = e
+                        e.rollout.halt_decision(w, &e.hosts)?;
+                        let last = e
                             .hosts
                             .values()
-                            .filter(|h| h.wave == w && h.state == HostState::Failed)
-                            .collect();
-                        let size = e.rollout.waves[w].hosts.len();
-                        let last = failed.last()?;
-                        over_budget(failed.len(), e.rollout.budget(w, size))
-                            .then(|| (e.rollout.id.clone(), w, last.host.clone(), last.detail.clone()))
+                            .rfind(|h| h.wave == w && h.state == HostState::Failed)?;
+                        Some((e.rollout.id.clone(), w, last.host.clone(), last.detail.clone()))
                     })
                 })
                 .collect()
