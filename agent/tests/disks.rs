@@ -219,6 +219,7 @@ fn output(r: &wavegate_agent::journal::Stored) -> String {
 /// Before: the sandbox overlaid the root only, a separately mounted /home
 /// showed up empty, and this step counted 0 deletions.
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn the_dry_run_sees_and_counts_deletions_on_every_mounted_filesystem() {
     let mut h = Host::new("every-mount");
     h.disk("/home", "ext4", 64);
@@ -257,6 +258,7 @@ async fn the_dry_run_sees_and_counts_deletions_on_every_mounted_filesystem() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_mount_the_sandbox_cannot_overlay_blocks_every_step_that_reaches_it() {
     let mut h = Host::new("fuse");
     h.write("/srv/export/shared.txt", "shared\n");
@@ -294,6 +296,7 @@ async fn a_mount_the_sandbox_cannot_overlay_blocks_every_step_that_reaches_it() 
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_confined_run_is_read_only_on_every_filesystem_but_its_write_set() {
     let mut h = Host::new("confined");
     h.disk("/home", "ext4", 64);
@@ -325,6 +328,7 @@ async fn a_confined_run_is_read_only_on_every_filesystem_but_its_write_set() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_write_set_reached_through_a_bind_mount_or_a_symlink_is_refused() {
     let mut h = Host::new("alias");
     h.disk("/home", "ext4", 64);
@@ -356,6 +360,7 @@ async fn a_write_set_reached_through_a_bind_mount_or_a_symlink_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_write_set_across_filesystems_is_snapshotted_per_filesystem_and_restored_byte_for_byte() {
     let mut h = Host::new("snap-tar");
     h.disk("/home", "ext4", 64);
@@ -412,6 +417,7 @@ fn btrfs_subvolume(h: &Host, at: &str) {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_btrfs_subvolume_gets_a_read_only_snapshot_that_restores_byte_for_byte() {
     let mut h = Host::new("snap-btrfs");
     h.disk("/home", "btrfs", 256);
@@ -481,6 +487,7 @@ fn a_btrfs_subvolume_gets_a_read_only_snapshot_that_restores_byte_for_byte() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_btrfs_snapshot_that_was_written_to_fails_verification() {
     let mut h = Host::new("snap-btrfs-verify");
     h.disk("/home", "btrfs", 256);
@@ -509,6 +516,7 @@ fn a_btrfs_snapshot_that_was_written_to_fails_verification() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_site_can_force_tar_and_a_confined_step_cannot_touch_btrfs_snapshots() {
     let mut h = Host::new("force-tar");
     h.disk("/home", "btrfs", 256);

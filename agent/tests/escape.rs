@@ -163,6 +163,7 @@ fn chroot_escape(marker: &Path) -> String {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_chroot_escape_stays_in_the_sandbox_at_submit_and_in_the_real_run() {
     let h = Host::new("chroot");
     let marker = h.machine_marker("chroot");
@@ -178,6 +179,7 @@ async fn a_chroot_escape_stays_in_the_sandbox_at_submit_and_in_the_real_run() {
 /// A loop device over an image the test made: the step tries to write it
 /// through a device node it makes, and through the machine's /dev.
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_step_cannot_make_a_block_device_or_write_a_loop_device() {
     let h = Host::new("blk");
     let img = h.base.join("disk.img");
@@ -228,6 +230,7 @@ async fn a_step_cannot_make_a_block_device_or_write_a_loop_device() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_step_cannot_mount_not_even_to_make_its_read_only_view_writable() {
     let h = Host::new("mount");
     let before = h.host_tree();
@@ -251,6 +254,7 @@ async fn a_step_cannot_mount_not_even_to_make_its_read_only_view_writable() {
 const BY_HANDLE: &str = "python3 -c '\nimport ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nbuf = ctypes.create_string_buffer(8 + 128)\nctypes.c_uint.from_buffer(buf, 0).value = 128\nmid = ctypes.c_int()\nr = libc.name_to_handle_at(-100, b\"/etc/app/app.conf\", buf, ctypes.byref(mid), 0)\nprint(\"name_to_handle_at\", r, os.strerror(ctypes.get_errno()))\nfd = libc.open_by_handle_at(os.open(\"/\", os.O_RDONLY), buf, os.O_RDONLY)\nprint(\"open_by_handle_at\", fd, os.strerror(ctypes.get_errno()))\n'";
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn open_by_handle_at_is_refused() {
     let h = Host::new("handle");
     let (_, out) = h.dry_run(BY_HANDLE).await;
@@ -266,6 +270,7 @@ async fn open_by_handle_at_is_refused() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_step_cannot_trace_or_write_through_a_process_outside() {
     let h = Host::new("ptrace");
     let outside = Outside::start();
@@ -299,6 +304,7 @@ async fn a_step_cannot_trace_or_write_through_a_process_outside() {
 /// Landlock: a write out of the write set through a symlink or `..` is
 /// refused by the kernel, whatever the mounts say.
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_confined_write_through_a_symlink_or_dotdot_out_of_the_write_set_fails() {
     let h = Host::new("links");
     let before = h.host_tree();
@@ -322,6 +328,7 @@ async fn a_confined_write_through_a_symlink_or_dotdot_out_of_the_write_set_fails
 /// /sys is read-only all the way down: a cgroup made (or killed) through
 /// it would reach every service of the machine.
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_step_cannot_write_to_sys_or_the_cgroups_under_it() {
     let h = Host::new("sys");
     let probe = Path::new("/sys/fs/cgroup/pids").join(format!("wavegate-escape-{}", std::process::id()));

@@ -159,31 +159,37 @@ fn a_killed_rollback_is_recovered(name: &str, fstype: &str, at: &str, by_binary:
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_rollback_killed_while_building_is_recovered_to_one_tree_ext4() {
     a_killed_rollback_is_recovered("crash-build-ext4", "ext4", "restore-building", true);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_rollback_killed_while_swapping_is_recovered_to_one_tree_ext4() {
     a_killed_rollback_is_recovered("crash-swap-ext4", "ext4", "restore-swapping", true);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_rollback_killed_while_building_is_recovered_to_one_tree_btrfs() {
     a_killed_rollback_is_recovered("crash-build-btrfs", "btrfs", "restore-building", true);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_rollback_killed_while_swapping_is_recovered_to_one_tree_btrfs() {
     a_killed_rollback_is_recovered("crash-swap-btrfs", "btrfs", "restore-swapping", true);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_rollback_killed_while_swapping_is_recovered_by_the_library_call_ext4() {
     a_killed_rollback_is_recovered("crash-swap-lib-ext4", "ext4", "restore-swapping", false);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_agents_rollback_keeps_its_files_private_and_restores_the_snapshot() {
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
     let h = home("crash-none", "ext4");

@@ -110,6 +110,7 @@ async fn dry_run(root: &Path, state: &Path, run: &str, writes: &[&str], max_dele
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn the_2012_delete_is_seen_counted_and_blocked_without_touching_anything() {
     let (root, state) = host("2012");
     let before = tree(&root);
@@ -129,6 +130,7 @@ async fn the_2012_delete_is_seen_counted_and_blocked_without_touching_anything()
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_cleanup_inside_its_write_set_and_budget_passes() {
     let (root, state) = host("cleanup");
     let reports = dry_run(&root, &state, "rm -f /home/alice/mail/*", &["/home/alice/mail"], 2).await;
@@ -147,6 +149,7 @@ async fn a_cleanup_inside_its_write_set_and_budget_passes() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_dry_run_cannot_kill_host_processes_or_reach_sockets_or_servers() {
     let (root, state) = host("isolation");
     let mut victim = std::process::Command::new("sleep").arg("300").spawn().expect("victim");
@@ -178,6 +181,7 @@ async fn a_dry_run_cannot_kill_host_processes_or_reach_sockets_or_servers() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_confined_run_cannot_write_outside_its_write_set() {
     let (root, state) = host("confined");
     let journal = Journal::open(&state).expect("journal");
@@ -230,6 +234,7 @@ fn take(state: &Path, root: &Path, writes: &[String]) -> anyhow::Result<snapshot
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_snapshot_restores_the_write_set_byte_for_byte() {
     let (root, state) = host("snapshot");
     let mail = root.join("home/alice/mail");
@@ -266,6 +271,7 @@ fn a_snapshot_restores_the_write_set_byte_for_byte() {
 }
 
 #[tokio::test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 async fn a_step_cannot_tell_its_dry_run_from_its_real_run_by_its_environment() {
     let (root, state) = host("env");
     let scratch = state.join("scratch");

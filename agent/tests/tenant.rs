@@ -169,16 +169,19 @@ fn a_directory_swapped_for_a_symlink_while_the_snapshot_is_taken(name: &str, fst
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_tenant_swapping_a_directory_for_a_symlink_during_the_snapshot_cannot_reach_etc_ext4_tar() {
     a_directory_swapped_for_a_symlink_while_the_snapshot_is_taken("swap-take-ext4", "ext4", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_tenant_swapping_a_directory_for_a_symlink_during_the_snapshot_cannot_reach_etc_btrfs_forced_tar() {
     a_directory_swapped_for_a_symlink_while_the_snapshot_is_taken("swap-take-btrfs-tar", "btrfs", TAR);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_tenant_swapping_a_directory_for_a_symlink_during_the_snapshot_cannot_reach_etc_btrfs() {
     a_directory_swapped_for_a_symlink_while_the_snapshot_is_taken("swap-take-btrfs", "btrfs", None);
 }
@@ -248,16 +251,19 @@ fn a_rollback_raced_by_a_symlink_to_etc(name: &str, fstype: &str, force: Option<
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_tenant_racing_the_rollback_with_a_symlink_to_etc_changes_nothing_outside_ext4_tar() {
     a_rollback_raced_by_a_symlink_to_etc("race-ext4", "ext4", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_tenant_racing_the_rollback_with_a_symlink_to_etc_changes_nothing_outside_btrfs() {
     a_rollback_raced_by_a_symlink_to_etc("race-btrfs", "btrfs", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_tenant_racing_the_rollback_with_a_symlink_to_etc_changes_nothing_outside_btrfs_forced_tar() {
     a_rollback_raced_by_a_symlink_to_etc("race-btrfs-tar", "btrfs", TAR);
 }
@@ -332,11 +338,13 @@ fn the_permission_fix_up_of_a_directory_never_follows_a_symlink(name: &str, fsty
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_permission_fix_up_of_a_directory_never_follows_a_tenants_symlink_btrfs() {
     the_permission_fix_up_of_a_directory_never_follows_a_symlink("fixup-dir-btrfs", "btrfs", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_permission_fix_up_of_a_directory_never_follows_a_tenants_symlink_ext4_tar() {
     the_permission_fix_up_of_a_directory_never_follows_a_symlink("fixup-dir-ext4", "ext4", None);
 }
@@ -396,11 +404,13 @@ fn the_permission_fix_up_of_a_file_never_follows_a_symlink(name: &str, fstype: &
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_permission_fix_up_of_a_file_never_follows_a_tenants_symlink_to_etc_shadow_btrfs() {
     the_permission_fix_up_of_a_file_never_follows_a_symlink("fixup-file-btrfs", "btrfs", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_permission_fix_up_of_a_file_never_follows_a_tenants_symlink_to_etc_shadow_ext4_tar() {
     the_permission_fix_up_of_a_file_never_follows_a_symlink("fixup-file-ext4", "ext4", None);
 }
@@ -415,6 +425,7 @@ const MARKS: [(u64, &[u8]); 3] = [
 ];
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_tenants_8_gb_sparse_file_stays_sparse_and_costs_no_tenant_its_data() {
     let h = home("sparse", "ext4");
     h.tenants();
@@ -476,6 +487,7 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_rollback_that_runs_out_of_space_changes_nothing_and_succeeds_once_there_is_room() {
     let h = home("full", "ext4");
     h.tenants();
@@ -525,16 +537,19 @@ fn a_fifo_does_not_hang_the_snapshot(name: &str, fstype: &str, force: Option<Bac
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_fifo_in_the_write_set_does_not_hang_the_snapshot_ext4_tar() {
     a_fifo_does_not_hang_the_snapshot("fifo-ext4", "ext4", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_fifo_in_the_write_set_does_not_hang_the_snapshot_btrfs() {
     a_fifo_does_not_hang_the_snapshot("fifo-btrfs", "btrfs", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_fifo_in_the_write_set_does_not_hang_the_snapshot_btrfs_forced_tar() {
     a_fifo_does_not_hang_the_snapshot("fifo-btrfs-tar", "btrfs", TAR);
 }
@@ -576,11 +591,13 @@ fn fifos_sockets_and_devices_come_back(name: &str, fstype: &str, force: Option<B
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn fifos_sockets_and_device_nodes_come_back_as_themselves_ext4_tar() {
     fifos_sockets_and_devices_come_back("special-ext4", "ext4", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn fifos_sockets_and_device_nodes_come_back_as_themselves_btrfs() {
     fifos_sockets_and_devices_come_back("special-btrfs", "btrfs", None);
 }
@@ -615,11 +632,13 @@ fn names_that_are_not_utf8_round_trip(name: &str, fstype: &str, force: Option<Ba
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn names_that_are_not_utf8_round_trip_byte_for_byte_ext4_tar() {
     names_that_are_not_utf8_round_trip("names-ext4", "ext4", None);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn names_that_are_not_utf8_round_trip_byte_for_byte_btrfs() {
     names_that_are_not_utf8_round_trip("names-btrfs", "btrfs", None);
 }
@@ -655,11 +674,13 @@ fn the_snapshot_files_are_private(name: &str, fstype: &str) {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_snapshot_directories_are_0700_and_their_files_0600_ext4_tar() {
     the_snapshot_files_are_private("private-ext4", "ext4");
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_snapshot_directories_are_0700_and_their_files_0600_btrfs() {
     the_snapshot_files_are_private("private-btrfs", "btrfs");
 }

@@ -80,31 +80,37 @@ fn crash_while_running(point: &str) {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_after_the_approval_commits_the_rollout_runs_after_the_restart() {
     crash_while_running("approval-committed");
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_when_a_wave_starts_it_continues() {
     crash_while_running("wave-start-committed");
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_after_a_step_id_is_stored_but_before_it_is_sent_the_step_runs_once() {
     crash_while_running("step-persisted");
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_when_the_bake_starts_the_bake_runs_again() {
     crash_while_running("bake-committed");
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_after_a_wave_is_confirmed_the_next_wave_runs() {
     crash_while_running("wave-confirmed");
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_during_submit_before_anything_is_stored_nothing_half_exists() {
     let point = "submit-dry-run-done";
     let lab = Lab::up_with(
@@ -140,6 +146,7 @@ fn killed_during_submit_before_anything_is_stored_nothing_half_exists() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_after_submit_commits_the_rollout_waits_for_approval() {
     let point = "submit-committed";
     let lab = Lab::up_with("submit-late", "lab-fleet.yaml", "10s", &[("WAVEGATE_FAILPOINT", point)]);
@@ -199,12 +206,14 @@ fn stays_halted_and_rolled_back(lab: &Lab, id: &str, canary: &str) {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_right_after_a_halt_commits_it_stays_halted_and_rolls_back() {
     let (lab, id, canary) = halted_canary("halt-committed");
     stays_halted_and_rolled_back(&lab, &id, &canary);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn killed_during_the_rollback_the_rollback_completes_after_the_restart() {
     let (lab, id, canary) = halted_canary("rollback-restored");
     stays_halted_and_rolled_back(&lab, &id, &canary);

@@ -5,6 +5,7 @@
 use wavegate_tests::wavegate;
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_demo_tells_its_three_stories_and_cleans_up() {
     let dir = std::env::temp_dir().join(format!("wavegate-demo-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

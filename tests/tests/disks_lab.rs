@@ -74,6 +74,7 @@ fn seed_customers(lab: &Lab, hosts: &[&str]) {
 const DISK_HOSTS: &[&str] = &["w1", "bk1", "s1"];
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_2012_program_is_refused_on_hosts_whose_homes_are_filesystems_of_their_own() {
     let lab = Lab::up_fs("disks-2012", "lab-fleet.yaml", &["/home=ext4", "/var/lib/mysql=xfs"]);
     let hosts = ["p1", "p2", "p3", "p4", "b1", "b2", "b3", "bb1", "s1", "s2"];
@@ -154,6 +155,7 @@ health:
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_cleanup_on_a_home_filesystem_is_held_to_its_budget_and_rolled_back_byte_for_byte() {
     let lab = Lab::up_fs(
         "disks-cleanup",
@@ -239,6 +241,7 @@ approvals: 2
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn an_undeclared_write_to_the_database_filesystem_fails_read_only_and_a_declared_one_is_snapshotted() {
     let lab = Lab::up_fs("disks-mysql", "disks-fleet.yaml", &["/home=ext4", "/var/lib/mysql=xfs"]);
     for h in DISK_HOSTS {
@@ -331,6 +334,7 @@ approvals: 2
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_btrfs_home_gets_btrfs_snapshots_and_a_rollback_restores_it_byte_for_byte() {
     let lab = Lab::up_fs("disks-btrfs", "disks-fleet.yaml", &["/home=btrfs:256M"]);
     assert_eq!(fstype(&lab, "w1", "/home"), "btrfs");
@@ -393,6 +397,7 @@ approvals: 2
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_mount_the_sandbox_cannot_overlay_blocks_every_step_that_could_touch_it() {
     let lab = Lab::up("disks-fuse", "disks-fleet.yaml");
     for h in DISK_HOSTS {

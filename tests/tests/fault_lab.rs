@@ -47,6 +47,7 @@ fn silent_canary_halts(lab: &Lab, id: &str, canary: &str, proxy: &Proxy, later: 
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_partition_during_a_step_fails_the_host_for_silence_and_halts() {
     let lab = Lab::up_with("partition-step", "lab-fleet.yaml", "2s", &[]);
     let id = lab.submit("lab/partition-step.yaml");
@@ -65,6 +66,7 @@ fn a_partition_during_a_step_fails_the_host_for_silence_and_halts() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_partition_during_bake_fails_the_host_for_silence_and_halts() {
     let lab = Lab::up_with("partition-bake", "lab-fleet.yaml", "2s", &[]);
     let id = lab.submit("lab/partition-bake.yaml");
@@ -110,6 +112,7 @@ fn snapshot_dir(lab: &Lab, host: &str) -> PathBuf {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn an_agent_killed_while_writing_a_snapshot_takes_it_again_and_runs_the_step_once() {
     let lab = Lab::up("snapshot-kill", "lab-fleet.yaml");
     seed_app_dirs(&lab);
@@ -181,6 +184,7 @@ impl Drop for FullStore {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_full_snapshot_store_leaves_the_host_unchanged_and_the_budget_decides() {
     let lab = Lab::up("snapshot-full", "lab-fleet.yaml");
     seed_app_dirs(&lab);

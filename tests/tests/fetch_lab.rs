@@ -53,6 +53,7 @@ fn staged_trees(lab: &Lab, host: &str) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_fetch_at_submit_changes_nothing_and_the_real_run_uses_exactly_what_it_fetched() {
     let lab = Lab::up("fetch-staged", "lab-fleet.yaml");
     for h in ["s1", "s2"] {
@@ -104,6 +105,7 @@ fn a_fetch_at_submit_changes_nothing_and_the_real_run_uses_exactly_what_it_fetch
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_staging_cache_changed_between_submit_and_approval_is_refused() {
     let lab = Lab::up("fetch-tampered", "lab-fleet.yaml");
     let plan = write_plan(&lab, "fetch", PLAN);

@@ -116,36 +116,42 @@ fn failover_at(point: &str, plan: &str) -> (Ha, String) {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn leader_killed_after_the_approval_commits() {
     let (h, id) = failover_at("approval-committed", "lab/three-waves.yaml");
     finishes_once(&h.lab, &id);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn leader_killed_when_a_wave_starts() {
     let (h, id) = failover_at("wave-start-committed", "lab/three-waves.yaml");
     finishes_once(&h.lab, &id);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn leader_killed_after_a_step_id_is_stored_before_it_is_sent() {
     let (h, id) = failover_at("step-persisted", "lab/three-waves.yaml");
     finishes_once(&h.lab, &id);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn leader_killed_when_the_bake_starts() {
     let (h, id) = failover_at("bake-committed", "lab/three-waves.yaml");
     finishes_once(&h.lab, &id);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn leader_killed_after_a_wave_is_confirmed() {
     let (h, id) = failover_at("wave-confirmed", "lab/three-waves.yaml");
     finishes_once(&h.lab, &id);
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn leader_killed_after_a_halt_commits_the_successor_keeps_it_halted_and_rolls_back() {
     let (h, id) = failover_at("halt-committed", "lab/canary-fails.yaml");
     let lab = &h.lab;
@@ -170,6 +176,7 @@ fn leader_killed_after_a_halt_commits_the_successor_keeps_it_halted_and_rolls_ba
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn leader_killed_after_submit_commits_the_rollout_awaits_approval_on_the_successor() {
     let point = "submit-committed";
     let once = std::env::temp_dir().join(format!("wavegate-fp-{point}-{}", std::process::id()));
@@ -206,6 +213,7 @@ fn in_flight(lab: &Lab, id: &str) {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_leader_cut_off_from_etcd_sends_nothing_once_its_lease_could_have_expired() {
     let etcd = EtcdCluster::start("ha-partition");
     // The first controller reaches etcd only through proxies the test can
@@ -280,6 +288,7 @@ fn a_leader_cut_off_from_etcd_sends_nothing_once_its_lease_could_have_expired() 
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn one_etcd_member_killed_mid_rollout_changes_nothing() {
     let h = ha("ha-member", &[]);
     let (lab, etcd) = (&h.lab, &h.etcd);
@@ -305,6 +314,7 @@ fn ready(lab: &Lab) -> (u16, String) {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn quorum_lost_stops_all_dispatch_ready_says_why_and_it_goes_on_when_quorum_returns() {
     let h = ha("ha-quorum", &[]);
     let (lab, etcd) = (&h.lab, &h.etcd);

@@ -53,6 +53,7 @@ fn seed(lab: &Lab) {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn logs_follow_shows_each_line_while_the_step_still_runs() {
     let lab = Lab::up("logs-follow", "disks-fleet.yaml");
     seed(&lab);
@@ -101,6 +102,7 @@ fn logs_follow_shows_each_line_while_the_step_still_runs() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_hundred_megabytes_of_output_are_stored_whole_and_checked_against_the_agents_hash() {
     let lab = Lab::up("logs-flood", "disks-fleet.yaml");
     seed(&lab);
@@ -162,6 +164,7 @@ fn tmux(args: &[&str]) -> String {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn watch_draws_waves_progress_and_the_halt_in_a_terminal_and_plain_lines_in_a_pipe() {
     let lab = Lab::up("watch", "disks-fleet.yaml");
     seed(&lab);
@@ -349,6 +352,7 @@ health:
 ";
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_halt_reaches_the_webhook_signed_within_a_second() {
     let receiver = Receiver::on(TcpListener::bind("127.0.0.1:0").expect("listener"));
     let lab = webhook_lab("webhook", receiver.port);
@@ -372,6 +376,7 @@ fn a_halt_reaches_the_webhook_signed_within_a_second() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_receiver_that_is_down_gets_the_halt_once_it_is_back() {
     // A port nothing listens on yet.
     let port = TcpListener::bind("127.0.0.1:0")

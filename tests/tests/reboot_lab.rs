@@ -55,6 +55,7 @@ fn reboots(lab: &Lab, host: &str) -> usize {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn every_host_of_three_waves_comes_back_with_a_new_boot_id_and_nothing_runs_twice() {
     let lab = Lab::up("reboot-waves", "disks-fleet.yaml");
     for h in HOSTS {
@@ -94,6 +95,7 @@ fn every_host_of_three_waves_comes_back_with_a_new_boot_id_and_nothing_runs_twic
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_host_that_does_not_come_back_fails_its_wave_and_halts_the_rollout() {
     let lab = Lab::up("reboot-lost", "disks-fleet.yaml");
     for h in HOSTS {
@@ -140,6 +142,7 @@ fn a_host_that_does_not_come_back_fails_its_wave_and_halts_the_rollout() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_controller_killed_while_a_host_reboots_neither_reboots_it_twice_nor_runs_its_step_twice() {
     let lab = Lab::up_with(
         "reboot-crash",

@@ -55,6 +55,7 @@ const PAIRS: &[(&str, &str)] = &[("p1", "b1"), ("p2", "b2"), ("p3", "b3"), ("p4"
 const TARGETS: &[&str] = &["p1", "p2", "p3", "p4", "b1", "b2", "b3", "bb1"];
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_three_wave_rollout_runs_every_host_once_and_backups_after_their_primaries() {
     let lab = Lab::up("three-waves", "lab-fleet.yaml");
     let id = lab.submit("lab/three-waves.yaml");
@@ -111,6 +112,7 @@ fn a_three_wave_rollout_runs_every_host_once_and_backups_after_their_primaries()
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_failing_canary_halts_the_rollout_and_nothing_else_runs_until_a_person_resumes() {
     let lab = Lab::up("canary", "lab-fleet.yaml");
     let id = lab.submit("lab/canary-fails.yaml");
@@ -179,6 +181,7 @@ fn a_failing_canary_halts_the_rollout_and_nothing_else_runs_until_a_person_resum
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_step_past_its_timeout_is_killed_and_halts_the_canary() {
     let lab = Lab::up("timeout", "lab-fleet.yaml");
     let id = lab.submit("lab/step-timeout.yaml");
@@ -200,6 +203,7 @@ fn a_step_past_its_timeout_is_killed_and_halts_the_canary() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn approvals_come_from_another_person_and_bind_to_the_plan() {
     let lab = Lab::up("approvals", "lab-fleet.yaml");
     // The admin may submit and approve, but never its own rollout.
@@ -253,6 +257,7 @@ fn approvals_come_from_another_person_and_bind_to_the_plan() {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn an_agent_killed_during_a_step_does_not_run_it_twice_and_its_outcome_arrives() {
     let lab = Lab::up("agent-kill", "lab-fleet.yaml");
     let id = lab.submit("lab/slow-step.yaml");
@@ -272,6 +277,7 @@ fn an_agent_killed_during_a_step_does_not_run_it_twice_and_its_outcome_arrives()
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_controller_killed_mid_wave_continues_where_it_stopped() {
     let lab = Lab::up("controller-kill", "lab-fleet.yaml");
     let id = lab.submit("lab/slow-waves.yaml");

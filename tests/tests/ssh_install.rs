@@ -59,6 +59,7 @@ fn sshd(dir: &Path, port: u16) -> Sshd {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn an_agent_is_installed_over_ssh_and_a_changed_host_key_is_refused() {
     let lab = Lab::up("ssh", "lab-fleet.yaml");
     let dir = lab.dir.join("ssh");

@@ -228,6 +228,7 @@ fn finished(mut child: Child, what: &str) -> Run {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn hostile_text_from_a_host_is_shown_inert_by_every_command() {
     let lab = Lab::up("terminal", "disks-fleet.yaml");
     for h in ["w1", "bk1", "s1"] {

@@ -55,6 +55,7 @@ fn chromium(lab: &Lab, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn the_web_view_shows_a_halted_rollout_in_a_real_browser_and_metrics_parse() {
     let lab = Lab::up("web", "lab-fleet.yaml");
     let id = lab.submit("lab/canary-fails.yaml");
