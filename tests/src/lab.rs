@@ -239,6 +239,30 @@ impl Lab {
         cmd.output().expect("run wavegate").into()
     }
 
+    /// Write a plan into the lab's directory; returns its path.
+    pub fn write_plan(&self, name: &str, yaml: &str) -> String {
+        let path = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, yaml).expect("plan");
+        path.display().to_string()
+    }
+
+    /// Submit the plan at `path` as the submitter; returns the rollout id.
+    pub fn submit_path(&self, path: &str) -> String {
+        let run = self.wavegate_as("submitter", &["rollout", "submit", path, "--output", "json"]);
+        assert_eq!(run.status, 0, "submit failed:\n{}\n{}", run.stdout, run.stderr);
+        run.json()["id"].as_str().expect("id").to_owned()
+    }
+
+    /// `audit verify` as the auditor must pass.
+    pub fn audit_verifies(&self) {
+        let run = self.wavegate_as("auditor", &["audit", "verify"]);
+        assert_eq!(
+            run.status, 0,
+            "the audit log must verify:\n{}\n{}",
+            run.stdout, run.stderr
+        );
+    }
+
     /// Submit a fixture plan as the submitter; returns the rollout id.
     pub fn submit(&self, plan: &str) -> String {
         let path = fixture(plan);

@@ -33,15 +33,6 @@ fn host_states(status: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-fn audit_verifies(lab: &Lab) {
-    let run = lab.wavegate_as("auditor", &["audit", "verify"]);
-    assert_eq!(
-        run.status, 0,
-        "the audit log must verify after a crash:\n{}\n{}",
-        run.stdout, run.stderr
-    );
-}
-
 /// After the restart the rollout finishes: every target healthy, its step
 /// run exactly once, and the standalone hosts never touched.
 fn finishes_once(lab: &Lab, id: &str) {
@@ -57,7 +48,7 @@ fn finishes_once(lab: &Lab, id: &str) {
         0,
         "non-targets untouched"
     );
-    audit_verifies(lab);
+    lab.audit_verifies();
 }
 
 /// Submit and approve, the approval in the background (the failpoint may
@@ -202,7 +193,7 @@ fn stays_halted_and_rolled_back(lab: &Lab, id: &str, canary: &str) {
     }
     // Still halted: nothing resumed on its own.
     assert_eq!(lab.status(id)["state"], "halted");
-    audit_verifies(lab);
+    lab.audit_verifies();
 }
 
 #[test]

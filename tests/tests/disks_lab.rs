@@ -12,12 +12,6 @@ use wavegate_tests::lab::{Lab, eventually};
 
 const LONG: Duration = Duration::from_secs(90);
 
-fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
-    let path = lab.dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("plan");
-    path.display().to_string()
-}
-
 /// The filesystem type mounted at a host path, as the machine sees it.
 fn fstype(lab: &Lab, host: &str, path: &str) -> String {
     let out = Command::new("findmnt")
@@ -30,12 +24,6 @@ fn fstype(lab: &Lab, host: &str, path: &str) -> String {
 
 fn submit(lab: &Lab, plan: &str) -> wavegate_tests::Run {
     lab.wavegate_as("submitter", &["rollout", "submit", plan, "--output", "json"])
-}
-
-fn submit_ok(lab: &Lab, plan: &str) -> String {
-    let run = submit(lab, plan);
-    assert_eq!(run.status, 0, "submit failed:\n{}\n{}", run.stdout, run.stderr);
-    run.json()["id"].as_str().expect("id").to_owned()
 }
 
 /// Two approvals: plans that change customer data need a second person.
@@ -110,8 +98,7 @@ fn the_2012_program_is_refused_on_hosts_whose_homes_are_filesystems_of_their_own
         before.keys().any(|k| k.ends_with(":/home/acme/Maildir/cur/1.eml")),
         "the customer files are on the /home filesystems"
     );
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "replay",
         "name: vuln-fix-2012
 targets:
@@ -174,8 +161,7 @@ fn a_cleanup_on_a_home_filesystem_is_held_to_its_budget_and_rolled_back_byte_for
     }
     let before = lab.all_host_files();
     let cleanup = |name: &str, run: &str| {
-        write_plan(
-            &lab,
+        lab.write_plan(
             name,
             &format!(
                 "name: {name}
@@ -215,7 +201,7 @@ approvals: 2
         "purge-three",
         "rm -f /home/t1/tmp/sess-00 /home/t1/tmp/sess-01 /home/t1/tmp/sess-02",
     );
-    let id = submit_ok(&lab, &three);
+    let id = lab.submit_path(&three);
     approve_twice(&lab, &id);
     lab.wait_state(&id, "completed", LONG);
     for h in DISK_HOSTS {
@@ -254,9 +240,7 @@ fn an_undeclared_write_to_the_database_filesystem_fails_read_only_and_a_declared
     let port = server.local_addr().expect("addr").port();
     std::thread::spawn(move || for _ in server.incoming() {});
     let before = lab.all_host_files();
-    let sneaky = write_plan(
-        &lab,
-        "sneaky",
+    let sneaky = lab.write_plan("sneaky",
         &format!(
             "name: mysql-tuning
 targets:
@@ -273,7 +257,7 @@ health:
 "
         ),
     );
-    let id = submit_ok(&lab, &sneaky);
+    let id = lab.submit_path(&sneaky);
     lab.approve(&id);
     let status = lab.wait_state(&id, "halted", LONG);
     let reason = status["halt_reason"].as_str().unwrap_or_default();
@@ -291,8 +275,7 @@ health:
         "every file is as before ({canary} rolled back, the database untouched)"
     );
 
-    let declared = write_plan(
-        &lab,
+    let declared = lab.write_plan(
         "declared",
         "name: mysql-migrate
 targets:
@@ -310,7 +293,7 @@ health:
 approvals: 2
 ",
     );
-    let id = submit_ok(&lab, &declared);
+    let id = lab.submit_path(&declared);
     approve_twice(&lab, &id);
     lab.wait_state(&id, "completed", LONG);
     for h in DISK_HOSTS {
@@ -345,8 +328,7 @@ fn a_btrfs_home_gets_btrfs_snapshots_and_a_rollback_restores_it_byte_for_byte() 
         }
     }
     let before = lab.all_host_files();
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "btrfs-cleanup",
         "name: acme-cache
 targets:
@@ -365,7 +347,7 @@ health:
 approvals: 2
 ",
     );
-    let id = submit_ok(&lab, &plan);
+    let id = lab.submit_path(&plan);
     approve_twice(&lab, &id);
     lab.wait_state(&id, "completed", LONG);
     for s in snapshots(&lab, &id) {
@@ -413,8 +395,7 @@ fn a_mount_the_sandbox_cannot_overlay_blocks_every_step_that_could_touch_it() {
         .expect("bindfs");
     assert!(ok.success());
     let plan = |name: &str, untouchable: &str| {
-        write_plan(
-            &lab,
+        lab.write_plan(
             name,
             &format!(
                 "name: {name}
@@ -475,8 +456,7 @@ health:
     );
 
     // Listed as untouchable, the steps that only read it are fine.
-    let read_only = write_plan(
-        &lab,
+    let read_only = lab.write_plan(
         "fuse-untouchable",
         "name: fuse-untouchable
 targets:
@@ -496,7 +476,7 @@ health:
   interval: 50ms
 ",
     );
-    let id = submit_ok(&lab, &read_only);
+    let id = lab.submit_path(&read_only);
     lab.approve(&id);
     lab.wait_state(&id, "completed", LONG);
     assert_eq!(lab.read_host("w1", "/etc/app/app.conf").as_deref(), Some("shared\n"));

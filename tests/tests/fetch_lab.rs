@@ -10,12 +10,6 @@ use wavegate_tests::lab::Lab;
 
 const LONG: Duration = Duration::from_secs(90);
 
-fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
-    let path = lab.dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("plan");
-    path.display().to_string()
-}
-
 /// The fetch writes a "package" into a cache; the step installs it from
 /// there, without the network.
 const PLAN: &str = r#"name: fetch-then-install
@@ -39,12 +33,6 @@ health:
   interval: 100ms
 "#;
 
-fn submit(lab: &Lab, plan: &str) -> String {
-    let run = lab.wavegate_as("submitter", &["rollout", "submit", plan, "--output", "json"]);
-    assert_eq!(run.status, 0, "submit failed:\n{}\n{}", run.stdout, run.stderr);
-    run.json()["id"].as_str().expect("id").to_owned()
-}
-
 fn staged_trees(lab: &Lab, host: &str) -> Vec<std::path::PathBuf> {
     let dir = lab.dir.join("hosts").join(host).join("agent").join("fetch");
     std::fs::read_dir(dir)
@@ -60,8 +48,8 @@ fn a_fetch_at_submit_changes_nothing_and_the_real_run_uses_exactly_what_it_fetch
         lab.seed(h, "/var/cache/app/old.pkg", "app 1.0\n");
     }
     let before = lab.all_host_files();
-    let plan = write_plan(&lab, "fetch", PLAN);
-    let id = submit(&lab, &plan);
+    let plan = lab.write_plan("fetch", PLAN);
+    let id = lab.submit_path(&plan);
     let canary = lab.waves(&id)[0][0].clone();
     // Submitted, dry-run, not approved: every host file is as it was.
     assert_eq!(lab.all_host_files(), before, "the submit-time fetch changed a host");
@@ -108,8 +96,8 @@ fn a_fetch_at_submit_changes_nothing_and_the_real_run_uses_exactly_what_it_fetch
 #[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_staging_cache_changed_between_submit_and_approval_is_refused() {
     let lab = Lab::up("fetch-tampered", "lab-fleet.yaml");
-    let plan = write_plan(&lab, "fetch", PLAN);
-    let id = submit(&lab, &plan);
+    let plan = lab.write_plan("fetch", PLAN);
+    let id = lab.submit_path(&plan);
     let canary = lab.waves(&id)[0][0].clone();
     let trees = staged_trees(&lab, &canary);
     assert_eq!(trees.len(), 1, "{trees:?}");

@@ -49,15 +49,6 @@ fn marker_lines(lab: &Lab, host: &str) -> usize {
     lab.host_lines(host, "/etc/wavegate-marker").len()
 }
 
-fn audit_verifies(lab: &Lab) {
-    let run = lab.wavegate_as("auditor", &["audit", "verify"]);
-    assert_eq!(
-        run.status, 0,
-        "the audit log must verify:\n{}\n{}",
-        run.stdout, run.stderr
-    );
-}
-
 /// The rollout completes on the new leader: every target healthy, its step
 /// run exactly once (one marker line, one journaled step command), the
 /// others untouched, the audit log verifying.
@@ -86,7 +77,7 @@ fn finishes_once(lab: &Lab, id: &str) {
         0,
         "non-targets untouched"
     );
-    audit_verifies(lab);
+    lab.audit_verifies();
 }
 
 /// Freeze the leader at `point`, SIGKILL it there, and see the standby
@@ -172,7 +163,7 @@ fn leader_killed_after_a_halt_commits_the_successor_keeps_it_halted_and_rolls_ba
         assert_eq!(marker_lines(lab, t), 0, "{t} ran although the canary failed");
     }
     assert_eq!(lab.status(&id)["state"], "halted");
-    audit_verifies(lab);
+    lab.audit_verifies();
 }
 
 #[test]
@@ -284,7 +275,7 @@ fn a_leader_cut_off_from_etcd_sends_nothing_once_its_lease_could_have_expired() 
         "{}",
         lab.log("controller")
     );
-    audit_verifies(&lab);
+    lab.audit_verifies();
 }
 
 #[test]

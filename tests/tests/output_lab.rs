@@ -15,18 +15,6 @@ use wavegate_tests::lab::{Lab, eventually};
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
-    let path = lab.dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("plan");
-    path.display().to_string()
-}
-
-fn submit(lab: &Lab, plan: &str) -> String {
-    let run = lab.wavegate_as("submitter", &["rollout", "submit", plan, "--output", "json"]);
-    assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
-    run.json()["id"].as_str().expect("id").to_owned()
-}
-
 fn one_host_plan(name: &str, run: &str, extra: &str) -> String {
     format!(
         "name: {name}
@@ -57,12 +45,11 @@ fn seed(lab: &Lab) {
 fn logs_follow_shows_each_line_while_the_step_still_runs() {
     let lab = Lab::up("logs-follow", "disks-fleet.yaml");
     seed(&lab);
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "slow",
         &one_host_plan("slow", "for i in 1 2 3 4 5; do echo line $i; sleep 1; done", ""),
     );
-    let id = submit(&lab, &plan);
+    let id = lab.submit_path(&plan);
     lab.approve(&id);
     let mut follower = lab.spawn_as("auditor", &["rollout", "logs", &id, "w1", "-f"]);
     let stdout = follower.stdout.take().expect("stdout");
@@ -107,8 +94,7 @@ fn a_hundred_megabytes_of_output_are_stored_whole_and_checked_against_the_agents
     let lab = Lab::up("logs-flood", "disks-fleet.yaml");
     seed(&lab);
     // 100,000,000 bytes of text in lines of 100.
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "flood",
         &one_host_plan(
             "flood",
@@ -116,7 +102,7 @@ fn a_hundred_megabytes_of_output_are_stored_whole_and_checked_against_the_agents
             "",
         ),
     );
-    let id = submit(&lab, &plan);
+    let id = lab.submit_path(&plan);
     lab.approve(&id);
     lab.wait_state(&id, "completed", LONG);
     let run = lab.wavegate_as(
@@ -168,8 +154,7 @@ fn tmux(args: &[&str]) -> String {
 fn watch_draws_waves_progress_and_the_halt_in_a_terminal_and_plain_lines_in_a_pipe() {
     let lab = Lab::up("watch", "disks-fleet.yaml");
     seed(&lab);
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "breaks",
         "name: breaks
 targets:
@@ -189,7 +174,7 @@ health:
 on_failure: halt
 ",
     );
-    let id = submit(&lab, &plan);
+    let id = lab.submit_path(&plan);
     let canary = lab.waves(&id)[0][0].clone();
     let env: String = lab
         .identity("auditor")
@@ -357,7 +342,7 @@ fn a_halt_reaches_the_webhook_signed_within_a_second() {
     let receiver = Receiver::on(TcpListener::bind("127.0.0.1:0").expect("listener"));
     let lab = webhook_lab("webhook", receiver.port);
     seed(&lab);
-    let id = submit(&lab, &write_plan(&lab, "fails", FAILS));
+    let id = lab.submit_path(&lab.write_plan("fails", FAILS));
     let (h, raw, v, _) = receiver.next("awaiting_approval");
     check_signature(&h, &raw);
     assert_eq!(v["rollout"], id.as_str());
@@ -386,7 +371,7 @@ fn a_receiver_that_is_down_gets_the_halt_once_it_is_back() {
         .port();
     let lab = webhook_lab("webhook-down", port);
     seed(&lab);
-    let id = submit(&lab, &write_plan(&lab, "fails", FAILS));
+    let id = lab.submit_path(&lab.write_plan("fails", FAILS));
     lab.approve(&id);
     lab.wait_state(&id, "halted", LONG);
     eventually(LONG, "the controller to have tried and failed", || {

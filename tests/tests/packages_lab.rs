@@ -12,12 +12,6 @@ use wavegate_tests::lab::Lab;
 const LONG: Duration = Duration::from_secs(120);
 const HOSTS: &[&str] = &["w1", "bk1", "s1"];
 
-fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
-    let path = lab.dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("plan");
-    path.display().to_string()
-}
-
 /// A host with apt pointed at one of the repository's suites and wgtest
 /// 1.0 installed by dpkg.
 fn apt_host(lab: &Lab, repo: &Repo, host: &str, suite: &str) {
@@ -72,8 +66,7 @@ fn a_dry_run_that_fails_is_blocked_and_one_allowed_to_fail_is_reported_and_runs(
     }
     let step = "test -e /run/license-server || { echo 'checking the license'; echo 'license server unreachable' >&2; exit 3; }; echo 'a = 2' > /etc/app/app.conf";
     let plan = |name: &str, extra: &str| {
-        write_plan(
-            &lab,
+        lab.write_plan(
             name,
             &format!(
                 "name: {name}
@@ -142,7 +135,7 @@ fn an_apt_upgrade_rolls_out_and_a_rollback_restores_the_old_version_byte_for_byt
         assert_eq!(version(&lab, h), "1.0");
     }
     let before = files_but_the_cache(&lab);
-    let plan = write_plan(&lab, "upgrade", UPGRADE);
+    let plan = lab.write_plan("upgrade", UPGRADE);
 
     let check = wavegate_tests::wavegate([
         "plan",
@@ -228,7 +221,7 @@ fn a_broken_version_is_refused_at_submit_naming_the_directory_it_would_empty() {
         lab.seed(h, "/srv/customer-data/bluefin.sql", "INSERT INTO orders VALUES (7);\n");
     }
     let before = files_but_the_cache(&lab);
-    let plan = write_plan(&lab, "broken", &UPGRADE.replace("wgtest 1.1", "wgtest 1.2"));
+    let plan = lab.write_plan("broken", &UPGRADE.replace("wgtest 1.1", "wgtest 1.2"));
     let run = lab.wavegate_as("submitter", &["rollout", "submit", &plan]);
     assert_eq!(run.status, 3, "refused:\n{}\n{}", run.stdout, run.stderr);
     assert!(
@@ -249,8 +242,7 @@ fn a_package_step_fails_named_when_the_manager_is_locked_or_the_package_missing(
     let lab = Lab::up("apt-locked", "disks-fleet.yaml");
     let repo = Repo::start(&lab.dir.join("repo")).expect("the local repository");
     apt_host(&lab, &repo, "w1", "good");
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "missing",
         &UPGRADE
             .replace("upgrade: [wgtest]", "upgrade: [wgtest-missing]")
@@ -282,8 +274,7 @@ fn a_package_step_fails_named_when_the_manager_is_locked_or_the_package_missing(
     )
     .expect("read");
     assert_eq!(line.trim(), "held");
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "locked",
         &UPGRADE.replace("groups: [g-web, g-backup, g-dns]", "hosts: [w1]"),
     );

@@ -12,18 +12,6 @@ use wavegate_tests::lab::{Lab, eventually};
 const LONG: Duration = Duration::from_secs(120);
 const HOSTS: &[&str] = &["w1", "bk1", "s1"];
 
-fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
-    let path = lab.dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("plan");
-    path.display().to_string()
-}
-
-fn submit(lab: &Lab, plan: &str) -> String {
-    let run = lab.wavegate_as("submitter", &["rollout", "submit", plan, "--output", "json"]);
-    assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
-    run.json()["id"].as_str().expect("id").to_owned()
-}
-
 /// The step starts a daemon of its own (a new session, so it outlives the
 /// step) and the health check passes only once that daemon is gone: health
 /// is checked after the reboot, which killed it.
@@ -62,8 +50,8 @@ fn every_host_of_three_waves_comes_back_with_a_new_boot_id_and_nothing_runs_twic
         std::fs::create_dir_all(lab.host_path(h, "/var/lib/kernel")).expect("mkdir");
     }
     let before: Vec<String> = HOSTS.iter().map(|h| lab.boot_id(h)).collect();
-    let plan = write_plan(&lab, "reboot", &plan("  - size: 1\n  - size: 1\n  - size: 1", ""));
-    let id = submit(&lab, &plan);
+    let plan = lab.write_plan("reboot", &plan("  - size: 1\n  - size: 1\n  - size: 1", ""));
+    let id = lab.submit_path(&plan);
     assert_eq!(lab.waves(&id).len(), 3, "three waves");
     lab.approve(&id);
     let status = lab.wait_state(&id, "completed", LONG);
@@ -101,12 +89,11 @@ fn a_host_that_does_not_come_back_fails_its_wave_and_halts_the_rollout() {
     for h in HOSTS {
         std::fs::create_dir_all(lab.host_path(h, "/var/lib/kernel")).expect("mkdir");
     }
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "reboot",
         &plan("  - size: 1\n  - size: 100%", "; sleep 2").replace("reboot_timeout: 30s", "reboot_timeout: 3s"),
     );
-    let id = submit(&lab, &plan);
+    let id = lab.submit_path(&plan);
     let canary = lab.waves(&id)[0][0].clone();
     lab.approve(&id);
     eventually(LONG, "the canary's step to start", || {
@@ -153,8 +140,8 @@ fn a_controller_killed_while_a_host_reboots_neither_reboots_it_twice_nor_runs_it
     for h in HOSTS {
         std::fs::create_dir_all(lab.host_path(h, "/var/lib/kernel")).expect("mkdir");
     }
-    let plan = write_plan(&lab, "reboot", &plan("  - size: 1\n  - size: 100%", ""));
-    let id = submit(&lab, &plan);
+    let plan = lab.write_plan("reboot", &plan("  - size: 1\n  - size: 100%", ""));
+    let id = lab.submit_path(&plan);
     let canary = lab.waves(&id)[0][0].clone();
     let approve = lab.spawn_as("approver", &["rollout", "approve", &id]);
     lab.wait_failpoint("reboot-pending");

@@ -30,12 +30,6 @@ fn seed_hosting_provider(lab: &Lab, script: &str) {
     }
 }
 
-fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
-    let path = lab.dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("plan");
-    path.display().to_string()
-}
-
 const UPDATE_PLAN: &str = "name: vuln-fix-2012
 description: the update program, replayed
 targets:
@@ -64,7 +58,7 @@ fn the_2012_replay_is_refused_by_the_first_waves_dry_run_and_nothing_changes() {
         "set -e\nTARGET_SERVERS=\"\"\necho 1.1 > /opt/update/conf/version\nrm -rf /home/$TARGET_SERVERS*\n",
     );
     let before = lab.all_host_files();
-    let plan = write_plan(&lab, "replay", UPDATE_PLAN);
+    let plan = lab.write_plan("replay", UPDATE_PLAN);
     let run = lab.wavegate_as("submitter", &["rollout", "submit", &plan]);
     assert_eq!(
         run.status, 3,
@@ -127,7 +121,7 @@ fn a_delete_that_hides_from_the_sandbox_fails_confined_on_the_canary_and_is_roll
         ),
     );
     let before = lab.all_host_files();
-    let plan = write_plan(&lab, "variant", UPDATE_PLAN);
+    let plan = lab.write_plan("variant", UPDATE_PLAN);
     let run = lab.wavegate_as("submitter", &["rollout", "submit", &plan, "--output", "json"]);
     assert_eq!(
         run.status, 0,
@@ -181,8 +175,7 @@ fn a_legitimate_cleanup_runs_and_a_rollback_restores_it_byte_for_byte() {
         lab.seed(h, "/var/cache/app/keep.conf", "keep = yes\n");
     }
     let before = lab.all_host_files();
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "cleanup",
         "name: cache-cleanup
 targets:

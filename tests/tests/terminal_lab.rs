@@ -45,12 +45,6 @@ const SHOWN: [&str; 7] = [
     "\\x7f\\r\\x1b[2KALL HOSTS HEALTHY",
 ];
 
-fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
-    let path = lab.dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("plan");
-    path.display().to_string()
-}
-
 /// A plan whose one step prints the payload on w1 and fails, in its
 /// dry-run (allowed) and in the real run, which halts the canary.
 fn noisy_plan() -> String {
@@ -239,7 +233,7 @@ fn hostile_text_from_a_host_is_shown_inert_by_every_command() {
     let mut p = Problems::default();
 
     // A dry-run that is blocked: what `submit` prints of it, and `dryrun`.
-    let spills = write_plan(&lab, "spills", &blocked_plan());
+    let spills = lab.write_plan("spills", &blocked_plan());
     let run = lab.wavegate_as("submitter", &["rollout", "submit", &spills]);
     assert_eq!(run.status, 3, "blocked:\n{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("its last output:"), "{}", run.stdout);
@@ -272,7 +266,7 @@ fn hostile_text_from_a_host_is_shown_inert_by_every_command() {
 
     // A step that prints the payload and fails: its output, the host's
     // detail, the halt reason and the audit trail all quote it.
-    let noisy = write_plan(&lab, "noisy", &noisy_plan());
+    let noisy = lab.write_plan("noisy", &noisy_plan());
     let run = lab.wavegate_as("submitter", &["rollout", "submit", &noisy, "--output", "json"]);
     assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
     let id = run.json()["id"].as_str().expect("id").to_owned();

@@ -10,18 +10,6 @@ use wavegate_tests::lab::{Lab, eventually};
 
 const LONG: Duration = Duration::from_secs(120);
 
-fn write_plan(lab: &Lab, name: &str, yaml: &str) -> String {
-    let path = lab.dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, yaml).expect("plan");
-    path.display().to_string()
-}
-
-fn submit(lab: &Lab, plan: &str) -> String {
-    let run = lab.wavegate_as("submitter", &["rollout", "submit", plan, "--output", "json"]);
-    assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
-    run.json()["id"].as_str().expect("id").to_owned()
-}
-
 fn audit_json(lab: &Lab) -> Vec<Value> {
     let log = lab.wavegate_as("auditor", &["audit", "log", "--output", "json"]);
     assert_eq!(log.status, 0, "{}", log.stderr);
@@ -29,11 +17,6 @@ fn audit_json(lab: &Lab) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).expect("json line"))
         .collect()
-}
-
-fn audit_verifies(lab: &Lab) {
-    let verify = lab.wavegate_as("auditor", &["audit", "verify"]);
-    assert_eq!(verify.status, 0, "{}\n{}", verify.stdout, verify.stderr);
 }
 
 /// An agent session made by hand with `host`'s own certificate: it says
@@ -108,8 +91,7 @@ fn output(rollout: &str, command_id: &str, text: &str) -> pb::AgentMessage {
 #[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn one_hosts_certificate_cannot_answer_or_write_for_another_host() {
     let lab = Lab::up("trust-forge", "lab-fleet.yaml");
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "slow-fail",
         "name: slow-fail
 targets:
@@ -127,7 +109,7 @@ health:
   interval: 50ms
 ",
     );
-    let id = submit(&lab, &plan);
+    let id = lab.submit_path(&plan);
     lab.approve(&id);
     // The real step's command id, as s1's agent journaled it: the worst
     // case, an id that leaked.
@@ -182,7 +164,7 @@ health:
     );
     let stored = lab.wavegate_as("auditor", &["rollout", "logs", "r9999-zzzzzz"]);
     assert_ne!(stored.status, 0, "a rollout that does not exist has output");
-    audit_verifies(&lab);
+    lab.audit_verifies();
 }
 
 /// A store put back from a copy counts its rollouts again. The new
@@ -236,7 +218,7 @@ health:
 "
         )
     };
-    let first = submit(&lab, &write_plan(&lab, "one", &plan("one")));
+    let first = lab.submit_path(&lab.write_plan("one", &plan("one")));
     lab.approve(&first);
     lab.wait_state(&first, "completed", LONG);
     assert_eq!(lab.read_host("s1", "/etc/wg-marker").as_deref(), Some("one\n"));
@@ -248,7 +230,7 @@ health:
     lab.respawn(&args, "controller-3");
     lab.wait_agents();
 
-    let second = submit(&lab, &write_plan(&lab, "two", &plan("two")));
+    let second = lab.submit_path(&lab.write_plan("two", &plan("two")));
     assert_ne!(second, first, "an id was given twice");
     lab.approve(&second);
     lab.wait_state(&second, "completed", LONG);
@@ -264,7 +246,7 @@ health:
         Some("one\n"),
         "the rollback restored the new rollout's snapshot"
     );
-    audit_verifies(&lab);
+    lab.audit_verifies();
 }
 
 /// One person with two approver certificates under two names approves
@@ -291,8 +273,7 @@ fn approvals_count_people_not_certificates() {
     };
     identity("approver-laptop", Role::Approver, "approver@lab");
     identity("submitter-too", Role::Approver, "submitter@lab");
-    let plan = write_plan(
-        &lab,
+    let plan = lab.write_plan(
         "two-approvals",
         "name: two-approvals
 approvals: 2
@@ -309,7 +290,7 @@ health:
   interval: 50ms
 ",
     );
-    let id = submit(&lab, &plan);
+    let id = lab.submit_path(&plan);
     let own = lab.wavegate_as("submitter-too", &["rollout", "approve", &id]);
     assert_eq!(
         own.status, 3,
@@ -335,5 +316,5 @@ health:
         texts.iter().any(|t| t.contains("approver-laptop")),
         "the second approval of one person is in the audit log: {texts:#?}"
     );
-    audit_verifies(&lab);
+    lab.audit_verifies();
 }
