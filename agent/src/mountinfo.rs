@@ -185,10 +185,7 @@ impl HostMount {
     }
 }
 
-/// Whether `path` is `base` or inside it, by whole components.
-pub fn within(path: &str, base: &str) -> bool {
-    base == "/" || path == base || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
-}
+pub use wavegate_domain::paths::within;
 
 fn join_rel(base: &str, rest: &str) -> String {
     let rest = rest.trim_start_matches('/');

@@ -99,9 +99,7 @@ pub fn last_lines(text: &str, n: usize) -> String {
 
 /// Whether `path` is one of `writes` or inside one.
 pub fn inside(path: &str, writes: &[String]) -> bool {
-    writes
-        .iter()
-        .any(|w| path == w || path.strip_prefix(w.as_str()).is_some_and(|r| r.starts_with('/')))
+    wavegate_domain::paths::within_any(path, writes)
 }
 
 fn file_hash(p: &Path) -> Option<String> {

@@ -11,6 +11,7 @@ pub mod check;
 pub mod effects;
 pub mod fleet;
 pub mod packages;
+pub mod paths;
 pub mod plan;
 pub mod policy;
 pub mod redact;

@@ -577,10 +577,7 @@ fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
     }
 }
 
-/// Whether `path` is `base` or inside it, by whole path components.
-pub fn within(path: &str, base: &str) -> bool {
-    path == base || path.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
-}
+pub use crate::paths::within;
 
 fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Violation>) -> Vec<Step> {
     let Some(list) = doc else {

@@ -143,13 +143,7 @@ impl<'de> Deserialize<'de> for RawPath {
     }
 }
 
-/// Whether `p` is `base` or below it (bytes).
-pub fn within(p: &[u8], base: &[u8]) -> bool {
-    if base == b"/" {
-        return p.first() == Some(&b'/');
-    }
-    p == base || (p.starts_with(base) && p.get(base.len()) == Some(&b'/'))
-}
+pub use wavegate_domain::paths::within_bytes as within;
 
 /// A host path as a path relative to the host root's handle.
 fn relative(p: &[u8]) -> &[u8] {
