@@ -8,6 +8,7 @@
 //! reach the point stops there (it creates the file): a standby that takes
 //! over from a controller frozen at a point goes through it.
 
+#[cfg(feature = "failpoints")]
 use std::sync::OnceLock;
 
 /// Every point, in the order a rollout meets them.
@@ -24,6 +25,7 @@ pub const POINTS: &[&str] = &[
     "rollback-restored",
 ];
 
+#[cfg(feature = "failpoints")]
 fn armed() -> Option<&'static str> {
     static ARMED: OnceLock<Option<String>> = OnceLock::new();
     ARMED
@@ -33,6 +35,7 @@ fn armed() -> Option<&'static str> {
 
 /// Whether this process is the first to reach the armed point (always,
 /// unless `WAVEGATE_FAILPOINT_ONCE` names a file another one created).
+#[cfg(feature = "failpoints")]
 fn first_to_reach() -> bool {
     match std::env::var_os("WAVEGATE_FAILPOINT_ONCE") {
         None => true,
@@ -42,6 +45,7 @@ fn first_to_reach() -> bool {
 
 /// Stop here for good if this point is armed: the whole process stops
 /// (SIGSTOP), so no other task moves on either; the test then kills it.
+#[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     debug_assert!(POINTS.contains(&name), "unknown failpoint {name}");
     if armed() == Some(name) && first_to_reach() {
@@ -53,4 +57,12 @@ pub fn hit(name: &str) {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
         }
     }
+}
+
+/// Without the `failpoints` feature (the deployed build) a point is
+/// nothing: no environment variable can stop a production controller.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(name: &str) {
+    debug_assert!(POINTS.contains(&name), "unknown failpoint {name}");
 }

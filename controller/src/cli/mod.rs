@@ -11,7 +11,9 @@ pub mod agent;
 pub mod audit;
 pub mod certs;
 pub mod client;
+#[cfg(feature = "lab")]
 pub mod demo;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod logs;
 pub mod plan;
@@ -37,6 +39,7 @@ pub enum Command {
     /// A hosting provider in a lab on this machine, and three stories: a good
     /// fix in canary waves, the 2012 update program refused, a broken canary
     /// halted and rolled back.
+    #[cfg(feature = "lab")]
     Demo(demo::DemoArgs),
     /// Work with patch plans without running anything.
     #[command(subcommand)]
@@ -83,6 +86,7 @@ pub enum Command {
         cmd: snapshot::SnapshotCommand,
     },
     /// A controller and agents for an inventory on this machine.
+    #[cfg(feature = "lab")]
     #[command(subcommand)]
     Lab(lab::LabCommand),
     /// The shared etcd store: its members and leader, and migrating an
@@ -242,6 +246,7 @@ impl PolicyArgs {
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Plan(cmd) => plan::run(cmd),
+        #[cfg(feature = "lab")]
         Command::Demo(args) => demo::run(args).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Certs(cmd) => certs::run(cmd),
@@ -249,6 +254,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Snapshot { conn, cmd } => snapshot::run(cmd, &conn).await,
         Command::Audit { conn, cmd } => audit::run(cmd, &conn).await,
         Command::Agent { conn, cmd } => agent::run(cmd, &conn).await,
+        #[cfg(feature = "lab")]
         Command::Lab(cmd) => lab::run(cmd).await,
         Command::Store(cmd) => store::run(cmd).await,
         Command::Controllers { conn, output } => store::controllers(&conn, output).await,
