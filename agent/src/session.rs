@@ -301,6 +301,50 @@ async fn run_streamed(
     crate::output::while_running(path, s, tx, run_step_once(&cfg.exe, journal, job)).await
 }
 
+/// A step's reboot mode as sent: none, `always` or `if-required`; any
+/// other word is refused (a newer controller's mode is not guessed at).
+fn reboot_mode(mode: &str) -> Result<(), String> {
+    match mode {
+        "" | "always" | "if-required" => Ok(()),
+        other => Err(format!(
+            "refused: reboot mode `{other}` is unknown to this agent (it knows `always` and `if-required`); upgrade the agent"
+        )),
+    }
+}
+
+/// The dry-run's steps as sent. A package step whose manager this agent
+/// does not know is refused: run as a plain step, its effects on the
+/// package database would go unseen.
+fn dry_steps(steps: Vec<pb::DryRunStep>) -> Result<Vec<DryStep>, String> {
+    steps
+        .into_iter()
+        .map(|s| {
+            let packages = match s.packages {
+                None => None,
+                Some(p) => Some(wavegate_domain::packages::Packages {
+                    manager: wavegate_domain::packages::Manager::parse(&p.manager).ok_or_else(|| {
+                        format!(
+                            "step `{}`: package manager `{}` is unknown to this agent; upgrade the agent",
+                            s.name, p.manager
+                        )
+                    })?,
+                    upgrade: p.upgrade,
+                    install: p.install.into_iter().collect(),
+                }),
+            };
+            Ok(DryStep {
+                name: s.name,
+                run: s.run,
+                writes: s.writes,
+                max_deletions: s.max_deletions,
+                timeout_ms: s.timeout_ms,
+                allow_failure: (!s.allow_failure.is_empty()).then_some(s.allow_failure),
+                packages,
+            })
+        })
+        .collect()
+}
+
 /// How many paths a restore preview names (it counts them all).
 const PREVIEW_PATHS: usize = 200;
 
@@ -356,6 +400,11 @@ async fn answer(
     }
     match cmd.kind {
         Some(command::Kind::RunStep(step)) => {
+            // A reboot mode this agent does not know is refused before the
+            // step runs, not taken for another mode.
+            if let Err(e) = reboot_mode(&step.reboot) {
+                return refused(e);
+            }
             // Real steps are always confined to their write set.
             let mut job = Job::new(&id, &step.run, step.timeout_ms, &cfg.host_root, Mode::Confined);
             job.redact.clone_from(&redact);
@@ -524,25 +573,10 @@ async fn answer(
                 .map(|k| crate::fetch::tree(&cfg.state_dir, k))
                 .filter(|t| t.is_dir())
                 .collect();
-            job.steps = d
-                .steps
-                .into_iter()
-                .map(|s| DryStep {
-                    name: s.name,
-                    run: s.run,
-                    writes: s.writes,
-                    max_deletions: s.max_deletions,
-                    timeout_ms: s.timeout_ms,
-                    allow_failure: (!s.allow_failure.is_empty()).then_some(s.allow_failure),
-                    packages: s.packages.and_then(|p| {
-                        Some(wavegate_domain::packages::Packages {
-                            manager: wavegate_domain::packages::Manager::parse(&p.manager)?,
-                            upgrade: p.upgrade,
-                            install: p.install.into_iter().collect(),
-                        })
-                    }),
-                })
-                .collect();
+            job.steps = match dry_steps(d.steps) {
+                Ok(steps) => steps,
+                Err(e) => return refused(format!("dry-run blocked: {e}")),
+            };
             match run_supervised(&cfg.exe, &scratch, &job).await {
                 Ok(s) => result_of(&id, s, false),
                 Err(e) => refused(format!("dry-run blocked: {e:#}")),
@@ -667,5 +701,40 @@ fn snapshot_result(
             detail: e.to_string(),
             ..Default::default()
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(manager: Option<&str>) -> pb::DryRunStep {
+        pb::DryRunStep {
+            name: "patch".into(),
+            run: "true".into(),
+            packages: manager.map(|m| pb::PackageSpec {
+                manager: m.into(),
+                upgrade: vec!["nginx".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_unknown_package_manager_is_refused_not_run_as_a_plain_step() {
+        let known = dry_steps(vec![step(Some("apt")), step(None)]).expect("apt and a plain step");
+        assert!(known[0].packages.is_some() && known[1].packages.is_none());
+        let err = dry_steps(vec![step(Some("pacman"))]).expect_err("an unknown manager");
+        assert!(err.contains("pacman") && err.contains("patch"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_reboot_mode_is_refused() {
+        for known in ["", "always", "if-required"] {
+            assert!(reboot_mode(known).is_ok(), "{known:?}");
+        }
+        assert!(reboot_mode("sometimes").is_err());
+        assert!(reboot_mode("Always").is_err(), "not guessed at");
     }
 }
