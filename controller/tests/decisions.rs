@@ -270,7 +270,12 @@ async fn a_resume_retries_the_failed_hosts_once_and_finishes() {
     rig.script.fail_step(&[]);
     rig.engine.control("ann", &id, Control::Resume).await.expect("resume");
     let e = rig.until_state(&id, RolloutState::Completed).await;
-    assert_eq!(rig.script.steps_of(&canary), 2, "the failed canary ran again, once");
+    assert_eq!(
+        rig.script.steps_of(&canary),
+        2,
+        "the failed canary ran again, once: {:#?}",
+        e.rollout.events
+    );
     for h in HOSTS.iter().filter(|h| **h != canary) {
         assert_eq!(rig.script.steps_of(h), 1, "{h} ran its step once");
     }

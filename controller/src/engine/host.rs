@@ -83,7 +83,7 @@ impl Engine {
                     let cmd_id = h
                         .in_flight
                         .clone()
-                        .unwrap_or_else(|| format!("{rid}:{attempt}:{host}:checks:{}", self.boot));
+                        .unwrap_or_else(|| format!("{rid}:{attempt}:{host}:checks:{}:{}", self.boot, nonce()));
                     h.in_flight = Some(cmd_id.clone());
                     h.state = HostState::Succeeded;
                     h.detail = "steps done; running health checks".into();

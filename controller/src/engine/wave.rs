@@ -42,16 +42,20 @@ impl Engine {
         }
     }
 
-    pub(super) fn running(&self, id: &str) -> bool {
-        self.lock()
-            .rollouts
-            .get(id)
-            .is_some_and(|e| e.rollout.state == RolloutState::Running)
+    /// Whether wave `w` is still in one of `states`, in attempt `attempt`
+    /// of a running rollout.
+    fn wave_is(&self, id: &str, w: usize, attempt: u32, states: &[WaveState]) -> bool {
+        self.lock().rollouts.get(id).is_some_and(|e| {
+            e.rollout.state == RolloutState::Running
+                && e.rollout.attempt == attempt
+                && e.rollout.waves.get(w).is_some_and(|x| states.contains(&x.state))
+        })
     }
 
     pub(super) async fn run_wave(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
         let started = Instant::now();
-        let hosts = self
+        let mut changes = self.subscribe();
+        let (hosts, attempt) = self
             .mutate(id, |e| {
                 let wave = &mut e.rollout.waves[w];
                 if wave.state == WaveState::Pending {
@@ -59,7 +63,7 @@ impl Engine {
                     let text = format!("wave {} started: {}", wave.index, wave.hosts.join(", "));
                     event(&mut e.rollout, text);
                 }
-                Ok((e.rollout.waves[w].hosts.clone(), Vec::new()))
+                Ok(((e.rollout.waves[w].hosts.clone(), e.rollout.attempt), Vec::new()))
             })
             .await?;
         crate::failpoint::hit("wave-start-committed");
@@ -75,10 +79,21 @@ impl Engine {
                 Err(e) => return Err(EngineError::Store(anyhow::anyhow!("host task failed: {e}"))),
             }
         }
-        if !self.running(id) {
+        // A halt and a resume may have come while the hosts ran: the wave
+        // was re-entered, and its retried hosts belong to the next pass of
+        // the driver, not to this one's bake.
+        // (A wave found baking, after a restart, bakes again from the start.)
+        if !self.wave_is(id, w, attempt, &[WaveState::Running, WaveState::Baking]) {
             return Ok(());
         }
-        self.bake(id, w).await?;
+        if !self.with(id, |e| wave_done(e, w))? {
+            // A host of the wave is neither healthy nor failed, and nothing
+            // here can move it: the driver tries again after the next
+            // change, rather than at once.
+            self.wait_change(&mut changes).await;
+            return Ok(());
+        }
+        self.bake(id, w, attempt).await?;
         if self.with(id, |e| e.rollout.waves[w].state)? == WaveState::Confirmed {
             self.metrics.waves_confirmed.inc();
             self.metrics.wave_duration.observe(started.elapsed().as_secs_f64());
@@ -86,27 +101,38 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) async fn bake(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
-        let (bake, interval, checks, attempt) = self
+    pub(super) async fn bake(self: &Arc<Self>, id: &str, w: usize, attempt: u32) -> Result<(), EngineError> {
+        let baking = self
             .mutate(id, |e| {
+                let r = &mut e.rollout;
+                if !(r.state == RolloutState::Running
+                    && r.attempt == attempt
+                    && matches!(r.waves[w].state, WaveState::Running | WaveState::Baking)
+                    && wave_done(e, w))
+                {
+                    return Ok((None, Vec::new()));
+                }
                 let r = &mut e.rollout;
                 r.waves[w].state = WaveState::Baking;
                 r.waves[w].bake_ends_ms = Some(now_ms() + r.bake_ms);
                 let text = format!("wave {} baking for {} ms", w + 1, r.bake_ms);
                 event(r, text);
                 Ok((
-                    (r.bake_ms, r.interval_ms.max(1), r.checks.clone(), r.attempt),
+                    Some((r.bake_ms, r.interval_ms.max(1), r.checks.clone(), r.attempt)),
                     Vec::new(),
                 ))
             })
             .await?;
+        let Some((bake, interval, checks, attempt)) = baking else {
+            return Ok(());
+        };
         crate::failpoint::hit("bake-committed");
         let end = Instant::now() + Duration::from_millis(bake);
         let mut round = 0u64;
         while Instant::now() < end {
             let pause = Duration::from_millis(interval).min(end - Instant::now());
             tokio::time::sleep(pause).await;
-            if !self.running(id) {
+            if !self.wave_is(id, w, attempt, &[WaveState::Baking]) {
                 return Ok(());
             }
             round += 1;
@@ -145,15 +171,21 @@ impl Engine {
                     self.host_failed(id, w, &host, detail).await?;
                 }
             }
-            if !self.running(id) {
+            if !self.wave_is(id, w, attempt, &[WaveState::Baking]) {
                 return Ok(());
             }
         }
         self.mutate(id, |e| {
-            let r = &mut e.rollout;
-            if r.state != RolloutState::Running {
+            // Confirmed only as this bake found it: still running, in the
+            // same attempt, baking, and every host of the wave done.
+            if !(e.rollout.state == RolloutState::Running
+                && e.rollout.attempt == attempt
+                && e.rollout.waves[w].state == WaveState::Baking
+                && wave_done(e, w))
+            {
                 return Ok(((), Vec::new()));
             }
+            let r = &mut e.rollout;
             r.waves[w].state = WaveState::Confirmed;
             event(r, format!("wave {} confirmed healthy", w + 1));
             let retain_ms = r.retain_ms;
@@ -278,4 +310,15 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Whether every host of wave `w` is done: healthy, or failed within the
+/// budget (a failure over it has halted the rollout already). A host still
+/// running or untouched keeps the wave from baking and from being
+/// confirmed.
+fn wave_done(e: &Entry, w: usize) -> bool {
+    e.hosts
+        .values()
+        .filter(|h| h.wave == w)
+        .all(|h| matches!(h.state, HostState::Healthy | HostState::Failed))
 }
