@@ -119,8 +119,10 @@ impl Job {
 impl Job {
     /// A digest of what the controller asked for: the command, its limits
     /// and what it may write. Not of what this agent adds (its hidden and
-    /// protected paths, the boot, the controller's address, the time), so
-    /// the same command sent again by another controller matches. A
+    /// protected paths, the boot, the controller's address, the time) nor
+    /// of the site's settings each controller reads for itself (redact
+    /// patterns, accepted weaker confinement), so the same command sent
+    /// again by another controller matches. A
     /// command id seen again with another digest is not the same command:
     /// it is neither run nor answered from the journal.
     pub fn content_digest(&self) -> String {
@@ -134,7 +136,6 @@ impl Job {
             "create_files": self.create_files,
             "steps": self.steps,
             "untouchable": self.untouchable,
-            "accept_weaker": self.accept_weaker,
         });
         hex::encode(Sha256::digest(what.to_string().as_bytes()))
     }

@@ -313,8 +313,12 @@ impl AgentService for Api {
                         // Output of a command sent to this host, for the
                         // rollout the command belongs to (a submit's
                         // dry-run has none yet, and its output is not kept).
+                        // The rollout a chunk names must be its command's
+                        // own (the id's first part), not a longer prefix of
+                        // it that would count as a rollout of its own
+                        // against the output caps.
                         let rollout_ok = chunk.rollout_id.is_empty()
-                            || chunk.command_id.starts_with(&format!("{}:", chunk.rollout_id));
+                            || chunk.command_id.split(':').next() == Some(chunk.rollout_id.as_str());
                         if hub.expects(&cert_host, &chunk.command_id) && rollout_ok {
                             engine.accept_output(&cert_host, chunk).await;
                             None

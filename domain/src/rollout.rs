@@ -754,6 +754,13 @@ impl Rollout {
             Control::Resume => {
                 let was_halted = self.state == RolloutState::Halted;
                 self.resume()?;
+                // A rollback asked for while it stood still is not carried
+                // out while it runs again.
+                for q in &mut self.rollback_requests {
+                    if q.state == RollbackState::AwaitingApproval {
+                        q.state = RollbackState::Done;
+                    }
+                }
                 if was_halted {
                     for h in hosts.values_mut() {
                         if h.state == HostState::Failed
@@ -1016,6 +1023,11 @@ mod tests {
         assert_eq!(hosts["a"].state, HostState::Running);
         assert_eq!((r.attempt, r.waves[0].state), (1, WaveState::Pending));
         assert_eq!(r.halt_reason, None);
+        // A rollback asked for while it stood still is withdrawn by a resume.
+        r.control(Control::Pause, &mut hosts).expect("pause");
+        r.rollback_requests.push(request());
+        r.control(Control::Resume, &mut hosts).expect("resume");
+        assert_eq!(r.rollback_requests[0].state, RollbackState::Done);
         assert_eq!(r.control(Control::Abort, &mut hosts), Ok(Vec::new()));
         for c in [Control::Pause, Control::Resume, Control::Abort] {
             assert!(r.control(c, &mut hosts).is_err(), "{c:?} after an abort");

@@ -235,7 +235,10 @@ health:
         "five deleted files come back per host: {q:#}"
     );
     let digest = q["preview_digest"].as_str().expect("digest").to_owned();
-    let own = lab.wavegate_as("approver", &["rollout", "rollback", &id, "--approve"]);
+    let own = lab.wavegate_as(
+        "approver",
+        &["rollout", "rollback", &id, "--approve", "--preview", &digest],
+    );
     assert_eq!(own.status, 3, "the person who asked approved it:\n{}", own.stderr);
     let stale = lab.wavegate_as("admin", &["rollout", "rollback", &id, "--approve", "--preview", "0000"]);
     assert_eq!(

@@ -733,6 +733,11 @@ fn load(state_dir: &Path, host: &str, rollout: &str) -> Result<(PathBuf, Manifes
     Ok((d, m))
 }
 
+/// The longest path a restore preview shows whole.
+pub const PREVIEW_PATH_BYTES: usize = 256;
+/// The most path text a restore preview carries per host.
+pub const PREVIEW_BYTES: usize = 8 << 10;
+
 /// What a restore of this rollout's snapshot would change on the host now:
 /// the first `limit` paths (path, `changed` | `added` | `removed`), and how
 /// many in all. Changes nothing. A path is changed when its type, owner,
@@ -749,10 +754,23 @@ pub fn changes(
     let root_fd = fsx::open_dir(root)?;
     let mut out = Vec::new();
     let mut total = 0u64;
+    // A tenant names its files: the list is bounded in bytes too, and a
+    // long name is cut (the count stays whole).
+    let mut bytes = 0usize;
     let mut note = |path: &RawPath, what: &'static str| {
         total += 1;
-        if out.len() < limit {
-            out.push((path.escaped(), what));
+        let mut shown = path.escaped();
+        if shown.len() > PREVIEW_PATH_BYTES {
+            let mut cut = PREVIEW_PATH_BYTES;
+            while !shown.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            shown.truncate(cut);
+            shown.push_str("...");
+        }
+        if out.len() < limit && bytes + shown.len() <= PREVIEW_BYTES {
+            bytes += shown.len();
+            out.push((shown, what));
         }
     };
     for part in &m.parts {

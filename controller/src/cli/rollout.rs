@@ -129,10 +129,10 @@ pub enum RolloutCommand {
         /// Approve the rollout's waiting rollback request (an approver or
         /// admin, not the person who asked); with every approval in, the
         /// hosts are restored.
-        #[arg(long)]
+        #[arg(long, requires = "preview")]
         approve: bool,
-        /// With --approve: the preview digest you read (the request shows
-        /// it); refused if the request changed since.
+        /// With --approve: the preview digest you read (the request and
+        /// `rollout status` show it); refused if the request changed since.
         #[arg(long, requires = "approve")]
         preview: Option<String>,
     },
@@ -215,7 +215,7 @@ fn render_rollback(s: &pb::RolloutStatus) -> String {
     if q.state == "awaiting_approval" {
         let _ = writeln!(
             out,
-            "  next: another person approves with `wavegate rollout rollback {} --approve --preview {}`",
+            "  next: another person reads it and approves with `wavegate rollout rollback {} --approve --preview {}`",
             s.id, q.preview_digest
         );
     }

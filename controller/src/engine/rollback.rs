@@ -4,6 +4,19 @@
 
 use super::*;
 
+/// The most path text one host's restore preview keeps.
+const PREVIEW_HOST_BYTES: usize = 16 << 10;
+/// The most path text one rollback request keeps, every host together.
+const PREVIEW_REQUEST_BYTES: usize = 256 << 10;
+
+/// The first of `hosts` with a command in flight.
+fn in_flight<'a>(e: &Entry, hosts: &'a [String]) -> Option<&'a str> {
+    hosts
+        .iter()
+        .find(|h| e.hosts.get(*h).is_some_and(|r| r.in_flight.is_some()))
+        .map(String::as_str)
+}
+
 impl Engine {
     /// After an automatic halt with `on_failure: rollback`: restore the
     /// halted wave's failed hosts, then clear the flag.
@@ -133,6 +146,11 @@ impl Engine {
                 "no host of that selection has a snapshot to restore".into(),
             ));
         }
+        if let Some(busy) = in_flight(&entry, &hosts) {
+            return Err(EngineError::Denied(format!(
+                "host {busy} still has a step running (the rollout is paused, not stopped); wait for it, then ask"
+            )));
+        }
         let mut previews = Vec::new();
         for host in &hosts {
             let engine = Arc::clone(self);
@@ -140,8 +158,16 @@ impl Engine {
             previews.push(tokio::spawn(async move { engine.preview_restore(&id, &host).await }));
         }
         let mut preview = Vec::new();
+        let mut bytes = 0usize;
         for p in previews {
-            preview.push(p.await.map_err(|e| EngineError::Store(anyhow::anyhow!(e)))?);
+            let mut p = p.await.map_err(|e| EngineError::Store(anyhow::anyhow!(e)))?;
+            // Past a bound for the whole request, hosts keep their counts
+            // and lose their path lists.
+            bytes += p.changes.iter().map(|(a, b)| a.len() + b.len()).sum::<usize>();
+            if bytes > PREVIEW_REQUEST_BYTES {
+                p.changes.clear();
+            }
+            preview.push(p);
         }
         let digest = hex::encode(Sha256::digest(
             serde_json::to_vec(&(&hosts, &preview)).map_err(anyhow::Error::from)?,
@@ -217,7 +243,16 @@ impl Engine {
         };
         match self.hub.execute(host, cmd, deadline).await {
             Ok(r) if r.outcome == pb::Outcome::Ok as i32 => {
-                p.changes = r.changes.into_iter().map(|c| (c.path, c.change)).collect();
+                // What a host sends is bounded here too: the request is
+                // stored with the rollout.
+                let mut bytes = 0usize;
+                for c in r.changes {
+                    bytes += c.path.len() + c.change.len();
+                    if bytes > PREVIEW_HOST_BYTES || p.changes.len() >= 200 {
+                        break;
+                    }
+                    p.changes.push((c.path, c.change));
+                }
                 p.total = r.changes_total;
             }
             Ok(r) => p.error = r.detail,
@@ -236,8 +271,37 @@ impl Engine {
         id: &str,
         digest: &str,
     ) -> Result<Entry, EngineError> {
+        if digest.is_empty() {
+            return Err(EngineError::Denied(format!(
+                "give the preview digest you read (`rollout status {id}` shows it): --preview DIGEST"
+            )));
+        }
         let approved = self
             .mutate(id, |e| {
+                // Checked again in the commit that may start the restore: a
+                // rollout resumed, or a step started, since the request.
+                if matches!(
+                    e.rollout.state,
+                    RolloutState::Running | RolloutState::AwaitingApproval
+                ) {
+                    return Err(EngineError::Denied(format!(
+                        "rollout {id} is {}; a rollback is approved only while it stands still",
+                        e.rollout.state
+                    )));
+                }
+                let waiting = e
+                    .rollout
+                    .rollback_requests
+                    .iter()
+                    .rev()
+                    .find(|q| q.state == RollbackState::AwaitingApproval)
+                    .map(|q| q.hosts.clone())
+                    .unwrap_or_default();
+                if let Some(busy) = in_flight(e, &waiting) {
+                    return Err(EngineError::Denied(format!(
+                        "host {busy} has a step running; a restore now would race it"
+                    )));
+                }
                 let r = &mut e.rollout;
                 let q = r
                     .rollback_requests

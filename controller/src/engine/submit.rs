@@ -460,6 +460,13 @@ impl Engine {
                         a.who
                     )));
                 }
+                if r.submitter_person.is_empty() {
+                    // Submitted before certificates named people: nobody
+                    // can tell its submitter apart from an approver.
+                    return Err(EngineError::Denied(
+                        "this rollout was submitted before certificates named people, so its submitter cannot be told apart from you; submit the plan again".into(),
+                    ));
+                }
                 if person.is_empty() {
                     return Err(EngineError::Denied(format!(
                         "the certificate of {who} names no person, so its approval cannot be counted; \
@@ -517,8 +524,27 @@ impl Engine {
     /// Pause, resume or abort, on an operator's word.
     pub async fn control(self: &Arc<Self>, who: &str, id: &str, action: Control) -> Result<Entry, EngineError> {
         self.mutate(id, |e| {
+            let waiting: Vec<u32> = e
+                .rollout
+                .rollback_requests
+                .iter()
+                .filter(|q| q.state == RollbackState::AwaitingApproval)
+                .map(|q| q.number)
+                .collect();
             let changed = e.rollout.control(action, &mut e.hosts)?;
             event(&mut e.rollout, format!("{} by {who}", action.as_str()));
+            for n in waiting {
+                if e.rollout
+                    .rollback_requests
+                    .iter()
+                    .any(|q| q.number == n && q.state == RollbackState::Done)
+                {
+                    event(
+                        &mut e.rollout,
+                        format!("rollback request {n} withdrawn: the rollout resumed"),
+                    );
+                }
+            }
             Ok(((), changed))
         })
         .await?;

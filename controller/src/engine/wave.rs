@@ -79,6 +79,9 @@ impl Engine {
                 Err(e) => return Err(EngineError::Store(anyhow::anyhow!("host task failed: {e}"))),
             }
         }
+        // What has changed so far is seen: the wait below is for the next
+        // change, not one before the checks.
+        changes.borrow_and_update();
         // A halt and a resume may have come while the hosts ran: the wave
         // was re-entered, and its retried hosts belong to the next pass of
         // the driver, not to this one's bake.
