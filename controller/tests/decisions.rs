@@ -4,16 +4,14 @@
 //! not, which hosts got a step, what a resume retries), not how a real
 //! host carries a step out; the labs do that.
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use wavegate::engine::{Engine, Entry, Settings};
-use wavegate::hub::Hub;
-use wavegate::store::Store;
+use common::{Script, lock};
+use wavegate::engine::{Engine, Entry};
 use wavegate_domain::rollout::{Control, HostState, RolloutState, WaveState};
-use wavegate_domain::{Fleet, PolicySet, Source};
-use wavegate_proto::v1 as pb;
 
 const FLEET: &str = "hosts:
   - {id: h1}
@@ -24,92 +22,6 @@ const FLEET: &str = "hosts:
 ";
 
 const HOSTS: [&str; 5] = ["h1", "h2", "h3", "h4", "h5"];
-
-/// What each scripted agent does: which hosts fail their step or their
-/// health checks, and every real step each host was sent.
-#[derive(Default)]
-struct Script {
-    fail_step: Mutex<HashSet<String>>,
-    fail_checks: Mutex<HashSet<String>>,
-    steps: Mutex<BTreeMap<String, usize>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Script {
-    fn fail_step(&self, hosts: &[&str]) {
-        *lock(&self.fail_step) = hosts.iter().map(|h| (*h).to_owned()).collect();
-    }
-
-    fn steps_of(&self, host: &str) -> usize {
-        lock(&self.steps).get(host).copied().unwrap_or(0)
-    }
-
-    fn answer(&self, host: &str, cmd: &pb::Command) -> pb::CommandResult {
-        let mut r = pb::CommandResult {
-            command_id: cmd.id.clone(),
-            outcome: pb::Outcome::Ok as i32,
-            ..Default::default()
-        };
-        match &cmd.kind {
-            Some(pb::command::Kind::DryRun(d)) => {
-                let reports: Vec<_> = d
-                    .steps
-                    .iter()
-                    .map(|s| wavegate_domain::effects::StepReport {
-                        step: s.name.clone(),
-                        ..Default::default()
-                    })
-                    .collect();
-                r.report_json = serde_json::to_string(&reports).expect("json");
-            }
-            Some(pb::command::Kind::TakeSnapshot(_)) => {
-                r.report_json = r#"{"files":0,"archive_bytes":0}"#.into();
-            }
-            Some(pb::command::Kind::RunStep(_)) => {
-                *lock(&self.steps).entry(host.to_owned()).or_default() += 1;
-                if lock(&self.fail_step).contains(host) {
-                    r.outcome = pb::Outcome::Failed as i32;
-                    r.exit_code = 1;
-                    r.detail = "scripted to fail".into();
-                }
-            }
-            Some(pb::command::Kind::RunChecks(c)) => {
-                let ok = !lock(&self.fail_checks).contains(host);
-                r.checks = c
-                    .checks
-                    .iter()
-                    .map(|c| pb::CheckResult {
-                        name: c.name.clone(),
-                        ok,
-                        detail: if ok { String::new() } else { "scripted to fail".into() },
-                    })
-                    .collect();
-                if !ok {
-                    r.outcome = pb::Outcome::Failed as i32;
-                }
-            }
-            _ => {}
-        }
-        r
-    }
-}
-
-/// Plug a scripted agent for `host` into the hub.
-fn agent(hub: &Arc<Hub>, host: &str, script: &Arc<Script>) {
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    hub.connect(host, tx);
-    let (hub, host, script) = (Arc::clone(hub), host.to_owned(), Arc::clone(script));
-    tokio::spawn(async move {
-        while let Some(Ok(msg)) = rx.recv().await {
-            if let Some(pb::controller_message::Body::Command(cmd)) = msg.body {
-                hub.deliver(&host, script.answer(&host, &cmd));
-            }
-        }
-    });
-}
 
 struct Rig {
     engine: Arc<Engine>,
@@ -126,31 +38,8 @@ impl Drop for Rig {
 async fn rig(name: &str) -> Rig {
     let dir = std::env::temp_dir().join(format!("wavegate-decisions-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let fleet = Fleet::parse(Source {
-        name: "fleet.yaml",
-        text: FLEET,
-    })
-    .expect("fleet");
-    let hub = Arc::new(Hub::default());
     let script = Arc::new(Script::default());
-    for h in HOSTS {
-        agent(&hub, h, &script);
-    }
-    let engine = Engine::new(
-        Store::open(&dir).expect("store").shared(),
-        hub,
-        (fleet, FLEET),
-        PolicySet::default(),
-        Settings {
-            agent_grace: Duration::from_secs(1),
-            output_cap: wavegate::engine::DEFAULT_OUTPUT_CAP,
-            output_rollout_cap: wavegate::engine::DEFAULT_OUTPUT_ROLLOUT_CAP,
-            notify: false,
-            leadership: wavegate::leader::Leadership::single(),
-        },
-    )
-    .await
-    .expect("engine");
+    let engine = common::engine(&dir, FLEET, &HOSTS, &script).await;
     engine.start();
     Rig { engine, script, dir }
 }

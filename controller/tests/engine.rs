@@ -2,15 +2,13 @@
 //! refused and recorded, and everything survives a restart on the same data
 //! directory.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use wavegate::engine::{Engine, EngineError, Settings};
-use wavegate::hub::Hub;
-use wavegate::store::Store;
+use wavegate::engine::{Engine, EngineError};
 use wavegate_domain::rollout::RolloutState;
-use wavegate_domain::{Fleet, PolicySet, Source};
 
 const FLEET: &str = "hosts:\n  - {id: p1, role: primary}\n  - {id: b1, role: backup, backup_of: [p1]}\n";
 const PLAN: &str =
@@ -22,70 +20,8 @@ fn data_dir(name: &str) -> PathBuf {
     d
 }
 
-/// Plug an in-process agent for `host` into the hub: it answers every dry-run
-/// with a clean report per step, and anything else with OK.
-fn fake_agent(hub: &Arc<Hub>, host: &str) {
-    use wavegate_proto::v1 as pb;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    hub.connect(host, tx);
-    let hub = Arc::clone(hub);
-    let host = host.to_owned();
-    tokio::spawn(async move {
-        while let Some(Ok(msg)) = rx.recv().await {
-            let Some(pb::controller_message::Body::Command(cmd)) = msg.body else {
-                continue;
-            };
-            let report_json = match &cmd.kind {
-                Some(pb::command::Kind::DryRun(d)) => serde_json::to_string(
-                    &d.steps
-                        .iter()
-                        .map(|s| wavegate_domain::effects::StepReport {
-                            step: s.name.clone(),
-                            ..Default::default()
-                        })
-                        .collect::<Vec<_>>(),
-                )
-                .expect("json"),
-                _ => String::new(),
-            };
-            hub.deliver(
-                &host,
-                pb::CommandResult {
-                    command_id: cmd.id,
-                    outcome: pb::Outcome::Ok as i32,
-                    report_json,
-                    ..Default::default()
-                },
-            );
-        }
-    });
-}
-
 async fn engine(dir: &std::path::Path) -> Arc<Engine> {
-    let fleet = Fleet::parse(Source {
-        name: "fleet.yaml",
-        text: FLEET,
-    })
-    .expect("fleet");
-    let hub = Arc::new(Hub::default());
-    for h in ["p1", "b1"] {
-        fake_agent(&hub, h);
-    }
-    Engine::new(
-        Store::open(dir).expect("store").shared(),
-        hub,
-        (fleet, FLEET),
-        PolicySet::default(),
-        Settings {
-            agent_grace: Duration::from_secs(1),
-            output_cap: wavegate::engine::DEFAULT_OUTPUT_CAP,
-            output_rollout_cap: wavegate::engine::DEFAULT_OUTPUT_ROLLOUT_CAP,
-            notify: false,
-            leadership: wavegate::leader::Leadership::single(),
-        },
-    )
-    .await
-    .expect("engine")
+    common::engine(dir, FLEET, &["p1", "b1"], &Arc::new(common::Script::default())).await
 }
 
 #[tokio::test]
