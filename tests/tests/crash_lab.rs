@@ -209,3 +209,50 @@ fn killed_during_the_rollback_the_rollback_completes_after_the_restart() {
     let (lab, id, canary) = halted_canary("rollback-restored");
     stays_halted_and_rolled_back(&lab, &id, &canary);
 }
+
+/// A rollback a person asked for and others approved is carried out to the
+/// end even when the controller is killed in the middle of it: the request
+/// found running after the restart restores its hosts again and is done.
+#[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
+fn killed_during_an_approved_rollback_request_it_finishes_after_the_restart() {
+    let lab = Lab::up_with(
+        "rollback-request",
+        "lab-fleet.yaml",
+        "10s",
+        &[("WAVEGATE_FAILPOINT", "rollback-restored")],
+    );
+    let id = lab.submit("lab/three-waves.yaml");
+    lab.approve(&id);
+    lab.wait_state(&id, "completed", LONG);
+    for h in TARGETS {
+        assert_eq!(marker_lines(&lab, h), 1, "{h} ran its step");
+    }
+    let asked = lab.wavegate_as("submitter", &["rollout", "rollback", &id]);
+    assert_eq!(asked.status, 0, "{}\n{}", asked.stdout, asked.stderr);
+    let digest = lab.status(&id)["rollback_requests"][0]["preview_digest"]
+        .as_str()
+        .expect("digest")
+        .to_owned();
+    // The approval starts the restore; the controller stops dead after the
+    // first host is restored, and is killed there.
+    let mut approve = lab.spawn_as(
+        "approver",
+        &["rollout", "rollback", &id, "--approve", "--preview", &digest],
+    );
+    std::thread::spawn(move || approve.wait());
+    lab.wait_failpoint("rollback-restored");
+    lab.restart_controller();
+    eventually(LONG, "the rollback request to be done", || {
+        (lab.status(&id)["rollback_requests"][0]["state"] == "done").then_some(())
+    });
+    for h in TARGETS {
+        assert_eq!(marker_lines(&lab, h), 0, "{h} was not restored");
+    }
+    let events = lab.status(&id)["events"].to_string();
+    assert!(
+        events.contains("rollback request 1 done: every host restored"),
+        "{events}"
+    );
+    lab.audit_verifies();
+}

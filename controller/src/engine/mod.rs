@@ -478,6 +478,28 @@ impl Engine {
         for id in ids {
             self.spawn_driver(&id);
         }
+        // Rollback requests approved but not finished when the last
+        // controller stopped: their hosts are restored again, to the end.
+        let approved: Vec<(String, u32, Vec<String>)> = self
+            .lock()
+            .rollouts
+            .values()
+            .flat_map(|e| {
+                e.rollout
+                    .rollback_requests
+                    .iter()
+                    .filter(|q| q.state == RollbackState::Running)
+                    .map(|q| (e.rollout.id.clone(), q.number, q.hosts.clone()))
+            })
+            .collect();
+        for (id, number, hosts) in approved {
+            let engine = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(e) = engine.carry_out_rollback(&id, number, hosts).await {
+                    error!(rollout = %id, error = %e, "A rollback request found running could not be finished.");
+                }
+            });
+        }
         let engine = Arc::clone(self);
         tokio::spawn(async move {
             loop {

@@ -345,26 +345,44 @@ impl Engine {
             other => other?,
         };
         if let Some((number, hosts)) = approved {
-            let results = self
-                .restore_hosts(id, &hosts, &format!("rollback request {number}"))
-                .await;
-            let failed: Vec<&str> = results.iter().filter(|(_, ok)| !ok).map(|(h, _)| h.as_str()).collect();
-            let failed = failed.join(", ");
-            self.mutate(id, |e| {
-                if let Some(q) = e.rollout.rollback_requests.iter_mut().find(|q| q.number == number) {
-                    q.state = RollbackState::Done;
-                }
-                let how = if failed.is_empty() {
-                    "every host restored".to_owned()
-                } else {
-                    format!("NOT restored: {failed}")
-                };
-                event(&mut e.rollout, format!("rollback request {number} done: {how}"));
-                Ok(((), Vec::new()))
-            })
-            .await?;
+            // In a task of its own: a client that goes away while the hosts
+            // are restored does not cut the request short.
+            let engine = Arc::clone(self);
+            let rid = id.to_owned();
+            tokio::spawn(async move { engine.carry_out_rollback(&rid, number, hosts).await })
+                .await
+                .map_err(|e| EngineError::Store(anyhow::anyhow!("the rollback task failed: {e}")))??;
         }
         self.get(id).await
+    }
+
+    /// Restore the hosts of approved rollback request `number`, then end
+    /// it. A restore can be run again: a request found running after a
+    /// restart is carried out from the start (see [`Engine::start`]).
+    pub(super) async fn carry_out_rollback(
+        self: &Arc<Self>,
+        id: &str,
+        number: u32,
+        hosts: Vec<String>,
+    ) -> Result<(), EngineError> {
+        let results = self
+            .restore_hosts(id, &hosts, &format!("rollback request {number}"))
+            .await;
+        let failed: Vec<&str> = results.iter().filter(|(_, ok)| !ok).map(|(h, _)| h.as_str()).collect();
+        let failed = failed.join(", ");
+        self.mutate(id, |e| {
+            if let Some(q) = e.rollout.rollback_requests.iter_mut().find(|q| q.number == number) {
+                q.state = RollbackState::Done;
+            }
+            let how = if failed.is_empty() {
+                "every host restored".to_owned()
+            } else {
+                format!("NOT restored: {failed}")
+            };
+            event(&mut e.rollout, format!("rollback request {number} done: {how}"));
+            Ok(((), Vec::new()))
+        })
+        .await
     }
 
     /// Every dry-run record of a rollout: (phase, record).
