@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use wavegate_proto::v1::{CheckResult, HealthCheck, health_check::Probe};
+use wavegate_domain::command::CheckResult;
+use wavegate_domain::rollout::{CheckSpec as HealthCheck, ProbeSpec as Probe};
 
 use crate::exec::run_supervised_tailed;
 use crate::journal::{Job, Mode};
@@ -80,9 +81,9 @@ pub async fn run_tailed(
 ) -> CheckResult {
     let timeout = Duration::from_millis(check.timeout_ms.max(1));
     let res = match &check.probe {
-        Some(Probe::Tcp(addr)) => tcp(addr, timeout).await,
-        Some(Probe::Http(h)) => http(&h.url, h.expect_status, timeout).await,
-        Some(Probe::Exec(cmd)) => {
+        Probe::Tcp(addr) => tcp(addr, timeout).await,
+        Probe::Http { url, expect_status } => http(url, u32::from(*expect_status), timeout).await,
+        Probe::Exec(cmd) => {
             // A check only looks: the host root read-only, a private /tmp.
             let mut job = Job::new(
                 &format!("check-{}", check.name),
@@ -104,7 +105,6 @@ pub async fn run_tailed(
                 Err(e) => Err(format!("could not run: {e:#}")),
             }
         }
-        None => Err("the check has no probe".into()),
     };
     match res {
         Ok(detail) => CheckResult {

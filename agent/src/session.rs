@@ -12,9 +12,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{error, info, warn};
-use wavegate_proto::v1::{
-    self as pb, agent_message, agent_service_client::AgentServiceClient, command, controller_message,
-};
+use wavegate_domain::command::{ChangeKind, Command, CommandKind, DryRunStep, PathChange, SnapshotBackend};
+use wavegate_domain::effects::StepReport;
+use wavegate_domain::plan::Reboot;
+use wavegate_proto::convert;
+use wavegate_proto::v1::{self as pb, agent_message, agent_service_client::AgentServiceClient, controller_message};
 
 use crate::exec::{run_step_once, run_supervised};
 use crate::journal::{Job, Journal, Mode};
@@ -256,9 +258,18 @@ fn own_paths(cfg: &Config) -> Vec<String> {
 }
 
 fn result_of(id: &str, s: crate::journal::Stored, replayed: bool) -> pb::CommandResult {
+    // A dry-run's reports are kept in the journal as JSON (the agent's own
+    // file); on the wire they are typed.
+    let report = (!s.report.is_empty())
+        .then(|| serde_json::from_str::<Vec<StepReport>>(&s.report).ok())
+        .flatten()
+        .map(|steps| {
+            pb::command_result::Report::DryRuns(pb::DryRunReports {
+                steps: steps.into_iter().map(pb::StepReport::from).collect(),
+            })
+        });
     pb::CommandResult {
         boot_id: s.boot_id,
-        reboot: String::new(),
         command_id: id.to_owned(),
         outcome: s.outcome,
         exit_code: s.exit_code,
@@ -268,9 +279,18 @@ fn result_of(id: &str, s: crate::journal::Stored, replayed: bool) -> pb::Command
         checks: Vec::new(),
         replayed,
         detail: s.detail,
-        report_json: s.report,
+        report,
         ..Default::default()
     }
+}
+
+fn fetch_report(digest: String, ran: bool, stage: String, adopted: bool) -> Option<pb::command_result::Report> {
+    Some(pb::command_result::Report::Fetch(pb::FetchReport {
+        digest,
+        ran,
+        stage,
+        adopted,
+    }))
 }
 
 /// Answer one command; the bool asks for a reboot once the answer is sent.
@@ -301,46 +321,20 @@ async fn run_streamed(
     crate::output::while_running(path, s, tx, run_step_once(&cfg.exe, journal, job)).await
 }
 
-/// A step's reboot mode as sent: none, `always` or `if-required`; any
-/// other word is refused (a newer controller's mode is not guessed at).
-fn reboot_mode(mode: &str) -> Result<(), String> {
-    match mode {
-        "" | "always" | "if-required" => Ok(()),
-        other => Err(format!(
-            "refused: reboot mode `{other}` is unknown to this agent (it knows `always` and `if-required`); upgrade the agent"
-        )),
-    }
-}
-
-/// The dry-run's steps as sent. A package step whose manager this agent
-/// does not know is refused: run as a plain step, its effects on the
-/// package database would go unseen.
-fn dry_steps(steps: Vec<pb::DryRunStep>) -> Result<Vec<DryStep>, String> {
+/// The dry-run's steps as the runner takes them. (A package step whose
+/// manager this agent does not know never gets here: the command is
+/// refused when it is read, not run as a plain step.)
+fn dry_steps(steps: Vec<DryRunStep>) -> Vec<DryStep> {
     steps
         .into_iter()
-        .map(|s| {
-            let packages = match s.packages {
-                None => None,
-                Some(p) => Some(wavegate_domain::packages::Packages {
-                    manager: wavegate_domain::packages::Manager::parse(&p.manager).ok_or_else(|| {
-                        format!(
-                            "step `{}`: package manager `{}` is unknown to this agent; upgrade the agent",
-                            s.name, p.manager
-                        )
-                    })?,
-                    upgrade: p.upgrade,
-                    install: p.install.into_iter().collect(),
-                }),
-            };
-            Ok(DryStep {
-                name: s.name,
-                run: s.run,
-                writes: s.writes,
-                max_deletions: s.max_deletions,
-                timeout_ms: s.timeout_ms,
-                allow_failure: (!s.allow_failure.is_empty()).then_some(s.allow_failure),
-                packages,
-            })
+        .map(|s| DryStep {
+            name: s.name,
+            run: s.run,
+            writes: s.writes,
+            max_deletions: s.max_deletions,
+            timeout_ms: s.timeout_ms,
+            allow_failure: (!s.allow_failure.is_empty()).then_some(s.allow_failure),
+            packages: s.packages,
         })
         .collect()
 }
@@ -363,6 +357,13 @@ async fn answer(
         detail,
         ..Default::default()
     };
+    // Read into domain types; a value this agent does not know (a newer
+    // controller's reboot mode, package manager or backend) refuses the
+    // command instead of being taken for another.
+    let cmd = match Command::try_from(cmd) {
+        Ok(cmd) => cmd,
+        Err(e) => return refused(format!("refused: {e}; upgrade the agent")),
+    };
     let scratch = cfg.state_dir.join("scratch");
     if let Err(e) = std::fs::create_dir_all(&scratch) {
         return refused(format!("cannot create {}: {e}", scratch.display()));
@@ -374,20 +375,20 @@ async fn answer(
     // Every path a command names is checked here too, whatever the
     // controller checked: absolute, no `.` or `..`, no wildcard.
     let paths: Vec<&String> = match &cmd.kind {
-        Some(command::Kind::RunStep(s)) => s
+        CommandKind::RunStep(s) => s
             .writes
             .iter()
             .chain(s.create_dirs.iter())
             .chain(s.create_files.iter())
             .collect(),
-        Some(command::Kind::Fetch(f)) => f.writes.iter().collect(),
-        Some(command::Kind::DryRun(d)) => d
+        CommandKind::Fetch(f) => f.writes.iter().collect(),
+        CommandKind::DryRun(d) => d
             .steps
             .iter()
             .flat_map(|s| s.writes.iter())
             .chain(d.untouchable.iter())
             .collect(),
-        Some(command::Kind::TakeSnapshot(t)) => t.paths.iter().chain(t.untouchable.iter()).collect(),
+        CommandKind::TakeSnapshot { paths, untouchable, .. } => paths.iter().chain(untouchable.iter()).collect(),
         _ => Vec::new(),
     };
     for p in paths {
@@ -399,12 +400,7 @@ async fn answer(
         return refused(format!("refused: {e}"));
     }
     match cmd.kind {
-        Some(command::Kind::RunStep(step)) => {
-            // A reboot mode this agent does not know is refused before the
-            // step runs, not taken for another mode.
-            if let Err(e) = reboot_mode(&step.reboot) {
-                return refused(e);
-            }
+        CommandKind::RunStep(step) => {
             // Real steps are always confined to their write set.
             let mut job = Job::new(&id, &step.run, step.timeout_ms, &cfg.host_root, Mode::Confined);
             job.redact.clone_from(&redact);
@@ -432,10 +428,11 @@ async fn answer(
                     // right after the step ran, and never again: a replayed
                     // answer says it is pending and does nothing.
                     let marker = journal.job_dir(&id).join("reboot.json");
-                    if ok && !replayed && !step.reboot.is_empty() && !marker.exists() {
-                        let wanted = step.reboot == "always" || reboot_required(&cfg.host_root);
+                    if ok && !replayed && step.reboot != Reboot::Never && !marker.exists() {
+                        let wanted = step.reboot == Reboot::Always || reboot_required(&cfg.host_root);
                         if wanted {
-                            let note = serde_json::json!({"boot_id": r.boot_id, "mode": step.reboot}).to_string();
+                            let note =
+                                serde_json::json!({"boot_id": r.boot_id, "mode": step.reboot.as_str()}).to_string();
                             match crate::journal::write_durably(&marker, note.as_bytes()) {
                                 Ok(()) => *reboot_now = true,
                                 Err(e) => {
@@ -445,15 +442,13 @@ async fn answer(
                             }
                         }
                     }
-                    if marker.exists() {
-                        r.reboot = "pending".into();
-                    }
+                    r.reboot_pending = marker.exists();
                     r
                 }
                 Err(e) => refused(format!("{e:#}")),
             }
         }
-        Some(command::Kind::Fetch(f)) => {
+        CommandKind::Fetch(f) => {
             let key = crate::fetch::key(&f.run, &f.writes);
             let stream = crate::output::Stream {
                 redact: redact.clone(),
@@ -481,8 +476,7 @@ async fn answer(
                             match tokio::task::spawn_blocking(move || crate::fetch::digest(&tree, &writes)).await {
                                 Ok(Ok(d)) => {
                                     r.detail = "fetched into a staging cache; nothing on the host changed".into();
-                                    r.report_json =
-                                        serde_json::json!({"digest": d, "ran": !replayed, "stage": key}).to_string();
+                                    r.report = fetch_report(d, !replayed, key, false);
                                 }
                                 Ok(Err(e)) => return refused(format!("reading the staged fetch: {e:#}")),
                                 Err(e) => return refused(e.to_string()),
@@ -514,8 +508,7 @@ async fn answer(
                             command_id: id.clone(),
                             outcome: pb::Outcome::Ok as i32,
                             detail: format!("the fetch staged at submit is in place ({n} paths); not fetched again"),
-                            report_json: serde_json::json!({"digest": after, "ran": false, "adopted": true})
-                                .to_string(),
+                            report: fetch_report(after, false, String::new(), true),
                             ..Default::default()
                         }
                     }
@@ -534,7 +527,7 @@ async fn answer(
                     command_id: id.clone(),
                     outcome: pb::Outcome::Ok as i32,
                     detail: "the cache matches the last fetch; not fetched again".into(),
-                    report_json: serde_json::json!({"digest": before, "ran": false}).to_string(),
+                    report: fetch_report(before, false, String::new(), false),
                     ..Default::default()
                 };
             }
@@ -553,13 +546,13 @@ async fn answer(
                         .await
                         .unwrap_or_default();
                     let mut r = result_of(&id, s, replayed);
-                    r.report_json = serde_json::json!({"digest": after, "ran": !replayed}).to_string();
+                    r.report = fetch_report(after, !replayed, String::new(), false);
                     r
                 }
                 Err(e) => refused(format!("{e:#}")),
             }
         }
-        Some(command::Kind::DryRun(d)) => {
+        CommandKind::DryRun(d) => {
             let mut job = Job::new(&id, "", 0, &cfg.host_root, Mode::DryRun);
             job.redact.clone_from(&redact);
             job.accept_weaker.clone_from(&accept_weaker);
@@ -573,42 +566,44 @@ async fn answer(
                 .map(|k| crate::fetch::tree(&cfg.state_dir, k))
                 .filter(|t| t.is_dir())
                 .collect();
-            job.steps = match dry_steps(d.steps) {
-                Ok(steps) => steps,
-                Err(e) => return refused(format!("dry-run blocked: {e}")),
-            };
+            job.steps = dry_steps(d.steps);
             match run_supervised(&cfg.exe, &scratch, &job).await {
                 Ok(s) => result_of(&id, s, false),
                 Err(e) => refused(format!("dry-run blocked: {e:#}")),
             }
         }
-        Some(command::Kind::TakeSnapshot(t)) => {
+        CommandKind::TakeSnapshot {
+            rollout_id,
+            paths,
+            untouchable,
+            backend,
+        } => {
             let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
-            let force = match t.backend.as_str() {
-                "" => None,
-                name => match snapshot::BackendKind::parse(name) {
-                    Some(k) => Some(k),
-                    None => return refused(format!("unknown snapshot backend `{name}`")),
-                },
-            };
+            let force = backend.map(|b| match b {
+                SnapshotBackend::Btrfs => snapshot::BackendKind::Btrfs,
+                SnapshotBackend::TarZstd => snapshot::BackendKind::TarZstd,
+            });
             let res = tokio::task::spawn_blocking(move || {
                 snapshot::take(&snapshot::Request {
                     state_dir: &state,
                     host: &host,
                     root: &root,
-                    rollout: &t.rollout_id,
-                    writes: &t.paths,
-                    untouchable: &t.untouchable,
+                    rollout: &rollout_id,
+                    writes: &paths,
+                    untouchable: &untouchable,
                     force,
                 })
             })
             .await;
             snapshot_result(&id, res, "snapshot taken and verified")
         }
-        Some(command::Kind::RestoreSnapshot(r)) if r.preview => {
+        CommandKind::RestoreSnapshot {
+            rollout_id,
+            preview: true,
+        } => {
             let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
             let res = tokio::task::spawn_blocking(move || {
-                snapshot::changes(&state, &host, &root, &r.rollout_id, PREVIEW_PATHS)
+                snapshot::changes(&state, &host, &root, &rollout_id, PREVIEW_PATHS)
             })
             .await;
             match res {
@@ -618,9 +613,8 @@ async fn answer(
                     detail: format!("a restore would change {total} paths"),
                     changes: changes
                         .into_iter()
-                        .map(|(path, change)| pb::PathChange {
-                            path,
-                            change: change.to_owned(),
+                        .filter_map(|(path, change)| {
+                            ChangeKind::parse(change).map(|kind| convert::path_change_to(PathChange { path, kind }))
                         })
                         .collect(),
                     changes_total: total,
@@ -630,14 +624,17 @@ async fn answer(
                 Err(e) => refused(e.to_string()),
             }
         }
-        Some(command::Kind::RestoreSnapshot(r)) => {
+        CommandKind::RestoreSnapshot {
+            rollout_id,
+            preview: false,
+        } => {
             let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
-            let res = tokio::task::spawn_blocking(move || snapshot::restore(&state, &host, &root, &r.rollout_id)).await;
+            let res = tokio::task::spawn_blocking(move || snapshot::restore(&state, &host, &root, &rollout_id)).await;
             snapshot_result(&id, res, "restored from the snapshot")
         }
-        Some(command::Kind::ReleaseSnapshot(r)) => {
+        CommandKind::ReleaseSnapshot { rollout_id } => {
             let (state, root) = (cfg.state_dir.clone(), cfg.host_root.clone());
-            match tokio::task::spawn_blocking(move || snapshot::release(&state, &root, &r.rollout_id)).await {
+            match tokio::task::spawn_blocking(move || snapshot::release(&state, &root, &rollout_id)).await {
                 Ok(Ok(())) => pb::CommandResult {
                     command_id: id.clone(),
                     outcome: pb::Outcome::Ok as i32,
@@ -647,14 +644,14 @@ async fn answer(
                 Err(e) => refused(e.to_string()),
             }
         }
-        Some(command::Kind::RunChecks(checks)) => {
+        CommandKind::RunChecks { rollout_id, checks } => {
             let started = std::time::Instant::now();
             let mut results = Vec::new();
-            for c in &checks.checks {
+            for c in &checks {
                 let stream = crate::output::Stream {
                     redact: redact.clone(),
                     command_id: id.clone(),
-                    rollout_id: checks.rollout_id.clone(),
+                    rollout_id: rollout_id.clone(),
                     step: format!("health check {}", c.name),
                 };
                 results
@@ -666,11 +663,17 @@ async fn answer(
                 outcome: if ok { pb::Outcome::Ok } else { pb::Outcome::Failed } as i32,
                 exit_code: if ok { 0 } else { 1 },
                 duration_ms: started.elapsed().as_millis() as u64,
-                checks: results,
+                checks: results
+                    .into_iter()
+                    .map(|c| pb::CheckResult {
+                        name: c.name,
+                        ok: c.ok,
+                        detail: c.detail,
+                    })
+                    .collect(),
                 ..Default::default()
             }
         }
-        None => refused("empty command".into()),
     }
 }
 
@@ -684,7 +687,7 @@ fn snapshot_result(
             command_id: id.to_owned(),
             outcome: pb::Outcome::Ok as i32,
             detail: format!("{what}: {}", m.describe()),
-            report_json: m.summary().to_string(),
+            report: Some(pb::command_result::Report::Snapshot(m.summary().into())),
             ..Default::default()
         },
         Ok(Err(e)) => pb::CommandResult {
@@ -708,33 +711,59 @@ fn snapshot_result(
 mod tests {
     use super::*;
 
-    fn step(manager: Option<&str>) -> pb::DryRunStep {
-        pb::DryRunStep {
-            name: "patch".into(),
-            run: "true".into(),
-            packages: manager.map(|m| pb::PackageSpec {
-                manager: m.into(),
-                upgrade: vec!["nginx".into()],
+    fn step(manager: Option<i32>) -> pb::Command {
+        pb::Command {
+            id: "c".into(),
+            kind: Some(pb::command::Kind::DryRun(pb::DryRun {
+                steps: vec![pb::DryRunStep {
+                    name: "patch".into(),
+                    run: "true".into(),
+                    packages: manager.map(|m| pb::PackageSpec {
+                        manager: m,
+                        upgrade: vec!["nginx".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
                 ..Default::default()
-            }),
+            })),
             ..Default::default()
         }
     }
 
+    /// Before: a package manager this agent did not know turned a package
+    /// step into a plain step; now the command is refused when it is read.
     #[test]
     fn an_unknown_package_manager_is_refused_not_run_as_a_plain_step() {
-        let known = dry_steps(vec![step(Some("apt")), step(None)]).expect("apt and a plain step");
-        assert!(known[0].packages.is_some() && known[1].packages.is_none());
-        let err = dry_steps(vec![step(Some("pacman"))]).expect_err("an unknown manager");
-        assert!(err.contains("pacman") && err.contains("patch"), "{err}");
+        let Ok(Command {
+            kind: CommandKind::DryRun(d),
+            ..
+        }) = Command::try_from(step(Some(pb::PackageManager::Apt as i32)))
+        else {
+            panic!("apt is known")
+        };
+        assert!(dry_steps(d.steps)[0].packages.is_some());
+        let plain = Command::try_from(step(None)).expect("a plain step");
+        assert!(matches!(plain.kind, CommandKind::DryRun(d) if d.steps[0].packages.is_none()));
+        let err = Command::try_from(step(Some(9))).expect_err("an unknown manager");
+        assert!(err.to_string().contains("package manager 9"), "{err}");
+        let err = Command::try_from(step(Some(0))).expect_err("an unspecified manager");
+        assert!(err.to_string().contains("never run as a plain command"), "{err}");
     }
 
     #[test]
     fn an_unknown_reboot_mode_is_refused() {
-        for known in ["", "always", "if-required"] {
-            assert!(reboot_mode(known).is_ok(), "{known:?}");
+        let cmd = |reboot| pb::Command {
+            id: "c".into(),
+            kind: Some(pb::command::Kind::RunStep(pb::RunStep {
+                reboot,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        for known in [pb::Reboot::Never, pb::Reboot::Always, pb::Reboot::IfRequired] {
+            assert!(Command::try_from(cmd(known as i32)).is_ok(), "{known:?}");
         }
-        assert!(reboot_mode("sometimes").is_err());
-        assert!(reboot_mode("Always").is_err(), "not guessed at");
+        assert!(Command::try_from(cmd(7)).is_err(), "not guessed at");
     }
 }

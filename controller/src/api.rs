@@ -10,7 +10,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::info;
+use wavegate_domain::command::{ChangeKind, CommandResult, Outcome, OutputChunk, PathChange};
 use wavegate_domain::rollout::RolloutState;
+use wavegate_proto::convert;
 use wavegate_proto::v1 as pb;
 use wavegate_proto::v1::agent_service_server::AgentService;
 use wavegate_proto::v1::operator_service_server::OperatorService;
@@ -114,36 +116,38 @@ fn roles(allowed: &[Role]) -> String {
 const CHANGERS: &[Role] = &[Role::Submitter, Role::Approver, Role::Admin];
 const READERS: &[Role] = &[Role::Submitter, Role::Approver, Role::Admin, Role::Auditor];
 
-/// The one conversion from engine errors to gRPC statuses. Reports travel as
-/// JSON in the status details.
+/// The one conversion from engine errors to gRPC statuses. A refusal's
+/// report travels as a protobuf `Refusal` in the status details.
 pub fn to_status(e: EngineError) -> Status {
+    let details = |kind| convert::refusal_bytes(&pb::Refusal { kind: Some(kind) }).into();
     match e {
-        EngineError::BadPlan(report) => {
-            let json = serde_json::to_vec(&*report).unwrap_or_default();
-            Status::with_details(tonic::Code::InvalidArgument, "the plan is not valid", json.into())
-        }
-        EngineError::Refused(report) => {
-            let json = serde_json::to_vec(&*report).unwrap_or_default();
-            Status::with_details(
-                tonic::Code::FailedPrecondition,
-                "the plan was refused by the safety rules",
-                json.into(),
-            )
-        }
+        EngineError::BadPlan(report) => Status::with_details(
+            tonic::Code::InvalidArgument,
+            "the plan is not valid",
+            details(pb::refusal::Kind::Check((*report).into())),
+        ),
+        EngineError::Refused(report) => Status::with_details(
+            tonic::Code::FailedPrecondition,
+            "the plan was refused by the safety rules",
+            details(pb::refusal::Kind::Check((*report).into())),
+        ),
         EngineError::DryRunBlocked(entry) => {
-            let json = serde_json::to_vec(&serde_json::json!({
-                "id": entry.rollout.id,
-                "halt_reason": entry.rollout.halt_reason,
-                "dry_runs": entry.rollout.dry_runs,
-            }))
-            .unwrap_or_default();
+            let id = entry.rollout.id.clone();
+            let blocked = pb::BlockedSubmit {
+                id: entry.rollout.id.clone(),
+                halt_reason: entry.rollout.halt_reason.clone().unwrap_or_default(),
+                dry_runs: entry
+                    .rollout
+                    .dry_runs
+                    .iter()
+                    .cloned()
+                    .map(|d| convert::dry_run_record_to("submit", d))
+                    .collect(),
+            };
             Status::with_details(
                 tonic::Code::FailedPrecondition,
-                format!(
-                    "refused: the first wave's dry-run was blocked; rollout {} can never be approved",
-                    entry.rollout.id
-                ),
-                json.into(),
+                format!("refused: the first wave's dry-run was blocked; rollout {id} can never be approved"),
+                details(pb::refusal::Kind::Blocked(blocked)),
             )
         }
         EngineError::Denied(m) => Status::permission_denied(m),
@@ -221,9 +225,17 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
                         changes: p
                             .changes
                             .iter()
-                            .map(|(path, change)| pb::PathChange {
-                                path: path.clone(),
-                                change: change.clone(),
+                            .map(|(path, change)| match ChangeKind::parse(change) {
+                                Some(kind) => convert::path_change_to(PathChange {
+                                    path: path.clone(),
+                                    kind,
+                                }),
+                                // Not a name this controller writes: shown as
+                                // unknown, never as a harmless kind.
+                                None => pb::PathChange {
+                                    path: path.clone(),
+                                    kind: pb::ChangeKind::Unspecified as i32,
+                                },
                             })
                             .collect(),
                         total: p.total,
@@ -307,6 +319,16 @@ impl AgentService for Api {
                 let refused = match msg.body {
                     Some(pb::agent_message::Body::Result(r)) => {
                         let id = r.command_id.clone();
+                        // An answer this controller cannot read (an outcome
+                        // or a report part it does not know) is a failure of
+                        // that command, never a success by default.
+                        let r = CommandResult::try_from(r).unwrap_or_else(|e| {
+                            CommandResult::new(
+                                id.clone(),
+                                Outcome::Failed,
+                                format!("the agent's answer could not be read: {e}"),
+                            )
+                        });
                         (hub.deliver(&cert_host, r) == crate::hub::Delivery::Foreign).then_some(("a result", id))
                     }
                     Some(pb::agent_message::Body::Output(chunk)) => {
@@ -320,7 +342,7 @@ impl AgentService for Api {
                         let rollout_ok = chunk.rollout_id.is_empty()
                             || chunk.command_id.split(':').next() == Some(chunk.rollout_id.as_str());
                         if hub.expects(&cert_host, &chunk.command_id) && rollout_ok {
-                            engine.accept_output(&cert_host, chunk).await;
+                            engine.accept_output(&cert_host, OutputChunk::from(chunk)).await;
                             None
                         } else if hub.sent_elsewhere(&cert_host, &chunk.command_id) || !rollout_ok {
                             Some(("output", chunk.command_id))
@@ -393,7 +415,7 @@ impl OperatorService for Api {
         Ok(Response::new(pb::SubmitResponse {
             id: entry.rollout.id.clone(),
             plan_hash: entry.rollout.plan_hash.clone(),
-            report_json: serde_json::to_string(&report).unwrap_or_default(),
+            report: Some(pb::CheckReport::from(report)),
             dry_runs: entry.rollout.dry_runs.iter().map(|d| d.summary()).collect(),
         }))
     }
@@ -527,16 +549,11 @@ impl OperatorService for Api {
             .iter()
             .map(|(phase, d)| format!("[{phase}] {}", d.summary()))
             .collect();
-        let json: Vec<serde_json::Value> = records
-            .iter()
-            .map(|(phase, d)| {
-                serde_json::json!({"phase": phase, "host": d.host, "step": d.step, "blocked": d.blocked, "reasons": d.reasons, "report": d.report, "fetch": d.fetch})
-            })
+        let reports = records
+            .into_iter()
+            .map(|(phase, d)| convert::dry_run_record_to(phase, d))
             .collect();
-        Ok(Response::new(pb::DryRunsResponse {
-            reports_json: serde_json::to_string(&json).unwrap_or_default(),
-            summaries,
-        }))
+        Ok(Response::new(pb::DryRunsResponse { summaries, reports }))
     }
 
     async fn rollback(&self, req: Request<pb::RollbackRequest>) -> Result<Response<pb::RolloutStatus>, Status> {
@@ -593,7 +610,7 @@ impl OperatorService for Api {
                             .parts
                             .iter()
                             .map(|p| pb::SnapshotPart {
-                                backend: p.backend.clone(),
+                                backend: convert::backend_to(Some(p.backend)),
                                 mount: p.mount.clone(),
                                 fstype: p.fstype.clone(),
                                 roots: p.roots.clone(),
@@ -629,7 +646,7 @@ impl OperatorService for Api {
             let step = (!r.step.is_empty()).then_some(r.step.clone());
             if r.summary {
                 for c in engine.output_summary(&r.id, host.as_deref(), step.as_deref()).await {
-                    if tx.send(Ok(c)).await.is_err() {
+                    if tx.send(Ok(pb::LogChunk::from(c))).await.is_err() {
                         return;
                     }
                 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
-use wavegate_proto::v1::{Command, CommandResult, ControllerMessage, controller_message};
+use wavegate_domain::command::{Command, CommandResult};
+use wavegate_proto::v1::{self as pb, ControllerMessage, controller_message};
 
 /// Messages to one agent's session.
 pub type AgentTx = mpsc::Sender<Result<ControllerMessage, tonic::Status>>;
@@ -230,6 +231,9 @@ impl Hub {
         let mut cmd = cmd;
         cmd.redact = self.redact.get().cloned().unwrap_or_default();
         cmd.accept_weaker = self.accept_weaker.get().cloned().unwrap_or_default();
+        // Converted to the wire once: this module and the session handler
+        // are where wire types live.
+        let wire = pb::Command::from(cmd.clone());
         let (tx, mut rx) = oneshot::channel();
         self.lock().waiters.insert(cmd.id.clone(), (host.to_owned(), tx));
         let started = Instant::now();
@@ -266,7 +270,7 @@ impl Hub {
                 match self.may_send().and_then(|()| gate()) {
                     Ok(guard) => {
                         permit.send(Ok(ControllerMessage {
-                            body: Some(controller_message::Body::Command(cmd.clone())),
+                            body: Some(controller_message::Body::Command(wire.clone())),
                         }));
                         drop(guard);
                         sent_on = Some(session);
@@ -313,7 +317,8 @@ mod tests {
 
     use tokio::sync::mpsc;
     use tokio::time::Instant;
-    use wavegate_proto::v1::{Command, ControllerMessage};
+    use wavegate_domain::command::{Command, CommandKind, CommandResult, Outcome};
+    use wavegate_proto::v1::ControllerMessage;
 
     use super::{Delivery, ExecError, Hub};
 
@@ -325,12 +330,12 @@ mod tests {
         let (tx, _never_read) = mpsc::channel(1);
         tx.try_send(Ok(ControllerMessage::default())).expect("room for one");
         hub.connect("h1", tx);
-        let cmd = Command {
-            redact: Vec::new(),
-            accept_weaker: Vec::new(),
-            id: "c1".into(),
-            kind: None,
-        };
+        let cmd = Command::new(
+            "c1",
+            CommandKind::ReleaseSnapshot {
+                rollout_id: "r1".into(),
+            },
+        );
         let r = hub.execute("h1", cmd, Instant::now() + Duration::from_secs(5)).await;
         assert!(matches!(r, Err(ExecError::NoAnswer(_))), "{r:?}");
     }
@@ -361,12 +366,12 @@ mod tests {
         let hub = Hub::default();
         let (tx, mut rx) = mpsc::channel(4);
         hub.connect("h1", tx);
-        let cmd = Command {
-            redact: Vec::new(),
-            accept_weaker: Vec::new(),
-            id: "c2".into(),
-            kind: None,
-        };
+        let cmd = Command::new(
+            "c2",
+            CommandKind::ReleaseSnapshot {
+                rollout_id: "r1".into(),
+            },
+        );
         let deadline = Instant::now() + Duration::from_secs(5);
         let r = hub
             .execute_gated("h1", cmd, deadline, || Err::<(), String>("halted".into()))
@@ -384,12 +389,12 @@ mod tests {
         let (tx2, mut rx2) = mpsc::channel(4);
         hub.connect("h1", tx1);
         hub.connect("h2", tx2);
-        let cmd = Command {
-            redact: Vec::new(),
-            accept_weaker: Vec::new(),
-            id: "r1:1:h2:step0".into(),
-            kind: None,
-        };
+        let cmd = Command::new(
+            "r1:1:h2:step0",
+            CommandKind::ReleaseSnapshot {
+                rollout_id: "r1".into(),
+            },
+        );
         let h = std::sync::Arc::clone(&hub);
         let waiting = tokio::spawn(async move { h.execute("h2", cmd, Instant::now() + Duration::from_secs(30)).await });
         let _sent = rx2.recv().await.expect("sent to h2");
@@ -398,26 +403,14 @@ mod tests {
             !hub.expects("h1", "r1:1:h2:step0"),
             "h1's output for it is not expected"
         );
-        let forged = wavegate_proto::v1::CommandResult {
-            command_id: "r1:1:h2:step0".into(),
-            outcome: wavegate_proto::v1::Outcome::Ok as i32,
-            ..Default::default()
-        };
+        let forged = CommandResult::new("r1:1:h2:step0", Outcome::Ok, "");
         assert_eq!(hub.deliver("h1", forged), Delivery::Foreign);
-        let own = wavegate_proto::v1::CommandResult {
-            command_id: "r1:1:h2:step0".into(),
-            outcome: wavegate_proto::v1::Outcome::Failed as i32,
-            ..Default::default()
-        };
+        let own = CommandResult::new("r1:1:h2:step0", Outcome::Failed, "");
         assert_eq!(hub.deliver("h2", own), Delivery::Taken);
         let r = waiting.await.expect("join").expect("answered");
+        assert_eq!(r.outcome, Outcome::Failed, "h2's own answer counts");
         assert_eq!(
-            r.outcome,
-            wavegate_proto::v1::Outcome::Failed as i32,
-            "h2's own answer counts"
-        );
-        assert_eq!(
-            hub.deliver("h2", wavegate_proto::v1::CommandResult::default()),
+            hub.deliver("h2", CommandResult::new("r1:1:h2:step0", Outcome::Ok, "")),
             Delivery::Late
         );
     }

@@ -279,7 +279,7 @@ pub async fn campaign(etcd: Arc<Etcd>, key: Vec<u8>, ttl: Duration, me: Arc<Lead
     let record = LeaderRecord {
         url: me.url.clone(),
         instance: me.instance.clone(),
-        since_ms: crate::engine::store::now_ms(),
+        since_ms: crate::store::now_ms(),
     };
     let value = serde_json::to_vec(&record).unwrap_or_default();
     // Standby: wait for the key to be free, then take it.

@@ -15,6 +15,6 @@ pub mod policies;
 #[cfg(feature = "lab")]
 pub mod repo;
 pub mod server;
-pub use engine::store;
+pub mod store;
 pub mod tls;
 pub mod web;

@@ -201,7 +201,7 @@ fn rollout_body(e: &Entry) -> String {
         r.approvals.len(),
         r.approvals_required,
         esc(&r.approvals.iter().map(|a| a.who.clone()).collect::<Vec<_>>().join(", ")),
-        esc(&r.on_failure),
+        r.on_failure.as_str(),
         r.bake_ms,
         r.interval_ms
     );

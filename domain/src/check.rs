@@ -76,7 +76,7 @@ pub struct StepPlan {
     #[serde(default)]
     pub fetch_writes: Vec<String>,
     /// `never`, `always` or `if-required`.
-    pub reboot: String,
+    pub reboot: plan::Reboot,
     /// Deletion budget.
     pub max_deletions: u64,
     /// Why a failing dry-run is acceptable, if the plan says so.
@@ -214,12 +214,7 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
             packages: s.packages.as_ref().map(crate::packages::Packages::describe),
             fetch: s.fetch.clone(),
             fetch_writes: s.fetch_writes.clone(),
-            reboot: match s.reboot {
-                plan::Reboot::Never => "never",
-                plan::Reboot::Always => "always",
-                plan::Reboot::IfRequired => "if-required",
-            }
-            .into(),
+            reboot: s.reboot,
             max_deletions: s.max_deletions,
             allow_failure: s.allow_failure.clone(),
         })

@@ -109,6 +109,14 @@ pub struct FetchRecord {
     pub stage: String,
 }
 
+impl FetchRecord {
+    /// Whether the fetch ended well (its record names the outcome; a
+    /// name this controller does not know is not well).
+    pub fn ok(&self) -> bool {
+        crate::command::Outcome::parse(&self.outcome) == Some(crate::command::Outcome::Ok)
+    }
+}
+
 /// A dry-run report as the controller keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DryRunRecord {

@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod check;
+pub mod command;
 pub mod effects;
 pub mod fleet;
 pub mod packages;

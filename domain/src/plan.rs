@@ -230,6 +230,17 @@ pub enum Reboot {
     IfRequired,
 }
 
+impl Reboot {
+    /// Its name in a plan.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reboot::Never => "never",
+            Reboot::Always => "always",
+            Reboot::IfRequired => "if-required",
+        }
+    }
+}
+
 /// How long a host may take to come back after a reboot when the plan does
 /// not say.
 pub const DEFAULT_REBOOT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
@@ -293,12 +304,25 @@ pub struct FailureBudget {
 }
 
 /// What happens when a wave exceeds its failure budget.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum OnFailure {
     /// Restore the failed hosts from their snapshots, then halt.
     Rollback,
-    /// Halt and leave the hosts as they are.
+    /// Halt and leave the hosts as they are (also what a record written
+    /// before the field existed meant).
+    #[default]
     Halt,
+}
+
+impl OnFailure {
+    /// Its name in a plan.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Rollback => "rollback",
+            OnFailure::Halt => "halt",
+        }
+    }
 }
 
 /// A parsed, self-consistent patch plan.

@@ -265,7 +265,7 @@ pub struct Rollout {
     pub attempt: u32,
     /// `rollback` (restore failed hosts when halting) or `halt`.
     #[serde(default)]
-    pub on_failure: String,
+    pub on_failure: crate::plan::OnFailure,
     /// How long snapshots are kept after their wave is confirmed.
     #[serde(default)]
     pub retain_ms: u64,
@@ -723,7 +723,7 @@ impl Rollout {
         hosts: &mut BTreeMap<String, HostRecord>,
     ) -> Result<Vec<String>, TransitionError> {
         self.halt(d.wave, reason)?;
-        if self.on_failure == "rollback" {
+        if self.on_failure == crate::plan::OnFailure::Rollback {
             self.rollback_pending = true;
         }
         let mut changed = Vec::new();
@@ -815,7 +815,7 @@ mod tests {
             budget_canary: Amount::Count(0),
             budget_wave: Amount::Percent(10),
             attempt: 0,
-            on_failure: "rollback".into(),
+            on_failure: crate::plan::OnFailure::Rollback,
             retain_ms: 0,
             write_set: Vec::new(),
             dry_runs: Vec::new(),
@@ -1001,7 +1001,7 @@ mod tests {
         }
         r.state = RolloutState::Paused;
         let d = r.halt_decision(0, &hosts).expect("a paused rollout halts");
-        r.on_failure = "halt".into();
+        r.on_failure = crate::plan::OnFailure::Halt;
         r.apply_halt(&d, "x".into(), &mut hosts).expect("halt");
         assert!(!r.rollback_pending, "on_failure: halt leaves the hosts as they are");
         assert_eq!(r.halt_decision(7, &hosts), None, "no such wave");

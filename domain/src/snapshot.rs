@@ -90,10 +90,10 @@ pub struct SnapshotRecord {
 }
 
 /// One filesystem's share of a host's snapshot, as the agent reported it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotPart {
-    /// `btrfs` or `tar+zstd`.
-    pub backend: String,
+    /// The backend that keeps it.
+    pub backend: crate::command::SnapshotBackend,
     /// Host path of the mount holding it.
     pub mount: String,
     /// Its filesystem type.

@@ -100,10 +100,12 @@ impl Fleet {
                         ..StepReport::default()
                     })
                     .collect();
-                r.report_json = serde_json::to_string(&reports).unwrap_or_default();
+                r.report = Some(pb::command_result::Report::DryRuns(pb::DryRunReports {
+                    steps: reports.into_iter().map(pb::StepReport::from).collect(),
+                }));
             }
             Some(command::Kind::TakeSnapshot(_)) => {
-                r.report_json = r#"{"files":0,"archive_bytes":0}"#.into();
+                r.report = Some(pb::command_result::Report::Snapshot(pb::SnapshotSummary::default()));
             }
             Some(command::Kind::RunStep(_)) => {
                 let mut targets = lock(&self.fail_first_step_of);

@@ -1,16 +1,19 @@
-//! The generated `wavegate.v1` types and services. Generated types stop at the
-//! gRPC modules: the controller and the agent convert them to domain types in
-//! one place each.
+//! The generated `wavegate.v1` types and services, and [`convert`], the one
+//! place where they become domain types and back. Generated types stop at
+//! the gRPC modules: the controller's engine and the agent's runners work on
+//! domain types only.
 
-#![allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod convert;
 
 /// `wavegate.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("wavegate.v1");
 }
 
 /// The part of etcd's v3 API the controller's etcd store uses
 /// (`proto/etcd/v3.proto`), as a client.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }

@@ -13,6 +13,7 @@ use wavegate::hub::Hub;
 use wavegate::leader::{Leadership, campaign};
 use wavegate::store::etcd::{EtcdStore, Limits};
 use wavegate::store::{Batch, StateStore, host_key, signing_key};
+use wavegate_domain::command::{CommandResult, Outcome, Report};
 use wavegate_domain::rollout::{HostState, RolloutState, WaveState};
 use wavegate_domain::{Fleet, PolicySet, Source};
 use wavegate_proto::v1 as pb;
@@ -34,32 +35,25 @@ fn agent(hub: &Arc<Hub>, host: &str, steps: Arc<std::sync::atomic::AtomicUsize>)
             let Some(pb::controller_message::Body::Command(cmd)) = msg.body else {
                 continue;
             };
-            let report_json = match &cmd.kind {
-                Some(pb::command::Kind::DryRun(d)) => serde_json::to_string(
-                    &d.steps
+            let report = match &cmd.kind {
+                Some(pb::command::Kind::DryRun(d)) => Some(Report::DryRun(
+                    d.steps
                         .iter()
                         .map(|s| wavegate_domain::effects::StepReport {
                             step: s.name.clone(),
                             ..Default::default()
                         })
-                        .collect::<Vec<_>>(),
-                )
-                .expect("json"),
+                        .collect(),
+                )),
                 Some(pb::command::Kind::RunStep(_)) => {
                     steps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    String::new()
+                    None
                 }
-                _ => String::new(),
+                _ => None,
             };
-            hub.deliver(
-                &host,
-                pb::CommandResult {
-                    command_id: cmd.id,
-                    outcome: pb::Outcome::Ok as i32,
-                    report_json,
-                    ..Default::default()
-                },
-            );
+            let mut r = CommandResult::new(cmd.id, Outcome::Ok, "");
+            r.report = report;
+            hub.deliver(&host, r);
         }
     });
 }

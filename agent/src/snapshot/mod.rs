@@ -317,22 +317,29 @@ impl Manifest {
     }
 
     /// The summary the controller keeps and shows.
-    pub fn summary(&self) -> serde_json::Value {
-        serde_json::json!({
-            "files": self.files(),
-            "archive_bytes": self.bytes(),
-            "roots": self.roots,
-            "describe": self.describe(),
-            "parts": self.parts.iter().map(|p| serde_json::json!({
-                "backend": p.backend.as_str(),
-                "mount": p.mount,
-                "fstype": p.fstype,
-                "roots": p.roots.keys().collect::<Vec<_>>(),
-                "files": p.entries.len(),
-                "bytes": p.bytes(),
-                "note": p.note,
-            })).collect::<Vec<_>>(),
-        })
+    pub fn summary(&self) -> wavegate_domain::command::SnapshotSummary {
+        wavegate_domain::command::SnapshotSummary {
+            files: self.files() as u64,
+            bytes: self.bytes(),
+            roots: self.roots.keys().cloned().collect(),
+            describe: self.describe(),
+            parts: self
+                .parts
+                .iter()
+                .map(|p| wavegate_domain::snapshot::SnapshotPart {
+                    backend: match p.backend {
+                        BackendKind::Btrfs => wavegate_domain::command::SnapshotBackend::Btrfs,
+                        BackendKind::TarZstd => wavegate_domain::command::SnapshotBackend::TarZstd,
+                    },
+                    mount: p.mount.clone(),
+                    fstype: p.fstype.clone(),
+                    roots: p.roots.keys().cloned().collect(),
+                    files: p.entries.len() as u64,
+                    bytes: p.bytes(),
+                    note: p.note.clone(),
+                })
+                .collect(),
+        }
     }
 }
 

@@ -416,24 +416,23 @@ async fn stories(lab_dir: &Path) -> Result<bool> {
             0
         }
         Err(status) => {
-            let v: serde_json::Value = serde_json::from_slice(status.details()).unwrap_or_default();
+            let (id, dry_runs) = match wavegate_proto::convert::refusal(status.details()) {
+                Some(wavegate_proto::convert::Refusal::Blocked { id, dry_runs, .. }) => (id, dry_runs),
+                _ => ("?".to_owned(), Vec::new()),
+            };
             let mut files = 0;
-            for d in v["dry_runs"].as_array().into_iter().flatten() {
-                let r = &d["report"];
-                files += r["outside_deleted"]["count"].as_u64().unwrap_or(0);
+            for d in &dry_runs {
+                let Some(r) = &d.report else { continue };
+                files += r.outside_deleted.count;
                 println!(
                     "   dry-run on {}: would delete {} files outside its write set, e.g. {}",
-                    d["host"].as_str().unwrap_or("?"),
-                    r["outside_deleted"]["count"],
-                    r["outside"]["sample"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|p| p.as_str()).collect::<Vec<_>>().join(", "))
-                        .unwrap_or_default()
+                    d.host,
+                    r.outside_deleted.count,
+                    r.outside.sample.join(", ")
                 );
             }
             println!(
-                "   REFUSED by its dry-run before anything ran; rollout {} is stored refused and can never be approved",
-                v["id"].as_str().unwrap_or("?")
+                "   REFUSED by its dry-run before anything ran; rollout {id} is stored refused and can never be approved"
             );
             files
         }

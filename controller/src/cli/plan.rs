@@ -227,8 +227,8 @@ pub fn render(r: &Report) -> String {
             if let Some(why) = &st.allow_failure {
                 let _ = writeln!(out, "      a failing dry-run is allowed: {}", inert(why));
             }
-            if st.reboot != "never" {
-                let _ = writeln!(out, "      reboots the host afterwards ({})", inert(&st.reboot));
+            if st.reboot != wavegate_domain::plan::Reboot::Never {
+                let _ = writeln!(out, "      reboots the host afterwards ({})", st.reboot.as_str());
             }
         }
     }

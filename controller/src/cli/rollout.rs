@@ -8,6 +8,7 @@ use clap::Subcommand;
 use serde_json::json;
 use wavegate_domain::Report;
 use wavegate_domain::text::inert;
+use wavegate_proto::convert::{self, Refusal};
 use wavegate_proto::v1 as pb;
 
 use super::client::{Conn, refused};
@@ -170,13 +171,19 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
                 "host": p.host,
                 "total": p.total,
                 "error": p.error,
-                "changes": p.changes.iter().map(|c| json!({"path": c.path, "change": c.change})).collect::<Vec<_>>(),
+                "changes": p.changes.iter().map(|c| json!({"path": c.path, "change": change_name(c)})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "preview_digest": q.preview_digest,
             "approvers": q.approvers,
             "approvals_required": q.approvals_required,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// What a restore does to a path, by name (`unknown` for a kind this CLI
+/// does not know).
+fn change_name(c: &pb::PathChange) -> &'static str {
+    convert::change(c.kind).map_or("unknown", |k| k.as_str())
 }
 
 /// The newest rollback request, for a person: what a restore would revert
@@ -204,7 +211,7 @@ fn render_rollback(s: &pb::RolloutStatus) -> String {
         }
         let _ = writeln!(out, "  {}: a restore reverts {} paths", inert(&p.host), p.total);
         for c in &p.changes {
-            let _ = writeln!(out, "    {:<8} {}", c.change, inert(&c.path));
+            let _ = writeln!(out, "    {:<8} {}", change_name(c), inert(&c.path));
         }
         let shown = p.changes.len() as u64;
         if p.total > shown {
@@ -330,11 +337,10 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                     let r = r.into_inner();
                     match output {
                         Output::Json | Output::Yaml => {
-                            let report: serde_json::Value = serde_json::from_str(&r.report_json).unwrap_or_default();
-                            output.emit(
-                                &json!({"id": r.id, "plan_hash": r.plan_hash, "targets": report["targets"],
-                                       "waves": report["waves"], "dry_runs": r.dry_runs}),
-                            )?;
+                            let report = r.report.map(Report::try_from).transpose()?;
+                            let (targets, waves) = report.map(|r| (r.targets, r.waves)).unwrap_or_default();
+                            output.emit(&json!({"id": r.id, "plan_hash": r.plan_hash, "targets": targets,
+                                       "waves": waves, "dry_runs": r.dry_runs}))?;
                         }
                         Output::Table => {
                             let mut out = format!(
@@ -356,16 +362,21 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                     Ok(0)
                 }
                 Err(status) => {
-                    if let Ok(blocked) = serde_json::from_slice::<serde_json::Value>(status.details())
-                        && blocked.get("dry_runs").is_some()
-                    {
-                        if !output.emit(&blocked)? {
-                            show(&render_blocked(&blocked));
+                    match convert::refusal(status.details()) {
+                        Some(Refusal::Blocked {
+                            id,
+                            halt_reason,
+                            dry_runs,
+                        }) => {
+                            let blocked = json!({"id": id, "halt_reason": halt_reason, "dry_runs": dry_runs});
+                            if !output.emit(&blocked)? {
+                                show(&render_blocked(&blocked));
+                            }
                         }
-                    } else if let Ok(report) = serde_json::from_slice::<Report>(status.details())
-                        && !output.emit(&report)?
-                    {
-                        show(&super::plan::render(&report));
+                        Some(Refusal::Check(report)) if !output.emit(&report)? => {
+                            show(&super::plan::render(&report));
+                        }
+                        Some(Refusal::Check(_)) | None => {}
                     }
                     Ok(fail(&status))
                 }
@@ -447,7 +458,14 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                     let r = r.into_inner();
                     match output {
                         Output::Json | Output::Yaml => {
-                            let v: serde_json::Value = serde_json::from_str(&r.reports_json).unwrap_or_default();
+                            let mut v = Vec::new();
+                            for d in r.reports {
+                                let (phase, d) = convert::dry_run_record(d)?;
+                                v.push(
+                                    json!({"phase": phase, "host": d.host, "step": d.step, "blocked": d.blocked,
+                                              "reasons": d.reasons, "report": d.report, "fetch": d.fetch}),
+                                );
+                            }
                             output.emit(&v)?;
                         }
                         Output::Table => {

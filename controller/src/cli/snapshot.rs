@@ -26,6 +26,14 @@ pub enum SnapshotCommand {
     },
 }
 
+/// A part's backend by name (`unknown` for one this CLI does not know).
+fn backend_name(p: &pb::SnapshotPart) -> &'static str {
+    match wavegate_proto::convert::backend(p.backend) {
+        Ok(Some(b)) => b.as_str(),
+        Ok(None) | Err(_) => "unknown",
+    }
+}
+
 /// `btrfs:/home, tar+zstd:/`: each part's backend and mount.
 fn backends(s: &pb::SnapshotInfo) -> String {
     if s.parts.is_empty() {
@@ -33,7 +41,7 @@ fn backends(s: &pb::SnapshotInfo) -> String {
     }
     s.parts
         .iter()
-        .map(|p| format!("{}:{}", p.backend, p.mount))
+        .map(|p| format!("{}:{}", backend_name(p), p.mount))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -60,7 +68,7 @@ pub async fn run(cmd: SnapshotCommand, conn: &Conn) -> Result<u8> {
                         .parts
                         .iter()
                         .map(|p| {
-                            json!({"backend": p.backend, "mount": p.mount, "fstype": p.fstype, "roots": p.roots,
+                            json!({"backend": backend_name(p), "mount": p.mount, "fstype": p.fstype, "roots": p.roots,
                                    "files": p.files, "bytes": p.bytes, "note": p.note})
                         })
                         .collect();

@@ -12,7 +12,7 @@ pub(super) enum Next {
         resend: Option<String>,
     },
     Checks {
-        cmd: Box<pb::Command>,
+        cmd: Box<Command>,
         timeout: Duration,
     },
     /// The host is rebooting after a step: wait for its new boot.
@@ -28,7 +28,7 @@ fn digests(e: &Entry, host: &str) -> BTreeMap<String, FetchRecord> {
     let from_submit = e.rollout.dry_runs.iter().filter(|d| d.host == host);
     let own = e.hosts.get(host).into_iter().flat_map(|h| h.dry_runs.iter());
     for d in from_submit.chain(own) {
-        if let Some(f) = d.fetch.as_ref().filter(|f| f.outcome == "ok" && !f.digest.is_empty()) {
+        if let Some(f) = d.fetch.as_ref().filter(|f| f.ok() && !f.digest.is_empty()) {
             out.insert(d.step.clone(), f.clone());
         }
     }
@@ -126,7 +126,7 @@ impl Engine {
         host: &str,
         index: usize,
         resend: Option<String>,
-    ) -> Result<Option<(String, pb::CommandResult, Instant)>, EngineError> {
+    ) -> Result<Option<(String, CommandResult, Instant)>, EngineError> {
         let (step, steps, attempt, write_set, untouchable, backend, digests, has_snapshot) = self.with(id, |e| {
             let r = &e.rollout;
             (
@@ -206,17 +206,33 @@ impl Engine {
                             }
                         }
                     })?;
-                    let cmd = pb::Command {
-                        redact: Vec::new(),
-                        accept_weaker: Vec::new(),
-                        id: format!("{id}:{host}:snapshot:{}", nonce()),
-                        kind: Some(pb::command::Kind::TakeSnapshot(pb::TakeSnapshot {
+                    // A backend the site policy forces; one this controller
+                    // does not know takes no snapshot, so runs no step.
+                    let backend = match backend.as_str() {
+                        "" => None,
+                        name => match SnapshotBackend::parse(name) {
+                            Some(b) => Some(b),
+                            None => {
+                                self.host_failed(
+                                    id,
+                                    w,
+                                    host,
+                                    format!("no snapshot, so no real step: unknown snapshot backend `{name}`"),
+                                )
+                                .await?;
+                                return Ok(None);
+                            }
+                        },
+                    };
+                    let cmd = Command::new(
+                        format!("{id}:{host}:snapshot:{}", nonce()),
+                        CommandKind::TakeSnapshot {
                             rollout_id: id.to_owned(),
                             paths: paths.into_iter().collect(),
                             untouchable: untouchable.clone(),
-                            backend: backend.clone(),
-                        })),
-                    };
+                            backend,
+                        },
+                    );
                     let deadline = Instant::now() + Duration::from_secs(600) + self.settings.agent_grace;
                     match self
                         .hub
@@ -228,14 +244,13 @@ impl Engine {
                             info!(rollout = %id, host, "Snapshot not sent: {why}.");
                             return Ok(None);
                         }
-                        Ok(res) if res.outcome == pb::Outcome::Ok as i32 => {
-                            let info: serde_json::Value = serde_json::from_str(&res.report_json).unwrap_or_default();
-                            let mut snap = SnapshotRecord::pinned(
-                                info["archive_bytes"].as_u64().unwrap_or(0),
-                                info["files"].as_u64().unwrap_or(0),
-                                now_ms(),
-                            );
-                            snap.parts = serde_json::from_value(info["parts"].clone()).unwrap_or_default();
+                        Ok(CommandResult {
+                            outcome: Outcome::Ok,
+                            report: Some(AgentReport::Snapshot(summary)),
+                            ..
+                        }) => {
+                            let mut snap = SnapshotRecord::pinned(summary.bytes, summary.files, now_ms());
+                            snap.parts = summary.parts;
                             // The host record (and its audit record) says so, with
                             // the backend of every part; no rollout event per host,
                             // which would grow without bound.
@@ -330,11 +345,9 @@ impl Engine {
             let writes = h.and_then(|h| implied(h, &step)).unwrap_or_else(|| step.writes.clone());
             (hints, writes)
         })?;
-        let cmd = pb::Command {
-            redact: Vec::new(),
-            accept_weaker: Vec::new(),
-            id: cmd_id.clone(),
-            kind: Some(pb::command::Kind::RunStep(pb::RunStep {
+        let cmd = Command::new(
+            cmd_id.clone(),
+            CommandKind::RunStep(RunStep {
                 rollout_id: id.to_owned(),
                 step_name: step.name.clone(),
                 run: step.run.clone(),
@@ -344,13 +357,9 @@ impl Engine {
                 create_dirs: hints.created_dirs,
                 create_files: hints.created_files,
                 untouchable,
-                reboot: match step.reboot {
-                    Reboot::Never => String::new(),
-                    Reboot::Always => "always".into(),
-                    Reboot::IfRequired => "if-required".into(),
-                },
-            })),
-        };
+                reboot: step.reboot,
+            }),
+        );
         let deadline = Instant::now() + Duration::from_millis(step.timeout_ms) + self.settings.agent_grace;
         match self.hub.execute_gated(host, cmd, deadline, self.gate(id)).await {
             Ok((res, received)) => Ok(Some((step.name, res, received))),
@@ -377,15 +386,15 @@ impl Engine {
                     let Some((step_name, r, received)) = self.real_step(id, w, host, index, resend).await? else {
                         return Ok(());
                     };
-                    let ok = r.outcome == pb::Outcome::Ok as i32;
-                    self.metrics.steps.with_label_values(&[outcome_name(r.outcome)]).inc();
+                    let ok = r.ok();
+                    self.metrics.steps.with_label_values(&[r.outcome.as_str()]).inc();
                     self.metrics.step_duration.observe(r.duration_ms as f64 / 1000.0);
                     let (output_stored, output_verified) =
                         self.verify_output(id, host, &step_name, &r.output_sha256).await;
                     let result = StepResult {
                         step: step_name.clone(),
                         command_id: r.command_id.clone(),
-                        outcome: outcome_name(r.outcome).into(),
+                        outcome: r.outcome.as_str().into(),
                         exit_code: r.exit_code,
                         duration_ms: r.duration_ms,
                         output_sha256: r.output_sha256.clone(),
@@ -401,7 +410,7 @@ impl Engine {
                             .find(|s| s.name == step_name)
                             .map_or(0, |s| s.reboot_timeout_ms)
                     })?;
-                    let rebooting = ok && r.reboot == "pending";
+                    let rebooting = ok && r.reboot_pending;
                     // The step's result and the reboot to wait for are one
                     // change: after a controller restart the host is waited
                     // for, never sent its step again.
@@ -436,7 +445,7 @@ impl Engine {
                         let last = tail.lines().last().unwrap_or_default().to_owned();
                         let detail = format!(
                             "step `{step_name}` {} (exit {}){}{}",
-                            outcome_name(r.outcome),
+                            r.outcome,
                             r.exit_code,
                             if r.detail.is_empty() {
                                 String::new()
@@ -513,7 +522,7 @@ impl Engine {
                         .execute_gated(host, *cmd, deadline, || Ok::<(), String>(()))
                         .await
                     {
-                        Ok((r, _)) if r.outcome == pb::Outcome::Ok as i32 => {
+                        Ok((r, _)) if r.ok() => {
                             self.record_host(id, host, |h| {
                                 h.state = HostState::Healthy;
                                 h.in_flight = None;

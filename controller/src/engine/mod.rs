@@ -16,16 +16,18 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 use wavegate_domain::audit::AuditBody;
-use wavegate_domain::effects::{DryRunRecord, FetchRecord, StepReport};
-use wavegate_domain::plan::Reboot;
-use wavegate_domain::plan::{CheckKind, OnFailure, Plan};
+use wavegate_domain::command::{
+    Command, CommandKind, CommandResult, DryRun, DryRunStep, Fetch, FetchReport, Outcome, Report as AgentReport,
+    RunStep, SnapshotBackend,
+};
+use wavegate_domain::effects::{DryRunRecord, FetchRecord};
+use wavegate_domain::plan::{CheckKind, Plan};
 use wavegate_domain::rollout::{
     Approval, CheckSpec, Control, HostPreview, HostRecord, HostState, ProbeSpec, RebootWait, RollbackRequest,
     RollbackState, Rollout, RolloutState, StepResult, StepSpec, TransitionError, Wave, WaveState,
 };
 use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};
 use wavegate_domain::{Fleet, PolicySet, Report, Source, check_plan};
-use wavegate_proto::v1 as pb;
 
 use crate::hub::{ExecError, Hub};
 use crate::leader::Leadership;
@@ -35,7 +37,7 @@ mod commit;
 mod host;
 mod output;
 mod rollback;
-pub mod store;
+
 mod submit;
 mod wave;
 
@@ -215,17 +217,6 @@ fn event(r: &mut Rollout, text: impl Into<String>) {
     r.events.push(format!("{} {text}", utc(now_ms())));
 }
 
-fn outcome_name(o: i32) -> &'static str {
-    match pb::Outcome::try_from(o).unwrap_or(pb::Outcome::Unspecified) {
-        pb::Outcome::Ok => "ok",
-        pb::Outcome::Failed => "failed",
-        pb::Outcome::TimedOut => "timed_out",
-        pb::Outcome::Interrupted => "interrupted",
-        pb::Outcome::Refused => "refused",
-        pb::Outcome::Unspecified => "unknown",
-    }
-}
-
 /// The unguessable part of a command id: a session that learns or
 /// guesses another host's ids still cannot answer for it (the hub also
 /// checks the host), and no id repeats across controllers or restored
@@ -234,29 +225,15 @@ fn nonce() -> String {
     crate::store::random_letters(8)
 }
 
-fn checks_command(id: String, checks: &[CheckSpec]) -> pb::Command {
+fn checks_command(id: String, checks: &[CheckSpec]) -> Command {
     let rollout_id = id.split(':').next().unwrap_or_default().to_owned();
-    let checks = checks
-        .iter()
-        .map(|c| pb::HealthCheck {
-            name: c.name.clone(),
-            timeout_ms: c.timeout_ms,
-            probe: Some(match &c.probe {
-                ProbeSpec::Tcp(a) => pb::health_check::Probe::Tcp(a.clone()),
-                ProbeSpec::Http { url, expect_status } => pb::health_check::Probe::Http(pb::HttpProbe {
-                    url: url.clone(),
-                    expect_status: u32::from(*expect_status),
-                }),
-                ProbeSpec::Exec(cmd) => pb::health_check::Probe::Exec(cmd.clone()),
-            }),
-        })
-        .collect();
-    pb::Command {
-        redact: Vec::new(),
-        accept_weaker: Vec::new(),
+    Command::new(
         id,
-        kind: Some(pb::command::Kind::RunChecks(pb::RunChecks { checks, rollout_id })),
-    }
+        CommandKind::RunChecks {
+            rollout_id,
+            checks: checks.to_vec(),
+        },
+    )
 }
 
 fn checks_timeout(checks: &[CheckSpec]) -> Duration {
@@ -264,7 +241,7 @@ fn checks_timeout(checks: &[CheckSpec]) -> Duration {
 }
 
 /// Summarise a checks result for people.
-fn checks_detail(r: &pb::CommandResult) -> String {
+fn checks_detail(r: &CommandResult) -> String {
     let failed: Vec<String> = r
         .checks
         .iter()

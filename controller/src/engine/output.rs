@@ -16,13 +16,14 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::store::OutputPiece;
+use wavegate_domain::command::{OutputChunk, OutputSummary};
 
 /// How many chunks (of at most 32 KiB) may wait for the writer.
 const QUEUE: usize = 256;
 
 /// The sessions' side of the output pipeline.
 pub struct OutputSink {
-    tx: mpsc::Sender<(String, pb::OutputChunk)>,
+    tx: mpsc::Sender<(String, OutputChunk)>,
     /// Chunks handed to the writer (or dropped) so far.
     queued: AtomicU64,
     /// Chunks the writer has dealt with (stored, or found nothing new in).
@@ -31,7 +32,7 @@ pub struct OutputSink {
 
 impl OutputSink {
     /// A sink and the receiving end for [`writer`].
-    pub(super) fn new() -> (OutputSink, mpsc::Receiver<(String, pb::OutputChunk)>) {
+    pub(super) fn new() -> (OutputSink, mpsc::Receiver<(String, OutputChunk)>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (done, _) = watch::channel(0);
         (
@@ -56,7 +57,7 @@ struct HostOutput {
 
 impl Engine {
     /// Take a chunk of output from `host`'s session, waiting for room.
-    pub async fn accept_output(&self, host: &str, chunk: pb::OutputChunk) {
+    pub async fn accept_output(&self, host: &str, chunk: OutputChunk) {
         if chunk.rollout_id.is_empty() || chunk.step.is_empty() {
             return;
         }
@@ -101,7 +102,7 @@ impl Engine {
 
     /// One summary per host and step: what is stored, and whether it is the
     /// whole output.
-    pub async fn output_summary(&self, id: &str, host: Option<&str>, step: Option<&str>) -> Vec<pb::LogChunk> {
+    pub async fn output_summary(&self, id: &str, host: Option<&str>, step: Option<&str>) -> Vec<OutputSummary> {
         let Ok(e) = self.get(id).await else { return Vec::new() };
         let mut out = Vec::new();
         for h in e.hosts.values().filter(|h| host.is_none_or(|x| h.host == x)) {
@@ -113,22 +114,21 @@ impl Engine {
             let mut seen = std::collections::BTreeSet::new();
             for r in h.results.iter().rev().filter(|r| step.is_none_or(|s| r.step == s)) {
                 if seen.insert(r.step.clone()) {
-                    out.push(pb::LogChunk {
+                    out.push(OutputSummary {
                         host: h.host.clone(),
                         step: r.step.clone(),
                         stored: r.output_stored,
                         verified: r.output_verified.clone(),
-                        ..Default::default()
                     });
                 }
             }
             for (s, end) in ends {
                 if step.is_none_or(|x| x == s) && seen.insert(s.clone()) {
-                    out.push(pb::LogChunk {
+                    out.push(OutputSummary {
                         host: h.host.clone(),
                         step: s,
                         stored: end,
-                        ..Default::default()
+                        verified: String::new(),
                     });
                 }
             }
@@ -165,7 +165,7 @@ impl Engine {
 /// already or over the cap, stores the rest in batches.
 pub(super) async fn writer(
     engine: Weak<Engine>,
-    mut rx: mpsc::Receiver<(String, pb::OutputChunk)>,
+    mut rx: mpsc::Receiver<(String, OutputChunk)>,
     (cap, rollout_cap): (u64, u64),
 ) {
     let mut hosts: HashMap<(String, String), HostOutput> = HashMap::new();

@@ -49,18 +49,16 @@ impl Engine {
             let engine = Arc::clone(self);
             let (id, who, checks) = (id.to_owned(), who.to_owned(), checks.clone());
             tasks.push(tokio::spawn(async move {
-                let cmd = pb::Command {
-                    redact: Vec::new(),
-                    accept_weaker: Vec::new(),
-                    id: format!("{id}:{host}:restore:{}", nonce()),
-                    kind: Some(pb::command::Kind::RestoreSnapshot(pb::RestoreSnapshot {
+                let cmd = Command::new(
+                    format!("{id}:{host}:restore:{}", nonce()),
+                    CommandKind::RestoreSnapshot {
                         rollout_id: id.clone(),
                         preview: false,
-                    })),
-                };
+                    },
+                );
                 let deadline = Instant::now() + Duration::from_secs(600) + engine.settings.agent_grace;
                 let (ok, mut detail) = match engine.hub.execute(&host, cmd, deadline).await {
-                    Ok(r) if r.outcome == pb::Outcome::Ok as i32 => (true, "rolled back from its snapshot".to_string()),
+                    Ok(r) if r.ok() => (true, "rolled back from its snapshot".to_string()),
                     Ok(r) => (false, format!("rollback FAILED: {}", r.detail)),
                     Err(e) => (false, format!("rollback FAILED: {e}")),
                 };
@@ -71,7 +69,7 @@ impl Engine {
                     let cmd = checks_command(format!("{id}:{host}:after-restore:{}", nonce()), &checks);
                     let deadline = Instant::now() + checks_timeout(&checks) + engine.settings.agent_grace;
                     detail.push_str(match engine.hub.execute(&host, cmd, deadline).await {
-                        Ok(r) if r.outcome == pb::Outcome::Ok as i32 => "; health checks pass",
+                        Ok(r) if r.ok() => "; health checks pass",
                         _ => "; health checks still FAIL",
                     });
                 }
@@ -227,31 +225,29 @@ impl Engine {
 
     /// What a restore would change on `host` now, as its agent sees it.
     async fn preview_restore(&self, id: &str, host: &str) -> HostPreview {
-        let cmd = pb::Command {
-            redact: Vec::new(),
-            accept_weaker: Vec::new(),
-            id: format!("{id}:{host}:preview:{}", nonce()),
-            kind: Some(pb::command::Kind::RestoreSnapshot(pb::RestoreSnapshot {
+        let cmd = Command::new(
+            format!("{id}:{host}:preview:{}", nonce()),
+            CommandKind::RestoreSnapshot {
                 rollout_id: id.to_owned(),
                 preview: true,
-            })),
-        };
+            },
+        );
         let deadline = Instant::now() + Duration::from_secs(120) + self.settings.agent_grace;
         let mut p = HostPreview {
             host: host.to_owned(),
             ..HostPreview::default()
         };
         match self.hub.execute(host, cmd, deadline).await {
-            Ok(r) if r.outcome == pb::Outcome::Ok as i32 => {
+            Ok(r) if r.ok() => {
                 // What a host sends is bounded here too: the request is
                 // stored with the rollout.
                 let mut bytes = 0usize;
                 for c in r.changes {
-                    bytes += c.path.len() + c.change.len();
+                    bytes += c.path.len() + c.kind.as_str().len();
                     if bytes > PREVIEW_HOST_BYTES || p.changes.len() >= 200 {
                         break;
                     }
-                    p.changes.push((c.path, c.change));
+                    p.changes.push((c.path, c.kind.as_str().to_owned()));
                 }
                 p.total = r.changes_total;
             }
@@ -412,17 +408,13 @@ impl Engine {
             })
             .collect();
         for (id, host) in due {
-            let cmd = pb::Command {
-                redact: Vec::new(),
-                accept_weaker: Vec::new(),
-                id: format!("{id}:{host}:release:{}", nonce()),
-                kind: Some(pb::command::Kind::ReleaseSnapshot(pb::ReleaseSnapshot {
-                    rollout_id: id.clone(),
-                })),
-            };
+            let cmd = Command::new(
+                format!("{id}:{host}:release:{}", nonce()),
+                CommandKind::ReleaseSnapshot { rollout_id: id.clone() },
+            );
             let deadline = Instant::now() + Duration::from_secs(5);
             if let Ok(r) = self.hub.execute(&host, cmd, deadline).await
-                && r.outcome == pb::Outcome::Ok as i32
+                && r.ok()
             {
                 let _ = self
                     .mutate(&id, |e| {

@@ -87,10 +87,7 @@ pub(super) fn build(
         budget_canary: plan.failure_budget.canary,
         budget_wave: plan.failure_budget.wave,
         attempt: 0,
-        on_failure: match plan.on_failure {
-            OnFailure::Rollback => "rollback".into(),
-            OnFailure::Halt => "halt".into(),
-        },
+        on_failure: plan.on_failure,
         retain_ms: plan.snapshot_retain.as_millis() as u64,
         write_set: plan.write_set().into_iter().map(str::to_owned).collect(),
         dry_runs: Vec::new(),
@@ -287,11 +284,9 @@ impl Engine {
             FetchMode::Adopt(d) => (false, d, String::new()),
             FetchMode::Real(skip) => (false, String::new(), skip.unwrap_or_default()),
         };
-        let cmd = pb::Command {
-            redact: Vec::new(),
-            accept_weaker: Vec::new(),
-            id: id.clone(),
-            kind: Some(pb::command::Kind::Fetch(pb::Fetch {
+        let cmd = Command::new(
+            id.clone(),
+            CommandKind::Fetch(Fetch {
                 rollout_id: String::new(),
                 step_name: s.name.clone(),
                 run: s.fetch.clone().unwrap_or_default(),
@@ -300,24 +295,27 @@ impl Engine {
                 skip_if_digest: skip,
                 stage,
                 adopt_digest,
-            })),
-        };
+            }),
+        );
         let deadline = Instant::now() + Duration::from_millis(s.timeout_ms) + self.settings.agent_grace;
         match self.hub.execute(host, cmd, deadline).await {
             Ok(r) => {
-                let info: serde_json::Value = serde_json::from_str(&r.report_json).unwrap_or_default();
+                let info = match &r.report {
+                    Some(AgentReport::Fetch(f)) => f.clone(),
+                    _ => FetchReport::default(),
+                };
                 let tail = String::from_utf8_lossy(&r.output_tail);
                 let last: Vec<&str> = tail.trim_end().lines().rev().take(3).collect();
                 let last: Vec<&str> = last.into_iter().rev().collect();
                 FetchRecord {
                     command_id: id,
-                    outcome: outcome_name(r.outcome).into(),
-                    ran: info["ran"].as_bool().unwrap_or(false),
-                    digest: info["digest"].as_str().unwrap_or_default().to_owned(),
-                    stage: info["stage"].as_str().unwrap_or_default().to_owned(),
+                    outcome: r.outcome.as_str().into(),
+                    ran: info.ran,
+                    digest: info.digest,
+                    stage: info.stage,
                     exit_code: r.exit_code,
                     output_sha256: r.output_sha256.clone(),
-                    detail: if r.outcome == pb::Outcome::Ok as i32 {
+                    detail: if r.ok() {
                         r.detail
                     } else {
                         format!("{} (exit {}); last output: {}", r.detail, r.exit_code, last.join(" | "))
@@ -362,35 +360,29 @@ impl Engine {
         }
         let fetch_stages: Vec<String> = fetches
             .values()
-            .filter(|f| f.outcome == "ok" && !f.stage.is_empty())
+            .filter(|f| f.ok() && !f.stage.is_empty())
             .map(|f| f.stage.clone())
             .collect();
-        let cmd = pb::Command {
-            redact: Vec::new(),
-            accept_weaker: Vec::new(),
-            id: format!("{tag}:{host}:dry-run"),
-            kind: Some(pb::command::Kind::DryRun(pb::DryRun {
+        let cmd = Command::new(
+            format!("{tag}:{host}:dry-run"),
+            CommandKind::DryRun(DryRun {
                 rollout_id: String::new(),
                 untouchable: untouchable.to_vec(),
                 fetch_stages,
                 steps: steps
                     .iter()
-                    .map(|s| pb::DryRunStep {
+                    .map(|s| DryRunStep {
                         name: s.name.clone(),
                         run: s.run.clone(),
                         writes: s.writes.clone(),
                         max_deletions: s.max_deletions,
                         timeout_ms: s.timeout_ms,
                         allow_failure: s.allow_failure.clone().unwrap_or_default(),
-                        packages: s.packages.as_ref().map(|p| pb::PackageSpec {
-                            manager: p.manager.as_str().into(),
-                            upgrade: p.upgrade.clone(),
-                            install: p.install.iter().cloned().collect(),
-                        }),
+                        packages: s.packages.clone(),
                     })
                     .collect(),
-            })),
-        };
+            }),
+        );
         let timeout = Duration::from_millis(steps.iter().map(|s| s.timeout_ms).sum::<u64>());
         let deadline = Instant::now() + timeout + self.settings.agent_grace;
         let blocked_all = |why: String| {
@@ -407,8 +399,8 @@ impl Engine {
                 .collect()
         };
         let records: Vec<DryRunRecord> = match self.hub.execute(host, cmd, deadline).await {
-            Ok(r) => match serde_json::from_str::<Vec<StepReport>>(&r.report_json) {
-                Ok(reports) if reports.len() == steps.len() => reports
+            Ok(r) => match r.report {
+                Some(AgentReport::DryRun(reports)) if reports.len() == steps.len() => reports
                     .into_iter()
                     .map(|rep| DryRunRecord {
                         host: host.to_owned(),
@@ -426,7 +418,7 @@ impl Engine {
         let mut records = records;
         for rec in &mut records {
             if let Some(f) = fetches.remove(&rec.step) {
-                if f.outcome != "ok" {
+                if !f.ok() {
                     rec.blocked = true;
                     rec.reasons.insert(0, format!("its fetch {}: {}", f.outcome, f.detail));
                 }

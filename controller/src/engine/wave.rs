@@ -166,7 +166,7 @@ impl Engine {
             for p in probes {
                 let Ok((host, res)) = p.await else { continue };
                 let failed = match res {
-                    Ok(r) if r.outcome == pb::Outcome::Ok as i32 => None,
+                    Ok(r) if r.ok() => None,
                     Ok(r) => Some(format!("during bake: {}", checks_detail(&r))),
                     Err(e) => Some(format!("during bake: {e}")),
                 };

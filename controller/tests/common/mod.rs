@@ -51,10 +51,12 @@ impl Script {
                         ..Default::default()
                     })
                     .collect();
-                r.report_json = serde_json::to_string(&reports).expect("json");
+                r.report = Some(pb::command_result::Report::DryRuns(pb::DryRunReports {
+                    steps: reports.into_iter().map(pb::StepReport::from).collect(),
+                }));
             }
             Some(pb::command::Kind::TakeSnapshot(_)) => {
-                r.report_json = r#"{"files":0,"archive_bytes":0}"#.into();
+                r.report = Some(pb::command_result::Report::Snapshot(pb::SnapshotSummary::default()));
             }
             Some(pb::command::Kind::RunStep(_)) => {
                 *lock(&self.steps).entry(host.to_owned()).or_default() += 1;
@@ -93,7 +95,8 @@ pub fn agent(hub: &Arc<Hub>, host: &str, script: &Arc<Script>) {
     tokio::spawn(async move {
         while let Some(Ok(msg)) = rx.recv().await {
             if let Some(pb::controller_message::Body::Command(cmd)) = msg.body {
-                hub.deliver(&host, script.answer(&host, &cmd));
+                let r = wavegate_domain::command::CommandResult::try_from(script.answer(&host, &cmd)).expect("typed");
+                hub.deliver(&host, r);
             }
         }
     });

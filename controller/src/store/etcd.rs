@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 use tracing::warn;
 use wavegate_domain::audit::{AuditBody, AuditRecord, Checkpoint};
 use wavegate_domain::rollout::{HostRecord, Rollout};
-use wavegate_proto::etcd as pb;
+use wavegate_proto::etcd as etcdpb;
 
 use super::{
     Batch, Build, OutputDigest, OutputEnds, OutputPiece, OutputQuery, Selection, StateStore, extend_chain, host_key,
@@ -159,12 +159,12 @@ impl EtcdStore {
     async fn probe(&self) -> Result<()> {
         let probe = self.k("probe");
         let pad = vec![b'x'; self.limits.bytes.saturating_sub(64 * self.limits.ops)];
-        let txn = pb::TxnRequest {
-            compare: vec![pb::Compare {
-                result: pb::compare::CompareResult::Equal as i32,
-                target: pb::compare::CompareTarget::Value as i32,
+        let txn = etcdpb::TxnRequest {
+            compare: vec![etcdpb::Compare {
+                result: etcdpb::compare::CompareResult::Equal as i32,
+                target: etcdpb::compare::CompareTarget::Value as i32,
                 key: probe.clone(),
-                target_union: Some(pb::compare::TargetUnion::Value(pad)),
+                target_union: Some(etcdpb::compare::TargetUnion::Value(pad)),
             }],
             success: Vec::new(),
             failure: (0..self.limits.ops).map(|_| read(probe.clone())).collect(),
@@ -193,7 +193,7 @@ impl EtcdStore {
     async fn claim_key(&self) -> Result<()> {
         let ours = hex::encode(self.key.verifying_key().to_bytes());
         let k = self.k(keys::AUDIT_KEY);
-        let txn = pb::TxnRequest {
+        let txn = etcdpb::TxnRequest {
             compare: vec![created_at(k.clone(), 0)],
             success: vec![put(k.clone(), ours.clone())],
             failure: vec![read(k.clone())],
@@ -218,7 +218,7 @@ impl EtcdStore {
     /// answer (a lost quorum), and give up only if this controller no
     /// longer leads, or etcd refuses the request itself. On any error the
     /// tails are read again before the next write.
-    async fn write(&self, tails: &mut Tails, ops: Vec<pb::RequestOp>) -> Result<()> {
+    async fn write(&self, tails: &mut Tails, ops: Vec<etcdpb::RequestOp>) -> Result<()> {
         let r = self.write_once(tails, ops).await;
         if r.is_err() {
             tails.fence = None;
@@ -226,7 +226,7 @@ impl EtcdStore {
         r
     }
 
-    async fn write_once(&self, tails: &mut Tails, mut ops: Vec<pb::RequestOp>) -> Result<()> {
+    async fn write_once(&self, tails: &mut Tails, mut ops: Vec<etcdpb::RequestOp>) -> Result<()> {
         let Some(fence) = self.leadership.fence() else {
             return Err(NotLeader(crate::leader::standby_why(None)).into());
         };
@@ -234,7 +234,7 @@ impl EtcdStore {
         let id = format!("{}:{}:{}", self.leadership.instance(), fence, tails.commits);
         let marker = self.k(keys::COMMIT);
         ops.push(put(marker.clone(), id.clone()));
-        let req = pb::TxnRequest {
+        let req = etcdpb::TxnRequest {
             compare: vec![
                 created_at(self.leader_key(), fence),
                 modified_at(marker.clone(), tails.marker),
@@ -347,7 +347,7 @@ impl EtcdStore {
         &self,
         head: Option<&AuditRecord>,
         bodies: Vec<AuditBody>,
-        ops: &mut Vec<pb::RequestOp>,
+        ops: &mut Vec<etcdpb::RequestOp>,
     ) -> Result<Option<AuditRecord>> {
         let (records, cp) = extend_chain(head, &self.key, bodies);
         for r in &records {
@@ -362,7 +362,7 @@ impl EtcdStore {
         Ok(records.last().cloned())
     }
 
-    fn outbox_ops(&self, first: u64, outbox: &[Vec<u8>], ops: &mut Vec<pb::RequestOp>) -> u64 {
+    fn outbox_ops(&self, first: u64, outbox: &[Vec<u8>], ops: &mut Vec<etcdpb::RequestOp>) -> u64 {
         for (seq, body) in (first..).zip(outbox) {
             ops.push(put(
                 self.k(&format!("{}{}", keys::OUTBOX, keys::seq(seq))),
@@ -421,8 +421,8 @@ impl EtcdStore {
         Ok(n)
     }
 
-    async fn import_txn(&self, ops: Vec<pb::RequestOp>) -> Result<()> {
-        let txn = pb::TxnRequest {
+    async fn import_txn(&self, ops: Vec<etcdpb::RequestOp>) -> Result<()> {
+        let txn = etcdpb::TxnRequest {
             compare: vec![created_at(self.leader_key(), 0)],
             success: ops,
             failure: Vec::new(),
@@ -437,9 +437,9 @@ impl EtcdStore {
     }
 }
 
-fn first_value(r: &pb::TxnResponse) -> Option<Vec<u8>> {
+fn first_value(r: &etcdpb::TxnResponse) -> Option<Vec<u8>> {
     r.responses.iter().find_map(|op| match &op.response {
-        Some(pb::response_op::Response::ResponseRange(rr)) => rr.kvs.first().map(|kv| kv.value.clone()),
+        Some(etcdpb::response_op::Response::ResponseRange(rr)) => rr.kvs.first().map(|kv| kv.value.clone()),
         _ => None,
     })
 }
@@ -703,9 +703,9 @@ impl StateStore for EtcdStore {
 }
 
 /// The leader key and the commit marker, as a refused write read them.
-fn refused_reads(r: &pb::TxnResponse) -> (Option<pb::KeyValue>, Option<pb::KeyValue>) {
+fn refused_reads(r: &etcdpb::TxnResponse) -> (Option<etcdpb::KeyValue>, Option<etcdpb::KeyValue>) {
     let mut kvs = r.responses.iter().map(|op| match &op.response {
-        Some(pb::response_op::Response::ResponseRange(range)) => range.kvs.first().cloned(),
+        Some(etcdpb::response_op::Response::ResponseRange(range)) => range.kvs.first().cloned(),
         _ => None,
     });
     (kvs.next().flatten(), kvs.next().flatten())
