@@ -28,6 +28,7 @@ use anyhow::{Context, Result, bail};
 use super::fsx::{self, RawPath};
 use super::stage::{Builder, Restore};
 use super::{Backend, BtrfsInfo, Kind, Part, host_path, walk_part};
+use crate::mountinfo::HostMount;
 
 /// The subvolume beside the data that holds wavegate's snapshots of it.
 pub const SNAPSHOT_DIR: &str = ".wavegate-snapshots";
@@ -223,6 +224,53 @@ fn open_snap(root: &Path, b: &BtrfsInfo) -> Result<Option<OwnedFd>> {
 }
 
 impl Backend for Btrfs {
+    fn claim(&self, root: &Path, home: &HostMount, path: &str) -> Option<Result<String, String>> {
+        if home.mount.fstype != "btrfs" {
+            return None;
+        }
+        if !available() {
+            return Some(Err("btrfs-progs is not installed on this host; tar+zstd used".into()));
+        }
+        Some(
+            subvolume_of(root, path)
+                .ok_or_else(|| "the subvolume holding it is not visible under the host root; tar+zstd used".to_owned()),
+        )
+    }
+
+    fn init(&self, part: &mut Part, key: &str) {
+        part.btrfs = Some(BtrfsInfo {
+            subvolume: key.to_owned(),
+            snapshot: String::new(),
+            uuid: String::new(),
+            parent_uuid: String::new(),
+            generation: 0,
+            created_gen: 0,
+            tree_sha256: String::new(),
+        });
+    }
+
+    fn prepare(&self, part: &mut Part, index: usize, rollout: &str) {
+        if let Some(b) = part.btrfs.as_mut() {
+            b.snapshot = format!(
+                "{}/{}/{}-{index}",
+                b.subvolume.trim_end_matches('/'),
+                SNAPSHOT_DIR,
+                super::safe_name(rollout)
+            );
+        }
+    }
+
+    fn own_paths(&self, part: &Part) -> Vec<String> {
+        part.btrfs
+            .iter()
+            .map(|b| format!("{}/{}", b.subvolume.trim_end_matches('/'), SNAPSHOT_DIR))
+            .collect()
+    }
+
+    fn can_restore_whole(&self, root: &Path, part: &Part) -> Result<bool> {
+        swappable_whole(root, part)
+    }
+
     fn take(&self, root: &Path, _dir: &Path, part: &mut Part) -> Result<Vec<String>> {
         let b = info(part)?.clone();
         let root_fd = fsx::open_dir(root)?;

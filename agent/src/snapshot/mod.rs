@@ -47,35 +47,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::mountinfo::{self, HostMount, Treatment, within};
 
-/// A snapshot mechanism.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum BackendKind {
-    /// An archive of the files (any filesystem).
-    #[serde(rename = "tar+zstd")]
-    TarZstd,
-    /// A read-only btrfs snapshot.
-    #[serde(rename = "btrfs")]
-    Btrfs,
-}
-
-impl BackendKind {
-    /// Its name, as shown and as a site policy writes it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::TarZstd => "tar+zstd",
-            BackendKind::Btrfs => "btrfs",
-        }
-    }
-
-    /// Parse a name (`tar+zstd`, `btrfs`).
-    pub fn parse(s: &str) -> Option<BackendKind> {
-        match s {
-            "tar+zstd" => Some(BackendKind::TarZstd),
-            "btrfs" => Some(BackendKind::Btrfs),
-            _ => None,
-        }
-    }
-}
+/// A snapshot mechanism: the domain's, so that the agent, the controller
+/// and the wire name the same ones.
+pub use wavegate_domain::command::SnapshotBackend as BackendKind;
 
 /// The type of a path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -230,10 +204,7 @@ impl Part {
     /// Bytes the part keeps: the archive's size, or for a btrfs snapshot
     /// the data it references on disk (it shares it with the live files).
     pub fn bytes(&self) -> u64 {
-        match &self.tar {
-            Some(t) => t.bytes,
-            None => self.alloc,
-        }
+        backend(self.backend).kept_bytes(self)
     }
 }
 
@@ -327,10 +298,7 @@ impl Manifest {
                 .parts
                 .iter()
                 .map(|p| wavegate_domain::snapshot::SnapshotPart {
-                    backend: match p.backend {
-                        BackendKind::Btrfs => wavegate_domain::command::SnapshotBackend::Btrfs,
-                        BackendKind::TarZstd => wavegate_domain::command::SnapshotBackend::TarZstd,
-                    },
+                    backend: p.backend,
                     mount: p.mount.clone(),
                     fstype: p.fstype.clone(),
                     roots: p.roots.keys().cloned().collect(),
@@ -366,6 +334,32 @@ pub struct Request<'a> {
 /// What one backend does with one part. Implementations are stateless; the
 /// part's manifest carries everything they need later.
 pub trait Backend {
+    /// Whether this backend keeps `path`, which lives on mount `home`:
+    /// `None` when it is not for that filesystem; `Some(Ok(key))` when it
+    /// is (paths with the same key share one part); `Some(Err(note))` when
+    /// it would be but cannot here (tar+zstd is used, and the note says
+    /// why). tar+zstd itself claims nothing: it is what is left.
+    fn claim(&self, _root: &Path, _home: &HostMount, _path: &str) -> Option<Result<String, String>> {
+        None
+    }
+    /// Fill in the part's own record when the part is made for `key`.
+    fn init(&self, _part: &mut Part, _key: &str) {}
+    /// Name where the part's snapshot goes (`index` among the rollout's
+    /// parts) before [`Backend::take`].
+    fn prepare(&self, _part: &mut Part, _index: usize, _rollout: &str) {}
+    /// Host paths under the part's roots that hold snapshots themselves
+    /// (never walked into, never restored over).
+    fn own_paths(&self, _part: &Part) -> Vec<String> {
+        Vec::new()
+    }
+    /// Bytes the part keeps.
+    fn kept_bytes(&self, part: &Part) -> u64 {
+        part.alloc
+    }
+    /// Whether [`Backend::restore_whole`] applies to the part right now.
+    fn can_restore_whole(&self, _root: &Path, _part: &Part) -> Result<bool> {
+        Ok(false)
+    }
     /// Take the part's snapshot into `dir` and fill in `part` (its entries
     /// and the backend's own record). Verified before it returns. Returns
     /// the directories below its roots that turned out to be on another
@@ -567,9 +561,7 @@ fn set_skip(p: &mut Part, all_roots: &[String], excluded: &[String]) {
         }
         skip.insert(format!("{}/{}", r.trim_end_matches('/'), btrfs::SNAPSHOT_DIR));
     }
-    if let Some(b) = &p.btrfs {
-        skip.insert(format!("{}/{}", b.subvolume.trim_end_matches('/'), btrfs::SNAPSHOT_DIR));
-    }
+    skip.extend(backend(p.backend).own_paths(p));
     p.skip = skip.into_iter().collect();
 }
 
@@ -583,7 +575,7 @@ fn new_part(
 ) -> Option<((BackendKind, String), Part)> {
     let home = mountinfo::mount_of(mounts, path)?;
     let (kind, key, note) = choose(req, home, path);
-    let part = Part {
+    let mut part = Part {
         backend: kind,
         mount: home.rel.clone(),
         fstype: home.mount.fstype.clone(),
@@ -594,16 +586,9 @@ fn new_part(
         alloc: 0,
         parents: BTreeMap::new(),
         tar: None,
-        btrfs: (kind == BackendKind::Btrfs).then(|| BtrfsInfo {
-            subvolume: key.clone(),
-            snapshot: String::new(),
-            uuid: String::new(),
-            parent_uuid: String::new(),
-            generation: 0,
-            created_gen: 0,
-            tree_sha256: String::new(),
-        }),
+        btrfs: None,
     };
+    backend(kind).init(&mut part, &key);
     Some(((kind, key), part))
 }
 
@@ -618,14 +603,12 @@ fn choose(req: &Request<'_>, home: &HostMount, path: &str) -> (BackendKind, Stri
         };
         return tar(note);
     }
-    if home.mount.fstype == "btrfs" {
-        if !btrfs::available() {
-            return tar("btrfs-progs is not installed on this host; tar+zstd used".into());
+    for kind in BackendKind::ALL {
+        match backend(kind).claim(req.root, home, path) {
+            None => {}
+            Some(Ok(key)) => return (kind, key, String::new()),
+            Some(Err(note)) => return tar(note),
         }
-        return match btrfs::subvolume_of(req.root, path) {
-            Some(sub) => (BackendKind::Btrfs, sub, String::new()),
-            None => tar("the subvolume holding it is not visible under the host root; tar+zstd used".into()),
-        };
     }
     tar(unsupported::note(home).unwrap_or_default())
 }
@@ -651,23 +634,7 @@ pub fn take(req: &Request<'_>) -> Result<Manifest> {
     let mut i = 0;
     while i < parts.len() {
         let part = &mut parts[i];
-        if part.backend == BackendKind::TarZstd {
-            part.tar = Some(TarInfo {
-                file: format!("part-{i}.zst"),
-                bytes: 0,
-                sha256: String::new(),
-                format: 1,
-                data: 0,
-            });
-        }
-        if let Some(b) = part.btrfs.as_mut() {
-            b.snapshot = format!(
-                "{}/{}/{}-{i}",
-                b.subvolume.trim_end_matches('/'),
-                btrfs::SNAPSHOT_DIR,
-                safe_name(req.rollout)
-            );
-        }
+        backend(part.backend).prepare(part, i, req.rollout);
         let found = backend(part.backend)
             .take(req.root, &tmp, part)
             .with_context(|| format!("{} snapshot of {}", part.backend.as_str(), part.mount))?;
@@ -841,7 +808,7 @@ pub fn restore(state_dir: &Path, host: &str, root: &Path, rollout: &str) -> Resu
     let mut r = stage::Restore::new(root_fd.as_fd(), root, &d, &all_roots)?;
     let mut staged = Vec::new();
     for p in &m.parts {
-        if p.backend == BackendKind::Btrfs && btrfs::swappable_whole(root, p)? {
+        if backend(p.backend).can_restore_whole(root, p)? {
             whole.push(p);
         } else {
             let i = r

@@ -109,6 +109,20 @@ fn read_archive(file: &Path, on: &mut dyn FnMut(Item<'_>) -> Result<()>) -> Resu
 }
 
 impl Backend for TarZstd {
+    fn prepare(&self, part: &mut Part, index: usize, _rollout: &str) {
+        part.tar = Some(TarInfo {
+            file: format!("part-{index}.zst"),
+            bytes: 0,
+            sha256: String::new(),
+            format: 1,
+            data: 0,
+        });
+    }
+
+    fn kept_bytes(&self, part: &Part) -> u64 {
+        part.tar.as_ref().map_or(part.alloc, |t| t.bytes)
+    }
+
     fn take(&self, root: &Path, dir: &Path, part: &mut Part) -> Result<Vec<String>> {
         let roots: Vec<String> = part.roots.keys().cloned().collect();
         let file = part
