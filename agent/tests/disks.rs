@@ -11,7 +11,7 @@ use std::process::Command;
 use wavegate_agent::exec::{run_step_once, run_supervised};
 use wavegate_agent::journal::{Job, Journal, Mode};
 use wavegate_agent::sandbox::{DryStep, StepReport};
-use wavegate_agent::snapshot::{self, BackendKind};
+use wavegate_agent::snapshot::{self, BackendKind, Kept};
 use wavegate_proto::v1::Outcome;
 
 fn exe() -> PathBuf {
@@ -446,7 +446,9 @@ fn a_btrfs_subvolume_gets_a_read_only_snapshot_that_restores_byte_for_byte() {
     let roots: Vec<String> = m.parts.iter().flat_map(|p| p.roots.keys().cloned()).collect();
     assert!(roots.contains(&"/home/t2/db".to_owned()), "{roots:?}");
     for p in m.parts.iter().filter(|p| p.backend == BackendKind::Btrfs) {
-        let b = p.btrfs.as_ref().expect("btrfs record");
+        let Some(Kept::Btrfs(b)) = p.kept.as_ref() else {
+            panic!("btrfs record")
+        };
         assert!(b.generation > 0 && !b.uuid.is_empty(), "{b:?}");
         assert!(h.path(&b.snapshot).is_dir(), "{} exists", b.snapshot);
     }
@@ -481,7 +483,10 @@ fn a_btrfs_subvolume_gets_a_read_only_snapshot_that_restores_byte_for_byte() {
     assert_eq!(h.tree(), expected, "the restore is not exact");
     // Released, the snapshot subvolumes are gone.
     snapshot::release(&h.state, &h.root, "r2").expect("release");
-    for p in m.parts.iter().filter_map(|p| p.btrfs.as_ref()) {
+    for p in m.parts.iter().filter_map(|p| match &p.kept {
+        Some(Kept::Btrfs(b)) => Some(b),
+        _ => None,
+    }) {
         assert!(!h.path(&p.snapshot).exists(), "{} released", p.snapshot);
     }
 }
@@ -505,7 +510,9 @@ fn a_btrfs_snapshot_that_was_written_to_fails_verification() {
         std::fs::read_to_string(h.path("/home/acme/public_html/index.html")).expect("read"),
         "<h1>acme</h1>\n"
     );
-    let b = m.parts[0].btrfs.clone().expect("btrfs");
+    let Some(Kept::Btrfs(b)) = m.parts[0].kept.clone() else {
+        panic!("btrfs")
+    };
     let snap = h.path(&b.snapshot);
     sh(&format!("btrfs property set -ts {} ro false", snap.display()));
     std::fs::write(snap.join("acme/planted"), "x").expect("write");

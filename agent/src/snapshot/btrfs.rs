@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail};
 
 use super::fsx::{self, RawPath};
 use super::stage::{Builder, Restore};
-use super::{Backend, BtrfsInfo, Kind, Part, host_path, walk_part};
+use super::{Backend, BtrfsInfo, Kept, Kind, Part, host_path, walk_part};
 use crate::mountinfo::HostMount;
 
 /// The subvolume beside the data that holds wavegate's snapshots of it.
@@ -137,8 +137,16 @@ fn parent(p: &str) -> Option<String> {
     })
 }
 
+/// The part's snapshot record, when it has one.
+fn record(part: &Part) -> Option<&BtrfsInfo> {
+    match &part.kept {
+        Some(Kept::Btrfs(b)) => Some(b),
+        _ => None,
+    }
+}
+
 fn info(part: &Part) -> Result<&BtrfsInfo> {
-    part.btrfs.as_ref().context("a btrfs part without its snapshot record")
+    record(part).context("a btrfs part without its snapshot record")
 }
 
 /// `dir`'s name `name` as a path another process can use: through the
@@ -238,7 +246,7 @@ impl Backend for Btrfs {
     }
 
     fn init(&self, part: &mut Part, key: &str) {
-        part.btrfs = Some(BtrfsInfo {
+        part.kept = Some(Kept::Btrfs(BtrfsInfo {
             subvolume: key.to_owned(),
             snapshot: String::new(),
             uuid: String::new(),
@@ -246,11 +254,11 @@ impl Backend for Btrfs {
             generation: 0,
             created_gen: 0,
             tree_sha256: String::new(),
-        });
+        }));
     }
 
     fn prepare(&self, part: &mut Part, index: usize, rollout: &str) {
-        if let Some(b) = part.btrfs.as_mut() {
+        if let Some(Kept::Btrfs(b)) = part.kept.as_mut() {
             b.snapshot = format!(
                 "{}/{}/{}-{index}",
                 b.subvolume.trim_end_matches('/'),
@@ -261,7 +269,7 @@ impl Backend for Btrfs {
     }
 
     fn own_paths(&self, part: &Part) -> Vec<String> {
-        part.btrfs
+        record(part)
             .iter()
             .map(|b| format!("{}/{}", b.subvolume.trim_end_matches('/'), SNAPSHOT_DIR))
             .collect()
@@ -330,14 +338,14 @@ impl Backend for Btrfs {
             entries.retain(|e| !found.iter().any(|f| fsx::within(e.path.as_bytes(), f.as_bytes())));
             entries.sort_by(|a, b| a.path.cmp(&b.path));
             part.entries = entries;
-            part.btrfs = Some(BtrfsInfo {
+            part.kept = Some(Kept::Btrfs(BtrfsInfo {
                 uuid: s.uuid,
                 parent_uuid: s.parent_uuid,
                 generation: s.generation,
                 created_gen: s.created_gen,
                 tree_sha256: tree_digest(&snap, &b.subvolume, &roots, &part.skip)?,
                 ..b.clone()
-            });
+            }));
             // Its tree was read just now; the flags say it stays that way.
             flags(root, part)?;
             Ok(found)
@@ -590,7 +598,7 @@ fn tree_digest(snap: &Path, prefix: &str, roots: &[String], skip: &[String]) -> 
 
 /// Whether a part is restored by swapping its whole subvolume.
 pub fn swappable_whole(root: &Path, part: &Part) -> Result<bool> {
-    let Some(b) = part.btrfs.as_ref() else { return Ok(false) };
+    let Some(b) = record(part) else { return Ok(false) };
     Ok(swappable(root, part, b)?.is_some())
 }
 
@@ -735,7 +743,7 @@ fn replaced_name(subvolume: &str) -> String {
 
 /// Delete what a swap replaced (btrfs frees it in the background).
 pub fn discard_replaced(root: &Path, part: &Part) -> Result<()> {
-    let Some(b) = part.btrfs.as_ref() else { return Ok(()) };
+    let Some(b) = record(part) else { return Ok(()) };
     let root_fd = fsx::open_dir(root)?;
     let sub = RawPath::from(b.subvolume.as_str());
     let Some(parent) = fsx::open_beneath(root_fd.as_fd(), sub.parent().as_bytes(), true)? else {

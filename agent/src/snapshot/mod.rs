@@ -163,8 +163,20 @@ pub struct BtrfsInfo {
     pub tree_sha256: String,
 }
 
+/// What a part's backend keeps of it: one arm per backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kept {
+    /// The archive (tar + zstd).
+    #[serde(rename = "tar")]
+    Tar(TarInfo),
+    /// The snapshot subvolume (btrfs).
+    #[serde(rename = "btrfs")]
+    Btrfs(BtrfsInfo),
+}
+
 /// One filesystem's share of a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PartOnDisk")]
 pub struct Part {
     /// How it is kept.
     pub backend: BackendKind,
@@ -192,12 +204,55 @@ pub struct Part {
     /// that directory, never one a tenant renamed into its place.
     #[serde(default)]
     pub parents: BTreeMap<String, [u64; 3]>,
-    /// The archive (tar + zstd).
+    /// What its backend keeps (none until it is taken). On disk it is a
+    /// key named after the backend (`"tar": {...}`).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<Kept>,
+}
+
+/// A part as manifests hold it, those of older agents too: they wrote
+/// every backend's key, the others as `null`.
+#[derive(Deserialize)]
+struct PartOnDisk {
+    backend: BackendKind,
+    mount: String,
+    fstype: String,
     #[serde(default)]
-    pub tar: Option<TarInfo>,
-    /// The snapshot subvolume (btrfs).
+    note: String,
+    roots: BTreeMap<String, bool>,
     #[serde(default)]
-    pub btrfs: Option<BtrfsInfo>,
+    skip: Vec<String>,
+    entries: Vec<Entry>,
+    #[serde(default)]
+    alloc: u64,
+    #[serde(default)]
+    parents: BTreeMap<String, [u64; 3]>,
+    #[serde(default)]
+    tar: Option<TarInfo>,
+    #[serde(default)]
+    btrfs: Option<BtrfsInfo>,
+}
+
+impl From<PartOnDisk> for Part {
+    fn from(d: PartOnDisk) -> Part {
+        // Only the record of the part's own backend counts.
+        let kept = match d.backend {
+            BackendKind::TarZstd => d.tar.map(Kept::Tar),
+            BackendKind::Btrfs => d.btrfs.map(Kept::Btrfs),
+        };
+        Part {
+            backend: d.backend,
+            mount: d.mount,
+            fstype: d.fstype,
+            note: d.note,
+            roots: d.roots,
+            skip: d.skip,
+            entries: d.entries,
+            alloc: d.alloc,
+            parents: d.parents,
+            kept,
+        }
+    }
 }
 
 impl Part {
@@ -249,14 +304,13 @@ impl Manifest {
                 entries: std::mem::take(&mut self.entries),
                 alloc: 0,
                 parents: BTreeMap::new(),
-                tar: Some(TarInfo {
+                kept: Some(Kept::Tar(TarInfo {
                     file: "data.tar.zst".into(),
                     bytes: self.archive_bytes,
                     sha256: std::mem::take(&mut self.archive_sha256),
                     format: 0,
                     data: 0,
-                }),
-                btrfs: None,
+                })),
             });
         }
         self
@@ -585,8 +639,7 @@ fn new_part(
         entries: Vec::new(),
         alloc: 0,
         parents: BTreeMap::new(),
-        tar: None,
-        btrfs: None,
+        kept: None,
     };
     backend(kind).init(&mut part, &key);
     Some(((kind, key), part))
@@ -969,9 +1022,24 @@ mod tests {
         assert_eq!(m.parts.len(), 1);
         let p = &m.parts[0];
         assert_eq!(p.backend, BackendKind::TarZstd);
-        assert_eq!(p.tar.as_ref().map(|t| t.file.as_str()), Some("data.tar.zst"));
+        assert!(matches!(&p.kept, Some(Kept::Tar(t)) if t.file == "data.tar.zst"));
         assert_eq!(p.entries.len(), 1);
         assert_eq!(m.bytes(), 10);
+    }
+
+    /// Manifests written before the per-backend record was one enum hold
+    /// every backend's key, the others as null: they still read, and a
+    /// part written now reads back the same.
+    #[test]
+    fn parts_read_from_older_manifests_and_back() {
+        let old = r#"{"backend":"btrfs","mount":"/home","fstype":"btrfs","roots":{"/home/a":true},"entries":[],
+            "tar":null,"btrfs":{"subvolume":"/home","snapshot":"/home/.s/r-0","uuid":"u","parent_uuid":"p","generation":7}}"#;
+        let p: Part = serde_json::from_str(old).expect("an older part reads");
+        assert!(matches!(&p.kept, Some(Kept::Btrfs(b)) if b.subvolume == "/home" && b.generation == 7));
+        let again: Part = serde_json::from_str(&serde_json::to_string(&p).expect("json")).expect("reads back");
+        assert_eq!(again, p);
+        let text = serde_json::to_string(&p).expect("json");
+        assert!(text.contains(r#""btrfs":{"#) && !text.contains(r#""tar""#), "{text}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::archive::{self, Item};
 use super::fsx::{self, BlockDigest};
 use super::stage::Builder;
-use super::{Backend, Entry, Kind, Part, TarInfo, walk_part};
+use super::{Backend, Entry, Kept, Kind, Part, TarInfo, walk_part};
 
 /// A hashing tee: what passes through is also hashed.
 struct Tee<T> {
@@ -69,11 +69,16 @@ impl<W: Write> Write for Tee<W> {
 /// The tar + zstd backend.
 pub struct TarZstd;
 
+/// The part's archive record, when it has one.
+fn record(part: &Part) -> Option<&TarInfo> {
+    match &part.kept {
+        Some(Kept::Tar(t)) => Some(t),
+        _ => None,
+    }
+}
+
 fn info(part: &Part) -> Result<&TarInfo> {
-    let t = part
-        .tar
-        .as_ref()
-        .context("a tar+zstd part without its archive record")?;
+    let t = record(part).context("a tar+zstd part without its archive record")?;
     if t.format != 1 {
         bail!(
             "this snapshot was taken by an older agent as a tar archive, which cannot be restored without following the paths in it; take a new snapshot"
@@ -110,24 +115,22 @@ fn read_archive(file: &Path, on: &mut dyn FnMut(Item<'_>) -> Result<()>) -> Resu
 
 impl Backend for TarZstd {
     fn prepare(&self, part: &mut Part, index: usize, _rollout: &str) {
-        part.tar = Some(TarInfo {
+        part.kept = Some(Kept::Tar(TarInfo {
             file: format!("part-{index}.zst"),
             bytes: 0,
             sha256: String::new(),
             format: 1,
             data: 0,
-        });
+        }));
     }
 
     fn kept_bytes(&self, part: &Part) -> u64 {
-        part.tar.as_ref().map_or(part.alloc, |t| t.bytes)
+        record(part).map_or(part.alloc, |t| t.bytes)
     }
 
     fn take(&self, root: &Path, dir: &Path, part: &mut Part) -> Result<Vec<String>> {
         let roots: Vec<String> = part.roots.keys().cloned().collect();
-        let file = part
-            .tar
-            .as_ref()
+        let file = record(part)
             .context("a tar+zstd part without its archive record")?
             .file
             .clone();
@@ -173,13 +176,13 @@ impl Backend for TarZstd {
         part.skip.dedup();
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         part.entries = entries;
-        part.tar = Some(TarInfo {
+        part.kept = Some(Kept::Tar(TarInfo {
             file,
             bytes,
             sha256,
             format: 1,
             data,
-        });
+        }));
         self.verify(root, dir, part).context("reading the new snapshot back")?;
         Ok(found)
     }
@@ -246,7 +249,7 @@ impl Backend for TarZstd {
     }
 
     fn restore_bytes(&self, part: &Part) -> u64 {
-        part.tar.as_ref().map_or(0, |t| t.data)
+        record(part).map_or(0, |t| t.data)
     }
 
     fn build(&self, _root: &Path, dir: &Path, part: &Part, b: &mut Builder<'_>) -> Result<()> {
@@ -263,7 +266,7 @@ impl Backend for TarZstd {
     }
 
     fn release(&self, _root: &Path, dir: &Path, part: &Part) -> Result<()> {
-        let Some(t) = part.tar.as_ref() else { return Ok(()) };
+        let Some(t) = record(part) else { return Ok(()) };
         let f = dir.join(&t.file);
         if f.exists() {
             std::fs::remove_file(&f)?;
