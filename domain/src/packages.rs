@@ -160,12 +160,27 @@ impl Packages {
     /// The step itself, from the cache only: it can run without a network,
     /// in the dry-run as in the real run.
     pub fn run_command(&self) -> String {
+        self.command(false)
+    }
+
+    /// The same command as a simulation: it plans the change offline and
+    /// changes nothing (apt-get -s without taking the locks; dnf
+    /// --assumeno), so a dry-run can read which versions would change.
+    pub fn simulation_command(&self) -> String {
+        self.command(true)
+    }
+
+    fn command(&self, simulate: bool) -> String {
         let up = self.upgrade.join(" ");
         let inst = self.targets();
         match self.manager {
             Manager::Apt => {
-                let base = "DEBIAN_FRONTEND=noninteractive apt-get -q -y --no-download \
-                            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold";
+                let sim = if simulate { "-s " } else { "" };
+                let nolock = if simulate { " -o Debug::NoLocking=1" } else { "" };
+                let base = format!(
+                    "DEBIAN_FRONTEND=noninteractive apt-get {sim}-q -y --no-download{nolock} \
+                     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
+                );
                 let mut parts = Vec::new();
                 if !up.is_empty() {
                     parts.push(format!("{base} install --only-upgrade {up}"));
@@ -176,12 +191,13 @@ impl Packages {
                 parts.join(" && ")
             }
             Manager::Dnf => {
+                let yes = if simulate { "--assumeno" } else { "-y" };
                 let mut parts = Vec::new();
                 if !up.is_empty() {
-                    parts.push(format!("dnf -y -q --cacheonly upgrade {up}"));
+                    parts.push(format!("dnf {yes} -q --cacheonly upgrade {up}"));
                 }
                 if !inst.is_empty() {
-                    parts.push(format!("dnf -y -q --cacheonly install {inst}"));
+                    parts.push(format!("dnf {yes} -q --cacheonly install {inst}"));
                 }
                 parts.join(" && ")
             }
@@ -224,6 +240,32 @@ mod tests {
         assert!(run.contains("install --only-upgrade postfix"), "{run}");
         assert!(!run.contains("update"), "{run}");
         assert_eq!(p.names(), ["postfix", "openssl"]);
+        assert_eq!(
+            run,
+            "DEBIAN_FRONTEND=noninteractive apt-get -q -y --no-download -o Dpkg::Options::=--force-confdef \
+             -o Dpkg::Options::=--force-confold install --only-upgrade postfix && DEBIAN_FRONTEND=noninteractive \
+             apt-get -q -y --no-download -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+             --allow-downgrades install openssl=3.0.15-1"
+        );
+        // The simulation is the same command planned, not done: apt-get -s,
+        // and without the locks a real run would take.
+        let sim = p.simulation_command();
+        assert_eq!(
+            sim,
+            run.replace(
+                "apt-get -q -y --no-download",
+                "apt-get -s -q -y --no-download -o Debug::NoLocking=1"
+            )
+        );
+        let dnf = Packages {
+            manager: Manager::Dnf,
+            ..p
+        };
+        assert!(
+            dnf.simulation_command()
+                .starts_with("dnf --assumeno -q --cacheonly upgrade postfix")
+        );
+        assert!(dnf.run_command().starts_with("dnf -y -q --cacheonly upgrade postfix"));
     }
 
     #[test]
