@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{error, info, warn};
-use wavegate_domain::command::{ChangeKind, Command, CommandKind, DryRunStep, PathChange, SnapshotBackend};
+use wavegate_domain::command::{ChangeKind, Command, CommandKind, DryRunStep, PathChange};
 use wavegate_domain::effects::StepReport;
 use wavegate_domain::plan::Reboot;
 use wavegate_proto::convert;
@@ -579,10 +579,7 @@ async fn answer(
             backend,
         } => {
             let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
-            let force = backend.map(|b| match b {
-                SnapshotBackend::Btrfs => snapshot::BackendKind::Btrfs,
-                SnapshotBackend::TarZstd => snapshot::BackendKind::TarZstd,
-            });
+            let force = backend;
             let res = tokio::task::spawn_blocking(move || {
                 snapshot::take(&snapshot::Request {
                     state_dir: &state,
