@@ -16,5 +16,5 @@ pub mod policies;
 pub mod repo;
 pub mod server;
 pub use engine::store;
-pub mod tls;
+pub use wavegate_operator::tls;
 pub mod web;
