@@ -12,8 +12,6 @@ pub mod leader;
 pub mod metrics;
 pub mod notify;
 pub mod policies;
-#[cfg(feature = "lab")]
-pub mod repo;
 pub mod server;
 pub use engine::store;
 pub use wavegate_operator::tls;

@@ -11,10 +11,6 @@ pub use wavegate_operator::policies::PolicyArgs;
 pub mod agent;
 pub mod audit;
 pub mod certs;
-#[cfg(feature = "lab")]
-pub mod demo;
-#[cfg(feature = "lab")]
-pub mod lab;
 pub mod logs;
 pub mod plan;
 pub mod rollout;
@@ -40,7 +36,7 @@ pub enum Command {
     /// fix in canary waves, the 2012 update program refused, a broken canary
     /// halted and rolled back.
     #[cfg(feature = "lab")]
-    Demo(demo::DemoArgs),
+    Demo(wavegate_lab::demo::DemoArgs),
     /// Work with patch plans without running anything.
     #[command(subcommand)]
     Plan(plan::PlanCommand),
@@ -88,7 +84,7 @@ pub enum Command {
     /// A controller and agents for an inventory on this machine.
     #[cfg(feature = "lab")]
     #[command(subcommand)]
-    Lab(lab::LabCommand),
+    Lab(wavegate_lab::LabCommand),
     /// The shared etcd store: its members and leader, and migrating an
     /// embedded store into it.
     #[command(subcommand)]
@@ -132,7 +128,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Plan(cmd) => plan::run(cmd),
         #[cfg(feature = "lab")]
-        Command::Demo(args) => demo::run(args).await,
+        Command::Demo(args) => wavegate_lab::demo::run(args).await,
         Command::Serve(args) => serve::run(args).await,
         Command::Certs(cmd) => certs::run(cmd),
         Command::Rollout { conn, cmd } => rollout::run(cmd, &conn).await,
@@ -140,7 +136,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Audit { conn, cmd } => audit::run(cmd, &conn).await,
         Command::Agent { conn, cmd } => agent::run(cmd, &conn).await,
         #[cfg(feature = "lab")]
-        Command::Lab(cmd) => lab::run(cmd).await,
+        Command::Lab(cmd) => wavegate_lab::run(cmd).await,
         Command::Store(cmd) => store::run(cmd).await,
         Command::Controllers { conn, output } => store::controllers(&conn, output).await,
         Command::Completions { shell } => shell::completions(shell),
