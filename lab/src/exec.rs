@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde_json::json;
+use wavegate_agent::journal::{self, Job, Mode};
 
 /// Quote an argument for /bin/sh.
 fn sh_quote(a: &str) -> String {
@@ -57,13 +57,15 @@ pub fn exec_output(
             .join(format!("{}-{:x}", std::process::id(), rand::random::<u32>()));
     std::fs::create_dir_all(&job_dir)?;
     let run = cmd.iter().map(|a| sh_quote(a)).collect::<Vec<_>>().join(" ");
-    let job = json!({
-        "command_id": format!("lab-exec-{}", job_dir.display()),
-        "run": run,
-        "timeout_ms": 600_000,
-        "host_root": root,
-        "mode": "plain",
-    });
+    // The job as the agent's supervisor reads it (`wavegate-agent exec-step
+    // DIR` reads `DIR/job.json` as a `Job` and writes `DIR/result.json`).
+    let job = Job::new(
+        &format!("lab-exec-{}", job_dir.display()),
+        &run,
+        600_000,
+        &root,
+        Mode::Plain,
+    );
     std::fs::write(job_dir.join("job.json"), serde_json::to_vec(&job)?)?;
     let status = std::process::Command::new(&agent)
         .arg("exec-step")
@@ -71,16 +73,15 @@ pub fn exec_output(
         .status()
         .with_context(|| format!("starting {}", agent.display()))?;
     let output = std::fs::read(job_dir.join("output.log")).unwrap_or_default();
-    let result: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(job_dir.join("result.json")).unwrap_or_default()).unwrap_or_default();
+    let result = journal::result(&job_dir);
     let _ = std::fs::remove_dir_all(&job_dir);
     if !status.success() {
-        bail!("the agent's supervisor failed on {host}: {}", result["detail"]);
+        // Its detail quoted, or `null` when it wrote no result.
+        let detail = serde_json::Value::from(result.as_ref().map(|r| r.detail.as_str()));
+        bail!("the agent's supervisor failed on {host}: {detail}");
     }
-    let code = result["exit_code"].as_i64().unwrap_or(1);
-    Ok((
-        u8::try_from(code).unwrap_or(1),
-        output,
-        result["detail"].as_str().unwrap_or_default().to_owned(),
-    ))
+    let Some(result) = result else {
+        return Ok((1, output, String::new()));
+    };
+    Ok((u8::try_from(result.exit_code).unwrap_or(1), output, result.detail))
 }
