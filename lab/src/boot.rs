@@ -90,7 +90,7 @@ pub(crate) fn boot(host_dir: &Path, boot_id_file: &Path, agent: &[String]) -> Re
                 Err(e) => bail!("waiting for the agent: {e}"),
             }
         };
-        if code != Some(wavegate_domain::LAB_REBOOT_EXIT) {
+        if code != Some(wavegate_agent::session::LAB_REBOOT_EXIT) {
             return Ok(code.and_then(|c| u8::try_from(c).ok()).unwrap_or(1));
         }
         // A reboot: nothing of the host's survives it, not its steps, not
