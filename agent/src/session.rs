@@ -48,8 +48,10 @@ pub struct Config {
     pub lab_reboot: bool,
 }
 
-/// The exit code that asks a lab host for a reboot.
-pub use wavegate_domain::LAB_REBOOT_EXIT;
+/// The exit code with which an agent started by `wavegate lab` asks its lab
+/// host for a reboot (`wavegate-agent --lab-reboot`): the lab kills every
+/// process of the host and starts the agent again with a new boot id.
+pub const LAB_REBOOT_EXIT: i32 = 194;
 
 /// The host's boot id: `/proc/sys/kernel/random/boot_id`, or a lab's file.
 pub fn boot_id(file: Option<&Path>) -> Result<String> {

@@ -12,9 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod notify;
 pub mod policies;
-#[cfg(feature = "lab")]
-pub mod repo;
 pub mod server;
 pub mod store;
-pub mod tls;
+pub use wavegate_operator::tls;
 pub mod web;

@@ -5,17 +5,8 @@ use std::path::{Path, PathBuf};
 
 use wavegate_domain::{Code, Loc, PolicySet, Source, Violation};
 
-/// The shipped default policy files, as (name, text).
-pub const SHIPPED: &[(&str, &str)] = &[("policies/default.yaml", include_str!("../../policies/default.yaml"))];
-
-/// Where policies come from.
-#[derive(Clone, Debug)]
-pub enum PolicySource {
-    /// The default set built into the binary.
-    Shipped,
-    /// Every `*.yaml` / `*.yml` file directly in this directory.
-    Dir(PathBuf),
-}
+pub use wavegate_domain::policy::SHIPPED;
+pub use wavegate_operator::policies::PolicySource;
 
 /// Read policy files; an unreadable directory or file is a `parse-error`
 /// violation (bad input), like a broken file.

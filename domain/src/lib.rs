@@ -32,8 +32,3 @@ pub use policy::PolicySet;
 pub use targets::Targets;
 pub use violation::{Code, Loc, Violation, exit_status};
 pub use yaml::Source;
-
-/// The exit code with which an agent started by `wavegate lab` asks its lab
-/// host for a reboot (`wavegate-agent --lab-reboot`): the lab kills every
-/// process of the host and starts the agent again with a new boot id.
-pub const LAB_REBOOT_EXIT: i32 = 194;

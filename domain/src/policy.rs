@@ -20,6 +20,11 @@ use crate::violation::{Code, Loc, Violation};
 use crate::waves::{Attribute, Cap};
 use crate::yaml::{self, Source, loc_of};
 
+/// The default policy files shipped in the repository's `policies/` and
+/// built into every binary, as (name, text): the controller's set when no
+/// `--policies` directory is given, and the base of a lab's own copy.
+pub const SHIPPED: &[(&str, &str)] = &[("policies/default.yaml", include_str!("../../policies/default.yaml"))];
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyDoc {

@@ -167,7 +167,7 @@ impl Rig {
     }
 
     async fn start_controller(&mut self, fleet: &std::path::Path, i: usize, extra: &[&str]) -> Result<()> {
-        let policies = wavegate::cli::lab::lab_policies(&self.dir)?;
+        let policies = wavegate_lab::lab_policies(&self.dir)?;
         let exe = std::env::current_exe()?;
         let wavegate = exe.parent().map(|p| p.join("wavegate")).unwrap_or_default();
         if !wavegate.exists() {

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use wavegate::repo::{self, Repo};
+use wavegate_lab::repo::{self, Repo};
 use wavegate_tests::lab::Lab;
 
 const LONG: Duration = Duration::from_secs(120);

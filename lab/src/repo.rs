@@ -177,7 +177,7 @@ pub fn seed_host(lab_dir: &Path, host: &str, repo: &Repo, suite: &str, agent_bin
     let cmd: Vec<String> = ["dpkg", "-i", "/var/tmp/wgtest_1.0_all.deb"]
         .map(str::to_owned)
         .to_vec();
-    let (code, out, detail) = crate::cli::lab::exec_output(lab_dir, host, agent_bin.map(Path::to_path_buf), &cmd)?;
+    let (code, out, detail) = crate::exec::exec_output(lab_dir, host, agent_bin.map(Path::to_path_buf), &cmd)?;
     if code != 0 {
         bail!(
             "installing wgtest 1.0 on {host} failed ({detail}): {}",
