@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Script, lock};
+use common::Script;
 use wavegate::engine::{Engine, Entry};
 use wavegate_domain::rollout::{Control, HostState, RolloutState, WaveState};
 
@@ -108,7 +108,7 @@ async fn a_failed_canary_halts_before_any_other_host_is_sent_its_step() {
     let rig = rig("canary").await;
     let id = rig.run(&plan("0", "halt", false)).await;
     let canary = rig.engine.get(&id).await.expect("rollout").rollout.waves[0].hosts[0].clone();
-    rig.script.fail_step(&[&canary]);
+    rig.script.fail_step([&canary]);
     let e = rig.until_state(&id, RolloutState::Halted).await;
     let reason = e.rollout.halt_reason.clone().unwrap_or_default();
     assert!(
@@ -129,7 +129,7 @@ async fn a_wave_within_its_budget_goes_on_and_one_over_it_halts() {
     let wave2 = rig.engine.get(&id).await.expect("rollout").rollout.waves[1]
         .hosts
         .clone();
-    rig.script.fail_step(&[&wave2[0]]);
+    rig.script.fail_step([&wave2[0]]);
     let e = rig.until_state(&id, RolloutState::Completed).await;
     assert_eq!(e.hosts[&wave2[0]].state, HostState::Failed);
     let healthy = e.hosts.values().filter(|h| h.state == HostState::Healthy).count();
@@ -140,7 +140,7 @@ async fn a_wave_within_its_budget_goes_on_and_one_over_it_halts() {
     let wave2 = rig.engine.get(&id).await.expect("rollout").rollout.waves[1]
         .hosts
         .clone();
-    rig.script.fail_step(&[&wave2[0], &wave2[1]]);
+    rig.script.fail_step([&wave2[0], &wave2[1]]);
     let e = rig.until_state(&id, RolloutState::Halted).await;
     let reason = e.rollout.halt_reason.clone().unwrap_or_default();
     assert!(reason.starts_with("wave 2: 2 of 4 hosts failed, budget 1"), "{reason}");
@@ -152,11 +152,11 @@ async fn a_resume_retries_the_failed_hosts_once_and_finishes() {
     let rig = rig("resume").await;
     let id = rig.run(&plan("0", "halt", false)).await;
     let canary = rig.engine.get(&id).await.expect("rollout").rollout.waves[0].hosts[0].clone();
-    rig.script.fail_step(&[&canary]);
+    rig.script.fail_step([&canary]);
     rig.until_state(&id, RolloutState::Halted).await;
     assert_eq!(rig.script.steps_of(&canary), 1);
     // Fixed; a person resumes.
-    rig.script.fail_step(&[]);
+    rig.script.fail_step(Vec::<String>::new());
     rig.engine.control("ann", &id, Control::Resume).await.expect("resume");
     let e = rig.until_state(&id, RolloutState::Completed).await;
     assert_eq!(
@@ -178,7 +178,7 @@ async fn failing_health_checks_halt_the_canary_and_a_pause_holds_the_rollout() {
     let id = rig.run(&plan("0", "halt", true)).await;
     let canary = rig.engine.get(&id).await.expect("rollout").rollout.waves[0].hosts[0].clone();
     // The step succeeds; its health checks fail.
-    lock(&rig.script.fail_checks).insert(canary.clone());
+    rig.script.fail_checks([&canary]);
     let e = rig.until_state(&id, RolloutState::Halted).await;
     assert_eq!(e.hosts[&canary].state, HostState::Failed);
     assert_eq!(rig.script.steps_of(&canary), 1);

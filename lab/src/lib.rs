@@ -21,6 +21,7 @@ pub mod command;
 pub mod demo;
 pub mod disks;
 pub mod exec;
+pub mod fake;
 pub mod hosts;
 pub mod policies;
 pub mod processes;

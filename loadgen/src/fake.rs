@@ -2,7 +2,7 @@
 //! certificate, answering every command at once from memory instead of
 //! running anything. One process plays thousands of hosts this way.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use wavegate::tls::CertDir;
-use wavegate_domain::effects::StepReport;
+use wavegate_domain::command::{Command, CommandResult, Outcome};
+use wavegate_lab::fake::Script;
 use wavegate_proto::v1::{self as pb, agent_message, agent_service_client::AgentServiceClient, command};
 
 /// What kind of command a fake agent received.
@@ -61,8 +62,8 @@ pub struct Fleet {
     pub connected: AtomicUsize,
     /// Every command received, in arrival order.
     pub seen: Mutex<Vec<Seen>>,
-    /// Hosts among which the first real step to arrive fails.
-    fail_first_step_of: Mutex<HashSet<String>>,
+    /// What each fake agent answers: the one fake agent of the tests.
+    pub script: Script,
     /// When that failure was handed to the session, and on which host.
     pub failed: Mutex<Option<(Instant, String)>>,
 }
@@ -71,7 +72,7 @@ impl Fleet {
     /// The first real step to arrive on one of `hosts` fails (once).
     pub fn fail_first_step_of(&self, hosts: impl IntoIterator<Item = String>) {
         *lock(&self.failed) = None;
-        *lock(&self.fail_first_step_of) = hosts.into_iter().collect();
+        self.script.fail_first_step_of(hosts);
     }
 
     /// Forget every command seen so far.
@@ -82,54 +83,6 @@ impl Fleet {
     /// Copy of the commands seen.
     pub fn seen(&self) -> Vec<Seen> {
         lock(&self.seen).clone()
-    }
-
-    fn answer(&self, host: &str, cmd: &pb::Command) -> pb::CommandResult {
-        let mut r = pb::CommandResult {
-            command_id: cmd.id.clone(),
-            outcome: pb::Outcome::Ok as i32,
-            ..Default::default()
-        };
-        match &cmd.kind {
-            Some(command::Kind::DryRun(d)) => {
-                let reports: Vec<StepReport> = d
-                    .steps
-                    .iter()
-                    .map(|s| StepReport {
-                        step: s.name.clone(),
-                        ..StepReport::default()
-                    })
-                    .collect();
-                r.report = Some(pb::command_result::Report::DryRuns(pb::DryRunReports {
-                    steps: reports.into_iter().map(pb::StepReport::from).collect(),
-                }));
-            }
-            Some(command::Kind::TakeSnapshot(_)) => {
-                r.report = Some(pb::command_result::Report::Snapshot(pb::SnapshotSummary::default()));
-            }
-            Some(command::Kind::RunStep(_)) => {
-                let mut targets = lock(&self.fail_first_step_of);
-                if targets.contains(host) {
-                    targets.clear();
-                    r.outcome = pb::Outcome::Failed as i32;
-                    r.exit_code = 1;
-                    r.detail = "the load generator fails this step on purpose".into();
-                }
-            }
-            Some(command::Kind::RunChecks(c)) => {
-                r.checks = c
-                    .checks
-                    .iter()
-                    .map(|c| pb::CheckResult {
-                        name: c.name.clone(),
-                        ok: true,
-                        ..Default::default()
-                    })
-                    .collect();
-            }
-            _ => {}
-        }
-        r
     }
 }
 
@@ -250,8 +203,14 @@ async fn serve(host: Arc<str>, tx: mpsc::Sender<pb::AgentMessage>, mut inbound: 
             continue;
         };
         let at = Instant::now();
-        let result = fleet.answer(&host, &cmd);
-        let failed = result.outcome == pb::Outcome::Failed as i32;
+        // A command this fake cannot read is answered as a real agent
+        // would: refused.
+        let result = match Command::try_from(cmd.clone()) {
+            Ok(c) => fleet.script.answer(&host, &c),
+            Err(e) => CommandResult::new(cmd.id.clone(), Outcome::Refused, e.to_string()),
+        };
+        let failed = result.outcome == Outcome::Failed;
+        let result = pb::CommandResult::from(result);
         let answered = Instant::now();
         if failed {
             *lock(&fleet.failed) = Some((answered, host.to_string()));

@@ -13,9 +13,10 @@ use wavegate::hub::Hub;
 use wavegate::leader::{Leadership, campaign};
 use wavegate::store::etcd::{EtcdStore, Limits};
 use wavegate::store::{Batch, StateStore, host_key, signing_key};
-use wavegate_domain::command::{CommandResult, Outcome, Report};
+use wavegate_domain::command::Command;
 use wavegate_domain::rollout::{HostState, RolloutState, WaveState};
 use wavegate_domain::{Fleet, PolicySet, Source};
+use wavegate_lab::fake::Script;
 use wavegate_proto::v1 as pb;
 use wavegate_tests::etcd::EtcdCluster;
 
@@ -23,46 +24,23 @@ const FLEET: &str = "hosts:\n  - {id: p1, role: primary}\n  - {id: b1, role: bac
 const PLAN: &str =
     "name: t\ntargets: {hosts: [p1, b1]}\nsteps: [{name: s, run: 'true', writes: [/etc/x]}]\nhealth: {bake: 0s}\n";
 
-/// An in-process agent for `host`: a clean dry-run report per step, OK to
-/// anything else; it counts the steps it is sent.
-fn agent(hub: &Arc<Hub>, host: &str, steps: Arc<std::sync::atomic::AtomicUsize>) {
+/// The tests' one fake agent for `host`, plugged into the hub.
+fn agent(hub: &Arc<Hub>, host: &str, script: Arc<Script>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
     hub.connect(host, tx);
     let hub = Arc::clone(hub);
     let host = host.to_owned();
     tokio::spawn(async move {
         while let Some(Ok(msg)) = rx.recv().await {
-            let Some(pb::controller_message::Body::Command(cmd)) = msg.body else {
-                continue;
-            };
-            let report = match &cmd.kind {
-                Some(pb::command::Kind::DryRun(d)) => Some(Report::DryRun(
-                    d.steps
-                        .iter()
-                        .map(|s| wavegate_domain::effects::StepReport {
-                            step: s.name.clone(),
-                            ..Default::default()
-                        })
-                        .collect(),
-                )),
-                Some(pb::command::Kind::RunStep(_)) => {
-                    steps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    None
-                }
-                _ => None,
-            };
-            let mut r = CommandResult::new(cmd.id, Outcome::Ok, "");
-            r.report = report;
-            hub.deliver(&host, r);
+            if let Some(pb::controller_message::Body::Command(cmd)) = msg.body {
+                let cmd = Command::try_from(cmd).expect("a command the fake can read");
+                hub.deliver(&host, script.answer(&host, &cmd));
+            }
         }
     });
 }
 
-async fn engine(
-    store: &Arc<EtcdStore>,
-    leadership: &Arc<Leadership>,
-    steps: &Arc<std::sync::atomic::AtomicUsize>,
-) -> Arc<Engine> {
+async fn engine(store: &Arc<EtcdStore>, leadership: &Arc<Leadership>, script: &Arc<Script>) -> Arc<Engine> {
     let fleet = Fleet::parse(Source {
         name: "fleet.yaml",
         text: FLEET,
@@ -70,7 +48,7 @@ async fn engine(
     .expect("fleet");
     let hub = Arc::new(Hub::default());
     for h in ["p1", "b1"] {
-        agent(&hub, h, Arc::clone(steps));
+        agent(&hub, h, Arc::clone(script));
     }
     let store: Arc<dyn StateStore> = Arc::clone(store) as Arc<dyn StateStore>;
     let e = Engine::new(
@@ -122,8 +100,8 @@ async fn a_failure_stored_without_its_halt_is_halted_by_the_successor_before_any
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let steps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let first = engine(&store, &leadership, &steps).await;
+    let script = Arc::new(Script::default());
+    let first = engine(&store, &leadership, &script).await;
     let (entry, _) = first
         .submit("sam", "sam@x", "plan.yaml", PLAN, &[])
         .await
@@ -160,7 +138,7 @@ async fn a_failure_stored_without_its_halt_is_halted_by_the_successor_before_any
         .await
         .expect("the first part of the split commit");
 
-    let successor = engine(&store, &leadership, &steps).await;
+    let successor = engine(&store, &leadership, &script).await;
     let after = successor.get(&id).await.expect("the rollout").rollout;
     assert_eq!(after.state, RolloutState::Halted, "{after:#?}");
     let reason = after.halt_reason.clone().unwrap_or_default();
@@ -169,7 +147,7 @@ async fn a_failure_stored_without_its_halt_is_halted_by_the_successor_before_any
         "the halt says why: {reason}"
     );
     assert_eq!(
-        steps.load(std::sync::atomic::Ordering::SeqCst),
+        script.steps_total(),
         0,
         "no host was sent a step, before or after the halt"
     );
