@@ -208,7 +208,7 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
         .iter()
         .map(|s| StepPlan {
             name: s.name.clone(),
-            kind: if s.packages.is_some() { "packages" } else { "run" }.into(),
+            kind: s.kind().into(),
             run: s.run.clone(),
             writes: s.writes.clone(),
             packages: s.packages.as_ref().map(crate::packages::Packages::describe),

@@ -216,6 +216,15 @@ pub struct Step {
     pub reboot_timeout: Duration,
 }
 
+impl Step {
+    /// What kind of step it is, as `plan check` names it: `packages` for a
+    /// package step, `run` for a command. A new kind of step names itself
+    /// here.
+    pub fn kind(&self) -> &'static str {
+        if self.packages.is_some() { "packages" } else { "run" }
+    }
+}
+
 /// Whether a step ends with a reboot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
