@@ -6,12 +6,10 @@
 //! transaction, fenced on the leader key for etcd. Run with
 //! `cargo bench -p wavegate --bench store` (or `bash scripts/bench store`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use wavegate::etcd::{Etcd, EtcdConfig};
 use wavegate::leader::{Leadership, campaign};
 use wavegate::store::etcd::{EtcdStore, Limits};
@@ -79,54 +77,6 @@ async fn measure(name: &str, store: Arc<dyn StateStore>, singles: usize) -> Resu
     Ok(())
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster")
-}
-
-/// A 3-member etcd cluster of the benchmark's own; stopped and removed on drop.
-struct Cluster {
-    dir: PathBuf,
-    url: String,
-}
-
-impl Cluster {
-    fn start(dir: PathBuf) -> Result<Cluster> {
-        let ports: Vec<String> = (0..6)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
-            .collect::<std::io::Result<Vec<_>>>()?
-            .iter()
-            .map(|a| a.port().to_string())
-            .collect();
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&dir)
-            .arg(ports.join(","))
-            .output()
-            .context("running scripts/etcd-cluster")?;
-        if !out.status.success() {
-            bail!(
-                "scripts/etcd-cluster start failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let url = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .to_owned();
-        Ok(Cluster { dir, url })
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash").arg(script()).arg("stop").arg(&self.dir).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let scratch = std::env::temp_dir().join(format!("wavegate-bench-store-{}", std::process::id()));
@@ -137,10 +87,7 @@ async fn main() -> Result<()> {
     let redb = RedbStore::open(&scratch.join("redb"))?.shared();
     measure("redb", redb, 1_000).await?;
 
-    if Command::new("etcd").arg("--version").output().is_err() {
-        bail!("no etcd binary: install Debian's etcd-server (scripts/test does)");
-    }
-    let cluster = Cluster::start(scratch.join("etcd"))?;
+    let cluster = wavegate_lab::etcd::EtcdCluster::start_in(scratch.join("etcd"))?;
     let etcd = Arc::new(Etcd::new(EtcdConfig::parse(&cluster.url).map_err(anyhow::Error::msg)?)?);
     let leadership = Leadership::elected("https://bench.invalid:7000");
     let key = signing_key(&scratch.join("key"))?;

@@ -20,6 +20,7 @@ pub mod certs;
 pub mod command;
 pub mod demo;
 pub mod disks;
+pub mod etcd;
 pub mod exec;
 pub mod fake;
 pub mod hosts;

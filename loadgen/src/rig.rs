@@ -26,7 +26,7 @@ pub struct Rig {
     /// Web view URL (for /metrics) of the first controller.
     pub web: String,
     children: Vec<Child>,
-    etcd: Option<PathBuf>,
+    etcd: Option<wavegate_lab::etcd::EtcdCluster>,
 }
 
 /// Where the rig's controllers keep their state.
@@ -136,34 +136,10 @@ impl Rig {
     }
 
     fn start_etcd(&mut self) -> Result<String> {
-        let dir = self.dir.join("etcd");
-        let ports: Vec<String> = (0..6)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()))
-            .collect::<std::io::Result<Vec<_>>>()?
-            .iter()
-            .map(|a| a.port().to_string())
-            .collect();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster");
-        let out = Command::new("bash")
-            .arg(&script)
-            .arg("start")
-            .arg(&dir)
-            .arg(ports.join(","))
-            .output()
-            .context("running scripts/etcd-cluster")?;
-        if !out.status.success() {
-            bail!(
-                "scripts/etcd-cluster start failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        self.etcd = Some(dir);
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .last()
-            .unwrap_or_default()
-            .trim()
-            .to_owned())
+        let cluster = wavegate_lab::etcd::EtcdCluster::start_in(self.dir.join("etcd"))?;
+        let url = cluster.url.clone();
+        self.etcd = Some(cluster);
+        Ok(url)
     }
 
     async fn start_controller(&mut self, fleet: &std::path::Path, i: usize, extra: &[&str]) -> Result<()> {
@@ -315,10 +291,9 @@ impl Drop for Rig {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if let Some(etcd) = &self.etcd {
-            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/etcd-cluster");
-            let _ = Command::new("bash").arg(script).arg("stop").arg(etcd).status();
-        }
+        // The controllers are gone; the cluster stops before the directory
+        // holding it is removed.
+        drop(self.etcd.take());
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

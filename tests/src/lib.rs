@@ -3,7 +3,9 @@
 
 #![forbid(unsafe_code)]
 
-pub mod etcd;
+/// The tests' local etcd clusters (shared with the benchmarks and the load
+/// generator).
+pub use wavegate_lab::etcd;
 pub mod lab;
 pub mod proxy;
 

@@ -11,7 +11,7 @@ use wavegate_tests::{fixture, wavegate, wavegate_bin};
 
 #[test]
 fn the_store_reaches_an_etcd_that_demands_client_certificates_only_with_them() {
-    let etcd = EtcdCluster::start_tls("tls");
+    let etcd = EtcdCluster::start_tls("tls").expect("a local etcd cluster with TLS");
     let tls = etcd.dir.join("tls");
     let flags = |name: &str| tls.join(name).display().to_string();
     let with = [

@@ -72,7 +72,7 @@ async fn engine(store: &Arc<EtcdStore>, leadership: &Arc<Leadership>, script: &A
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_stored_without_its_halt_is_halted_by_the_successor_before_anything_runs() {
-    let cluster = EtcdCluster::start("takeover");
+    let cluster = EtcdCluster::start("takeover").expect("a local etcd cluster");
     let dir = std::env::temp_dir().join(format!("wavegate-takeover-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let etcd = Arc::new(Etcd::new(EtcdConfig::parse(&cluster.url).expect("url")).expect("client"));
