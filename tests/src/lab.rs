@@ -373,6 +373,12 @@ impl Lab {
             .unwrap_or_default()
     }
 
+    /// The lines the lab fixtures' steps append to `/etc/wavegate-marker`
+    /// on `host`, one per run of the step (none when it never ran).
+    pub fn marker_lines(&self, host: &str) -> Vec<String> {
+        self.host_lines(host, "/etc/wavegate-marker")
+    }
+
     /// Every file of every host's own tree (not the machine's system
     /// directories, nor the btrfs snapshots wavegate keeps beside the
     /// data), on every filesystem mounted in it: path -> (bytes, mode,

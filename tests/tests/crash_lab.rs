@@ -14,10 +14,6 @@ use wavegate_tests::lab::{Lab, eventually};
 const LONG: Duration = Duration::from_secs(90);
 const TARGETS: &[&str] = &["p1", "p2", "p3", "p4", "b1", "b2", "b3", "bb1"];
 
-fn marker_lines(lab: &Lab, host: &str) -> usize {
-    lab.host_lines(host, "/etc/wavegate-marker").len()
-}
-
 fn host_states(status: &Value) -> Vec<(String, String)> {
     status["waves"]
         .as_array()
@@ -41,10 +37,10 @@ fn finishes_once(lab: &Lab, id: &str) {
         assert_eq!(state, "healthy", "{host} after the restart: {status:#}");
     }
     for h in TARGETS {
-        assert_eq!(marker_lines(lab, h), 1, "{h} must have run its step exactly once");
+        assert_eq!(lab.marker_lines(h).len(), 1, "{h} must have run its step exactly once");
     }
     assert_eq!(
-        marker_lines(lab, "s1") + marker_lines(lab, "s2"),
+        lab.marker_lines("s1").len() + lab.marker_lines("s2").len(),
         0,
         "non-targets untouched"
     );
@@ -128,7 +124,7 @@ fn killed_during_submit_before_anything_is_stored_nothing_half_exists() {
         list.stdout
     );
     for h in TARGETS {
-        assert_eq!(marker_lines(&lab, h), 0, "{h} was changed by a submit");
+        assert_eq!(lab.marker_lines(h).len(), 0, "{h} was changed by a submit");
     }
     // The controller works: the same plan goes through from the start.
     let id = lab.submit("lab/three-waves.yaml");
@@ -153,7 +149,7 @@ fn killed_after_submit_commits_the_rollout_waits_for_approval() {
     assert_eq!(rollouts[0]["state"], "awaiting_approval");
     let id = rollouts[0]["id"].as_str().expect("id").to_owned();
     for h in TARGETS {
-        assert_eq!(marker_lines(&lab, h), 0, "{h} changed before any approval");
+        assert_eq!(lab.marker_lines(h).len(), 0, "{h} changed before any approval");
     }
     lab.approve(&id);
     finishes_once(&lab, &id);
@@ -186,10 +182,10 @@ fn stays_halted_and_rolled_back(lab: &Lab, id: &str, canary: &str) {
     eventually(LONG, "the canary to be rolled back", || {
         let s = lab.status(id);
         let events = s["events"].to_string();
-        (events.contains("rolled back from its snapshot") && marker_lines(lab, canary) == 0).then_some(())
+        (events.contains("rolled back from its snapshot") && lab.marker_lines(canary).is_empty()).then_some(())
     });
     for h in TARGETS.iter().filter(|h| **h != canary) {
-        assert_eq!(marker_lines(lab, h), 0, "{h} ran although the canary failed");
+        assert_eq!(lab.marker_lines(h).len(), 0, "{h} ran although the canary failed");
     }
     // Still halted: nothing resumed on its own.
     assert_eq!(lab.status(id)["state"], "halted");
@@ -226,7 +222,7 @@ fn killed_during_an_approved_rollback_request_it_finishes_after_the_restart() {
     lab.approve(&id);
     lab.wait_state(&id, "completed", LONG);
     for h in TARGETS {
-        assert_eq!(marker_lines(&lab, h), 1, "{h} ran its step");
+        assert_eq!(lab.marker_lines(h).len(), 1, "{h} ran its step");
     }
     let asked = lab.wavegate_as("submitter", &["rollout", "rollback", &id]);
     assert_eq!(asked.status, 0, "{}\n{}", asked.stdout, asked.stderr);
@@ -247,7 +243,7 @@ fn killed_during_an_approved_rollback_request_it_finishes_after_the_restart() {
         (lab.status(&id)["rollback_requests"][0]["state"] == "done").then_some(())
     });
     for h in TARGETS {
-        assert_eq!(marker_lines(&lab, h), 0, "{h} was not restored");
+        assert_eq!(lab.marker_lines(h).len(), 0, "{h} was not restored");
     }
     let events = lab.status(&id)["events"].to_string();
     assert!(

@@ -90,7 +90,7 @@ fn the_2012_program_is_refused_on_hosts_whose_homes_are_filesystems_of_their_own
         lab.seed(
             h,
             "/opt/update/update.sh",
-            "TARGET_SERVERS=\"\"\necho 1.1 > /etc/postfix/version\nrm -rf /home/$TARGET_SERVERS*\n",
+            &wavegate_lab::demo::update_2012("/etc/postfix/version"),
         );
     }
     let before = lab.all_host_files();

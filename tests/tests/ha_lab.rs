@@ -45,10 +45,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn marker_lines(lab: &Lab, host: &str) -> usize {
-    lab.host_lines(host, "/etc/wavegate-marker").len()
-}
-
 /// The rollout completes on the new leader: every target healthy, its step
 /// run exactly once (one marker line, one journaled step command), the
 /// others untouched, the audit log verifying.
@@ -60,7 +56,7 @@ fn finishes_once(lab: &Lab, id: &str) {
         }
     }
     for h in TARGETS {
-        assert_eq!(marker_lines(lab, h), 1, "{h} must have run its step exactly once");
+        assert_eq!(lab.marker_lines(h).len(), 1, "{h} must have run its step exactly once");
         let steps: Vec<Value> = lab
             .jobs(h)
             .into_iter()
@@ -73,7 +69,7 @@ fn finishes_once(lab: &Lab, id: &str) {
         assert_eq!(steps.len(), 1, "{h} journaled one step command, not {steps:#?}");
     }
     assert_eq!(
-        marker_lines(lab, "s1") + marker_lines(lab, "s2"),
+        lab.marker_lines("s1").len() + lab.marker_lines("s2").len(),
         0,
         "non-targets untouched"
     );
@@ -155,14 +151,14 @@ fn leader_killed_after_a_halt_commits_the_successor_keeps_it_halted_and_rolls_ba
         .to_owned();
     eventually(LONG, "the canary to be rolled back by the new leader", || {
         let s = lab.status(&id);
-        (s["events"].to_string().contains("rolled back from its snapshot") && marker_lines(lab, &canary) == 0)
+        (s["events"].to_string().contains("rolled back from its snapshot") && lab.marker_lines(&canary).is_empty())
             .then_some(())
     });
     for t in ["p1", "p2", "p3", "p4", "b1", "b2", "b3"]
         .iter()
         .filter(|t| **t != canary)
     {
-        assert_eq!(marker_lines(lab, t), 0, "{t} ran although the canary failed");
+        assert_eq!(lab.marker_lines(t).len(), 0, "{t} ran although the canary failed");
     }
     assert_eq!(lab.status(&id)["state"], "halted");
     lab.audit_verifies();
@@ -262,7 +258,7 @@ fn a_leader_cut_off_from_etcd_sends_nothing_once_its_lease_could_have_expired() 
         "the second controller finished the rollout: {status:#}"
     );
     for h in TARGETS {
-        assert_eq!(marker_lines(&lab, h), 1, "{h} ran its step exactly once");
+        assert_eq!(lab.marker_lines(h).len(), 1, "{h} ran its step exactly once");
     }
     // Back in touch, the old leader finds its lease gone: it stands by.
     for p in &proxies {
@@ -337,13 +333,13 @@ fn quorum_lost_stops_all_dispatch_ready_says_why_and_it_goes_on_when_quorum_retu
     // journals stay as they are, however long it lasts.
     let before: Vec<(usize, usize)> = TARGETS
         .iter()
-        .map(|h| (marker_lines(lab, h), lab.jobs(h).len()))
+        .map(|h| (lab.marker_lines(h).len(), lab.jobs(h).len()))
         .collect();
     let until = std::time::Instant::now() + 2 * TTL;
     while std::time::Instant::now() < until {
         let now: Vec<(usize, usize)> = TARGETS
             .iter()
-            .map(|h| (marker_lines(lab, h), lab.jobs(h).len()))
+            .map(|h| (lab.marker_lines(h).len(), lab.jobs(h).len()))
             .collect();
         assert_eq!(now, before, "a host was sent something while etcd had no quorum");
         assert_eq!(ready(lab).0, 503, "still not ready without a quorum");

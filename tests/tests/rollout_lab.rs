@@ -36,13 +36,9 @@ fn host_state(status: &Value, host: &str) -> String {
     panic!("{host} is not in the rollout: {status:#}");
 }
 
-fn marker_lines(lab: &Lab, host: &str) -> Vec<String> {
-    lab.host_lines(host, "/etc/wavegate-marker")
-}
-
 /// The nanosecond timestamp a three-waves step wrote on a host.
 fn marked_at(lab: &Lab, host: &str) -> u128 {
-    let lines = marker_lines(lab, host);
+    let lines = lab.marker_lines(host);
     assert_eq!(lines.len(), 1, "{host} ran its step {} times: {lines:?}", lines.len());
     lines[0]
         .split_whitespace()
@@ -176,7 +172,7 @@ fn a_failing_canary_halts_the_rollout_and_nothing_else_runs_until_a_person_resum
     assert_eq!(run.status, 0, "{}", run.stderr);
     lab.wait_state(&id, "completed", LONG);
     for h in ["p1", "p2", "p3", "p4", "b1", "b2", "b3"] {
-        assert_eq!(marker_lines(&lab, h).len(), 1, "{h} ran its step once");
+        assert_eq!(lab.marker_lines(h).len(), 1, "{h} ran its step once");
     }
 }
 
@@ -196,7 +192,7 @@ fn a_step_past_its_timeout_is_killed_and_halts_the_canary() {
         .expect("canary")
         .to_owned();
     assert_eq!(
-        marker_lines(&lab, &canary),
+        lab.marker_lines(&canary),
         ["start"],
         "the step was killed, never reaching its last line"
     );
@@ -245,7 +241,7 @@ fn approvals_come_from_another_person_and_bind_to_the_plan() {
     let run = lab.wavegate_as("approver", &["rollout", "approve", &id, "--plan-hash", &hash]);
     assert_eq!(run.status, 0, "{}", run.stderr);
     lab.wait_state(&id, "completed", LONG);
-    assert_eq!(marker_lines(&lab, "s1"), ["patched"]);
+    assert_eq!(lab.marker_lines("s1"), ["patched"]);
 
     // No flag skips a gate; the attempt is refused.
     let run = lab.wavegate_as(
@@ -263,14 +259,14 @@ fn an_agent_killed_during_a_step_does_not_run_it_twice_and_its_outcome_arrives()
     let id = lab.submit("lab/slow-step.yaml");
     lab.approve(&id);
     eventually(LONG, "the step to start on s2", || {
-        (marker_lines(&lab, "s2") == ["start"]).then_some(())
+        (lab.marker_lines("s2") == ["start"]).then_some(())
     });
     let args = lab.kill9(&["wavegate-agent", "--host-id", "s2"], "exec-step");
     lab.respawn(&args, "agent-s2-restarted");
     let status = lab.wait_state(&id, "completed", LONG);
     assert_eq!(host_state(&status, "s2"), "healthy");
     assert_eq!(
-        marker_lines(&lab, "s2"),
+        lab.marker_lines("s2"),
         ["start", "done"],
         "the step ran exactly once, to its end"
     );
@@ -290,7 +286,7 @@ fn a_controller_killed_mid_wave_continues_where_it_stopped() {
             .iter()
             .filter_map(|h| h["id"].as_str().map(str::to_owned))
             .collect();
-        (s["waves"][1]["state"] == "running" && wave2.iter().any(|h| !marker_lines(&lab, h).is_empty())).then_some(s)
+        (s["waves"][1]["state"] == "running" && wave2.iter().any(|h| !lab.marker_lines(h).is_empty())).then_some(s)
     });
     assert_eq!(status["state"], "running");
     lab.restart_controller();
@@ -298,10 +294,10 @@ fn a_controller_killed_mid_wave_continues_where_it_stopped() {
     for h in TARGETS {
         assert_eq!(host_state(&status, h), "healthy", "{h} was skipped");
         assert_eq!(
-            marker_lines(&lab, h).len(),
+            lab.marker_lines(h).len(),
             1,
             "{h} ran its step {} times",
-            marker_lines(&lab, h).len()
+            lab.marker_lines(h).len()
         );
     }
     assert!(lab.read_host("s1", "/etc/wavegate-marker").is_none());

@@ -53,10 +53,7 @@ fn the_2012_replay_is_refused_by_the_first_waves_dry_run_and_nothing_changes() {
     let lab = Lab::up("replay-2012", "lab-fleet.yaml");
     // The line naming the target servers is missing, and nothing stops the
     // delete: it runs against every customer's home.
-    seed_hosting_provider(
-        &lab,
-        "set -e\nTARGET_SERVERS=\"\"\necho 1.1 > /opt/update/conf/version\nrm -rf /home/$TARGET_SERVERS*\n",
-    );
+    seed_hosting_provider(&lab, &wavegate_lab::demo::update_2012("/opt/update/conf/version"));
     let before = lab.all_host_files();
     let plan = lab.write_plan("replay", UPDATE_PLAN);
     let run = lab.wavegate_as("submitter", &["rollout", "submit", &plan]);

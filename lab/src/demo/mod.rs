@@ -17,6 +17,8 @@ use crate::processes::down;
 use crate::up::up;
 
 mod provider;
+
+pub use provider::update_2012;
 mod stories;
 
 /// Flags of `wavegate demo`.

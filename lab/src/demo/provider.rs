@@ -74,14 +74,22 @@ steps:
     timeout: 30s
 ";
 
-const REPLAY_SCRIPT: &str = "#!/bin/sh
+/// The 2012 update program: it writes its new version to `version_file`,
+/// and the line that named the target servers went missing, so nothing
+/// stops the delete: it runs against every customer's data. The demo and
+/// the tests replay this one script.
+pub fn update_2012(version_file: &str) -> String {
+    format!(
+        "#!/bin/sh
 # The update program. The line that named the target servers went missing,
 # and nothing stops the delete: it runs against every customer's data.
 set -e
 TARGET_SERVERS=\"\"
-echo 2012-06-20 > /opt/update/conf/version
+echo 2012-06-20 > {version_file}
 rm -rf /home/$TARGET_SERVERS*
-";
+"
+    )
+}
 
 pub(super) const BREAKS_SITE: &str = "name: nginx-tuning
 description: a tuning change that breaks the sites it touches
@@ -180,7 +188,12 @@ pub(super) fn seed_hosts(lab_dir: &Path) -> Result<()> {
                 "server { listen 80; root /home; }\n",
             )?;
             seed(lab_dir, &host, "/opt/update/conf/version", "2012-06-01\n")?;
-            seed(lab_dir, &host, "/opt/update/update.sh", REPLAY_SCRIPT)?;
+            seed(
+                lab_dir,
+                &host,
+                "/opt/update/update.sh",
+                &update_2012("/opt/update/conf/version"),
+            )?;
         }
     }
     Ok(())
