@@ -153,6 +153,7 @@ pub fn to_status(e: EngineError) -> Status {
         EngineError::Denied(m) => Status::permission_denied(m),
         EngineError::NotFound(m) => Status::not_found(format!("no rollout `{m}`")),
         EngineError::Transition(t) => Status::failed_precondition(t.to_string()),
+        EngineError::State(e) => Status::internal(e.to_string()),
         EngineError::Store(e) => Status::internal(format!("the store failed: {e:#}")),
         EngineError::Standby(why) => Status::unavailable(why),
     }

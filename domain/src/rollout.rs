@@ -128,6 +128,80 @@ pub struct TransitionError {
     pub from: RolloutState,
 }
 
+/// A refused move of a wave or a host: the engine asked for a state its
+/// record cannot reach from where it is (a bug, never an operator's doing).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{what} cannot go from {from} to {to}")]
+pub struct StateError {
+    /// `wave 2` or `host p1`.
+    pub what: String,
+    /// The state it was in.
+    pub from: &'static str,
+    /// The state asked for.
+    pub to: &'static str,
+}
+
+impl WaveState {
+    /// Whether the engine may move a wave from `self` to `to`. (Halting and
+    /// resuming are the rollout's own transitions, in this module.)
+    pub fn can_become(self, to: WaveState) -> bool {
+        use WaveState::*;
+        self == to
+            || matches!(
+                (self, to),
+                (Pending | Halted, Running) | (Running, Baking) | (Baking, Confirmed) | (_, Halted)
+            ) && self != Confirmed
+    }
+}
+
+impl HostState {
+    /// Whether the engine may move a host from `self` to `to`: forward
+    /// through its steps and checks, or to failed from anywhere. A healthy
+    /// or failed host runs nothing again unless a person resumes the
+    /// rollout (the rollout's own transition, in this module).
+    pub fn can_become(self, to: HostState) -> bool {
+        use HostState::*;
+        self == to
+            || match to {
+                Untouched => false,
+                Running => self == Untouched,
+                Succeeded => matches!(self, Untouched | Running),
+                Healthy => matches!(self, Untouched | Running | Succeeded),
+                Failed => true,
+            }
+    }
+}
+
+impl Wave {
+    /// Move the wave to `to`, when that is a move it can make.
+    pub fn set_state(&mut self, to: WaveState) -> Result<(), StateError> {
+        if !self.state.can_become(to) {
+            return Err(StateError {
+                what: format!("wave {}", self.index),
+                from: self.state.as_str(),
+                to: to.as_str(),
+            });
+        }
+        self.state = to;
+        Ok(())
+    }
+}
+
+impl HostRecord {
+    /// Move the host to `to`, when that is a move it can make.
+    pub fn set_state(&mut self, to: HostState) -> Result<(), StateError> {
+        if !self.state.can_become(to) {
+            return Err(StateError {
+                what: format!("host {}", self.host),
+                from: self.state.as_str(),
+                to: to.as_str(),
+            });
+        }
+        self.state = to;
+        Ok(())
+    }
+}
+
 /// One approval, bound to the plan bytes it was given for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
@@ -1031,6 +1105,39 @@ mod tests {
         assert_eq!(r.control(Control::Abort, &mut hosts), Ok(Vec::new()));
         for c in [Control::Pause, Control::Resume, Control::Abort] {
             assert!(r.control(c, &mut hosts).is_err(), "{c:?} after an abort");
+        }
+    }
+
+    #[test]
+    fn a_host_moves_forward_or_fails_and_a_wave_in_order() {
+        use HostState as H;
+        for (from, to, ok) in [
+            (H::Untouched, H::Running, true),
+            (H::Running, H::Succeeded, true),
+            (H::Succeeded, H::Healthy, true),
+            (H::Untouched, H::Healthy, true),
+            (H::Healthy, H::Failed, true),
+            (H::Failed, H::Failed, true),
+            (H::Healthy, H::Running, false),
+            (H::Failed, H::Healthy, false),
+            (H::Failed, H::Running, false),
+            (H::Running, H::Untouched, false),
+        ] {
+            assert_eq!(from.can_become(to), ok, "{from:?} -> {to:?}");
+        }
+        use WaveState as W;
+        for (from, to, ok) in [
+            (W::Pending, W::Running, true),
+            (W::Running, W::Baking, true),
+            (W::Baking, W::Confirmed, true),
+            (W::Baking, W::Halted, true),
+            (W::Halted, W::Running, true),
+            (W::Pending, W::Confirmed, false),
+            (W::Running, W::Confirmed, false),
+            (W::Confirmed, W::Halted, false),
+            (W::Confirmed, W::Running, false),
+        ] {
+            assert_eq!(from.can_become(to), ok, "{from:?} -> {to:?}");
         }
     }
 

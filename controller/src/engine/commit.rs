@@ -181,7 +181,7 @@ impl Engine {
     pub(super) async fn mutate<R>(
         &self,
         id: &str,
-        f: impl FnOnce(&mut Entry) -> Result<(R, Vec<String>), EngineError>,
+        f: impl FnOnce(&mut Change<'_>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         self.leading()?;
         self.mutate_leading(id, f).await
@@ -192,7 +192,7 @@ impl Engine {
     pub(super) async fn mutate_leading<R>(
         &self,
         id: &str,
-        f: impl FnOnce(&mut Entry) -> Result<(R, Vec<String>), EngineError>,
+        f: impl FnOnce(&mut Change<'_>) -> Result<R, EngineError>,
     ) -> Result<R, EngineError> {
         if !self.settings.leadership.leads() {
             return Err(EngineError::Standby(
@@ -216,7 +216,11 @@ impl Engine {
             let events_before = entry.rollout.events.len();
             let state_before = entry.rollout.state;
             let requests_before = entry.rollout.rollback_requests.clone();
-            let (out, changed) = f(entry)?;
+            let (out, changed) = {
+                let mut change = Change::new(entry);
+                let out = f(&mut change)?;
+                (out, change.touched())
+            };
             // A state worth a person's attention is announced in the same
             // commit as the change that reached it.
             let mut outbox = Vec::new();

@@ -26,7 +26,7 @@ pub(super) enum Next {
 fn digests(e: &Entry, host: &str) -> BTreeMap<String, FetchRecord> {
     let mut out = BTreeMap::new();
     let from_submit = e.rollout.dry_runs.iter().filter(|d| d.host == host);
-    let own = e.hosts.get(host).into_iter().flat_map(|h| h.dry_runs.iter());
+    let own = e.hosts().get(host).into_iter().flat_map(|h| h.dry_runs.iter());
     for d in from_submit.chain(own) {
         if let Some(f) = d.fetch.as_ref().filter(|f| f.ok() && !f.digest.is_empty()) {
             out.insert(d.step.clone(), f.clone());
@@ -46,16 +46,13 @@ fn implied(h: &HostRecord, step: &StepSpec) -> Option<Vec<String>> {
 }
 
 impl Engine {
-    pub(super) fn next_for(&self, e: &mut Entry, host: &str) -> Result<(Next, Vec<String>), EngineError> {
+    pub(super) fn next_for(&self, e: &mut Change<'_>, host: &str) -> Result<Next, EngineError> {
         let r = &e.rollout;
         if r.state != RolloutState::Running {
-            return Ok((Next::Stop, Vec::new()));
+            return Ok(Next::Stop);
         }
         let (rid, attempt, steps, checks) = (r.id.clone(), r.attempt, r.steps.clone(), r.checks.clone());
-        let h = e
-            .hosts
-            .get_mut(host)
-            .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+        let h = e.host_mut(host)?;
         let next = match h.state {
             HostState::Healthy | HostState::Failed => Next::Stop,
             _ if h.reboot.is_some() => Next::Reboot(h.reboot.clone().unwrap_or_else(|| RebootWait {
@@ -76,7 +73,7 @@ impl Engine {
             }
             HostState::Untouched | HostState::Running | HostState::Succeeded => {
                 if checks.is_empty() {
-                    h.state = HostState::Healthy;
+                    h.set_state(HostState::Healthy)?;
                     h.detail = "steps done; the plan has no health checks".into();
                     Next::Stop
                 } else {
@@ -85,7 +82,7 @@ impl Engine {
                         .clone()
                         .unwrap_or_else(|| format!("{rid}:{attempt}:{host}:checks:{}:{}", self.boot, nonce()));
                     h.in_flight = Some(cmd_id.clone());
-                    h.state = HostState::Succeeded;
+                    h.set_state(HostState::Succeeded)?;
                     h.detail = "steps done; running health checks".into();
                     Next::Checks {
                         cmd: Box::new(checks_command(cmd_id, &checks)),
@@ -95,7 +92,7 @@ impl Engine {
             }
         };
         let _ = rid;
-        Ok((next, vec![host.to_owned()]))
+        Ok(next)
     }
 
     pub(super) async fn record_host(
@@ -105,12 +102,9 @@ impl Engine {
         f: impl FnOnce(&mut HostRecord),
     ) -> Result<(), EngineError> {
         self.mutate(id, |e| {
-            let h = e
-                .hosts
-                .get_mut(host)
-                .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+            let h = e.host_mut(host)?;
             f(h);
-            Ok(((), vec![host.to_owned()]))
+            Ok(())
         })
         .await
     }
@@ -137,7 +131,7 @@ impl Engine {
                 r.untouchable.clone(),
                 r.snapshot_backend.clone(),
                 digests(e, host),
-                e.hosts.get(host).is_some_and(|h| h.snapshot.is_some()),
+                e.hosts().get(host).is_some_and(|h| h.snapshot.is_some()),
             )
         })?;
         let cmd_id = match resend {
@@ -200,7 +194,7 @@ impl Engine {
                 if !has_snapshot {
                     let mut paths: BTreeSet<String> = write_set.iter().cloned().collect();
                     self.with(id, |e| {
-                        if let Some(h) = e.hosts.get(host) {
+                        if let Some(h) = e.hosts().get(host) {
                             for s in &steps {
                                 paths.extend(implied(h, s).unwrap_or_default());
                             }
@@ -281,7 +275,9 @@ impl Engine {
                 // A package step's write set on this host must be inside
                 // what the snapshot holds, or a rollback could not undo it.
                 let uncovered: Vec<String> = self.with(id, |e| {
-                    let Some(h) = e.hosts.get(host) else { return Vec::new() };
+                    let Some(h) = e.hosts().get(host) else {
+                        return Vec::new();
+                    };
                     let held: Vec<String> = h
                         .snapshot
                         .iter()
@@ -313,16 +309,13 @@ impl Engine {
                 let sent = self
                     .mutate(id, |e| {
                         if e.rollout.state != RolloutState::Running {
-                            return Ok((false, Vec::new()));
+                            return Ok(false);
                         }
-                        let h = e
-                            .hosts
-                            .get_mut(host)
-                            .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+                        let h = e.host_mut(host)?;
                         h.in_flight = Some(cmd_id.clone());
-                        h.state = HostState::Running;
+                        h.set_state(HostState::Running)?;
                         h.detail = format!("running step `{}`", step.name);
-                        Ok((true, vec![host.to_owned()]))
+                        Ok(true)
                     })
                     .await?;
                 if !sent {
@@ -333,7 +326,7 @@ impl Engine {
             }
         };
         let (hints, writes) = self.with(id, |e| {
-            let h = e.hosts.get(host);
+            let h = e.hosts().get(host);
             let hints = h
                 .and_then(|h| {
                     h.dry_runs
@@ -415,10 +408,7 @@ impl Engine {
                     // change: after a controller restart the host is waited
                     // for, never sent its step again.
                     self.mutate(id, |e| {
-                        let h = e
-                            .hosts
-                            .get_mut(host)
-                            .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+                        let h = e.host_mut(host)?;
                         h.results.push(result);
                         if ok {
                             h.next_step += 1;
@@ -433,11 +423,11 @@ impl Engine {
                             });
                             h.detail = format!("rebooting after step `{step_name}`");
                             event(
-                                &mut e.rollout,
+                                e.rollout,
                                 format!("host {host} rebooting after step `{step_name}` (boot {})", r.boot_id),
                             );
                         }
-                        Ok(((), vec![host.to_owned()]))
+                        Ok(())
                     })
                     .await?;
                     if !ok {
@@ -471,23 +461,20 @@ impl Engine {
                     {
                         Some(boot) => {
                             self.mutate(id, |e| {
-                                if let Some(h) = e.hosts.get_mut(host) {
+                                if let Ok(h) = e.host_mut(host) {
                                     h.reboot = None;
                                     h.boot_id.clone_from(&boot);
                                     h.detail = format!("back after its reboot (boot {boot})");
                                 }
-                                event(
-                                    &mut e.rollout,
-                                    format!("host {host} back after its reboot (boot {boot})"),
-                                );
-                                Ok(((), vec![host.to_owned()]))
+                                event(e.rollout, format!("host {host} back after its reboot (boot {boot})"));
+                                Ok(())
                             })
                             .await?;
                         }
                         None => {
                             let timeout_ms = self
                                 .mutate(id, |e| {
-                                    if let Some(h) = e.hosts.get_mut(host) {
+                                    if let Ok(h) = e.host_mut(host) {
                                         h.reboot = None;
                                     }
                                     let t = e
@@ -496,7 +483,7 @@ impl Engine {
                                         .iter()
                                         .find(|s| s.name == wait.step)
                                         .map_or(0, |s| s.reboot_timeout_ms);
-                                    Ok((t, vec![host.to_owned()]))
+                                    Ok(t)
                                 })
                                 .await?;
                             return self
@@ -523,10 +510,14 @@ impl Engine {
                         .await
                     {
                         Ok((r, _)) if r.ok() => {
+                            // Passing checks make a host healthy only from where
+                            // it was when they were sent: one that failed
+                            // meanwhile stays failed.
                             self.record_host(id, host, |h| {
-                                h.state = HostState::Healthy;
-                                h.in_flight = None;
-                                h.detail = "healthy".into();
+                                if h.set_state(HostState::Healthy).is_ok() {
+                                    h.in_flight = None;
+                                    h.detail = "healthy".into();
+                                }
                             })
                             .await?;
                             return Ok(());

@@ -24,7 +24,7 @@ use wavegate_domain::effects::{DryRunRecord, FetchRecord};
 use wavegate_domain::plan::{CheckKind, Plan};
 use wavegate_domain::rollout::{
     Approval, CheckSpec, Control, HostPreview, HostRecord, HostState, ProbeSpec, RebootWait, RollbackRequest,
-    RollbackState, Rollout, RolloutState, StepResult, StepSpec, TransitionError, Wave, WaveState,
+    RollbackState, Rollout, RolloutState, StateError, StepResult, StepSpec, TransitionError, Wave, WaveState,
 };
 use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};
 use wavegate_domain::{Fleet, PolicySet, Report, Source, check_plan};
@@ -33,6 +33,9 @@ use crate::hub::{ExecError, Hub};
 use crate::leader::Leadership;
 use crate::store::{StateStore, host_key};
 
+pub use change::Change;
+
+mod change;
 mod commit;
 mod host;
 mod output;
@@ -48,6 +51,13 @@ pub struct Entry {
     pub rollout: Rollout,
     /// Host records by id.
     pub hosts: BTreeMap<String, HostRecord>,
+}
+
+impl Entry {
+    /// The host records, to read (as [`Change::hosts`] gives them).
+    pub fn hosts(&self) -> &BTreeMap<String, HostRecord> {
+        &self.hosts
+    }
 }
 
 /// Why a request was not carried out.
@@ -71,6 +81,10 @@ pub enum EngineError {
     /// Not allowed in the rollout's state.
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    /// The engine asked a wave or a host for a move it cannot make (a bug):
+    /// nothing of that change is stored.
+    #[error(transparent)]
+    State(#[from] StateError),
     /// The store failed; nothing was acted on.
     #[error("the store failed: {0}")]
     Store(#[from] anyhow::Error),

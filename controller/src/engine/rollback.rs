@@ -10,10 +10,10 @@ const PREVIEW_HOST_BYTES: usize = 16 << 10;
 const PREVIEW_REQUEST_BYTES: usize = 256 << 10;
 
 /// The first of `hosts` with a command in flight.
-fn in_flight<'a>(e: &Entry, hosts: &'a [String]) -> Option<&'a str> {
+fn in_flight<'a>(hosts_of: &BTreeMap<String, HostRecord>, hosts: &'a [String]) -> Option<&'a str> {
     hosts
         .iter()
-        .find(|h| e.hosts.get(*h).is_some_and(|r| r.in_flight.is_some()))
+        .find(|h| hosts_of.get(*h).is_some_and(|r| r.in_flight.is_some()))
         .map(String::as_str)
 }
 
@@ -33,7 +33,7 @@ impl Engine {
             .await;
         self.mutate(id, |e| {
             e.rollout.rollback_pending = false;
-            Ok(((), Vec::new()))
+            Ok(())
         })
         .await
     }
@@ -75,7 +75,7 @@ impl Engine {
                 }
                 let _ = engine
                     .mutate(&id, |e| {
-                        if let Some(h) = e.hosts.get_mut(&host) {
+                        if let Ok(h) = e.host_mut(&host) {
                             h.rolled_back |= ok;
                             if ok {
                                 // Back to its state before the first step: a
@@ -88,8 +88,8 @@ impl Engine {
                                 s.apply(&SnapshotEvent::Restored);
                             }
                         }
-                        event(&mut e.rollout, format!("host {host} {detail}; by {who}"));
-                        Ok(((), vec![host.clone()]))
+                        event(e.rollout, format!("host {host} {detail}; by {who}"));
+                        Ok(())
                     })
                     .await;
                 (host, ok)
@@ -144,7 +144,7 @@ impl Engine {
                 "no host of that selection has a snapshot to restore".into(),
             ));
         }
-        if let Some(busy) = in_flight(&entry, &hosts) {
+        if let Some(busy) = in_flight(entry.hosts(), &hosts) {
             return Err(EngineError::Denied(format!(
                 "host {busy} still has a step running (the rollout is paused, not stopped); wait for it, then ask"
             )));
@@ -217,7 +217,7 @@ impl Engine {
                     hosts.join(", ")
                 ),
             );
-            Ok(((), Vec::new()))
+            Ok(())
         })
         .await?;
         self.get(id).await
@@ -293,7 +293,7 @@ impl Engine {
                     .find(|q| q.state == RollbackState::AwaitingApproval)
                     .map(|q| q.hosts.clone())
                     .unwrap_or_default();
-                if let Some(busy) = in_flight(e, &waiting) {
+                if let Some(busy) = in_flight(e.hosts(), &waiting) {
                     return Err(EngineError::Denied(format!(
                         "host {busy} has a step running; a restore now would race it"
                     )));
@@ -324,7 +324,7 @@ impl Engine {
                     r,
                     format!("rollback request {number} approved by {who} ({person}; {have} of {need})"),
                 );
-                Ok((started.then_some((number, hosts)), Vec::new()))
+                Ok(started.then_some((number, hosts)))
             })
             .await;
         let approved = match approved {
@@ -332,8 +332,8 @@ impl Engine {
                 self.refuse(&format!("rollback approval of {id} by {who}: {msg}")).await;
                 let _ = self
                     .mutate(id, |e| {
-                        event(&mut e.rollout, format!("refused rollback approval by {who}: {msg}"));
-                        Ok(((), Vec::new()))
+                        event(e.rollout, format!("refused rollback approval by {who}: {msg}"));
+                        Ok(())
                     })
                     .await;
                 return Err(EngineError::Denied(msg));
@@ -375,8 +375,8 @@ impl Engine {
             } else {
                 format!("NOT restored: {failed}")
             };
-            event(&mut e.rollout, format!("rollback request {number} done: {how}"));
-            Ok(((), Vec::new()))
+            event(e.rollout, format!("rollback request {number} done: {how}"));
+            Ok(())
         })
         .await
     }
@@ -386,7 +386,7 @@ impl Engine {
         let e = self.get(id).await?;
         let mut out: Vec<(&'static str, DryRunRecord)> =
             e.rollout.dry_runs.iter().map(|d| ("submit", d.clone())).collect();
-        for h in e.hosts.values() {
+        for h in e.hosts().values() {
             out.extend(h.dry_runs.iter().map(|d| ("before-step", d.clone())));
         }
         Ok(out)
@@ -400,7 +400,7 @@ impl Engine {
             .rollouts
             .values()
             .flat_map(|e| {
-                e.hosts.values().filter_map(|h| {
+                e.hosts().values().filter_map(|h| {
                     let mut s = h.snapshot.clone()?;
                     s.apply(&SnapshotEvent::Tick { now_ms: now_ms() })
                         .then(|| (e.rollout.id.clone(), h.host.clone()))
@@ -418,14 +418,11 @@ impl Engine {
             {
                 let _ = self
                     .mutate(&id, |e| {
-                        if let Some(s) = e.hosts.get_mut(&host).and_then(|h| h.snapshot.as_mut()) {
+                        if let Some(s) = e.host_mut(&host).ok().and_then(|h| h.snapshot.as_mut()) {
                             s.apply(&SnapshotEvent::Tick { now_ms: now_ms() });
                         }
-                        event(
-                            &mut e.rollout,
-                            format!("host {host}: snapshot released after its retention"),
-                        );
-                        Ok(((), vec![host.clone()]))
+                        event(e.rollout, format!("host {host}: snapshot released after its retention"));
+                        Ok(())
                     })
                     .await;
             }

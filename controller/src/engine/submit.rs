@@ -493,7 +493,7 @@ impl Engine {
                 if started {
                     event(r, "all approvals in; rollout running");
                 }
-                Ok((started, Vec::new()))
+                Ok(started)
             })
             .await;
         if let Err(EngineError::Denied(msg)) = &started {
@@ -501,8 +501,8 @@ impl Engine {
             // Record it on the rollout too (the transaction above did not commit).
             let _ = self
                 .mutate(id, |e| {
-                    event(&mut e.rollout, format!("refused approval by {who}: {msg}"));
-                    Ok(((), Vec::new()))
+                    event(e.rollout, format!("refused approval by {who}: {msg}"));
+                    Ok(())
                 })
                 .await;
         }
@@ -523,8 +523,8 @@ impl Engine {
                 .filter(|q| q.state == RollbackState::AwaitingApproval)
                 .map(|q| q.number)
                 .collect();
-            let changed = e.rollout.control(action, &mut e.hosts)?;
-            event(&mut e.rollout, format!("{} by {who}", action.as_str()));
+            e.rollout_and_hosts(|r, hosts| r.control(action, hosts).map(|c| ((), c)))?;
+            event(e.rollout, format!("{} by {who}", action.as_str()));
             for n in waiting {
                 if e.rollout
                     .rollback_requests
@@ -532,12 +532,12 @@ impl Engine {
                     .any(|q| q.number == n && q.state == RollbackState::Done)
                 {
                     event(
-                        &mut e.rollout,
+                        e.rollout,
                         format!("rollback request {n} withdrawn: the rollout resumed"),
                     );
                 }
             }
-            Ok(((), changed))
+            Ok(())
         })
         .await?;
         if action == Control::Resume {

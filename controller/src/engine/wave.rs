@@ -31,8 +31,8 @@ impl Engine {
                 None => {
                     self.mutate(id, |e| {
                         e.rollout.complete()?;
-                        event(&mut e.rollout, "every wave confirmed healthy; rollout completed");
-                        Ok(((), Vec::new()))
+                        event(e.rollout, "every wave confirmed healthy; rollout completed");
+                        Ok(())
                     })
                     .await?;
                     return Ok(());
@@ -59,11 +59,11 @@ impl Engine {
             .mutate(id, |e| {
                 let wave = &mut e.rollout.waves[w];
                 if wave.state == WaveState::Pending {
-                    wave.state = WaveState::Running;
+                    wave.set_state(WaveState::Running)?;
                     let text = format!("wave {} started: {}", wave.index, wave.hosts.join(", "));
-                    event(&mut e.rollout, text);
+                    event(e.rollout, text);
                 }
-                Ok(((e.rollout.waves[w].hosts.clone(), e.rollout.attempt), Vec::new()))
+                Ok((e.rollout.waves[w].hosts.clone(), e.rollout.attempt))
             })
             .await?;
         crate::failpoint::hit("wave-start-committed");
@@ -89,7 +89,7 @@ impl Engine {
         if !self.wave_is(id, w, attempt, &[WaveState::Running, WaveState::Baking]) {
             return Ok(());
         }
-        if !self.with(id, |e| wave_done(e, w))? {
+        if !self.with(id, |e| wave_done(e.hosts(), w))? {
             // A host of the wave is neither healthy nor failed, and nothing
             // here can move it: the driver tries again after the next
             // change, rather than at once.
@@ -111,19 +111,16 @@ impl Engine {
                 if !(r.state == RolloutState::Running
                     && r.attempt == attempt
                     && matches!(r.waves[w].state, WaveState::Running | WaveState::Baking)
-                    && wave_done(e, w))
+                    && wave_done(e.hosts(), w))
                 {
-                    return Ok((None, Vec::new()));
+                    return Ok(None);
                 }
                 let r = &mut e.rollout;
-                r.waves[w].state = WaveState::Baking;
+                r.waves[w].set_state(WaveState::Baking)?;
                 r.waves[w].bake_ends_ms = Some(now_ms() + r.bake_ms);
                 let text = format!("wave {} baking for {} ms", w + 1, r.bake_ms);
                 event(r, text);
-                Ok((
-                    Some((r.bake_ms, r.interval_ms.max(1), r.checks.clone(), r.attempt)),
-                    Vec::new(),
-                ))
+                Ok(Some((r.bake_ms, r.interval_ms.max(1), r.checks.clone(), r.attempt)))
             })
             .await?;
         let Some((bake, interval, checks, attempt)) = baking else {
@@ -184,25 +181,23 @@ impl Engine {
             if !(e.rollout.state == RolloutState::Running
                 && e.rollout.attempt == attempt
                 && e.rollout.waves[w].state == WaveState::Baking
-                && wave_done(e, w))
+                && wave_done(e.hosts(), w))
             {
-                return Ok(((), Vec::new()));
+                return Ok(());
             }
             let r = &mut e.rollout;
-            r.waves[w].state = WaveState::Confirmed;
+            r.waves[w].set_state(WaveState::Confirmed)?;
             event(r, format!("wave {} confirmed healthy", w + 1));
             let retain_ms = r.retain_ms;
-            let mut changed = Vec::new();
-            for h in e.hosts.values_mut().filter(|h| h.wave == w) {
+            for h in e.hosts_mut_where(|h| h.wave == w && h.snapshot.is_some()) {
                 if let Some(snap) = h.snapshot.as_mut() {
                     snap.apply(&SnapshotEvent::WaveConfirmed {
                         now_ms: now_ms(),
                         retain_ms,
                     });
-                    changed.push(h.host.clone());
                 }
             }
-            Ok(((), changed))
+            Ok(())
         })
         .await?;
         if self.with(id, |e| e.rollout.waves[w].state)? == WaveState::Confirmed {
@@ -229,18 +224,12 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let halted = self
             .mutate(id, |e| {
-                let h = e
-                    .hosts
-                    .get_mut(host)
-                    .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
-                h.state = HostState::Failed;
+                let h = e.host_mut(host)?;
+                h.set_state(HostState::Failed)?;
                 h.in_flight = None;
                 h.detail = detail.clone();
-                event(&mut e.rollout, format!("host {host} failed: {detail}"));
-                if let Some(changed) = self.halt_if_over_budget(e, w, host, &detail)? {
-                    return Ok((true, changed));
-                }
-                Ok((false, vec![host.to_owned()]))
+                event(e.rollout, format!("host {host} failed: {detail}"));
+                self.halt_if_over_budget(e, w, host, &detail)
             })
             .await?;
         if halted {
@@ -257,27 +246,20 @@ impl Engine {
 
 impl Engine {
     /// Halt the rollout if wave `w` is over its failure budget and it still
-    /// runs (or is paused); `host` failed last, for `detail`. Returns the
-    /// hosts whose records changed, if it halted.
-    fn halt_if_over_budget(
-        &self,
-        e: &mut Entry,
-        w: usize,
-        host: &str,
-        detail: &str,
-    ) -> Result<Option<Vec<String>>, EngineError> {
-        let Some(d) = e.rollout.halt_decision(w, &e.hosts) else {
-            return Ok(None);
+    /// runs (or is paused); `host` failed last, for `detail`. Returns
+    /// whether it halted.
+    fn halt_if_over_budget(&self, e: &mut Change<'_>, w: usize, host: &str, detail: &str) -> Result<bool, EngineError> {
+        let Some(d) = e.rollout.halt_decision(w, e.hosts()) else {
+            return Ok(false);
         };
         let reason = d.reason(host, detail);
-        // Only hosts whose records change are written again: at 10,000
-        // hosts, serialising every record here made the halt several times
-        // slower to commit.
-        let mut changed = e.rollout.apply_halt(&d, reason.clone(), &mut e.hosts)?;
-        changed.push(host.to_owned());
-        event(&mut e.rollout, format!("halted: {reason}"));
+        // Only hosts whose records change are written again (the halt says
+        // which): at 10,000 hosts, serialising every record here made the
+        // halt several times slower to commit.
+        e.rollout_and_hosts(|r, hosts| r.apply_halt(&d, reason.clone(), hosts).map(|c| ((), c)))?;
+        event(e.rollout, format!("halted: {reason}"));
         self.metrics.waves_halted.inc();
-        Ok(Some(changed))
+        Ok(true)
     }
 
     /// On taking over: a commit too large for one etcd transaction is
@@ -305,11 +287,8 @@ impl Engine {
         };
         for (id, w, host, detail) in found {
             warn!(rollout = %id, wave = w + 1, "Found over its failure budget on taking over; halting it.");
-            self.mutate_leading(&id, |e| {
-                let changed = self.halt_if_over_budget(e, w, &host, &detail)?;
-                Ok(((), changed.unwrap_or_default()))
-            })
-            .await?;
+            self.mutate_leading(&id, |e| self.halt_if_over_budget(e, w, &host, &detail))
+                .await?;
         }
         Ok(())
     }
@@ -319,8 +298,8 @@ impl Engine {
 /// budget (a failure over it has halted the rollout already). A host still
 /// running or untouched keeps the wave from baking and from being
 /// confirmed.
-fn wave_done(e: &Entry, w: usize) -> bool {
-    e.hosts
+fn wave_done(hosts: &BTreeMap<String, HostRecord>, w: usize) -> bool {
+    hosts
         .values()
         .filter(|h| h.wave == w)
         .all(|h| matches!(h.state, HostState::Healthy | HostState::Failed))
