@@ -39,10 +39,12 @@ struct Args {
     state_dir: PathBuf,
     /// Read this boot's id from this file instead of
     /// /proc/sys/kernel/random/boot_id (a lab host's own boots).
+    #[cfg(feature = "lab")]
     #[arg(long, hide = true)]
     boot_id_file: Option<PathBuf>,
     /// Reboot by exiting for the lab to start the agent again, instead of
     /// rebooting the machine. Only `wavegate lab` uses it.
+    #[cfg(feature = "lab")]
     #[arg(long, hide = true)]
     lab_reboot: bool,
 }
@@ -184,7 +186,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let boot_id = match wavegate_agent::session::boot_id(args.boot_id_file.as_deref()) {
+    #[cfg(feature = "lab")]
+    let (boot_id_file, lab_reboot) = (args.boot_id_file.as_deref(), args.lab_reboot);
+    #[cfg(not(feature = "lab"))]
+    let (boot_id_file, lab_reboot) = (None, false);
+    let boot_id = match wavegate_agent::session::boot_id(boot_id_file) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("wavegate-agent: {e:#}");
@@ -193,7 +199,7 @@ fn main() -> ExitCode {
     };
     let cfg = wavegate_agent::session::Config {
         boot_id,
-        lab_reboot: args.lab_reboot,
+        lab_reboot,
         exe,
         controller: String::new(),
         controllers: args
