@@ -62,7 +62,7 @@ fn main() {
                 max_deletions: 0,
                 timeout_ms: 20_000,
                 allow_failure: None,
-                packages: None,
+                ..DryStep::default()
             }];
             let t = Instant::now();
             let r = run_supervised(&exe, &state.join("scratch"), &job)

@@ -55,27 +55,8 @@ pub enum Effect {
     },
 }
 
-/// A step for the sandbox.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct DryStep {
-    /// Name.
-    pub name: String,
-    /// Command line.
-    pub run: String,
-    /// Declared write set.
-    pub writes: Vec<String>,
-    /// Deletion budget.
-    pub max_deletions: u64,
-    /// Time limit.
-    pub timeout_ms: u64,
-    /// Why a failing dry-run is acceptable; without it, a dry-run that
-    /// exits non-zero, times out or is killed blocks the step.
-    #[serde(default)]
-    pub allow_failure: Option<String>,
-    /// A package step: resolved on the host before it is dry-run.
-    #[serde(default)]
-    pub packages: Option<wavegate_domain::packages::Packages>,
-}
+/// A step as the dry-run takes it: the domain's, as the command carried it.
+pub type DryStep = wavegate_domain::command::Step;
 
 /// How a command ended in the sandbox.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -828,7 +809,7 @@ mod tests {
             max_deletions: 1,
             timeout_ms: 1,
             allow_failure: None,
-            packages: None,
+            ..DryStep::default()
         };
         let mut effects = BTreeMap::new();
         effects.insert("/etc/app/a".to_string(), Effect::Deleted { files: 1, bytes: 3 });
@@ -854,7 +835,7 @@ mod tests {
             max_deletions: 0,
             timeout_ms: 1000,
             allow_failure: None,
-            packages: None,
+            ..DryStep::default()
         };
         let allowed = |p: &str| inside(p, &["/etc/app".to_owned()]);
         let none = BTreeMap::new();

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::{error, info, warn};
-use wavegate_domain::command::{ChangeKind, Command, CommandKind, DryRunStep, PathChange};
+use wavegate_domain::command::{ChangeKind, Command, CommandKind, PathChange};
 use wavegate_domain::effects::StepReport;
 use wavegate_domain::plan::Reboot;
 use wavegate_proto::convert;
@@ -20,7 +20,6 @@ use wavegate_proto::v1::{self as pb, agent_message, agent_service_client::AgentS
 
 use crate::exec::{run_step_once, run_supervised};
 use crate::journal::{Job, Journal, Mode};
-use crate::sandbox::DryStep;
 use crate::snapshot;
 
 /// The agent's settings.
@@ -323,24 +322,6 @@ async fn run_streamed(
     crate::output::while_running(path, s, tx, run_step_once(&cfg.exe, journal, job)).await
 }
 
-/// The dry-run's steps as the runner takes them. (A package step whose
-/// manager this agent does not know never gets here: the command is
-/// refused when it is read, not run as a plain step.)
-fn dry_steps(steps: Vec<DryRunStep>) -> Vec<DryStep> {
-    steps
-        .into_iter()
-        .map(|s| DryStep {
-            name: s.name,
-            run: s.run,
-            writes: s.writes,
-            max_deletions: s.max_deletions,
-            timeout_ms: s.timeout_ms,
-            allow_failure: (!s.allow_failure.is_empty()).then_some(s.allow_failure),
-            packages: s.packages,
-        })
-        .collect()
-}
-
 /// How many paths a restore preview names (it counts them all).
 const PREVIEW_PATHS: usize = 200;
 
@@ -378,6 +359,7 @@ async fn answer(
     // controller checked: absolute, no `.` or `..`, no wildcard.
     let paths: Vec<&String> = match &cmd.kind {
         CommandKind::RunStep(s) => s
+            .step
             .writes
             .iter()
             .chain(s.create_dirs.iter())
@@ -402,7 +384,8 @@ async fn answer(
         return refused(format!("refused: {e}"));
     }
     match cmd.kind {
-        CommandKind::RunStep(step) => {
+        CommandKind::RunStep(run) => {
+            let step = run.step;
             // Real steps are always confined to their write set.
             let mut job = Job::new(&id, &step.run, step.timeout_ms, &cfg.host_root, Mode::Confined);
             job.redact.clone_from(&redact);
@@ -410,16 +393,16 @@ async fn answer(
             job.hide = hidden(cfg);
             job.from.clone_from(&cfg.controller);
             job.writes = step.writes;
-            job.create_dirs = step.create_dirs;
-            job.create_files = step.create_files;
-            job.untouchable = step.untouchable;
+            job.create_dirs = run.create_dirs;
+            job.create_files = run.create_files;
+            job.untouchable = run.untouchable;
             job.protect = own_paths(cfg);
             job.boot_id.clone_from(&cfg.boot_id);
             let stream = crate::output::Stream {
                 redact: redact.clone(),
                 command_id: id.clone(),
-                rollout_id: step.rollout_id.clone(),
-                step: step.step_name.clone(),
+                rollout_id: run.rollout_id.clone(),
+                step: step.name.clone(),
             };
             match run_streamed(cfg, journal, job, stream, tx).await {
                 Ok((s, replayed)) => {
@@ -568,7 +551,7 @@ async fn answer(
                 .map(|k| crate::fetch::tree(&cfg.state_dir, k))
                 .filter(|t| t.is_dir())
                 .collect();
-            job.steps = dry_steps(d.steps);
+            job.steps = d.steps;
             match run_supervised(&cfg.exe, &scratch, &job).await {
                 Ok(s) => result_of(&id, s, false),
                 Err(e) => refused(format!("dry-run blocked: {e:#}")),
@@ -714,13 +697,15 @@ mod tests {
         pb::Command {
             id: "c".into(),
             kind: Some(pb::command::Kind::DryRun(pb::DryRun {
-                steps: vec![pb::DryRunStep {
+                steps: vec![pb::Step {
                     name: "patch".into(),
                     run: "true".into(),
-                    packages: manager.map(|m| pb::PackageSpec {
-                        manager: m,
-                        upgrade: vec!["nginx".into()],
-                        ..Default::default()
+                    kind: manager.map(|m| {
+                        pb::step::Kind::Packages(pb::PackageSpec {
+                            manager: m,
+                            upgrade: vec!["nginx".into()],
+                            ..Default::default()
+                        })
                     }),
                     ..Default::default()
                 }],
@@ -741,7 +726,7 @@ mod tests {
         else {
             panic!("apt is known")
         };
-        assert!(dry_steps(d.steps)[0].packages.is_some());
+        assert!(d.steps[0].packages.is_some());
         let plain = Command::try_from(step(None)).expect("a plain step");
         assert!(matches!(plain.kind, CommandKind::DryRun(d) if d.steps[0].packages.is_none()));
         let err = Command::try_from(step(Some(9))).expect_err("an unknown manager");
@@ -755,7 +740,10 @@ mod tests {
         let cmd = |reboot| pb::Command {
             id: "c".into(),
             kind: Some(pb::command::Kind::RunStep(pb::RunStep {
-                reboot,
+                step: Some(pb::Step {
+                    reboot,
+                    ..Default::default()
+                }),
                 ..Default::default()
             })),
             ..Default::default()

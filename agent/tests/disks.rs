@@ -158,7 +158,7 @@ impl Host {
             max_deletions,
             timeout_ms: 20_000,
             allow_failure: None,
-            packages: None,
+            ..DryStep::default()
         }];
         job.untouchable = untouchable.iter().map(|w| (*w).to_owned()).collect();
         let r = run_supervised(&exe(), &self.state.join("scratch"), &job)

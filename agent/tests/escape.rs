@@ -68,7 +68,7 @@ impl Host {
             max_deletions: 0,
             timeout_ms: 20_000,
             allow_failure: Some("the escape is expected to fail".into()),
-            packages: None,
+            ..DryStep::default()
         }];
         let r = run_supervised(&exe(), &self.state.join("scratch"), &job)
             .await

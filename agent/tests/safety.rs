@@ -100,7 +100,7 @@ async fn dry_run(root: &Path, state: &Path, run: &str, writes: &[&str], max_dele
         max_deletions,
         timeout_ms: 20_000,
         allow_failure: None,
-        packages: None,
+        ..DryStep::default()
     }];
     let scratch = state.join("scratch");
     std::fs::create_dir_all(&scratch).expect("scratch");
@@ -284,7 +284,7 @@ async fn a_step_cannot_tell_its_dry_run_from_its_real_run_by_its_environment() {
         max_deletions: 0,
         timeout_ms: 20_000,
         allow_failure: None,
-        packages: None,
+        ..DryStep::default()
     }];
     let seen_dry = run_supervised(&exe(), &scratch, &dry).await.expect("dry-run");
     let journal = Journal::open(&state).expect("journal");

@@ -203,29 +203,45 @@ pub enum CommandKind {
     Fetch(Fetch),
 }
 
-/// One plan step, for real.
+/// A plan step, as every command that runs one carries it (and as the
+/// agent's journal keeps a dry-run's steps).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Name from the plan.
+    pub name: String,
+    /// Command line (made by wavegate for a package step).
+    pub run: String,
+    /// Declared write set.
+    pub writes: Vec<String>,
+    /// Time limit.
+    pub timeout_ms: u64,
+    /// Deletion budget.
+    pub max_deletions: u64,
+    /// Why a failing dry-run is acceptable; without it, a dry-run that
+    /// exits non-zero, times out or is killed blocks the step.
+    #[serde(default)]
+    pub allow_failure: Option<String>,
+    /// Whether the host reboots after it.
+    #[serde(default)]
+    pub reboot: Reboot,
+    /// A package step: resolved on the host before it is dry-run.
+    #[serde(default)]
+    pub packages: Option<Packages>,
+}
+
+/// One plan step, for real, confined to its write set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunStep {
     /// The rollout.
     pub rollout_id: String,
-    /// The step's name.
-    pub step_name: String,
-    /// Command line.
-    pub run: String,
-    /// Its write set.
-    pub writes: Vec<String>,
-    /// Time limit.
-    pub timeout_ms: u64,
-    /// Files it may delete.
-    pub max_deletions: u64,
+    /// The step; its `writes` are this host's.
+    pub step: Step,
     /// Write-set paths its dry-run created as directories.
     pub create_dirs: Vec<String>,
     /// Likewise, as files.
     pub create_files: Vec<String>,
     /// Paths that stay read-only inside the write set.
     pub untouchable: Vec<String>,
-    /// Whether the host reboots after it.
-    pub reboot: Reboot,
 }
 
 /// Steps to dry-run, in order, in one sandbox.
@@ -234,30 +250,11 @@ pub struct DryRun {
     /// The rollout.
     pub rollout_id: String,
     /// The steps.
-    pub steps: Vec<DryRunStep>,
+    pub steps: Vec<Step>,
     /// Paths bound read-only.
     pub untouchable: Vec<String>,
     /// Staging caches of this host's fetches, laid over the host.
     pub fetch_stages: Vec<String>,
-}
-
-/// A step as the dry-run sees it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DryRunStep {
-    /// Name.
-    pub name: String,
-    /// Command line.
-    pub run: String,
-    /// Declared write set.
-    pub writes: Vec<String>,
-    /// Deletion budget.
-    pub max_deletions: u64,
-    /// Time limit.
-    pub timeout_ms: u64,
-    /// Why a failing dry-run is acceptable (empty: it is not).
-    pub allow_failure: String,
-    /// A package step: what it changes.
-    pub packages: Option<Packages>,
 }
 
 /// A step's fetch.

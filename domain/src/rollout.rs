@@ -254,6 +254,23 @@ pub struct StepSpec {
     pub reboot_timeout_ms: u64,
 }
 
+impl StepSpec {
+    /// The step as a command carries it to a host (its plan's write set;
+    /// a host's resolved one replaces it for a package step's real run).
+    pub fn step(&self) -> crate::command::Step {
+        crate::command::Step {
+            name: self.name.clone(),
+            run: self.run.clone(),
+            writes: self.writes.clone(),
+            timeout_ms: self.timeout_ms,
+            max_deletions: self.max_deletions,
+            allow_failure: self.allow_failure.clone(),
+            reboot: self.reboot,
+            packages: self.packages.clone(),
+        }
+    }
+}
+
 /// A health check as the engine runs it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

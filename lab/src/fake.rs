@@ -121,7 +121,7 @@ impl Script {
 
 #[cfg(test)]
 mod tests {
-    use wavegate_domain::command::{DryRun, DryRunStep, RunStep};
+    use wavegate_domain::command::{DryRun, RunStep, Step};
 
     use super::*;
 
@@ -135,9 +135,9 @@ mod tests {
         let dry = Command::new(
             "d",
             CommandKind::DryRun(DryRun {
-                steps: vec![DryRunStep {
+                steps: vec![Step {
                     name: "patch".into(),
-                    ..DryRunStep::default()
+                    ..Step::default()
                 }],
                 ..DryRun::default()
             }),

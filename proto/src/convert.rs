@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 
 use wavegate_domain::check::{Report as CheckReport, StepPlan, WaveReport};
 use wavegate_domain::command::{
-    ChangeKind, CheckResult, Command, CommandKind, CommandResult, DryRun, DryRunStep, Fetch, FetchReport, Outcome,
-    OutputChunk, OutputSummary, PathChange, Report, RunStep, SnapshotBackend, SnapshotSummary,
+    ChangeKind, CheckResult, Command, CommandKind, CommandResult, DryRun, Fetch, FetchReport, Outcome, OutputChunk,
+    OutputSummary, PathChange, Report, RunStep, SnapshotBackend, SnapshotSummary, Step,
 };
 use wavegate_domain::effects::{Category, DryRunRecord, FetchRecord, PackageChange, StepReport};
 use wavegate_domain::packages::{Manager, Packages};
@@ -138,15 +138,10 @@ impl From<Command> for pb::Command {
         let kind = match c.kind {
             CommandKind::RunStep(s) => K::RunStep(pb::RunStep {
                 rollout_id: s.rollout_id,
-                step_name: s.step_name,
-                run: s.run,
-                writes: s.writes,
-                timeout_ms: s.timeout_ms,
-                max_deletions: s.max_deletions,
+                step: Some(s.step.into()),
                 create_dirs: s.create_dirs,
                 create_files: s.create_files,
                 untouchable: s.untouchable,
-                reboot: reboot_to(s.reboot) as i32,
             }),
             CommandKind::RunChecks { rollout_id, checks } => K::RunChecks(pb::RunChecks {
                 rollout_id,
@@ -154,23 +149,7 @@ impl From<Command> for pb::Command {
             }),
             CommandKind::DryRun(d) => K::DryRun(pb::DryRun {
                 rollout_id: d.rollout_id,
-                steps: d
-                    .steps
-                    .into_iter()
-                    .map(|s| pb::DryRunStep {
-                        name: s.name,
-                        run: s.run,
-                        writes: s.writes,
-                        max_deletions: s.max_deletions,
-                        timeout_ms: s.timeout_ms,
-                        allow_failure: s.allow_failure,
-                        packages: s.packages.map(|p| pb::PackageSpec {
-                            manager: manager_to(p.manager) as i32,
-                            upgrade: p.upgrade,
-                            install: p.install.into_iter().collect(),
-                        }),
-                    })
-                    .collect(),
+                steps: d.steps.into_iter().map(pb::Step::from).collect(),
                 untouchable: d.untouchable,
                 fetch_stages: d.fetch_stages,
             }),
@@ -206,6 +185,56 @@ impl From<Command> for pb::Command {
             redact: c.redact,
             accept_weaker: c.accept_weaker,
         }
+    }
+}
+
+impl From<Step> for pb::Step {
+    fn from(s: Step) -> pb::Step {
+        pb::Step {
+            name: s.name,
+            run: s.run,
+            writes: s.writes,
+            timeout_ms: s.timeout_ms,
+            max_deletions: s.max_deletions,
+            allow_failure: s.allow_failure.unwrap_or_default(),
+            reboot: reboot_to(s.reboot) as i32,
+            kind: s.packages.map(|p| {
+                pb::step::Kind::Packages(pb::PackageSpec {
+                    manager: manager_to(p.manager) as i32,
+                    upgrade: p.upgrade,
+                    install: p.install.into_iter().collect(),
+                })
+            }),
+        }
+    }
+}
+
+impl TryFrom<pb::Step> for Step {
+    type Error = WireError;
+
+    fn try_from(s: pb::Step) -> Result<Step, WireError> {
+        let packages = match s.kind {
+            None => None,
+            Some(pb::step::Kind::Packages(p)) => {
+                // The map carries no order; the domain keeps one.
+                let install: BTreeMap<String, String> = p.install.into_iter().collect();
+                Some(Packages {
+                    manager: manager(p.manager).map_err(|e| bad(format!("step `{}`: {e}", s.name)))?,
+                    upgrade: p.upgrade,
+                    install: install.into_iter().collect(),
+                })
+            }
+        };
+        Ok(Step {
+            reboot: reboot(s.reboot)?,
+            name: s.name,
+            run: s.run,
+            writes: s.writes,
+            timeout_ms: s.timeout_ms,
+            max_deletions: s.max_deletions,
+            allow_failure: (!s.allow_failure.is_empty()).then_some(s.allow_failure),
+            packages,
+        })
     }
 }
 
@@ -256,13 +285,11 @@ impl TryFrom<pb::Command> for Command {
         let kind = match c.kind {
             None => return Err(bad(format!("command {} says nothing to do", c.id))),
             Some(K::RunStep(s)) => CommandKind::RunStep(RunStep {
-                reboot: reboot(s.reboot)?,
+                step: s
+                    .step
+                    .ok_or_else(|| bad(format!("command {} runs no step", c.id)))?
+                    .try_into()?,
                 rollout_id: s.rollout_id,
-                step_name: s.step_name,
-                run: s.run,
-                writes: s.writes,
-                timeout_ms: s.timeout_ms,
-                max_deletions: s.max_deletions,
                 create_dirs: s.create_dirs,
                 create_files: s.create_files,
                 untouchable: s.untouchable,
@@ -273,32 +300,7 @@ impl TryFrom<pb::Command> for Command {
             },
             Some(K::DryRun(d)) => CommandKind::DryRun(DryRun {
                 rollout_id: d.rollout_id,
-                steps: d
-                    .steps
-                    .into_iter()
-                    .map(|s| {
-                        let packages = match s.packages {
-                            None => None,
-                            Some(p) => {
-                                let install: BTreeMap<String, String> = p.install.into_iter().collect();
-                                Some(Packages {
-                                    manager: manager(p.manager)?,
-                                    upgrade: p.upgrade,
-                                    install: install.into_iter().collect(),
-                                })
-                            }
-                        };
-                        Ok(DryRunStep {
-                            name: s.name,
-                            run: s.run,
-                            writes: s.writes,
-                            max_deletions: s.max_deletions,
-                            timeout_ms: s.timeout_ms,
-                            allow_failure: s.allow_failure,
-                            packages,
-                        })
-                    })
-                    .collect::<Result<_, WireError>>()?,
+                steps: d.steps.into_iter().map(Step::try_from).collect::<Result<_, _>>()?,
                 untouchable: d.untouchable,
                 fetch_stages: d.fetch_stages,
             }),
@@ -849,11 +851,15 @@ mod tests {
             id: "r0001-abcdef:0:h1:step0:xyz".into(),
             kind: CommandKind::RunStep(RunStep {
                 rollout_id: "r0001-abcdef".into(),
-                step_name: "patch".into(),
-                run: "true".into(),
-                writes: vec!["/srv/app".into()],
-                timeout_ms: 5000,
-                reboot: Reboot::IfRequired,
+                step: Step {
+                    name: "patch".into(),
+                    run: "true".into(),
+                    writes: vec!["/srv/app".into()],
+                    timeout_ms: 5000,
+                    reboot: Reboot::IfRequired,
+                    allow_failure: Some("it probes".into()),
+                    ..Step::default()
+                },
                 ..RunStep::default()
             }),
             redact: vec!["secret".into()],
@@ -865,14 +871,14 @@ mod tests {
             "d",
             CommandKind::DryRun(DryRun {
                 rollout_id: "r".into(),
-                steps: vec![DryRunStep {
+                steps: vec![Step {
                     name: "pkgs".into(),
                     packages: Some(Packages {
                         manager: Manager::Apt,
                         upgrade: vec!["nginx".into()],
                         install: vec![("a".into(), "1".into()), ("b".into(), "2".into())],
                     }),
-                    ..DryRunStep::default()
+                    ..Step::default()
                 }],
                 ..DryRun::default()
             }),

@@ -342,15 +342,10 @@ impl Engine {
             cmd_id.clone(),
             CommandKind::RunStep(RunStep {
                 rollout_id: id.to_owned(),
-                step_name: step.name.clone(),
-                run: step.run.clone(),
-                writes,
-                timeout_ms: step.timeout_ms,
-                max_deletions: step.max_deletions,
+                step: wavegate_domain::command::Step { writes, ..step.step() },
                 create_dirs: hints.created_dirs,
                 create_files: hints.created_files,
                 untouchable,
-                reboot: step.reboot,
             }),
         );
         let deadline = Instant::now() + Duration::from_millis(step.timeout_ms) + self.settings.agent_grace;

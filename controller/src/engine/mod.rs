@@ -17,8 +17,8 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 use wavegate_domain::audit::AuditBody;
 use wavegate_domain::command::{
-    Command, CommandKind, CommandResult, DryRun, DryRunStep, Fetch, FetchReport, Outcome, Report as AgentReport,
-    RunStep, SnapshotBackend,
+    Command, CommandKind, CommandResult, DryRun, Fetch, FetchReport, Outcome, Report as AgentReport, RunStep,
+    SnapshotBackend,
 };
 use wavegate_domain::effects::{DryRunRecord, FetchRecord};
 use wavegate_domain::plan::{CheckKind, Plan};

@@ -369,18 +369,7 @@ impl Engine {
                 rollout_id: String::new(),
                 untouchable: untouchable.to_vec(),
                 fetch_stages,
-                steps: steps
-                    .iter()
-                    .map(|s| DryRunStep {
-                        name: s.name.clone(),
-                        run: s.run.clone(),
-                        writes: s.writes.clone(),
-                        max_deletions: s.max_deletions,
-                        timeout_ms: s.timeout_ms,
-                        allow_failure: s.allow_failure.clone().unwrap_or_default(),
-                        packages: s.packages.clone(),
-                    })
-                    .collect(),
+                steps: steps.iter().map(StepSpec::step).collect(),
             }),
         );
         let timeout = Duration::from_millis(steps.iter().map(|s| s.timeout_ms).sum::<u64>());
