@@ -202,6 +202,65 @@ impl HostRecord {
     }
 }
 
+/// What a host does next while its rollout runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostNext {
+    /// Nothing: it is healthy or failed (or the rollout is not running).
+    Stop,
+    /// Real step `index`; `resend` is the id already stored for it (sent
+    /// before a restart or a reconnect: the same id goes again).
+    Step {
+        /// The step's index in the plan.
+        index: usize,
+        /// The command id stored for it, if any.
+        resend: Option<String>,
+    },
+    /// Its health checks, under this command id (stored in `in_flight`).
+    Checks {
+        /// The checks' command id.
+        command_id: String,
+    },
+    /// Wait for its new boot after a step's reboot.
+    Reboot(RebootWait),
+}
+
+impl HostRecord {
+    /// Decide what the host does next in `rollout`, and record what that
+    /// moves: with no step left it is healthy when the plan has no checks,
+    /// else it has succeeded and its checks go under `checks_id` (or the
+    /// id already in flight). Pure: the caller stores the record.
+    pub fn next(&mut self, rollout: &Rollout, checks_id: impl FnOnce() -> String) -> Result<HostNext, StateError> {
+        if rollout.state != RolloutState::Running {
+            return Ok(HostNext::Stop);
+        }
+        Ok(match self.state {
+            HostState::Healthy | HostState::Failed => HostNext::Stop,
+            _ if self.reboot.is_some() => HostNext::Reboot(self.reboot.clone().unwrap_or(RebootWait {
+                step: String::new(),
+                from_boot: String::new(),
+                deadline_ms: 0,
+            })),
+            HostState::Untouched | HostState::Running if self.next_step < rollout.steps.len() => HostNext::Step {
+                index: self.next_step,
+                resend: self.in_flight.clone(),
+            },
+            HostState::Untouched | HostState::Running | HostState::Succeeded => {
+                if rollout.checks.is_empty() {
+                    self.set_state(HostState::Healthy)?;
+                    self.detail = "steps done; the plan has no health checks".into();
+                    HostNext::Stop
+                } else {
+                    let command_id = self.in_flight.clone().unwrap_or_else(checks_id);
+                    self.in_flight = Some(command_id.clone());
+                    self.set_state(HostState::Succeeded)?;
+                    self.detail = "steps done; running health checks".into();
+                    HostNext::Checks { command_id }
+                }
+            }
+        })
+    }
+}
+
 /// One approval, bound to the plan bytes it was given for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
@@ -1123,6 +1182,72 @@ mod tests {
         for c in [Control::Pause, Control::Resume, Control::Abort] {
             assert!(r.control(c, &mut hosts).is_err(), "{c:?} after an abort");
         }
+    }
+
+    #[test]
+    fn what_a_host_does_next() {
+        let mut r = rollout();
+        r.state = RolloutState::Running;
+        r.steps = vec![StepSpec {
+            name: "s".into(),
+            run: "true".into(),
+            writes: vec!["/etc/x".into()],
+            timeout_ms: 1,
+            max_deletions: 0,
+            allow_failure: None,
+            fetch: None,
+            fetch_writes: Vec::new(),
+            packages: None,
+            reboot: crate::plan::Reboot::Never,
+            reboot_timeout_ms: 0,
+        }];
+        let mut h = HostRecord::new("h1".into(), 0);
+        let id = || "c1".to_owned();
+        assert_eq!(h.next(&r, id), Ok(HostNext::Step { index: 0, resend: None }));
+        h.in_flight = Some("s0".into());
+        assert_eq!(
+            h.next(&r, id),
+            Ok(HostNext::Step {
+                index: 0,
+                resend: Some("s0".into())
+            }),
+            "a stored id is sent again"
+        );
+        h.in_flight = None;
+        h.next_step = 1;
+        r.checks = Vec::new();
+        assert_eq!(h.next(&r, id), Ok(HostNext::Stop));
+        assert_eq!(
+            h.state,
+            HostState::Healthy,
+            "no checks: healthy once the steps are done"
+        );
+        let mut h = HostRecord::new("h2".into(), 0);
+        h.next_step = 1;
+        r.checks = vec![CheckSpec {
+            name: "up".into(),
+            probe: ProbeSpec::Exec("true".into()),
+            timeout_ms: 1,
+        }];
+        assert_eq!(
+            h.next(&r, id),
+            Ok(HostNext::Checks {
+                command_id: "c1".into()
+            })
+        );
+        assert_eq!((h.state, h.in_flight.as_deref()), (HostState::Succeeded, Some("c1")));
+        assert_eq!(
+            h.next(&r, || "other".into()),
+            Ok(HostNext::Checks {
+                command_id: "c1".into()
+            }),
+            "the checks in flight keep their id"
+        );
+        h.state = HostState::Failed;
+        assert_eq!(h.next(&r, id), Ok(HostNext::Stop));
+        r.state = RolloutState::Paused;
+        let mut h = HostRecord::new("h3".into(), 0);
+        assert_eq!(h.next(&r, id), Ok(HostNext::Stop), "nothing while paused");
     }
 
     #[test]

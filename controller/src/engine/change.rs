@@ -44,6 +44,16 @@ impl<'a> Change<'a> {
         Ok(h)
     }
 
+    /// The rollout, to read, and one host's record, to change.
+    pub fn rollout_and_host(&mut self, host: &str) -> Result<(&Rollout, &mut HostRecord), EngineError> {
+        let h = self
+            .hosts
+            .get_mut(host)
+            .ok_or_else(|| EngineError::NotFound(host.to_owned()))?;
+        self.touched.insert(host.to_owned());
+        Ok((self.rollout, h))
+    }
+
     /// The records of the hosts `keep` picks, to change.
     pub fn hosts_mut_where(&mut self, keep: impl Fn(&HostRecord) -> bool) -> Vec<&mut HostRecord> {
         let picked: Vec<&mut HostRecord> = self.hosts.values_mut().filter(|h| keep(h)).collect();

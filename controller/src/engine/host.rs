@@ -46,53 +46,21 @@ fn implied(h: &HostRecord, step: &StepSpec) -> Option<Vec<String>> {
 }
 
 impl Engine {
+    /// What `host` does next: the domain decides (and moves the record);
+    /// this turns a decision to run checks into the checks command.
     pub(super) fn next_for(&self, e: &mut Change<'_>, host: &str) -> Result<Next, EngineError> {
-        let r = &e.rollout;
-        if r.state != RolloutState::Running {
-            return Ok(Next::Stop);
-        }
-        let (rid, attempt, steps, checks) = (r.id.clone(), r.attempt, r.steps.clone(), r.checks.clone());
-        let h = e.host_mut(host)?;
-        let next = match h.state {
-            HostState::Healthy | HostState::Failed => Next::Stop,
-            _ if h.reboot.is_some() => Next::Reboot(h.reboot.clone().unwrap_or_else(|| RebootWait {
-                step: String::new(),
-                from_boot: String::new(),
-                deadline_ms: 0,
-            })),
-            HostState::Untouched | HostState::Running if h.next_step < steps.len() => {
-                let index = h.next_step;
-                match h.in_flight.clone() {
-                    // Sent before a restart or a reconnect: send the same id again.
-                    Some(id) => Next::Step {
-                        index,
-                        resend: Some(id),
-                    },
-                    None => Next::Step { index, resend: None },
-                }
-            }
-            HostState::Untouched | HostState::Running | HostState::Succeeded => {
-                if checks.is_empty() {
-                    h.set_state(HostState::Healthy)?;
-                    h.detail = "steps done; the plan has no health checks".into();
-                    Next::Stop
-                } else {
-                    let cmd_id = h
-                        .in_flight
-                        .clone()
-                        .unwrap_or_else(|| format!("{rid}:{attempt}:{host}:checks:{}:{}", self.boot, nonce()));
-                    h.in_flight = Some(cmd_id.clone());
-                    h.set_state(HostState::Succeeded)?;
-                    h.detail = "steps done; running health checks".into();
-                    Next::Checks {
-                        cmd: Box::new(checks_command(cmd_id, &checks)),
-                        timeout: checks_timeout(&checks),
-                    }
-                }
-            }
-        };
-        let _ = rid;
-        Ok(next)
+        let (r, h) = e.rollout_and_host(host)?;
+        let (rid, attempt) = (r.id.clone(), r.attempt);
+        let next = h.next(r, || format!("{rid}:{attempt}:{host}:checks:{}:{}", self.boot, nonce()))?;
+        Ok(match next {
+            HostNext::Stop => Next::Stop,
+            HostNext::Step { index, resend } => Next::Step { index, resend },
+            HostNext::Reboot(wait) => Next::Reboot(wait),
+            HostNext::Checks { command_id } => Next::Checks {
+                cmd: Box::new(checks_command(command_id, &r.checks)),
+                timeout: checks_timeout(&r.checks),
+            },
+        })
     }
 
     pub(super) async fn record_host(

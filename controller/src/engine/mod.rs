@@ -23,7 +23,7 @@ use wavegate_domain::command::{
 use wavegate_domain::effects::{DryRunRecord, FetchRecord};
 use wavegate_domain::plan::{CheckKind, Plan};
 use wavegate_domain::rollout::{
-    Approval, CheckSpec, Control, HostPreview, HostRecord, HostState, ProbeSpec, RebootWait, RollbackRequest,
+    Approval, CheckSpec, Control, HostNext, HostPreview, HostRecord, HostState, ProbeSpec, RebootWait, RollbackRequest,
     RollbackState, Rollout, RolloutState, StateError, StepResult, StepSpec, TransitionError, Wave, WaveState,
 };
 use wavegate_domain::snapshot::{SnapshotEvent, SnapshotRecord, SnapshotState};
