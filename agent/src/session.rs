@@ -179,6 +179,7 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
         host_id: cfg.host_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         boot_id: cfg.boot_id.clone(),
+        protocol: wavegate_proto::PROTOCOL,
     };
     tx.send(pb::AgentMessage {
         body: Some(agent_message::Body::Hello(hello)),

@@ -290,6 +290,21 @@ impl AgentService for Api {
                 hello.host_id
             )));
         }
+        if hello.protocol != wavegate_proto::PROTOCOL {
+            self.engine
+                .refuse(&format!(
+                    "agent {cert_host} (version {}) speaks protocol {}, this controller {}",
+                    hello.agent_version,
+                    hello.protocol,
+                    wavegate_proto::PROTOCOL
+                ))
+                .await;
+            return Err(Status::failed_precondition(format!(
+                "this agent speaks version {} of the agent protocol and this controller version {}: install the agent of the controller's release",
+                hello.protocol,
+                wavegate_proto::PROTOCOL
+            )));
+        }
         if self.engine.fleet().lookup(&cert_host).is_none() {
             self.engine
                 .refuse(&format!("agent for {cert_host}, which is not in the inventory"))

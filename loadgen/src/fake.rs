@@ -180,6 +180,7 @@ async fn open(endpoint: &Endpoint, host: &str) -> Result<(mpsc::Sender<pb::Agent
             host_id: host.to_owned(),
             agent_version: "loadgen".into(),
             boot_id: "loadgen".into(),
+            protocol: wavegate_proto::PROTOCOL,
         })),
     })
     .await?;

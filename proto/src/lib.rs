@@ -5,6 +5,11 @@
 
 pub mod convert;
 
+/// The version of the agent contract this build speaks, sent in `Hello`.
+/// Raised whenever a message changes shape (2: one `Step`, typed reports).
+/// A controller and its agents must speak the same one.
+pub const PROTOCOL: u32 = 2;
+
 /// `wavegate.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {

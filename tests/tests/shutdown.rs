@@ -1,5 +1,6 @@
 //! SIGTERM stops a controller that has agents connected: it lets the
-//! sessions go, closes both listeners and exits 0, in bounded time.
+//! sessions go, closes both listeners and exits 0, in bounded time. (And
+//! on the way, an agent of another protocol version is refused.)
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -45,28 +46,17 @@ fn sigterm_with_an_agent_connected_stops_every_listener_and_exits() {
     let web = read_addr(&dir.join("web.addr")).expect("the web address is written first");
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = format!("http://{grpc}");
+    // An agent of another release (it reads commands in another shape) is
+    // refused before it is sent anything.
+    let (_old_tx, refused) = rt.block_on(session(url.clone(), wavegate_proto::PROTOCOL - 1));
+    let status = refused.expect_err("an agent of another protocol is refused");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("agent protocol"), "{status:?}");
     // An agent session that stays open (as every connected agent's does).
     let (tx, mut inbound) = rt.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}"))
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect");
-        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(pb::AgentMessage {
-            body: Some(pb::agent_message::Body::Hello(pb::Hello {
-                host_id: "s1".into(),
-                agent_version: "test".into(),
-                boot_id: "b1".into(),
-            })),
-        })
-        .await
-        .expect("hello");
-        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        req.metadata_mut()
-            .insert("x-wavegate-identity", "wavegate://agent/s1".parse().expect("header"));
-        let mut inbound = client.session(req).await.expect("session").into_inner();
+        let (tx, opened) = session(url.clone(), wavegate_proto::PROTOCOL).await;
+        let mut inbound = opened.expect("session").into_inner();
         let welcome = inbound.message().await.expect("welcome");
         assert!(welcome.is_some(), "the session is open");
         (tx, inbound)
@@ -93,4 +83,34 @@ fn sigterm_with_an_agent_connected_stops_every_listener_and_exits() {
     }
     drop(tx);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+type Session = (
+    tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    Result<tonic::Response<tonic::Streaming<pb::ControllerMessage>>, tonic::Status>,
+);
+
+/// Open an agent session for `s1` speaking `protocol`.
+async fn session(url: String, protocol: u32) -> Session {
+    let channel = tonic::transport::Channel::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            host_id: "s1".into(),
+            agent_version: "test".into(),
+            boot_id: "b1".into(),
+            protocol,
+        })),
+    })
+    .await
+    .expect("hello");
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("x-wavegate-identity", "wavegate://agent/s1".parse().expect("header"));
+    (tx, client.session(req).await)
 }

@@ -40,6 +40,7 @@ async fn forge(lab: &Lab, host: &str, messages: Vec<pb::AgentMessage>) {
             host_id: host.to_owned(),
             agent_version: "forged".into(),
             boot_id: "forged-boot".into(),
+            protocol: wavegate_proto::PROTOCOL,
         })),
     };
     tx.send(hello).await.expect("queue hello");
