@@ -646,14 +646,7 @@ async fn answer(
                 outcome: if ok { pb::Outcome::Ok } else { pb::Outcome::Failed } as i32,
                 exit_code: if ok { 0 } else { 1 },
                 duration_ms: started.elapsed().as_millis() as u64,
-                checks: results
-                    .into_iter()
-                    .map(|c| pb::CheckResult {
-                        name: c.name,
-                        ok: c.ok,
-                        detail: c.detail,
-                    })
-                    .collect(),
+                checks: results.into_iter().map(pb::CheckResult::from).collect(),
                 ..Default::default()
             }
         }

@@ -350,15 +350,7 @@ impl From<CommandResult> for pb::CommandResult {
             duration_ms: r.duration_ms,
             output_sha256: r.output_sha256,
             output_tail: r.output_tail,
-            checks: r
-                .checks
-                .into_iter()
-                .map(|c| pb::CheckResult {
-                    name: c.name,
-                    ok: c.ok,
-                    detail: c.detail,
-                })
-                .collect(),
+            checks: r.checks.into_iter().map(pb::CheckResult::from).collect(),
             replayed: r.replayed,
             detail: r.detail,
             report: r.report.map(|rep| match rep {
@@ -377,6 +369,16 @@ impl From<CommandResult> for pb::CommandResult {
             boot_id: r.boot_id,
             changes: r.changes.into_iter().map(path_change_to).collect(),
             changes_total: r.changes_total,
+        }
+    }
+}
+
+impl From<CheckResult> for pb::CheckResult {
+    fn from(c: CheckResult) -> pb::CheckResult {
+        pb::CheckResult {
+            name: c.name,
+            ok: c.ok,
+            detail: c.detail,
         }
     }
 }
