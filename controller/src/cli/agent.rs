@@ -209,11 +209,15 @@ async fn upload(s: &Session, path: &Path, bytes: &[u8], mode: &str) -> Result<()
     Ok(())
 }
 
-fn unit(bin: &Path, root: &Path, etc: &Path, url: &str, host: &str) -> String {
+/// The shipped unit (`deploy/systemd/wavegate-agent.service`), installed as
+/// it is; what differs per host goes into a drop-in beside it.
+const SHIPPED_UNIT: &str = include_str!("../../../deploy/systemd/wavegate-agent.service");
+
+/// The drop-in that gives the shipped unit this host's command line.
+fn drop_in(bin: &Path, root: &Path, etc: &Path, url: &str, host: &str) -> String {
     format!(
-        "[Unit]\nDescription=wavegate agent for {host}\nAfter=network-online.target\nWants=network-online.target\n\n[Service]\n\
-         ExecStart={} --controller {url} --ca {etc}/ca.pem --cert {etc}/agent.pem --key {etc}/agent.key --host-id {host} --host-root {} --state-dir {}\n\
-         Restart=always\nRestartSec=2s\nKillMode=process\nProtectKernelModules=yes\nProtectKernelLogs=yes\nProtectClock=yes\nLockPersonality=yes\n\n[Install]\nWantedBy=multi-user.target\n",
+        "# Written by `wavegate agent install`: this host's controller, identity and paths.\n[Service]\nExecStart=\n\
+         ExecStart={} --controller {url} --ca {etc}/ca.pem --cert {etc}/agent.pem --key {etc}/agent.key --host-id {host} --host-root {} --state-dir {}\n",
         bin.display(),
         root.display(),
         root.join("var/lib/wavegate-agent").display(),
@@ -290,11 +294,18 @@ pub async fn install(a: &InstallArgs, conn: &Conn, upgrade: bool) -> Result<u8> 
     }
     match a.start {
         Start::Systemd => {
-            let u = unit(&bin, &root, &etc, &url, &a.host_id);
             upload(
                 &session,
                 &root.join("etc/systemd/system/wavegate-agent.service"),
-                u.as_bytes(),
+                SHIPPED_UNIT.as_bytes(),
+                "0644",
+            )
+            .await?;
+            let d = drop_in(&bin, &root, &etc, &url, &a.host_id);
+            upload(
+                &session,
+                &root.join("etc/systemd/system/wavegate-agent.service.d/install.conf"),
+                d.as_bytes(),
                 "0644",
             )
             .await?;
