@@ -478,9 +478,17 @@ fn landlock(writable: &[String], accept_weaker: &[String]) -> Result<()> {
         RulesetStatus::PartiallyEnforced => bail!(
             "this kernel enforces Landlock only in part; a site policy can accept the weaker confinement by name (landlock)"
         ),
-        _ => bail!(
-            "this kernel has no Landlock (it is not built in or not enabled at boot: lsm=landlock); a site policy can accept the weaker confinement by name (landlock)"
-        ),
+        _ => match std::fs::read_to_string("/run/systemd/container") {
+            // In a container the kernel may well have it, and the
+            // container's system call filter refuses it.
+            Ok(manager) => bail!(
+                "Landlock is not available in this {} container: its system call filter must allow landlock_create_ruleset, landlock_add_rule and landlock_restrict_self (systemd-nspawn: --system-call-filter=landlock_create_ruleset landlock_add_rule landlock_restrict_self), or the kernel lacks it (lsm=landlock); a site policy can accept the weaker confinement by name (landlock)",
+                manager.trim()
+            ),
+            Err(_) => bail!(
+                "this kernel has no Landlock (it is not built in or not enabled at boot: lsm=landlock); a site policy can accept the weaker confinement by name (landlock)"
+            ),
+        },
     }
 }
 
