@@ -14,10 +14,14 @@ use crate::disks::{FsSpec, unmount_all};
 use crate::exec::exec;
 use crate::processes::down;
 use crate::status::status;
-use crate::up::{Ha, up_ha};
+use crate::up::{Ha, HostKind, up_ha};
 
 /// `wavegate lab ...`
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per command; boxing `up`'s flags would only make the match harder to read"
+)]
 pub enum LabCommand {
     /// Build and start a lab for an inventory.
     Up {
@@ -68,6 +72,12 @@ pub enum LabCommand {
         /// routes one controller through a proxy it can cut).
         #[arg(long, value_name = "N=URL", hide = true)]
         controller_store: Vec<String>,
+        /// What each host is: `dir` (a directory, the agent a process of
+        /// the lab; the fastest) or `container` (a systemd-nspawn container
+        /// booted with systemd from a Debian 12 image built with
+        /// mmdebstrap, the agent installed over ssh and run by its unit).
+        #[arg(long, value_enum, default_value_t = HostKind::Dir)]
+        hosts: HostKind,
     },
     /// Show the lab's controller and which agents are connected.
     Status {
@@ -111,6 +121,14 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         agent: Vec<String>,
     },
+    /// Internal: one container host's machine. Runs systemd-nspawn, and
+    /// again whenever the container reboots.
+    #[command(hide = true)]
+    Machine {
+        /// systemd-nspawn's command line.
+        #[arg(last = true, required = true)]
+        nspawn: Vec<String>,
+    },
     /// Stop everything the lab started, unmount its filesystems and detach
     /// their loop devices (its files stay for inspection). Works on a lab
     /// that never finished starting.
@@ -138,6 +156,7 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             controllers,
             lease_ttl,
             controller_store,
+            hosts,
         } => {
             let mut extra = Vec::new();
             if let Some(url) = webhook {
@@ -183,6 +202,7 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
                 &fs,
                 &extra,
                 ha.as_ref(),
+                hosts,
             )
             .await
         }
@@ -198,12 +218,14 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             boot_id_file,
             agent,
         } => boot(&host_dir, &boot_id_file, &agent),
+        LabCommand::Machine { nspawn } => crate::container::machine(&nspawn),
         LabCommand::Down { dir } => {
             let dir = absolute(&dir)?;
             let n = down(&dir)?;
             let (mounts, loops) = unmount_all(&dir)?;
+            let nets = crate::container::remove_network(&dir)?;
             println!(
-                "lab in {} stopped ({n} processes, {mounts} filesystems unmounted, {loops} loop devices detached)",
+                "lab in {} stopped ({n} processes, {mounts} filesystems unmounted, {loops} loop devices detached, {nets} host network namespaces removed)",
                 dir.display()
             );
             Ok(0)

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use wavegate_agent::journal::{self, Job, Mode};
 
 /// Quote an argument for /bin/sh.
-fn sh_quote(a: &str) -> String {
+pub(crate) fn sh_quote(a: &str) -> String {
     if !a.is_empty()
         && a.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b))
@@ -38,6 +38,13 @@ pub fn exec_output(
     agent_bin: Option<PathBuf>,
     cmd: &[String],
 ) -> Result<(u8, Vec<u8>, String)> {
+    if let Some(hosts) = crate::container::addresses(dir) {
+        if !hosts.contains_key(host) {
+            bail!("{} has no host `{host}`", dir.display());
+        }
+        // A booted host is reached the way an operator reaches it.
+        return crate::container::ssh_exec(dir, host, cmd);
+    }
     let host_dir = dir.join("hosts").join(host);
     let root = host_dir.join("root");
     if !root.is_dir() {

@@ -54,7 +54,27 @@ pub(crate) fn running(dir: &Path) -> Result<Vec<i32>> {
     Ok(pids)
 }
 
-/// Stop every process of the lab: SIGTERM, then SIGKILL after 5 s.
+/// Processes whose root directory lies in the lab directory: a container
+/// host's, or a step's.
+fn rooted(dir: &Path) -> Vec<i32> {
+    let needle = format!("{}/", dir.display());
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(root) = std::fs::read_link(entry.path().join("root"))
+            && format!("{}/", root.display()).starts_with(&needle)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Stop every process of the lab: SIGTERM, then SIGKILL after 5 s (30 s
+/// for container hosts, which shut down through systemd), then whatever
+/// still runs inside a host's root.
 pub fn down(dir: &Path) -> Result<usize> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
@@ -62,7 +82,8 @@ pub fn down(dir: &Path) -> Result<usize> {
     for p in &pids {
         let _ = kill(Pid::from_raw(*p), Signal::SIGTERM);
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let grace = if dir.join("containers.json").exists() { 30 } else { 5 };
+    let deadline = std::time::Instant::now() + Duration::from_secs(grace);
     loop {
         let left = running(dir)?;
         if left.is_empty() {
@@ -73,6 +94,17 @@ pub fn down(dir: &Path) -> Result<usize> {
                 let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
             }
             break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = rooted(dir);
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            break;
+        }
+        for p in left {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -21,6 +21,36 @@ use crate::policies::lab_policies;
 use crate::processes::{down, running, spawn};
 use crate::status::fetch_fleet;
 
+/// What a lab's hosts are.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostKind {
+    /// A directory each, the agent a process of the lab (the fastest).
+    #[default]
+    Dir,
+    /// A systemd-nspawn container each, booted with systemd as PID 1 from
+    /// a Debian 12 image; the agent installed over ssh and run by its unit.
+    Container,
+}
+
+impl HostKind {
+    /// Its name on the command line and in `lab.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostKind::Dir => "dir",
+            HostKind::Container => "container",
+        }
+    }
+}
+
+/// The lab's kind of hosts, as `lab.json` records it.
+pub fn host_kind(dir: &Path) -> HostKind {
+    if dir.join("containers.json").exists() {
+        HostKind::Container
+    } else {
+        HostKind::Dir
+    }
+}
+
 /// Build and start a lab; returns the exit status.
 pub async fn up(
     fleet_path: &Path,
@@ -31,6 +61,18 @@ pub async fn up(
     fs: &[FsSpec],
 ) -> Result<u8> {
     up_with(fleet_path, dir, policies, agent_bin, grace, fs, &[]).await
+}
+
+/// [`up`] with hosts of the given kind.
+pub async fn up_kind(
+    fleet_path: &Path,
+    dir: &Path,
+    policies: &PolicyArgs,
+    grace: &str,
+    fs: &[FsSpec],
+    kind: HostKind,
+) -> Result<u8> {
+    up_ha(fleet_path, dir, policies, None, grace, fs, &[], None, kind).await
 }
 
 /// A lab's controllers on an etcd store.
@@ -54,7 +96,18 @@ pub async fn up_with(
     fs: &[FsSpec],
     serve_args: &[String],
 ) -> Result<u8> {
-    up_ha(fleet_path, dir, policies, agent_bin, grace, fs, serve_args, None).await
+    up_ha(
+        fleet_path,
+        dir,
+        policies,
+        agent_bin,
+        grace,
+        fs,
+        serve_args,
+        None,
+        HostKind::Dir,
+    )
+    .await
 }
 
 /// [`up_with`], the controllers on an etcd store when `ha` says so.
@@ -68,6 +121,7 @@ pub async fn up_ha(
     fs: &[FsSpec],
     serve_args: &[String],
     ha: Option<&Ha>,
+    kind: HostKind,
 ) -> Result<u8> {
     let dir = absolute(dir)?;
     let fleet_path = absolute(fleet_path)?;
@@ -106,22 +160,43 @@ pub async fn up_ha(
     for sub in ["logs", "identities", "hosts", "controller"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
-    let certs = CertDir::new(dir.join("certs"));
-    if !certs.ca().exists() {
-        certs.init(&[])?;
-    }
     let hosts: Vec<String> = {
         let mut v: Vec<String> = fleet.hosts().map(|h| fleet.id(h).to_owned()).collect();
         v.sort();
         v
     };
-    if !fs.is_empty() && !nix::unistd::geteuid().is_root() {
-        bail!("--fs needs root (loop devices and mounts)");
+    if (!fs.is_empty() || kind == HostKind::Container) && !nix::unistd::geteuid().is_root() {
+        bail!("--fs and container hosts need root (loop devices, mounts, namespaces)");
+    }
+    // Container hosts: the image, the bridge the controller listens on
+    // and every host's root, before the certificates name that address.
+    let net = match kind {
+        HostKind::Dir => None,
+        HostKind::Container => {
+            let image = crate::image::ensure()?;
+            let net = crate::container::network(&dir, &hosts)?;
+            if let Err(e) = crate::container::roots(&dir, &image, &net) {
+                let _ = unmount_all(&dir);
+                let _ = crate::container::remove_network(&dir);
+                return Err(e);
+            }
+            Some(net)
+        }
+    };
+    let listen = net
+        .as_ref()
+        .map_or("127.0.0.1:0".to_owned(), |n| format!("{}:0", n.gateway));
+    let certs = CertDir::new(dir.join("certs"));
+    if !certs.ca().exists() {
+        let names: Vec<String> = net.iter().map(|n| n.gateway.clone()).collect();
+        certs.init(&names)?;
     }
     for h in &hosts {
         certs.issue_agent(h)?;
-        host_root(&dir.join("hosts").join(h).join("root"))?;
-        std::fs::create_dir_all(dir.join("hosts").join(h).join("agent"))?;
+        if kind == HostKind::Dir {
+            host_root(&dir.join("hosts").join(h).join("root"))?;
+            std::fs::create_dir_all(dir.join("hosts").join(h).join("agent"))?;
+        }
     }
     // Every host's filesystems, before any agent starts.
     for h in &hosts {
@@ -168,7 +243,7 @@ pub async fn up_ha(
             "--fleet".into(),
             fleet_path.display().to_string(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen.clone(),
             "--addr-file".into(),
             addr_file.display().to_string(),
             "--ca".into(),
@@ -251,8 +326,32 @@ pub async fn up_ha(
     }
     let url = urls.join(",");
 
-    // One agent per host.
-    for h in &hosts {
+    // One agent per host: booted hosts get theirs over ssh, under its unit.
+    if let Some(net) = &net {
+        for node in net.nodes.values() {
+            let mut args: Vec<String> = vec!["lab".into(), "machine".into(), "--".into()];
+            args.extend(crate::container::nspawn_args(&dir, node));
+            spawn(&me, &args, &dir.join(format!("logs/console-{}.log", node.id)))?;
+        }
+        let started = async {
+            crate::container::wait_for_sshd(net, Duration::from_secs(120)).await?;
+            let pair = certs.operator("admin");
+            let env = [
+                ("WAVEGATE_CONTROLLER".to_owned(), url.clone()),
+                ("WAVEGATE_CA".to_owned(), certs.ca().display().to_string()),
+                ("WAVEGATE_CERT".to_owned(), pair.cert.display().to_string()),
+                ("WAVEGATE_KEY".to_owned(), pair.key.display().to_string()),
+            ];
+            crate::container::install_agents(&dir, &me, &agent_bin, &url, &env, net).await
+        };
+        if let Err(e) = started.await {
+            let _ = down(&dir);
+            let _ = unmount_all(&dir);
+            let _ = crate::container::remove_network(&dir);
+            return Err(e);
+        }
+    }
+    for h in hosts.iter().filter(|_| net.is_none()) {
         let pair = certs.agent(h);
         let host_dir = dir.join("hosts").join(h);
         let mut args: Vec<String> = vec![
@@ -303,6 +402,7 @@ pub async fn up_ha(
             "web_login": web_logins[0].0,
             "web_login_files": web_logins.iter().map(|(_, f)| f.display().to_string()).collect::<Vec<_>>(),
             "store": ha.map(|h| json!({"urls": h.stores, "prefix": h.prefix})),
+            "hosts": kind.as_str(),
         }))?,
     )?;
 
@@ -332,6 +432,14 @@ pub async fn up_ha(
         dir.display(),
         hosts.len()
     );
+    if let Some(net) = &net {
+        println!(
+            "  every host is a container booted with systemd on bridge {} ({}/24); `ssh -F {}/ssh/config HOST` reaches it",
+            net.bridge,
+            net.gateway,
+            dir.display()
+        );
+    }
     println!(
         "  web view: {} (log in once with {}; the next link is then in {})",
         webs[0],

@@ -1,0 +1,139 @@
+//! The booted hosts' image: a Debian 12 root with systemd as PID 1, D-Bus,
+//! journald, openssh-server and two real services (nginx and postfix),
+//! built offline from Debian's packages with mmdebstrap and cached by the
+//! hash of everything that goes into it. Container hosts boot overlays of
+//! it; nothing on this machine outside the cache directory is written.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The Debian release every booted host runs.
+pub const SUITE: &str = "bookworm";
+
+/// Packages beyond mmdebstrap's `minbase`: the init system and its bus,
+/// the way in (sshd), the services a hosting operator patches, and what
+/// health checks and maintenance steps use.
+pub const PACKAGES: &[&str] = &[
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "nginx-light",
+    "postfix",
+    "iproute2",
+    "procps",
+    "curl",
+    "python3",
+    "apt-utils",
+];
+
+/// Run inside the new root before its packages are configured: postfix
+/// delivers locally (no questions asked).
+const ESSENTIAL_HOOK: &str = "printf 'postfix postfix/main_mailer_type select Local only\\npostfix postfix/mailname string lab.invalid\\n' | chroot \"$1\" debconf-set-selections";
+
+/// Run on the finished root: no host keys or machine id shared by every
+/// host (each gets its own at first boot), no package source outside the
+/// lab, a console that does not wait for a login.
+const CUSTOMIZE_HOOK: &str = "rm -f \"$1\"/etc/ssh/ssh_host_* && : > \"$1\"/etc/machine-id && rm -f \"$1\"/var/lib/dbus/machine-id && : > \"$1\"/etc/apt/sources.list && rm -rf \"$1\"/var/lib/apt/lists/* && mkdir -p \"$1\"/root/.ssh && chmod 0700 \"$1\"/root/.ssh";
+
+/// Bumped whenever the recipe changes in a way the hash cannot see.
+const RECIPE: u32 = 1;
+
+/// The Debian mirror mmdebstrap downloads from (`WAVEGATE_DEBIAN_MIRROR`
+/// overrides it).
+fn mirror() -> String {
+    std::env::var("WAVEGATE_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into())
+}
+
+/// Where built images are kept (`WAVEGATE_IMAGE_CACHE` overrides it).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("WAVEGATE_IMAGE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/wavegate-lab/images"))
+}
+
+/// The hash of the image's inputs: suite, mirror, packages, hooks, recipe.
+pub fn input_hash() -> String {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in [
+        format!("recipe {RECIPE}"),
+        format!("suite {SUITE}"),
+        format!("mirror {}", mirror()),
+        format!("arch {}", std::env::consts::ARCH),
+        format!("packages {}", PACKAGES.join(",")),
+        format!("essential {ESSENTIAL_HOOK}"),
+        format!("customize {CUSTOMIZE_HOOK}"),
+    ] {
+        h.update(part.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())[..16].to_owned()
+}
+
+/// The image's root directory, built (about 30 s, about 400 MB) unless the
+/// cache already holds one with the same inputs. Builds never run twice at
+/// once for the same cache.
+pub fn ensure() -> Result<PathBuf> {
+    let cache = cache_dir();
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating the image cache {}", cache.display()))?;
+    let hash = input_hash();
+    let root = cache.join(&hash);
+    let done = cache.join(format!("{hash}.done"));
+    let lock_file = std::fs::File::create(cache.join(format!("{hash}.lock")))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("locking the image cache: {e}"))?;
+    if done.exists() && root.join("usr/lib/systemd/systemd").exists() {
+        return Ok(root);
+    }
+    if !on_path("mmdebstrap") {
+        bail!("building the booted hosts' image needs mmdebstrap: apt-get install mmdebstrap");
+    }
+    let tar = cache.join(format!("{hash}.tar"));
+    let partial = cache.join(format!("{hash}.partial"));
+    let _ = std::fs::remove_dir_all(&partial);
+    let _ = std::fs::remove_dir_all(&root);
+    eprintln!(
+        "lab: building the Debian {SUITE} host image {hash} with mmdebstrap (once; cached in {})",
+        cache.display()
+    );
+    let out = Command::new("mmdebstrap")
+        .args(["--variant=minbase", "--quiet"])
+        .arg(format!("--include={}", PACKAGES.join(",")))
+        .arg(format!("--essential-hook={ESSENTIAL_HOOK}"))
+        .arg(format!("--customize-hook={CUSTOMIZE_HOOK}"))
+        .arg(SUITE)
+        .arg(&tar)
+        .arg(mirror())
+        .output()
+        .context("running mmdebstrap")?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(&tar);
+        bail!(
+            "mmdebstrap could not build the host image: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::fs::create_dir_all(&partial)?;
+    let ok = Command::new("tar")
+        .arg("-C")
+        .arg(&partial)
+        .args(["--numeric-owner", "-xpf"])
+        .arg(&tar)
+        .status()
+        .context("running tar")?
+        .success();
+    if !ok {
+        bail!("unpacking the host image {} failed", tar.display());
+    }
+    std::fs::rename(&partial, &root)?;
+    std::fs::remove_file(&tar)?;
+    std::fs::write(&done, format!("{}\n", PACKAGES.join(" ")))?;
+    Ok(root)
+}
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+}
