@@ -78,6 +78,10 @@ pub struct Job {
     /// even inside a write set (its journal and snapshots).
     #[serde(default)]
     pub protect: Vec<String>,
+    /// A package step: its packages, whose own services the agent restarts
+    /// after the run when their maintainer scripts ask (see `services`).
+    #[serde(default)]
+    pub packages: Option<wavegate_domain::packages::Packages>,
     /// The boot it was accepted in.
     #[serde(default)]
     pub boot_id: String,
@@ -109,6 +113,7 @@ impl Job {
             stages: Vec::new(),
             stage_out: None,
             protect: Vec::new(),
+            packages: None,
             boot_id: String::new(),
             from: String::new(),
             accepted_ms: 0,

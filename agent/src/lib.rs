@@ -15,5 +15,6 @@ pub mod output;
 pub mod packages;
 pub mod runner;
 pub mod sandbox;
+pub mod services;
 pub mod session;
 pub mod snapshot;

@@ -296,7 +296,13 @@ pub fn exec(job_dir: &Path) -> Result<Stored> {
 
 fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, String)> {
     let root = match job.mode {
-        Mode::Confined => confine(job, &job_dir.join("confined"))?,
+        Mode::Confined => {
+            let view = confine(job, &job_dir.join("confined"))?;
+            // invoke-rc.d and deb-systemd-invoke note what they are asked;
+            // the agent does it after the step (see `services`).
+            crate::services::install(&view, &job.host_root, &crate::services::work_dir(job_dir))?;
+            view
+        }
         _ => {
             prepare(&job.host_root)?;
             job.host_root.clone()
@@ -340,7 +346,28 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
         Some(s) => {
             let code = s.code().unwrap_or(-1);
             if s.success() {
-                Ok((Outcome::Ok, 0, String::new()))
+                if job.mode != Mode::Confined {
+                    return Ok((Outcome::Ok, 0, String::new()));
+                }
+                let asked = crate::services::requests(&root);
+                let done = match &job.packages {
+                    Some(p) => {
+                        let units = crate::packages::services(&job.host_root, p);
+                        let touched = crate::services::touched_file(job_dir);
+                        crate::services::perform(&job.host_root, &asked, &units, output, &touched)
+                    }
+                    None => match asked
+                        .iter()
+                        .find_map(|r| crate::services::refusal(r, &Default::default(), false))
+                    {
+                        Some(why) => Err(anyhow::anyhow!(why)),
+                        None => Ok(()),
+                    },
+                };
+                match done {
+                    Ok(()) => Ok((Outcome::Ok, 0, String::new())),
+                    Err(e) => Ok((Outcome::Failed, 0, format!("the step ran, but {e:#}"))),
+                }
             } else {
                 Ok((Outcome::Failed, code, format!("exited with status {code}")))
             }

@@ -685,6 +685,9 @@ pub fn dry_run(
     site: &crate::jail::Site,
 ) -> Result<Vec<StepReport>> {
     let sandbox = setup(host_root, base, untouchable, stages)?;
+    // invoke-rc.d and deb-systemd-invoke note what they are asked (see
+    // `services`): nothing in the sandbox reaches the host's services.
+    crate::services::install(&sandbox.merged, host_root, &base.join("services"))?;
     let mut before: BTreeMap<String, Effect> = BTreeMap::new();
     let mut reports = Vec::new();
     let scratch = base.join("scratch-output");
@@ -734,6 +737,21 @@ pub fn dry_run(
         report
             .reasons
             .extend(emptied(host_root, &sandbox.merged, &delta, &allowed));
+        // What its maintainer scripts asked of the service manager: the
+        // real run has the agent do it, for the packages' own services only.
+        let asked = crate::services::requests(&sandbox.merged);
+        let _ = std::fs::remove_file(sandbox.merged.join(crate::services::REQUESTS));
+        let units = step
+            .packages
+            .as_ref()
+            .map(|p| crate::packages::services(host_root, p))
+            .unwrap_or_default();
+        for r in &asked {
+            report.services.push(r.describe());
+            report
+                .reasons
+                .extend(crate::services::refusal(r, &units, step.packages.is_some()));
+        }
         // Reasons quote what the package manager printed: masked as well.
         if let Ok(mut r) = wavegate_domain::redact::Redactor::new(&site.redact) {
             for reason in &mut report.reasons {

@@ -394,6 +394,7 @@ async fn answer(
             job.hide = hidden(cfg);
             job.from.clone_from(&cfg.controller);
             job.writes = step.writes;
+            job.packages.clone_from(&step.packages);
             job.create_dirs = run.create_dirs;
             job.create_files = run.create_files;
             job.untouchable = run.untouchable;
@@ -405,7 +406,16 @@ async fn answer(
                 rollout_id: run.rollout_id.clone(),
                 step: step.name.clone(),
             };
-            match run_streamed(cfg, journal, job, stream, tx).await {
+            let outcome = run_streamed(cfg, journal, job, stream, tx).await;
+            // Units its package's scripts had the agent restart: a rollback
+            // restarts them after the restore.
+            let touched = crate::services::touched_file(&journal.job_dir(&id));
+            if touched.exists()
+                && let Err(e) = crate::services::remember(&cfg.state_dir, &run.rollout_id, &touched)
+            {
+                warn!(command = %id, error = %format!("{e:#}"), "Could not note the services the step restarted.");
+            }
+            match outcome {
                 Ok((s, replayed)) => {
                     info!(command = %id, outcome = s.outcome, replayed, "Step finished.");
                     let ok = s.outcome == pb::Outcome::Ok as i32;
@@ -612,10 +622,21 @@ async fn answer(
             preview: false,
         } => {
             let (state, host, root) = (cfg.state_dir.clone(), cfg.host_id.clone(), cfg.host_root.clone());
-            let res = tokio::task::spawn_blocking(move || snapshot::restore(&state, &host, &root, &rollout_id)).await;
-            snapshot_result(&id, res, "restored from the snapshot")
+            let res = tokio::task::spawn_blocking(move || {
+                let m = snapshot::restore(&state, &host, &root, &rollout_id)?;
+                let restarted = crate::services::after_restore(&state, &root, &rollout_id)?;
+                Ok((m, restarted))
+            })
+            .await;
+            let restarted = match &res {
+                Ok(Ok((_, r))) => r.clone(),
+                _ => String::new(),
+            };
+            let res = res.map(|r| r.map(|(m, _)| m));
+            snapshot_result(&id, res, &format!("restored from the snapshot{restarted}"))
         }
         CommandKind::ReleaseSnapshot { rollout_id } => {
+            crate::services::forget(&cfg.state_dir, &rollout_id);
             let (state, root) = (cfg.state_dir.clone(), cfg.host_root.clone());
             match tokio::task::spawn_blocking(move || snapshot::release(&state, &root, &rollout_id)).await {
                 Ok(Ok(())) => pb::CommandResult {

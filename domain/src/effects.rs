@@ -72,6 +72,11 @@ pub struct StepReport {
     /// run is confined to and the snapshot holds.
     #[serde(default)]
     pub implied_writes: Vec<String>,
+    /// Service actions the step's maintainer scripts asked for ("restart
+    /// nginx.service"): held back in the dry-run, carried out by the agent
+    /// after a real run (see the agent's `services`).
+    #[serde(default)]
+    pub services: Vec<String>,
 }
 
 /// One package a package step would change.
@@ -162,6 +167,12 @@ impl DryRunRecord {
                 })
                 .collect();
             s.push_str(&format!("; packages: {}", changes.join(", ")));
+            if !r.services.is_empty() {
+                s.push_str(&format!(
+                    "; its scripts ask to {} (held back here; the agent does it in the real run)",
+                    r.services.join(", ")
+                ));
+            }
             if !r.modified.sample.is_empty() {
                 s.push_str(&format!(
                     "; replaces {}",

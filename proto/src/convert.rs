@@ -502,6 +502,7 @@ impl From<StepReport> for pb::StepReport {
                 })
                 .collect(),
             implied_writes: r.implied_writes,
+            services: r.services,
         }
     }
 }
@@ -535,6 +536,7 @@ impl TryFrom<pb::StepReport> for StepReport {
                 })
                 .collect(),
             implied_writes: r.implied_writes,
+            services: r.services,
         })
     }
 }

@@ -12,6 +12,20 @@ use super::PackageDb;
 pub struct Apt;
 
 impl PackageDb for Apt {
+    fn siblings(&self, at: &dyn Fn(&str) -> PathBuf, names: &[String]) -> Vec<String> {
+        let status = std::fs::read_to_string(at("/var/lib/dpkg/status")).unwrap_or_default();
+        let sources = dpkg_sources(&status);
+        let wanted: std::collections::BTreeSet<&str> = names
+            .iter()
+            .filter_map(|n| sources.get(n.as_str()).map(String::as_str))
+            .collect();
+        sources
+            .iter()
+            .filter(|(_, src)| wanted.contains(src.as_str()))
+            .map(|(pkg, _)| (*pkg).to_owned())
+            .collect()
+    }
+
     fn locks(&self) -> &'static [&'static str] {
         &["/var/lib/dpkg/lock-frontend", "/var/lib/dpkg/lock"]
     }
@@ -98,6 +112,28 @@ pub fn dpkg_installed(status: &str) -> BTreeMap<String, String> {
     out
 }
 
+/// Installed packages and the source package each is built from (its own
+/// name when the status has no `Source:`; a `Source: x (version)` names x).
+pub fn dpkg_sources(status: &str) -> BTreeMap<&str, String> {
+    let mut out = BTreeMap::new();
+    for para in status.split("\n\n") {
+        let field = |k: &str| {
+            para.lines()
+                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':')))
+                .map(str::trim)
+        };
+        if let (Some(name), Some(st)) = (field("Package"), field("Status"))
+            && st.ends_with(" installed")
+        {
+            let src = field("Source")
+                .and_then(|s| s.split_whitespace().next())
+                .unwrap_or(name);
+            out.insert(name, src.to_owned());
+        }
+    }
+    out
+}
+
 /// The changes in `apt-get -s` output: `Inst NAME [OLD] (NEW ...)` and
 /// `Remv NAME [OLD]`.
 pub fn apt_simulation(text: &str) -> Vec<PackageChange> {
@@ -157,6 +193,19 @@ pub fn deb_contents(text: &str) -> Vec<(String, bool)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_installed_package_has_its_source() {
+        let status = "Package: nginx\nStatus: install ok installed\nVersion: 1.22.1-9\n\n\
+                      Package: nginx-common\nStatus: install ok installed\nSource: nginx\nVersion: 1.22.1-9\n\n\
+                      Package: libssl3\nStatus: install ok installed\nSource: openssl (3.0.15-1~deb12u1)\nVersion: 3.0.15-1~deb12u1+b1\n\n\
+                      Package: gone\nStatus: deinstall ok config-files\nVersion: 1\n";
+        let s = dpkg_sources(status);
+        assert_eq!(s.get("nginx").map(String::as_str), Some("nginx"));
+        assert_eq!(s.get("nginx-common").map(String::as_str), Some("nginx"));
+        assert_eq!(s.get("libssl3").map(String::as_str), Some("openssl"));
+        assert!(!s.contains_key("gone"));
+    }
 
     #[test]
     fn the_dpkg_database_is_read() {

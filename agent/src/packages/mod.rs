@@ -41,6 +41,40 @@ pub trait PackageDb {
     fn new_files(&self, at: &dyn Fn(&str) -> PathBuf, change: &PackageChange) -> Result<Vec<(String, bool)>, String>;
     /// Names it gives a file while it replaces it (suffixes).
     fn transient(&self) -> &'static [&'static str];
+    /// The installed packages built from the same source as any of
+    /// `names` (`nginx` and `nginx-common`): whose services a package
+    /// step's maintainer scripts may restart.
+    fn siblings(&self, at: &dyn Fn(&str) -> PathBuf, names: &[String]) -> Vec<String>;
+}
+
+/// The service units of the packages a package step names and of their
+/// siblings ([`PackageDb::siblings`]): systemd units and SysV scripts (as
+/// `NAME.service`), read from the installed packages' file lists. These
+/// are the only services the step's maintainer scripts may act on.
+pub fn services(host_root: &Path, p: &Packages) -> BTreeSet<String> {
+    let Ok(db) = db(p.manager) else {
+        return BTreeSet::new();
+    };
+    let at = |rel: &str| host_root.join(rel.trim_start_matches('/'));
+    let mut names: Vec<String> = p.upgrade.clone();
+    names.extend(p.install.iter().map(|(n, _)| n.clone()));
+    let mut out = BTreeSet::new();
+    for pkg in db.siblings(&at, &names) {
+        for f in db.installed_files(&at, &pkg) {
+            let unit = ["/lib/systemd/system/", "/usr/lib/systemd/system/"]
+                .iter()
+                .find_map(|d| f.strip_prefix(d))
+                .filter(|u| !u.contains('/') && (u.ends_with(".service") || u.ends_with(".socket")))
+                .map(str::to_owned)
+                .or_else(|| {
+                    f.strip_prefix("/etc/init.d/")
+                        .filter(|s| !s.contains('/') && !s.is_empty())
+                        .map(|s| format!("{s}.service"))
+                });
+            out.extend(unit);
+        }
+    }
+    out
 }
 
 /// The database of a package manager this agent can read.

@@ -553,6 +553,13 @@ fn render_blocked(v: &serde_json::Value) -> String {
                     if to.is_empty() { "(removed)" } else { &to }
                 );
             }
+            for a in r["services"].as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "    its scripts ask to {} (held back in the dry-run)",
+                    text(a, "?")
+                );
+            }
         }
         if let Some(f) = d.get("fetch").filter(|f| !f.is_null())
             && f["outcome"] != "ok"
