@@ -451,6 +451,34 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String], stages: &[Pa
     mounts::tmpfs(base, "size=1g,mode=0700")?;
     let merged = base.join("merged");
     std::fs::create_dir_all(&merged)?;
+    // A staged tree kept on the host's own filesystem (the agent's state
+    // directory on a server whose root is `/`) lies inside the layer it
+    // would be laid over, and overlayfs refuses overlapping layers (ELOOP):
+    // such a tree is laid over from a copy on the sandbox's tmpfs.
+    let mut copies = Vec::new();
+    for (i, s) in stages.iter().enumerate() {
+        if host.iter().any(|m| {
+            let lower = host_root.join(m.rel.trim_start_matches('/'));
+            s.starts_with(&lower)
+        }) {
+            let copy = base.join(format!("stage-copy/{i}"));
+            std::fs::create_dir_all(copy.parent().unwrap_or(base))?;
+            let ok = std::process::Command::new("cp")
+                .args(["-a", "--sparse=always"])
+                .arg(s)
+                .arg(&copy)
+                .status()
+                .context("copying a staged fetch into the sandbox (cp)")?
+                .success();
+            if !ok {
+                bail!("copying the staged fetch {} into the sandbox failed", s.display());
+            }
+            copies.push(copy);
+        } else {
+            copies.push(s.clone());
+        }
+    }
+    let stages = &copies[..];
     let mut layers = Vec::new();
     for (n, m) in host.iter_mut().enumerate() {
         let staged: Vec<PathBuf> = stages
