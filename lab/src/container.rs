@@ -204,8 +204,10 @@ pub fn roots(dir: &Path, image: &Path, net: &Net) -> Result<()> {
         for d in ["root", "upper", "work"] {
             std::fs::create_dir_all(host_dir.join(d))?;
         }
+        // redirect_dir=on: directories of the image can be renamed and
+        // swapped, as on a disk (a restore swaps a restored tree in).
         let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
+            "lowerdir={},upperdir={},workdir={},redirect_dir=on",
             image.display(),
             host_dir.join("upper").display(),
             host_dir.join("work").display()

@@ -795,6 +795,12 @@ fn swap_in(u: &Unit, loc: BorrowedFd<'_>, staging: BorrowedFd<'_>) -> Result<()>
                 match r {
                     Ok(()) => return Ok(()),
                     Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::EXIST) => continue,
+                    // overlayfs without redirect_dir=on cannot rename a
+                    // directory its lower layer holds: say so, not EXDEV.
+                    Err(rustix::io::Errno::XDEV) => bail!(
+                        "swapping {} into place: this filesystem refuses to swap directories (an overlayfs root needs the mount option redirect_dir=on for that); nothing was lost",
+                        u.name
+                    ),
                     Err(e) => return Err(e).with_context(|| format!("swapping {} into place", u.name)),
                 }
             }
