@@ -39,7 +39,12 @@ const ESSENTIAL_HOOK: &str = "printf 'postfix postfix/main_mailer_type select Lo
 const CUSTOMIZE_HOOK: &str = "rm -f \"$1\"/etc/ssh/ssh_host_* && : > \"$1\"/etc/machine-id && rm -f \"$1\"/var/lib/dbus/machine-id && : > \"$1\"/etc/apt/sources.list && rm -rf \"$1\"/var/lib/apt/lists/* && mkdir -p \"$1\"/root/.ssh && chmod 0700 \"$1\"/root/.ssh";
 
 /// Bumped whenever the recipe changes in a way the hash cannot see.
-const RECIPE: u32 = 1;
+/// 2: the service packages' own .deb files are kept beside the image.
+const RECIPE: u32 = 2;
+
+/// Packages whose .deb files are kept beside the image (in `<hash>.debs`):
+/// the lab's repository rebuilds them with new version numbers.
+pub const KEPT_DEBS: &[&str] = &["nginx"];
 
 /// The Debian mirror mmdebstrap downloads from (`WAVEGATE_DEBIAN_MIRROR`
 /// overrides it).
@@ -73,6 +78,11 @@ pub fn input_hash() -> String {
     hex::encode(h.finalize())[..16].to_owned()
 }
 
+/// Where the kept .deb files of the image built from the same inputs are.
+pub fn debs_dir() -> PathBuf {
+    cache_dir().join(format!("{}.debs", input_hash()))
+}
+
 /// The image's root directory, built (about 30 s, about 400 MB) unless the
 /// cache already holds one with the same inputs. Builds never run twice at
 /// once for the same cache.
@@ -81,6 +91,7 @@ pub fn ensure() -> Result<PathBuf> {
     std::fs::create_dir_all(&cache).with_context(|| format!("creating the image cache {}", cache.display()))?;
     let hash = input_hash();
     let root = cache.join(&hash);
+    let debs = cache.join(format!("{hash}.debs"));
     let done = cache.join(format!("{hash}.done"));
     let lock_file = std::fs::File::create(cache.join(format!("{hash}.lock")))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
@@ -95,6 +106,13 @@ pub fn ensure() -> Result<PathBuf> {
     let partial = cache.join(format!("{hash}.partial"));
     let _ = std::fs::remove_dir_all(&partial);
     let _ = std::fs::remove_dir_all(&root);
+    let _ = std::fs::remove_dir_all(&debs);
+    let keep = KEPT_DEBS
+        .iter()
+        .map(|p| format!("cp \"$1\"/var/cache/apt/archives/{p}_*.deb '{}'/", debs.display()))
+        .collect::<Vec<_>>()
+        .join(" && ");
+    let keep_hook = format!("mkdir -p '{}' && {keep}", debs.display());
     eprintln!(
         "lab: building the Debian {SUITE} host image {hash} with mmdebstrap (once; cached in {})",
         cache.display()
@@ -103,6 +121,7 @@ pub fn ensure() -> Result<PathBuf> {
         .args(["--variant=minbase", "--quiet"])
         .arg(format!("--include={}", PACKAGES.join(",")))
         .arg(format!("--essential-hook={ESSENTIAL_HOOK}"))
+        .arg(format!("--customize-hook={keep_hook}"))
         .arg(format!("--customize-hook={CUSTOMIZE_HOOK}"))
         .arg(SUITE)
         .arg(&tar)

@@ -146,6 +146,102 @@ impl Repo {
     }
 }
 
+/// A repository of a real service for booted hosts: Debian's own nginx
+/// package (kept beside the host image) rebuilt by this code with new
+/// version numbers. `good/` holds `VERSION+wg1`, the same program; in
+/// `broken/`, `VERSION+wg2`'s nginx cannot start (its configuration test
+/// fails), which no dry-run can see: its maintainer scripts ask for a
+/// restart, held back in the sandbox. Served over HTTP on `addr` (the lab
+/// bridge's address) while it lives.
+pub struct ServiceRepo {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its base URL (`http://ADDR:PORT`).
+    pub url: String,
+    /// The version the hosts have.
+    pub installed: String,
+    /// The good update's version.
+    pub good: String,
+    /// The broken update's version.
+    pub broken: String,
+}
+
+impl ServiceRepo {
+    /// Build it under `dir` from the image's kept nginx package, and serve
+    /// it on `addr`.
+    pub fn start(dir: &Path, addr: &str) -> Result<ServiceRepo> {
+        let debs = crate::image::debs_dir();
+        let orig = std::fs::read_dir(&debs)
+            .with_context(|| format!("reading {} (the host image's kept packages)", debs.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("nginx_")))
+            .with_context(|| format!("no nginx package in {}", debs.display()))?;
+        let work = dir.join("work");
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work)?;
+        let tree = work.join("nginx");
+        run(
+            Command::new("dpkg-deb").arg("-R").arg(&orig).arg(&tree),
+            "unpacking nginx (dpkg-deb)",
+        )?;
+        let control = std::fs::read_to_string(tree.join("DEBIAN/control"))?;
+        let installed = control
+            .lines()
+            .find_map(|l| l.strip_prefix("Version: "))
+            .context("nginx's control file has no version")?
+            .to_owned();
+        let good = format!("{installed}+wg1");
+        let broken = format!("{installed}+wg2");
+        for (suite, version) in [("good", &good), ("broken", &broken)] {
+            std::fs::write(
+                tree.join("DEBIAN/control"),
+                control.replace(&format!("Version: {installed}"), &format!("Version: {version}")),
+            )?;
+            if suite == "broken" {
+                // The real binary stays, under another name; the one the
+                // service starts fails its configuration test.
+                let bin = tree.join("usr/sbin/nginx");
+                std::fs::write(
+                    &bin,
+                    "#!/bin/sh\necho 'nginx: [emerg] this build cannot read its configuration' >&2\nexit 1\n",
+                )?;
+            }
+            let out = dir.join(suite);
+            std::fs::create_dir_all(&out)?;
+            run(
+                Command::new("dpkg-deb")
+                    .args(["-Zgzip", "-b"])
+                    .arg(&tree)
+                    .arg(out.join(format!("nginx_{}_amd64.deb", version.replace(':', "%3a")))),
+                "building nginx (dpkg-deb)",
+            )?;
+            index(&out)?;
+        }
+        let listener = TcpListener::bind((addr, 0)).with_context(|| format!("listening on {addr}"))?;
+        let port = listener.local_addr()?.port();
+        let root = dir.to_path_buf();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let root = root.clone();
+                std::thread::spawn(move || serve(&root, conn));
+            }
+        });
+        Ok(ServiceRepo {
+            dir: dir.to_path_buf(),
+            url: format!("http://{addr}:{port}"),
+            installed,
+            good,
+            broken,
+        })
+    }
+
+    /// An apt source line for one of its suites (`good`, `broken`).
+    pub fn source(&self, which: &str) -> String {
+        format!("deb [trusted=yes] {}/{which} ./\n", self.url)
+    }
+}
+
 /// Make a lab host an apt host: apt's directories, a sources.list naming
 /// one of the repository's suites (`good`, `broken`), an empty dpkg
 /// database, and wgtest 1.0 installed by dpkg (through `agent_bin`, default
@@ -187,6 +283,31 @@ pub fn seed_host(lab_dir: &Path, host: &str, repo: &Repo, suite: &str, agent_bin
     Ok(())
 }
 
+/// A request path with its `%XX` escapes decoded (apt asks for
+/// `nginx_1.0%2bwg1.deb`); an escape that is not one is kept as it is.
+fn percent_decoded(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Answer GET requests with files under `root`, one per connection.
 fn serve(root: &Path, conn: std::net::TcpStream) {
     let mut reader = BufReader::new(match conn.try_clone() {
@@ -204,7 +325,7 @@ fn serve(root: &Path, conn: std::net::TcpStream) {
         }
     }
     let mut conn = conn;
-    let path = request.split_whitespace().nth(1).unwrap_or("/");
+    let path = percent_decoded(request.split_whitespace().nth(1).unwrap_or("/"));
     let rel = path.trim_start_matches('/');
     let head = request.starts_with("HEAD ");
     let file = if rel.split('/').any(|p| p == "..") {
@@ -226,4 +347,16 @@ fn serve(root: &Path, conn: std::net::TcpStream) {
             "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         ),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_paths_are_percent_decoded() {
+        assert_eq!(
+            super::percent_decoded("/good/./nginx_1.22.1-9%2bdeb12u9%2Bwg1_amd64.deb"),
+            "/good/./nginx_1.22.1-9+deb12u9+wg1_amd64.deb"
+        );
+        assert_eq!(super::percent_decoded("/a%zz%2"), "/a%zz%2");
+    }
 }
