@@ -66,6 +66,33 @@ pub struct Net {
     pub nodes: BTreeMap<String, Node>,
 }
 
+/// inotify instances the machine allows each user, at least: every booted
+/// host's systemd, journald and D-Bus take a dozen or more, all as root,
+/// and the kernel's default of 128 runs out at about eight hosts (they then
+/// fail to boot with "Too many open files"). LXD and Kubernetes nodes are
+/// set up the same way.
+const INOTIFY_INSTANCES: u64 = 8192;
+const INOTIFY_SYSCTL: &str = "/proc/sys/fs/inotify/max_user_instances";
+
+/// Raise the machine's inotify instance limit for booted hosts if it is
+/// lower than [`INOTIFY_INSTANCES`] (a kernel setting, not a file: it
+/// lasts until the machine reboots). Says so when it does.
+pub fn enough_inotify() -> Result<()> {
+    let now: u64 = std::fs::read_to_string(INOTIFY_SYSCTL)
+        .context("reading fs.inotify.max_user_instances")?
+        .trim()
+        .parse()
+        .context("fs.inotify.max_user_instances is not a number")?;
+    if now < INOTIFY_INSTANCES {
+        std::fs::write(INOTIFY_SYSCTL, INOTIFY_INSTANCES.to_string())
+            .context("raising fs.inotify.max_user_instances for the booted hosts")?;
+        println!(
+            "lab: raised fs.inotify.max_user_instances from {now} to {INOTIFY_INSTANCES}: every booted host's systemd needs a dozen"
+        );
+    }
+    Ok(())
+}
+
 /// A short tag for names the kernel limits to 15 bytes.
 fn tag(dir: &Path) -> String {
     use sha2::Digest as _;

@@ -174,6 +174,7 @@ pub async fn up_ha(
         HostKind::Dir => None,
         HostKind::Container => {
             let image = crate::image::ensure()?;
+            crate::container::enough_inotify()?;
             let net = crate::container::network(&dir, &hosts)?;
             if let Err(e) = crate::container::roots(&dir, &image, &net) {
                 let _ = unmount_all(&dir);

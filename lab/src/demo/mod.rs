@@ -14,7 +14,7 @@ use wavegate_operator::policies::PolicyArgs;
 
 use crate::disks::{FsSpec, unmount_all};
 use crate::processes::down;
-use crate::up::up;
+use crate::up::{HostKind, up_kind};
 
 mod provider;
 
@@ -31,6 +31,11 @@ pub struct DemoArgs {
     /// Where to build the lab (default: a new directory under /tmp).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// What each host is: `dir` (a directory; the fastest) or `container`
+    /// (a systemd-nspawn container booted with systemd, running real nginx
+    /// and postfix, its agent installed over ssh and run by its unit).
+    #[arg(long, value_enum, default_value_t = HostKind::Dir)]
+    pub hosts: HostKind,
 }
 
 fn on_path(cmd: &str) -> bool {
@@ -38,7 +43,7 @@ fn on_path(cmd: &str) -> bool {
 }
 
 /// What this machine lacks for the demo, each with how to get it.
-fn preflight() -> Vec<String> {
+fn preflight(kind: HostKind) -> Vec<String> {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root: the lab's hosts run in mount, PID and network namespaces; run `sudo wavegate demo`".into());
@@ -65,12 +70,24 @@ fn preflight() -> Vec<String> {
             missing.push(format!("`{cmd}`: install it with `apt-get install {pkg}`"));
         }
     }
+    if kind == HostKind::Container {
+        for (cmd, pkg) in [
+            ("systemd-nspawn", "systemd-container"),
+            ("mmdebstrap", "mmdebstrap"),
+            ("ip", "iproute2"),
+            ("ssh", "openssh-client"),
+        ] {
+            if !on_path(cmd) {
+                missing.push(format!("`{cmd}`: install it with `apt-get install {pkg}`"));
+            }
+        }
+    }
     missing
 }
 
 /// Run the demo; returns the exit status.
 pub async fn run(args: DemoArgs) -> Result<u8> {
-    let missing = preflight();
+    let missing = preflight(args.hosts);
     if !missing.is_empty() {
         eprintln!("wavegate demo cannot run on this machine; it needs:");
         for m in &missing {
@@ -92,12 +109,17 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     );
     println!("(20 hosts: 8 shared-hosting servers w01-w08, a backup for each bk01-bk08 in another rack,");
     println!(" name servers, a mail relay and a management host. Each keeps its customers' /home on an");
-    println!(" ext4 filesystem of its own, on a loop device; nothing outside that directory is touched)\n");
+    println!(" ext4 filesystem of its own, on a loop device; nothing outside that directory is touched)");
+    if args.hosts == HostKind::Container {
+        println!("(every host is a container booted with systemd as PID 1 from a Debian 12 image, running");
+        println!(" nginx and postfix; the agent is installed over each host's sshd and run by its unit)");
+    }
+    println!();
     let fleet_path = dir.join("fleet.yaml");
     std::fs::write(&fleet_path, provider::fleet())?;
     let policies = PolicyArgs { policies: None };
     let homes = FsSpec::parse("/home=ext4").map_err(anyhow::Error::msg)?;
-    let status = up(&fleet_path, &dir.join("lab"), &policies, None, "10s", &[homes]).await?;
+    let status = up_kind(&fleet_path, &dir.join("lab"), &policies, "10s", &[homes], args.hosts).await?;
     if status != 0 {
         bail!("the lab did not start");
     }
@@ -111,6 +133,7 @@ pub async fn run(args: DemoArgs) -> Result<u8> {
     } else {
         down(&lab_dir)?;
         unmount_all(&lab_dir)?;
+        crate::container::remove_network(&lab_dir)?;
         let _ = std::fs::remove_dir_all(&dir);
         println!("\nThe lab is stopped and removed (run `wavegate demo --keep` to browse it afterwards).");
     }

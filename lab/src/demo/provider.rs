@@ -108,6 +108,26 @@ health:
 on_failure: rollback
 ";
 
+pub(super) const NGINX_UPDATE: &str = "name: nginx-update
+description: Debian's nginx, a new build, through apt; the shared servers only
+targets:
+  groups: [g-shared]
+  expect_count: 8
+steps:
+  - name: upgrade nginx
+    packages: {manager: apt, upgrade: [nginx]}
+    timeout: 2m
+waves:
+  - size: 1
+  - size: 50%
+health:
+  checks:
+    - {name: site answers, http: \"http://127.0.0.1/\", expect_status: 200}
+  bake: 300ms
+  interval: 100ms
+on_failure: rollback
+";
+
 pub(super) const PACKAGE_FIX: &str = "name: wgtest-fix
 description: the fix, as a package, through apt
 targets:
@@ -134,6 +154,9 @@ fn seed(dir: &Path, host: &str, path: &str, text: &str) -> Result<()> {
         .join("root")
         .join(path.trim_start_matches('/'));
     std::fs::create_dir_all(p.parent().context("parent")?)?;
+    // A file of its own, not through a symlink a booted host's package
+    // put there (nginx's sites-enabled/default).
+    let _ = std::fs::remove_file(&p);
     std::fs::write(&p, text).with_context(|| format!("seeding {}", p.display()))
 }
 
@@ -185,7 +208,7 @@ pub(super) fn seed_hosts(lab_dir: &Path) -> Result<()> {
                 lab_dir,
                 &host,
                 "/etc/nginx/sites-enabled/default",
-                "server { listen 80; root /home; }\n",
+                "server { listen 80 default_server; root /home; autoindex on; }\n",
             )?;
             seed(lab_dir, &host, "/opt/update/conf/version", "2012-06-01\n")?;
             seed(

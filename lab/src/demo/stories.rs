@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use wavegate_operator::client::Client;
 use wavegate_proto::v1 as pb;
 
-use super::provider::{BREAKS_SITE, CUSTOMERS, GOOD, PACKAGE_FIX, REPLAY, customer_files, seed_hosts};
+use super::provider::{BREAKS_SITE, CUSTOMERS, GOOD, NGINX_UPDATE, PACKAGE_FIX, REPLAY, customer_files, seed_hosts};
 use crate::certs::lab_conn;
 use crate::exec::exec_output;
 use crate::repo::{Repo, seed_host};
@@ -190,6 +190,32 @@ pub(super) async fn stories(lab_dir: &Path) -> Result<bool> {
         ok = false;
     }
 
+    let (packages_ok, packages_line) = if crate::up::host_kind(lab_dir) == crate::up::HostKind::Container {
+        nginx_story(&mut submitter, &mut approver, lab_dir).await?
+    } else {
+        wgtest_story(&mut submitter, &mut approver, lab_dir).await?
+    };
+    ok &= packages_ok;
+
+    println!("\nSummary");
+    println!("  patched:   {touched} hosts, canary first, backups last (rollout {id})");
+    println!(
+        "  prevented: the 2012 program's delete, refused by the dry-run on its canary, which alone would have lost {prevented} customer files"
+    );
+    println!("  halted:    the site-breaking change stopped at 1 host and was undone (rollout {id3})");
+    println!("  packages:  {packages_line}");
+    println!("  look next: the web view, logging in with {web}");
+    println!("             (works once, while the lab runs: `wavegate demo --keep`)");
+    println!(
+        "             `. {}/identities/auditor.env; wavegate audit report {id3}`; `wavegate audit verify`",
+        lab_dir.display()
+    );
+    Ok(ok)
+}
+
+/// Story 4 on directory hosts: the test package wgtest through apt.
+async fn wgtest_story(submitter: &mut Client, approver: &mut Client, lab_dir: &Path) -> Result<(bool, String)> {
+    let mut ok = true;
     println!("\n4. The fix as a package, through apt, from a local repository on loopback");
     let repo = Repo::start(&lab_dir.join("repo"))?;
     let shared: Vec<String> = (1..=CUSTOMERS.len()).map(|n| format!("w{n:02}")).collect();
@@ -197,7 +223,7 @@ pub(super) async fn stories(lab_dir: &Path) -> Result<bool> {
         seed_host(lab_dir, h, &repo, "good", None)?;
     }
     println!("   wgtest 1.0 is installed on the {} shared servers", shared.len());
-    let id4 = match submit(&mut submitter, lab_dir, "wgtest-fix", PACKAGE_FIX).await? {
+    let id4 = match submit(submitter, lab_dir, "wgtest-fix", PACKAGE_FIX).await? {
         Ok(id) => id,
         Err(s) => bail!("the package plan was refused: {}", s.message()),
     };
@@ -217,7 +243,7 @@ pub(super) async fn stories(lab_dir: &Path) -> Result<bool> {
             plan_hash: String::new(),
         })
         .await?;
-    let s = follow(&mut submitter, &id4, &["completed", "halted", "aborted"]).await?;
+    let s = follow(submitter, &id4, &["completed", "halted", "aborted"]).await?;
     let mut upgraded = 0;
     for h in &shared {
         let cmd: Vec<String> = ["dpkg-query", "-W", "-f", "${Version}", "wgtest"]
@@ -241,20 +267,97 @@ pub(super) async fn stories(lab_dir: &Path) -> Result<bool> {
         ok = false;
     }
 
-    println!("\nSummary");
-    println!("  patched:   {touched} hosts, canary first, backups last (rollout {id})");
+    Ok((
+        ok,
+        format!("wgtest 1.0 -> 1.1 through apt on {upgraded} hosts, each dry-run offline first (rollout {id4})"),
+    ))
+}
+
+/// A command's trimmed output on a lab host (empty when it failed).
+fn on(lab_dir: &Path, host: &str, cmd: &str) -> String {
+    let cmd: Vec<String> = vec!["sh".into(), "-c".into(), cmd.into()];
+    match exec_output(lab_dir, host, None, &cmd) {
+        Ok((0, out, _)) => String::from_utf8_lossy(&out).trim().to_owned(),
+        _ => String::new(),
+    }
+}
+
+/// Story 4 on booted hosts: Debian's own nginx, rebuilt with a new
+/// version, through apt; its maintainer scripts' restart held back in the
+/// dry-run and done by the agent in the real run.
+async fn nginx_story(submitter: &mut Client, approver: &mut Client, lab_dir: &Path) -> Result<(bool, String)> {
+    let mut ok = true;
+    println!("\n4. A real nginx update through apt, on hosts booted with systemd");
+    let containers: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(lab_dir.join("containers.json"))?)?;
+    let gateway = containers["gateway"].as_str().unwrap_or("127.0.0.1");
+    let repo = crate::repo::ServiceRepo::start(&lab_dir.join("repo"), gateway)?;
+    let shared: Vec<String> = (1..=CUSTOMERS.len()).map(|n| format!("w{n:02}")).collect();
+    for h in &shared {
+        on(
+            lab_dir,
+            h,
+            &format!("printf '%s' '{}' > /etc/apt/sources.list.d/wavegate-lab.list", repo.source("good").trim()),
+        );
+    }
+    let pid = |h: &str| on(lab_dir, h, "systemctl show --property=MainPID --value nginx");
+    let before: Vec<String> = shared.iter().map(|h| pid(h)).collect();
     println!(
-        "  prevented: the 2012 program's delete, refused by the dry-run on its canary, which alone would have lost {prevented} customer files"
+        "   nginx {} runs under systemd on the {} shared servers; the repository offers {}",
+        repo.installed,
+        shared.len(),
+        repo.good
     );
-    println!("  halted:    the site-breaking change stopped at 1 host and was undone (rollout {id3})");
+    let id4 = match submit(submitter, lab_dir, "nginx-update", NGINX_UPDATE).await? {
+        Ok(id) => id,
+        Err(s) => bail!("the nginx plan was refused: {}", s.message()),
+    };
+    let dry = submitter
+        .dry_runs(pb::DryRunsRequest {
+            id: id4.clone(),
+            host: String::new(),
+        })
+        .await?
+        .into_inner();
+    for line in &dry.summaries {
+        println!("   {line}");
+    }
+    let canary = &shared[0];
+    let after_dry = pid(canary);
     println!(
-        "  packages:  wgtest 1.0 -> 1.1 through apt on {upgraded} hosts, each dry-run offline first (rollout {id4})"
+        "   after the dry-run, {canary}'s live nginx still has main PID {after_dry} (was {})",
+        before[0]
     );
-    println!("  look next: the web view, logging in with {web}");
-    println!("             (works once, while the lab runs: `wavegate demo --keep`)");
-    println!(
-        "             `. {}/identities/auditor.env; wavegate audit report {id3}`; `wavegate audit verify`",
-        lab_dir.display()
-    );
-    Ok(ok)
+    ok &= after_dry == before[0];
+    approver
+        .approve(pb::ApproveRequest {
+            id: id4.clone(),
+            plan_hash: String::new(),
+        })
+        .await?;
+    let s = follow(submitter, &id4, &["completed", "halted", "aborted"]).await?;
+    let mut restarted = 0;
+    for (h, b) in shared.iter().zip(&before) {
+        let version = on(lab_dir, h, "dpkg-query -W -f '${Version}' nginx");
+        let now = pid(h);
+        if version == repo.good && now != *b && now != "0" {
+            restarted += 1;
+        }
+    }
+    if s.state == "completed" && restarted == shared.len() {
+        println!(
+            "   COMPLETED: nginx {} on all {restarted} servers, each restarted by the agent (a new main PID), answering over HTTP",
+            repo.good
+        );
+    } else {
+        println!("   unexpected: the rollout ended {}, {restarted} hosts upgraded and restarted", s.state);
+        ok = false;
+    }
+    Ok((
+        ok,
+        format!(
+            "nginx {} -> {} through apt on {restarted} booted hosts, restarted by systemd only in the real run (rollout {id4})",
+            repo.installed, repo.good
+        ),
+    ))
 }
