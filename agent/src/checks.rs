@@ -92,6 +92,7 @@ pub async fn run_tailed(
                 host_root,
                 Mode::Confined,
             );
+            job.check = true;
             if let Some((stream, _)) = &tail {
                 job.redact.clone_from(&stream.redact);
             }

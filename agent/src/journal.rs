@@ -82,6 +82,11 @@ pub struct Job {
     /// after the run when their maintainer scripts ask (see `services`).
     #[serde(default)]
     pub packages: Option<wavegate_domain::packages::Packages>,
+    /// A health check: it may reach the host's unix sockets but the
+    /// service manager's and D-Bus's (a database's, to ask whether it is
+    /// up); a step reaches none.
+    #[serde(default)]
+    pub check: bool,
     /// The boot it was accepted in.
     #[serde(default)]
     pub boot_id: String,
@@ -114,6 +119,7 @@ impl Job {
             stage_out: None,
             protect: Vec::new(),
             packages: None,
+            check: false,
             boot_id: String::new(),
             from: String::new(),
             accepted_ms: 0,

@@ -154,6 +154,10 @@ fn confine(job: &Job, base: &Path) -> Result<PathBuf> {
             mounts::readonly_tree(&at)?;
         }
     }
+    // No socket of the host answers: not the service manager's, not
+    // D-Bus's (a raw client there could start any unit, outside the write
+    // set), not a database's. Abstract sockets are Landlock's to scope.
+    crate::sandbox::mask_sockets(root, &m, job.check)?;
     Ok(m)
 }
 

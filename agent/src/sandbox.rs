@@ -385,6 +385,44 @@ fn unix_socket_paths() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Cover every bound unix socket of the host that `view` (a view of
+/// `host_root`, in this process's own mount namespace) shows with
+/// /dev/null: the service manager's, D-Bus's, journald's, a database's.
+/// A raw client on systemd's private socket could start or stop any unit,
+/// outside every write set; in the sandbox and in a confined real run
+/// nothing answers there. With `service_manager_only` (a health check,
+/// which may well ask a database's socket whether it is up), only systemd's
+/// and D-Bus's sockets are covered.
+pub fn mask_sockets(host_root: &Path, view: &Path, service_manager_only: bool) -> Result<()> {
+    for sock in unix_socket_paths() {
+        let path = sock
+            .strip_prefix(host_root)
+            .map(|r| Path::new("/").join(r))
+            .unwrap_or(sock.clone());
+        if service_manager_only
+            && !["/run/systemd", "/run/dbus", "/var/run/dbus", "/var/run/systemd"]
+                .iter()
+                .any(|d| path.starts_with(d))
+        {
+            continue;
+        }
+        let rel = match sock.strip_prefix(host_root) {
+            Ok(r) => r.to_path_buf(),
+            Err(_) if host_root == Path::new("/") => sock.strip_prefix("/").map(Path::to_path_buf).unwrap_or_default(),
+            Err(_) => continue,
+        };
+        let target = view.join(&rel);
+        if target
+            .symlink_metadata()
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false)
+        {
+            mounts::bind(Path::new("/dev/null"), &target, false)?;
+        }
+    }
+    Ok(())
+}
+
 /// The sandbox as set up: the merged view, its overlays, and the mounts of
 /// the host it was built from.
 pub struct Sandbox {
@@ -566,22 +604,7 @@ pub fn setup(host_root: &Path, base: &Path, untouchable: &[String], stages: &[Pa
             mounts::tmpfs(&p, "size=256m,mode=1777")?;
         }
     }
-    // Every listening unix socket path of the host, masked.
-    for sock in unix_socket_paths() {
-        let rel = match sock.strip_prefix(host_root) {
-            Ok(r) => r.to_path_buf(),
-            Err(_) if host_root == Path::new("/") => sock.strip_prefix("/").map(Path::to_path_buf).unwrap_or_default(),
-            Err(_) => continue,
-        };
-        let target = merged.join(&rel);
-        if target
-            .symlink_metadata()
-            .map(|m| m.file_type().is_socket())
-            .unwrap_or(false)
-        {
-            mounts::bind(Path::new("/dev/null"), &target, false)?;
-        }
-    }
+    mask_sockets(host_root, &merged, false)?;
     std::fs::create_dir_all(merged.join("proc")).ok();
     Ok(Sandbox {
         merged,
