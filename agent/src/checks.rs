@@ -93,6 +93,7 @@ pub async fn run_tailed(
                 Mode::Confined,
             );
             job.check = true;
+            job.network = true;
             if let Some((stream, _)) = &tail {
                 job.redact.clone_from(&stream.redact);
             }

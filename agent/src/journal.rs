@@ -87,6 +87,10 @@ pub struct Job {
     /// up); a step reaches none.
     #[serde(default)]
     pub check: bool,
+    /// Whether it keeps the host's network: a fetch and a health check do;
+    /// a step runs in a network namespace of its own, as its dry-run did.
+    #[serde(default)]
+    pub network: bool,
     /// The boot it was accepted in.
     #[serde(default)]
     pub boot_id: String,
@@ -120,6 +124,7 @@ impl Job {
             protect: Vec::new(),
             packages: None,
             check: false,
+            network: false,
             boot_id: String::new(),
             from: String::new(),
             accepted_ms: 0,

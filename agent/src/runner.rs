@@ -326,7 +326,11 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
         };
         std::fs::write(&spec_file, serde_json::to_vec(&spec)?)?;
         let exe = std::env::current_exe().context("finding the agent's own binary")?;
-        crate::jail::command(&exe, &spec_file, false)
+        // A step runs without the network, as its dry-run did: it reaches
+        // no service (a database over TCP, an abstract socket) whose
+        // effects no dry-run sees; what it needs from outside is its
+        // fetch's. A fetch and a health check keep the host's network.
+        crate::jail::command(&exe, &spec_file, !job.network)
     } else if root == Path::new("/") {
         let mut c = Command::new("/bin/sh");
         c.arg("-c").arg(&job.run);

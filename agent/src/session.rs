@@ -533,6 +533,7 @@ async fn answer(
             job.hide = hidden(cfg);
             job.from.clone_from(&cfg.controller);
             job.writes = f.writes.clone();
+            job.network = true;
             job.protect = own_paths(cfg);
             job.boot_id.clone_from(&cfg.boot_id);
             match run_streamed(cfg, journal, job, stream, tx).await {

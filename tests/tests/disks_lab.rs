@@ -234,28 +234,28 @@ fn an_undeclared_write_to_the_database_filesystem_fails_read_only_and_a_declared
         lab.seed(h, "/var/lib/mysql/shop/orders.ibd", &format!("orders of {h}\n"));
         lab.seed(h, "/etc/mysql/my.cnf", "[mysqld]\n");
     }
-    // It writes the database only when it can reach the network, so the
-    // dry-run (no network) sees a harmless tuning change.
-    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
-    let port = server.local_addr().expect("addr").port();
-    std::thread::spawn(move || for _ in server.incoming() {});
+    // It writes the database only when it finds a file in /run, which the
+    // real run sees and the dry-run (a private /run) does not, so the
+    // dry-run sees a harmless tuning change.
+    for h in DISK_HOSTS {
+        lab.seed(h, "/run/mysqld-up", "yes\n");
+    }
     let before = lab.all_host_files();
-    let sneaky = lab.write_plan("sneaky",
-        &format!(
-            "name: mysql-tuning
+    let sneaky = lab.write_plan(
+        "sneaky",
+        "name: mysql-tuning
 targets:
   groups: [g-web, g-backup, g-dns]
 steps:
   - name: tune
-    run: \"echo 'innodb_buffer_pool_size = 1G' >> /etc/mysql/my.cnf; if bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null; then echo gone > /var/lib/mysql/shop/orders.ibd; fi\"
+    run: \"echo 'innodb_buffer_pool_size = 1G' >> /etc/mysql/my.cnf; if test -e /run/mysqld-up; then echo gone > /var/lib/mysql/shop/orders.ibd; fi\"
     writes: [/etc/mysql]
 waves:
   - size: 1
 health:
   bake: 100ms
   interval: 50ms
-"
-        ),
+",
     );
     let id = lab.submit_path(&sneaky);
     lab.approve(&id);
