@@ -121,6 +121,18 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         agent: Vec<String>,
     },
+    /// Build (or find in the cache) the booted hosts' Debian image and the
+    /// VM disk made of it; prints where they are. `lab up --hosts
+    /// container|vm` does this itself; this is for doing it ahead.
+    Image,
+    /// Internal: carry one connection between stdin/stdout and a TCP
+    /// address (qemu runs it for each connection a VM makes to the
+    /// controller's forwarded address).
+    #[command(hide = true)]
+    Relay {
+        /// HOST:PORT to connect to.
+        addr: String,
+    },
     /// Internal: one container host's machine. Runs systemd-nspawn, and
     /// again whenever the container reboots.
     #[command(hide = true)]
@@ -219,6 +231,20 @@ pub async fn run(cmd: LabCommand) -> Result<u8> {
             agent,
         } => boot(&host_dir, &boot_id_file, &agent),
         LabCommand::Machine { nspawn } => crate::container::machine(&nspawn),
+        LabCommand::Relay { addr } => crate::vm::relay(&addr),
+        LabCommand::Image => {
+            let root = crate::image::ensure()?;
+            let disk = crate::image::vm_disk(&root)?;
+            println!(
+                "image {} (Debian {}): root {}",
+                crate::image::input_hash(),
+                crate::image::SUITE,
+                root.display()
+            );
+            println!("  VM disk {}", disk.display());
+            println!("  kept packages {}", crate::image::debs_dir().display());
+            Ok(0)
+        }
         LabCommand::Down { dir } => {
             let dir = absolute(&dir)?;
             let n = down(&dir)?;

@@ -180,6 +180,15 @@ pub fn remove_network(dir: &Path) -> Result<usize> {
     Ok(n)
 }
 
+/// The hosts of a lab that are reached over ssh (container or VM hosts;
+/// `None` for a lab of directory hosts).
+pub fn ssh_hosts(dir: &Path) -> Option<Vec<String>> {
+    if let Some(ports) = crate::vm::ssh_ports(dir) {
+        return Some(ports.into_keys().collect());
+    }
+    addresses(dir).map(|a| a.into_keys().collect())
+}
+
 /// Read a lab's container hosts' addresses (`None` for a lab of
 /// directory hosts).
 pub fn addresses(dir: &Path) -> Option<BTreeMap<String, String>> {
@@ -199,7 +208,7 @@ pub fn ssh_dir(dir: &Path) -> PathBuf {
     dir.join("ssh")
 }
 
-fn keygen(path: &Path, comment: &str) -> Result<()> {
+pub(crate) fn keygen(path: &Path, comment: &str) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(path.with_extension("pub"));
     run(
@@ -324,27 +333,28 @@ pub fn machine(nspawn: &[String]) -> Result<u8> {
     }
 }
 
-/// Wait until every host's sshd answers.
-pub async fn wait_for_sshd(net: &Net, within: Duration) -> Result<()> {
+/// Wait until every host's sshd answers with its banner (a forwarded
+/// port accepts before the guest listens, so a connection alone proves
+/// nothing). `hosts` are (id, address, port).
+pub async fn wait_for_sshd(hosts: &[(String, String, u16)], within: Duration) -> Result<()> {
+    use tokio::io::AsyncReadExt as _;
     let deadline = tokio::time::Instant::now() + within;
-    for node in net.nodes.values() {
+    for (id, addr, port) in hosts {
         loop {
-            let probe = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::net::TcpStream::connect((node.addr.as_str(), 22)),
-            )
+            let probe = tokio::time::timeout(Duration::from_secs(3), async {
+                let mut s = tokio::net::TcpStream::connect((addr.as_str(), *port)).await?;
+                let mut banner = [0u8; 4];
+                s.read_exact(&mut banner).await?;
+                Ok::<bool, std::io::Error>(&banner == b"SSH-")
+            })
             .await;
-            if matches!(probe, Ok(Ok(_))) {
+            if matches!(probe, Ok(Ok(true))) {
                 break;
             }
             if tokio::time::Instant::now() > deadline {
-                bail!(
-                    "host {} did not boot to sshd ({}:22) within {within:?}; see its console log",
-                    node.id,
-                    node.addr
-                );
+                bail!("host {id} did not boot to sshd ({addr}:{port}) within {within:?}; see its console log");
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
     Ok(())
@@ -358,14 +368,14 @@ pub async fn install_agents(
     agent_bin: &Path,
     url: &str,
     admin_env: &[(String, String)],
-    net: &Net,
+    hosts: &[String],
 ) -> Result<()> {
     let ssh = ssh_dir(dir);
     let mut running = Vec::new();
-    for node in net.nodes.values() {
-        let log = std::fs::File::create(dir.join(format!("logs/install-{}.log", node.id)))?;
+    for id in hosts {
+        let log = std::fs::File::create(dir.join(format!("logs/install-{id}.log")))?;
         let child = tokio::process::Command::new(me)
-            .args(["agent", "install", "--ssh", &node.id, "--host-id", &node.id])
+            .args(["agent", "install", "--ssh", id, "--host-id", id])
             .arg("--ssh-config")
             .arg(ssh.join("config"))
             .arg("--certs")
@@ -379,7 +389,7 @@ pub async fn install_agents(
             .stderr(log)
             .spawn()
             .context("starting `wavegate agent install`")?;
-        running.push((node.id.clone(), child));
+        running.push((id.clone(), child));
     }
     let mut failed = Vec::new();
     for (id, mut child) in running {

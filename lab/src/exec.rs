@@ -38,8 +38,8 @@ pub fn exec_output(
     agent_bin: Option<PathBuf>,
     cmd: &[String],
 ) -> Result<(u8, Vec<u8>, String)> {
-    if let Some(hosts) = crate::container::addresses(dir) {
-        if !hosts.contains_key(host) {
+    if let Some(hosts) = crate::container::ssh_hosts(dir) {
+        if !hosts.iter().any(|h| h == host) {
             bail!("{} has no host `{host}`", dir.display());
         }
         // A booted host is reached the way an operator reaches it.

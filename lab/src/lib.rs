@@ -31,6 +31,7 @@ pub mod processes;
 pub mod repo;
 pub mod status;
 pub mod up;
+pub mod vm;
 
 pub use command::{LabCommand, run};
 pub use policies::lab_policies;

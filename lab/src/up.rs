@@ -30,6 +30,10 @@ pub enum HostKind {
     /// A systemd-nspawn container each, booted with systemd as PID 1 from
     /// a Debian 12 image; the agent installed over ssh and run by its unit.
     Container,
+    /// A qemu virtual machine each, booting the same image's kernel (KVM
+    /// when this machine can run the guest, TCG otherwise), `/home` on a
+    /// virtual disk of its own; the agent installed over ssh likewise.
+    Vm,
 }
 
 impl HostKind {
@@ -38,6 +42,7 @@ impl HostKind {
         match self {
             HostKind::Dir => "dir",
             HostKind::Container => "container",
+            HostKind::Vm => "vm",
         }
     }
 }
@@ -46,6 +51,8 @@ impl HostKind {
 pub fn host_kind(dir: &Path) -> HostKind {
     if dir.join("containers.json").exists() {
         HostKind::Container
+    } else if dir.join("vms.json").exists() {
+        HostKind::Vm
     } else {
         HostKind::Dir
     }
@@ -165,13 +172,28 @@ pub async fn up_ha(
         v.sort();
         v
     };
-    if (!fs.is_empty() || kind == HostKind::Container) && !nix::unistd::geteuid().is_root() {
-        bail!("--fs and container hosts need root (loop devices, mounts, namespaces)");
+    if (!fs.is_empty() || kind != HostKind::Dir) && !nix::unistd::geteuid().is_root() {
+        bail!("--fs, container and VM hosts need root (loop devices, mounts, namespaces)");
     }
+    if kind == HostKind::Vm && fs.iter().any(|f| f.path != "/home") {
+        bail!(
+            "a VM host has /home on a virtual disk of its own; other --fs filesystems are for dir and container hosts"
+        );
+    }
+    let mut vm_image = None;
+    let vms = match kind {
+        HostKind::Vm => {
+            let image = crate::image::ensure()?;
+            let vms = crate::vm::prepare(&dir, &image, &hosts)?;
+            vm_image = Some(image);
+            Some(vms)
+        }
+        _ => None,
+    };
     // Container hosts: the image, the bridge the controller listens on
     // and every host's root, before the certificates name that address.
     let net = match kind {
-        HostKind::Dir => None,
+        HostKind::Dir | HostKind::Vm => None,
         HostKind::Container => {
             let image = crate::image::ensure()?;
             crate::container::enough_inotify()?;
@@ -199,8 +221,9 @@ pub async fn up_ha(
             std::fs::create_dir_all(dir.join("hosts").join(h).join("agent"))?;
         }
     }
-    // Every host's filesystems, before any agent starts.
-    for h in &hosts {
+    // Every host's filesystems, before any agent starts (a VM's are
+    // virtual disks, made with it).
+    for h in hosts.iter().filter(|_| vms.is_none()) {
         if let Err(e) = mount_disks(&dir.join("hosts").join(h), fs) {
             let _ = unmount_all(&dir);
             return Err(e.context(format!("giving host {h} its filesystems")));
@@ -328,14 +351,32 @@ pub async fn up_ha(
     let url = urls.join(",");
 
     // One agent per host: booted hosts get theirs over ssh, under its unit.
-    if let Some(net) = &net {
-        for node in net.nodes.values() {
-            let mut args: Vec<String> = vec!["lab".into(), "machine".into(), "--".into()];
-            args.extend(crate::container::nspawn_args(&dir, node));
-            spawn(&me, &args, &dir.join(format!("logs/console-{}.log", node.id)))?;
+    if net.is_some() || vms.is_some() {
+        let mut endpoints = Vec::new();
+        if let Some(net) = &net {
+            for node in net.nodes.values() {
+                let mut args: Vec<String> = vec!["lab".into(), "machine".into(), "--".into()];
+                args.extend(crate::container::nspawn_args(&dir, node));
+                spawn(&me, &args, &dir.join(format!("logs/console-{}.log", node.id)))?;
+                endpoints.push((node.id.clone(), node.addr.clone(), 22));
+            }
         }
+        if let (Some(vms), Some(image)) = (&vms, &vm_image) {
+            for (h, port) in &vms.ssh_ports {
+                let mut args: Vec<String> = vec!["lab".into(), "machine".into(), "--".into()];
+                args.extend(crate::vm::qemu_args(&dir, image, h, *port, &urls[0])?);
+                spawn(&me, &args, &dir.join(format!("logs/console-{h}.log")))?;
+                endpoints.push((h.clone(), "127.0.0.1".to_owned(), *port));
+            }
+        }
+        let agent_url = if vms.is_some() {
+            crate::vm::agent_url()
+        } else {
+            url.clone()
+        };
+        let boot_within = Duration::from_secs(if vms.is_some() { 300 } else { 120 });
         let started = async {
-            crate::container::wait_for_sshd(net, Duration::from_secs(120)).await?;
+            crate::container::wait_for_sshd(&endpoints, boot_within).await?;
             let pair = certs.operator("admin");
             let env = [
                 ("WAVEGATE_CONTROLLER".to_owned(), url.clone()),
@@ -343,7 +384,7 @@ pub async fn up_ha(
                 ("WAVEGATE_CERT".to_owned(), pair.cert.display().to_string()),
                 ("WAVEGATE_KEY".to_owned(), pair.key.display().to_string()),
             ];
-            crate::container::install_agents(&dir, &me, &agent_bin, &url, &env, net).await
+            crate::container::install_agents(&dir, &me, &agent_bin, &agent_url, &env, &hosts).await
         };
         if let Err(e) = started.await {
             let _ = down(&dir);
@@ -352,7 +393,7 @@ pub async fn up_ha(
             return Err(e);
         }
     }
-    for h in hosts.iter().filter(|_| net.is_none()) {
+    for h in hosts.iter().filter(|_| kind == HostKind::Dir) {
         let pair = certs.agent(h);
         let host_dir = dir.join("hosts").join(h);
         let mut args: Vec<String> = vec![
@@ -438,6 +479,17 @@ pub async fn up_ha(
             "  every host is a container booted with systemd on bridge {} ({}/24); `ssh -F {}/ssh/config HOST` reaches it",
             net.bridge,
             net.gateway,
+            dir.display()
+        );
+    }
+    if vms.is_some() {
+        println!(
+            "  every host is a qemu VM ({}) booted with systemd, /home on its own virtual disk; `ssh -F {}/ssh/config HOST` reaches it",
+            if crate::vm::kvm_usable() {
+                "KVM"
+            } else {
+                "TCG: no KVM for this guest here"
+            },
             dir.display()
         );
     }

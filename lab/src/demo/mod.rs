@@ -87,6 +87,12 @@ fn preflight(kind: HostKind) -> Vec<String> {
 
 /// Run the demo; returns the exit status.
 pub async fn run(args: DemoArgs) -> Result<u8> {
+    if args.hosts == HostKind::Vm {
+        eprintln!(
+            "wavegate demo runs on dir or container hosts (20 VMs under TCG would take minutes to boot); `wavegate lab up --hosts vm` makes a lab of VMs"
+        );
+        return Ok(2);
+    }
     let missing = preflight(args.hosts);
     if !missing.is_empty() {
         eprintln!("wavegate demo cannot run on this machine; it needs:");

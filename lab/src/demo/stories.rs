@@ -297,7 +297,10 @@ async fn nginx_story(submitter: &mut Client, approver: &mut Client, lab_dir: &Pa
         on(
             lab_dir,
             h,
-            &format!("printf '%s' '{}' > /etc/apt/sources.list.d/wavegate-lab.list", repo.source("good").trim()),
+            &format!(
+                "printf '%s' '{}' > /etc/apt/sources.list.d/wavegate-lab.list",
+                repo.source("good").trim()
+            ),
         );
     }
     let pid = |h: &str| on(lab_dir, h, "systemctl show --property=MainPID --value nginx");
@@ -350,7 +353,10 @@ async fn nginx_story(submitter: &mut Client, approver: &mut Client, lab_dir: &Pa
             repo.good
         );
     } else {
-        println!("   unexpected: the rollout ended {}, {restarted} hosts upgraded and restarted", s.state);
+        println!(
+            "   unexpected: the rollout ended {}, {restarted} hosts upgraded and restarted",
+            s.state
+        );
         ok = false;
     }
     Ok((
