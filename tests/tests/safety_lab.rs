@@ -105,18 +105,17 @@ fn the_2012_replay_is_refused_by_the_first_waves_dry_run_and_nothing_changes() {
 #[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_delete_that_hides_from_the_sandbox_fails_confined_on_the_canary_and_is_rolled_back() {
     let lab = Lab::up("variant-2012", "lab-fleet.yaml");
-    // Deletes only when it can reach the network: the dry-run (no network)
-    // sees a harmless update; the real run tries the delete.
-    let server = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
-    let port = server.local_addr().expect("addr").port();
-    std::thread::spawn(move || for _ in server.incoming() {});
+    // Deletes only when it finds a file in /run: the dry-run (a private
+    // /run) sees a harmless update; the real run tries the delete. (It
+    // used to ask the network; a real run has none now either.)
     seed_hosting_provider(
         &lab,
-        &format!(
-            "set -e\necho 1.1 > /opt/update/conf/version\n\
-             if bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null; then rm -rf /home/*; fi\n"
-        ),
+        "set -e\necho 1.1 > /opt/update/conf/version\n\
+         if test -e /run/update-server-up; then rm -rf /home/*; fi\n",
     );
+    for h in HOSTS {
+        lab.seed(h, "/run/update-server-up", "yes\n");
+    }
     let before = lab.all_host_files();
     let plan = lab.write_plan("variant", UPDATE_PLAN);
     let run = lab.wavegate_as("submitter", &["rollout", "submit", &plan, "--output", "json"]);
