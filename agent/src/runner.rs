@@ -312,6 +312,12 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
             job.host_root.clone()
         }
     };
+    // The services a package step's scripts may have restarted, read from
+    // the package database before the step can change it.
+    let units = match (&job.mode, &job.packages) {
+        (Mode::Confined, Some(p)) => Some(crate::packages::services(&job.host_root, p)),
+        _ => None,
+    };
     let out = std::fs::File::create(output)?;
     let mut cmd = if job.mode == Mode::Confined {
         // The jail: pivoted into the confined view, Landlock allowing
@@ -358,11 +364,10 @@ fn run(job: &Job, job_dir: &Path, output: &PathBuf) -> Result<(Outcome, i32, Str
                     return Ok((Outcome::Ok, 0, String::new()));
                 }
                 let asked = crate::services::requests(&root);
-                let done = match &job.packages {
-                    Some(p) => {
-                        let units = crate::packages::services(&job.host_root, p);
+                let done = match &units {
+                    Some(units) => {
                         let touched = crate::services::touched_file(job_dir);
-                        crate::services::perform(&job.host_root, &asked, &units, output, &touched)
+                        crate::services::perform(&job.host_root, &asked, units, output, &touched)
                     }
                     None => match asked
                         .iter()

@@ -69,6 +69,22 @@ done
 exit 0
 "#;
 
+/// Whether `unit` is a unit name wavegate acts on: letters, digits and
+/// `:_.@-`, not starting with `-`, ending in `.service` or `.socket`. No
+/// glob (`*.service` would stop every service), no option, no path.
+pub fn valid_unit(unit: &str) -> bool {
+    let stem = unit.strip_suffix(".service").or_else(|| unit.strip_suffix(".socket"));
+    stem.is_some_and(|s| {
+        !s.is_empty()
+            && !s.starts_with('-')
+            && !s.starts_with('.')
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b":_.@-".contains(&b))
+    })
+}
+
+/// The most of a request file the agent reads.
+const REQUESTS_MAX: u64 = 64 << 10;
+
 /// One request: an action on a unit.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Request {
@@ -164,7 +180,24 @@ pub fn install(view: &Path, host_root: &Path, work: &Path) -> Result<()> {
 /// The requests noted in the jail whose view is `view`, in order, each
 /// once.
 pub fn requests(view: &Path) -> Vec<Request> {
-    let text = std::fs::read_to_string(view.join(REQUESTS)).unwrap_or_default();
+    // The step owns the file: never follow a link it put there, never
+    // block on a FIFO, never read more than a request list's worth.
+    let text = {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32 | rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(view.join(REQUESTS));
+        match file {
+            Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => {
+                let mut t = String::new();
+                let _ = f.take(REQUESTS_MAX).read_to_string(&mut t);
+                t
+            }
+            _ => String::new(),
+        }
+    };
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     for line in text.lines() {
@@ -192,6 +225,13 @@ pub fn refusal(r: &Request, allowed: &BTreeSet<String>, package_step: bool) -> O
             r.action, r.unit
         ));
     }
+    if !valid_unit(&r.unit) {
+        return Some(format!(
+            "the step asks to {} `{}`, which is not a unit name wavegate acts on",
+            r.action,
+            r.unit.escape_debug()
+        ));
+    }
     if r.verb().is_none() {
         return Some(format!(
             "the step asks to `{}` {}, an action wavegate does not carry out",
@@ -216,7 +256,7 @@ pub fn refusal(r: &Request, allowed: &BTreeSet<String>, package_step: bool) -> O
 /// A unit's main PID (0 when it has none), for the step's output.
 fn main_pid(unit: &str) -> String {
     std::process::Command::new("systemctl")
-        .args(["show", "--property=MainPID", "--value", unit])
+        .args(["show", "--property=MainPID", "--value", "--", unit])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default()
@@ -263,7 +303,7 @@ pub fn perform(
         t.sync_all()?;
         let before = main_pid(&r.unit);
         let res = std::process::Command::new("systemctl")
-            .args([verb, &r.unit])
+            .args([verb, "--", &r.unit])
             .output()
             .context("running systemctl")?;
         let after = main_pid(&r.unit);
@@ -285,7 +325,10 @@ pub fn perform(
 
 /// Where the agent keeps, per rollout, the units its steps acted on.
 fn rollout_file(state_dir: &Path, rollout_id: &str) -> PathBuf {
-    state_dir.join("service-actions").join(rollout_id)
+    // A rollout id from the wire is never a path.
+    state_dir
+        .join("service-actions")
+        .join(crate::snapshot::safe_name(rollout_id))
 }
 
 /// After a real run: add the units the job acted on (`touched`) to its
@@ -308,7 +351,7 @@ pub fn after_restore(state_dir: &Path, host_root: &Path, rollout_id: &str) -> Re
     let Ok(text) = std::fs::read_to_string(rollout_file(state_dir, rollout_id)) else {
         return Ok(String::new());
     };
-    let units: BTreeSet<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let units: BTreeSet<&str> = text.lines().map(str::trim).filter(|l| valid_unit(l)).collect();
     if units.is_empty() || !systemd_host(host_root) {
         return Ok(String::new());
     }
@@ -317,7 +360,9 @@ pub fn after_restore(state_dir: &Path, host_root: &Path, rollout_id: &str) -> Re
         anyhow::bail!("restored, but systemctl daemon-reload failed");
     }
     for u in &units {
-        let res = std::process::Command::new("systemctl").args(["restart", u]).output()?;
+        let res = std::process::Command::new("systemctl")
+            .args(["restart", "--", u])
+            .output()?;
         if !res.status.success() {
             anyhow::bail!(
                 "restored, but systemctl restart {u} failed: {}",
@@ -372,6 +417,27 @@ mod tests {
     }
 
     #[test]
+    fn only_plain_unit_names_are_acted_on() {
+        for ok in ["nginx.service", "postfix@-.service", "php8.2-fpm.service", "ssh.socket"] {
+            assert!(valid_unit(ok), "{ok}");
+        }
+        for bad in [
+            "*.service",
+            "-.service",
+            "--now.service",
+            "../x.service",
+            "a b.service",
+            "nginx",
+            ".service",
+            "x.timer",
+        ] {
+            assert!(!valid_unit(bad), "{bad}");
+        }
+        let allowed: BTreeSet<String> = ["*.service".to_owned()].into();
+        assert!(refusal(&req("stop", "*.service"), &allowed, true).is_some());
+    }
+
+    #[test]
     fn requests_are_read_in_order_once_each() {
         let dir = std::env::temp_dir().join(format!("wg-services-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("tmp")).expect("dir");
@@ -384,6 +450,11 @@ mod tests {
             requests(&dir),
             vec![req("upgrade", "nginx.service"), req("restart", "nginx.service")]
         );
+        // A link the step leaves there is not followed.
+        std::fs::remove_file(dir.join(REQUESTS)).expect("rm");
+        std::fs::write(dir.join("elsewhere"), "restart ssh.service\n").expect("write");
+        std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join(REQUESTS)).expect("symlink");
+        assert_eq!(requests(&dir), Vec::new());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
