@@ -394,30 +394,51 @@ fn unix_socket_paths() -> Vec<PathBuf> {
 /// which may well ask a database's socket whether it is up), only systemd's
 /// and D-Bus's sockets are covered.
 pub fn mask_sockets(host_root: &Path, view: &Path, service_manager_only: bool) -> Result<()> {
+    let root_real = host_root.canonicalize()?;
+    let view_real = view.canonicalize()?;
     for sock in unix_socket_paths() {
-        let path = sock
-            .strip_prefix(host_root)
-            .map(|r| Path::new("/").join(r))
-            .unwrap_or(sock.clone());
-        if service_manager_only
-            && !["/run/systemd", "/run/dbus", "/var/run/dbus", "/var/run/systemd"]
-                .iter()
-                .any(|d| path.starts_with(d))
-        {
-            continue;
-        }
         let rel = match sock.strip_prefix(host_root) {
             Ok(r) => r.to_path_buf(),
             Err(_) if host_root == Path::new("/") => sock.strip_prefix("/").map(Path::to_path_buf).unwrap_or_default(),
             Err(_) => continue,
         };
-        let target = view.join(&rel);
-        if target
+        // Bound through a link (`/var/run/docker.sock`, /var/run being a
+        // link to /run): the socket is covered where it really is. One
+        // gone since the kernel listed it needs no cover.
+        let Ok(real) = host_root.join(&rel).canonicalize() else {
+            continue;
+        };
+        let Ok(rel) = real.strip_prefix(&root_real) else {
+            continue;
+        };
+        let path = Path::new("/").join(rel);
+        if service_manager_only
+            && !["/run/systemd", "/run/dbus", "/run/user"]
+                .iter()
+                .any(|d| path.starts_with(d))
+        {
+            continue;
+        }
+        let target = view_real.join(rel);
+        // No link on the way in the view either (a tenant's directory
+        // swapped for one since): the cover must land where it is named.
+        let expected = target.parent().map(Path::to_path_buf);
+        if target.parent().map(Path::canonicalize).and_then(Result::ok) != expected {
+            continue;
+        }
+        if !target
             .symlink_metadata()
             .map(|m| m.file_type().is_socket())
             .unwrap_or(false)
         {
-            mounts::bind(Path::new("/dev/null"), &target, false)?;
+            continue;
+        }
+        if let Err(e) = mounts::bind(Path::new("/dev/null"), &target, false) {
+            // Removed in the meantime: nothing to cover. Anything else
+            // leaves a socket open: fail closed.
+            if target.symlink_metadata().is_ok() {
+                return Err(e);
+            }
         }
     }
     Ok(())
