@@ -476,18 +476,14 @@ fn landlock(writable: &[String], accept_weaker: &[String]) -> Result<()> {
         RulesetStatus::FullyEnforced => Ok(()),
         _ if accept_weaker.iter().any(|a| a == "landlock") => Ok(()),
         // An older Landlock (Debian 12's 6.1 kernel has ABI 2): every
-        // write outside the write set is still refused. What it lacks is
-        // covered by the jail's other walls: truncation (ABI 3) by the
-        // read-only mounts, device ioctls (ABI 5) by the minimal /dev,
-        // abstract unix sockets and signals (ABI 6) by the step's own
-        // network and PID namespaces. A health check, which keeps the
-        // host's network, can reach abstract sockets there.
-        RulesetStatus::PartiallyEnforced if matches!(status.landlock, landlock::LandlockStatus::Available { effective_abi, .. } if effective_abi >= ABI::V1) => {
-            Ok(())
-        }
-        RulesetStatus::PartiallyEnforced => bail!(
-            "this kernel enforces Landlock only in part; a site policy can accept the weaker confinement by name (landlock)"
-        ),
+        // write outside the write set is still refused (ABI 1 on). What it
+        // lacks is covered by the jail's other walls: truncation (ABI 3) by
+        // the read-only mounts; device ioctls (ABI 5) by the minimal /dev
+        // (a device node elsewhere on a read-only mount is not covered);
+        // abstract unix sockets and signals (ABI 6) by a step's own network
+        // and PID namespaces. A fetch and a health check keep the host's
+        // network, so there they can reach abstract sockets.
+        RulesetStatus::PartiallyEnforced => Ok(()),
         _ => match std::fs::read_to_string("/run/systemd/container") {
             // In a container the kernel may well have it, and the
             // container's system call filter refuses it.

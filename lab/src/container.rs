@@ -117,44 +117,58 @@ pub fn network(dir: &Path, hosts: &[String]) -> Result<Net> {
         bail!("no free /24 in 10.213.0.0/16 for the lab's bridge");
     };
     let gateway = format!("10.213.{n}.1");
+    // Written first, so that `lab down` removes whatever of it was made
+    // even if making the rest fails.
+    let planned: BTreeMap<String, Node> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            (
+                h.clone(),
+                Node {
+                    id: h.clone(),
+                    addr: format!("10.213.{n}.{}", i + 10),
+                    netns: format!("wg{t}-{}", i + 1),
+                    veth: format!("wgv{t}{}", i + 1),
+                },
+            )
+        })
+        .collect();
+    write_record(dir, &bridge, &gateway, &planned)?;
     ip(&["link", "add", &bridge, "type", "bridge"])?;
     ip(&["addr", "add", &format!("{gateway}/24"), "dev", &bridge])?;
     ip(&["link", "set", &bridge, "up"])?;
-    let mut nodes = BTreeMap::new();
-    for (i, h) in hosts.iter().enumerate() {
-        let netns = format!("wg{t}-{}", i + 1);
-        let veth = format!("wgv{t}{}", i + 1);
-        let addr = format!("10.213.{n}.{}", i + 10);
-        let _ = ip(&["netns", "del", &netns]);
-        ip(&["netns", "add", &netns])?;
+    for node in planned.values() {
+        let (netns, veth, addr) = (&node.netns, &node.veth, &node.addr);
+        let _ = ip(&["netns", "del", netns]);
+        ip(&["netns", "add", netns])?;
         ip(&[
-            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+            "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns,
         ])?;
-        ip(&["link", "set", &veth, "master", &bridge, "up"])?;
-        ip(&["-n", &netns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
-        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
-        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &netns, "route", "add", "default", "via", &gateway])?;
-        nodes.insert(
-            h.clone(),
-            Node {
-                id: h.clone(),
-                addr,
-                netns,
-                veth,
-            },
-        );
+        ip(&["link", "set", veth, "master", &bridge, "up"])?;
+        ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", netns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", netns, "link", "set", "lo", "up"])?;
+        ip(&["-n", netns, "route", "add", "default", "via", &gateway])?;
     }
-    let net = Net { bridge, gateway, nodes };
+    Ok(Net {
+        bridge,
+        gateway,
+        nodes: planned,
+    })
+}
+
+/// `DIR/containers.json`: the bridge, its address and every host's place.
+fn write_record(dir: &Path, bridge: &str, gateway: &str, nodes: &BTreeMap<String, Node>) -> Result<()> {
     std::fs::write(
         dir.join("containers.json"),
         serde_json::to_string_pretty(&json!({
-            "bridge": net.bridge,
-            "gateway": net.gateway,
-            "hosts": net.nodes.values().map(|n| (n.id.clone(), json!({"addr": n.addr, "netns": n.netns, "veth": n.veth}))).collect::<serde_json::Map<_, _>>(),
+            "bridge": bridge,
+            "gateway": gateway,
+            "hosts": nodes.values().map(|n| (n.id.clone(), json!({"addr": n.addr, "netns": n.netns, "veth": n.veth}))).collect::<serde_json::Map<_, _>>(),
         }))?,
     )?;
-    Ok(net)
+    Ok(())
 }
 
 /// Remove what [`network`] made for the lab in `dir` (nothing if it made
@@ -237,6 +251,15 @@ pub fn roots(dir: &Path, image: &Path, net: &Net) -> Result<()> {
     for node in net.nodes.values() {
         let host_dir = dir.join("hosts").join(&node.id);
         let root = host_dir.join("root");
+        // A fresh upper layer: one left by an earlier lab in this
+        // directory holds whatever its guests put there (links where this
+        // code writes next).
+        for d in ["upper", "work"] {
+            let p = host_dir.join(d);
+            if p.symlink_metadata().is_ok() {
+                std::fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
+            }
+        }
         for d in ["root", "upper", "work"] {
             std::fs::create_dir_all(host_dir.join(d))?;
         }
