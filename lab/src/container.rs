@@ -22,23 +22,9 @@ use serde_json::json;
 /// The exit status systemd-nspawn gives when the container rebooted.
 const NSPAWN_REBOOT: i32 = 133;
 
-fn run(cmd: &mut Command, what: &str) -> Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn ip(args: &[&str]) -> Result<String> {
-    run(Command::new("ip").args(args), &format!("ip {}", args.join(" ")))
+    let out = crate::run_command(Command::new("ip").args(args), &format!("ip {}", args.join(" ")))?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// One container host's place on the lab's network.
@@ -225,7 +211,7 @@ pub fn ssh_dir(dir: &Path) -> PathBuf {
 pub(crate) fn keygen(path: &Path, comment: &str) -> Result<()> {
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(path.with_extension("pub"));
-    run(
+    crate::run_command(
         Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
             .arg(path),
@@ -271,7 +257,7 @@ pub fn roots(dir: &Path, image: &Path, net: &Net) -> Result<()> {
             host_dir.join("upper").display(),
             host_dir.join("work").display()
         );
-        run(
+        crate::run_command(
             Command::new("mount")
                 .args(["-t", "overlay", "overlay", "-o", &opts])
                 .arg(&root),

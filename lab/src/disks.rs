@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 /// A filesystem every lab host gets (`--fs PATH=TYPE[:SIZE]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,20 +75,6 @@ fn parse_size(z: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-fn sh(cmd: &mut std::process::Command, what: &str) -> Result<()> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// Make (once) and mount every `--fs` filesystem of one host, shallowest
 /// first. An image that exists already keeps its files.
 pub(crate) fn mount_disks(host_dir: &Path, specs: &[FsSpec]) -> Result<()> {
@@ -116,7 +102,7 @@ pub(crate) fn mount_disks(host_dir: &Path, specs: &[FsSpec]) -> Result<()> {
                 _ => mkfs.args(["-q", "-F"]),
             };
             let package = LAB_FS.iter().find(|(t, _)| *t == spec.fstype).map_or("", |(_, p)| *p);
-            sh(
+            crate::run_command(
                 mkfs.arg(&img),
                 &format!(
                     "making a {} filesystem (mkfs.{} from {package})",
@@ -126,7 +112,7 @@ pub(crate) fn mount_disks(host_dir: &Path, specs: &[FsSpec]) -> Result<()> {
         }
         let point = host_dir.join("root").join(spec.path.trim_start_matches('/'));
         std::fs::create_dir_all(&point)?;
-        sh(
+        crate::run_command(
             std::process::Command::new("mount")
                 .arg("-o")
                 .arg("loop")
@@ -169,7 +155,7 @@ pub fn unmount_all(dir: &Path) -> Result<(usize, usize)> {
             continue;
         };
         if inside(backing.trim()) {
-            sh(
+            crate::run_command(
                 std::process::Command::new("losetup").args(["-d", &format!("/dev/{name}")]),
                 &format!("detaching /dev/{name}"),
             )?;

@@ -36,6 +36,24 @@ pub mod vm;
 pub use command::{LabCommand, run};
 pub use policies::lab_policies;
 
+/// Run a command to its end (no stdin); its stdout, or an error saying
+/// `what` failed with everything it printed.
+pub(crate) fn run_command(cmd: &mut std::process::Command, what: &str) -> Result<Vec<u8>> {
+    use anyhow::Context as _;
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{what} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out.stdout)
+}
+
 /// `p`, made absolute against the current directory.
 fn absolute(p: &Path) -> Result<PathBuf> {
     if p.is_absolute() {

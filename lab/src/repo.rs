@@ -37,19 +37,7 @@ fn files(version: &str) -> Vec<(&'static str, u32, String)> {
     v
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out.stdout)
-}
+use crate::run_command as run;
 
 fn build_deb(work: &Path, out: &Path, version: &str) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
@@ -120,15 +108,7 @@ impl Repo {
         build_deb(&work, &dir.join("broken"), "1.2")?;
         index(&dir.join("good"))?;
         index(&dir.join("broken"))?;
-        let listener = TcpListener::bind("127.0.0.1:0")?;
-        let port = listener.local_addr()?.port();
-        let root = dir.to_path_buf();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let root = root.clone();
-                std::thread::spawn(move || serve(&root, conn));
-            }
-        });
+        let port = serve_on(TcpListener::bind("127.0.0.1:0")?, dir)?;
         Ok(Repo {
             dir: dir.to_path_buf(),
             port,
@@ -219,14 +199,7 @@ impl ServiceRepo {
             index(&out)?;
         }
         let listener = TcpListener::bind((addr, 0)).with_context(|| format!("listening on {addr}"))?;
-        let port = listener.local_addr()?.port();
-        let root = dir.to_path_buf();
-        std::thread::spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let root = root.clone();
-                std::thread::spawn(move || serve(&root, conn));
-            }
-        });
+        let port = serve_on(listener, dir)?;
         Ok(ServiceRepo {
             dir: dir.to_path_buf(),
             url: format!("http://{addr}:{port}"),
@@ -281,6 +254,20 @@ pub fn seed_host(lab_dir: &Path, host: &str, repo: &Repo, suite: &str, agent_bin
         );
     }
     Ok(())
+}
+
+/// Serve the files under `root` on `listener` from a thread of its own, a
+/// thread per connection, for as long as the process lives; its port.
+fn serve_on(listener: TcpListener, root: &Path) -> Result<u16> {
+    let port = listener.local_addr()?.port();
+    let root = root.to_path_buf();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let root = root.clone();
+            std::thread::spawn(move || serve(&root, conn));
+        }
+    });
+    Ok(port)
 }
 
 /// A request path with its `%XX` escapes decoded (apt asks for

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde_json::json;
@@ -28,21 +28,6 @@ const CONTROLLER_PORT_IN_GUEST: u16 = 7443;
 /// The URL an agent in a VM dials.
 pub fn agent_url() -> String {
     format!("https://{CONTROLLER_IN_GUEST}:{CONTROLLER_PORT_IN_GUEST}")
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("{what}: cannot run {:?}", cmd.get_program()))?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// A free TCP port on loopback (asked of the kernel, then released).
@@ -84,7 +69,7 @@ pub fn prepare(dir: &Path, image_root: &Path, hosts: &[String]) -> Result<Vms> {
     for h in hosts {
         let host_dir = dir.join("hosts").join(h);
         std::fs::create_dir_all(&host_dir)?;
-        run(
+        crate::run_command(
             Command::new("qemu-img")
                 .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
                 .arg(&base)
@@ -93,7 +78,7 @@ pub fn prepare(dir: &Path, image_root: &Path, hosts: &[String]) -> Result<Vms> {
         )?;
         let home = host_dir.join("home.img");
         std::fs::File::create(&home)?.set_len(64 << 20)?;
-        run(
+        crate::run_command(
             Command::new("mkfs.ext4").args(["-q", "-F", "-L", "home"]).arg(&home),
             "making a VM's /home (mkfs.ext4)",
         )?;
@@ -105,7 +90,7 @@ pub fn prepare(dir: &Path, image_root: &Path, hosts: &[String]) -> Result<Vms> {
         let public = std::fs::read_to_string(seed.join("host_key.pub"))?;
         let seed_img = host_dir.join("seed.img");
         let _ = std::fs::remove_file(&seed_img);
-        run(
+        crate::run_command(
             Command::new("mke2fs")
                 .args(["-q", "-t", "ext4", "-L", "WGSEED", "-d"])
                 .arg(&seed)
