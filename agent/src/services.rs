@@ -417,6 +417,24 @@ mod tests {
     }
 
     #[test]
+    fn a_rollout_id_from_the_wire_never_leaves_the_agents_directory() {
+        let state = Path::new("/var/lib/wavegate-agent");
+        for id in ["../../etc/passwd", "/etc/shadow", "r0001-abc/../.."] {
+            let f = rollout_file(state, id);
+            assert_eq!(
+                f.parent(),
+                Some(state.join("service-actions").as_path()),
+                "{id}: {}",
+                f.display()
+            );
+        }
+        assert_eq!(
+            rollout_file(state, "r0001-abc"),
+            state.join("service-actions/r0001-abc")
+        );
+    }
+
+    #[test]
     fn only_plain_unit_names_are_acted_on() {
         for ok in ["nginx.service", "postfix@-.service", "php8.2-fpm.service", "ssh.socket"] {
             assert!(valid_unit(ok), "{ok}");
@@ -454,6 +472,10 @@ mod tests {
         std::fs::remove_file(dir.join(REQUESTS)).expect("rm");
         std::fs::write(dir.join("elsewhere"), "restart ssh.service\n").expect("write");
         std::os::unix::fs::symlink(dir.join("elsewhere"), dir.join(REQUESTS)).expect("symlink");
+        assert_eq!(requests(&dir), Vec::new());
+        // Nor does a FIFO make the agent wait for a writer that never comes.
+        std::fs::remove_file(dir.join(REQUESTS)).expect("rm");
+        nix::unistd::mkfifo(&dir.join(REQUESTS), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
         assert_eq!(requests(&dir), Vec::new());
         let _ = std::fs::remove_dir_all(&dir);
     }
