@@ -190,3 +190,83 @@ async fn failing_health_checks_halt_the_canary_and_a_pause_holds_the_rollout() {
     let e = rig.engine.get(&id).await.expect("rollout");
     assert_eq!(e.rollout.state, RolloutState::Aborted);
 }
+
+/// A canary `c0` and fifty hosts `w00`..`w49`.
+static FIFTY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let mut f = String::from("hosts:\n  - {id: c0}\n");
+    for i in 0..50 {
+        f.push_str(&format!("  - {{id: w{i:02}}}\n"));
+    }
+    f
+});
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_max_in_flight_five_a_failing_wave_of_fifty_runs_its_step_on_at_most_five() {
+    let dir = std::env::temp_dir().join(format!("wavegate-decisions-in-flight-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let hosts: Vec<String> = std::iter::once("c0".to_owned())
+        .chain((0..50).map(|i| format!("w{i:02}")))
+        .collect();
+    let names: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let script = Arc::new(Script::default());
+    let engine = common::engine(&dir, FIFTY.as_str(), &names, &script).await;
+    engine.start();
+    let rig = Rig {
+        engine,
+        script: Arc::clone(&script),
+        dir,
+    };
+    // A step takes a while: the one that fails says so after 300 ms, when
+    // the other hosts started with it have been sent theirs; they take 1 s.
+    script.step_time(Duration::from_millis(1000), Duration::from_millis(300));
+    let plan = "name: t
+targets: {groups: [], hosts: [c0], labels: {}}
+steps: [{name: s, run: 'true', writes: [/etc/x]}]
+waves: [{size: 1}, {size: 100%}]
+failure_budget: {canary: 0, wave: 0}
+max_in_flight: 5
+health: {bake: 0s}
+on_failure: halt
+";
+    let all = format!("[{}]", names.join(", "));
+    let plan = plan.replace("hosts: [c0], labels", &format!("hosts: {all}, labels"));
+    let id = rig.run(&plan).await;
+    let wave2 = rig.engine.get(&id).await.expect("rollout").rollout.waves[1].clone();
+    assert_eq!((wave2.hosts.len(), wave2.max_in_flight()), (50, 5));
+    script.fail_first_step_of(&wave2.hosts);
+    let e = rig.until_state(&id, RolloutState::Halted).await;
+    let ran: Vec<&String> = wave2.hosts.iter().filter(|h| script.steps_of(h) > 0).collect();
+    assert!(
+        (1..=5).contains(&ran.len()),
+        "{} hosts of the wave ran the step: {ran:?}",
+        ran.len()
+    );
+    let failed: Vec<&String> = wave2
+        .hosts
+        .iter()
+        .filter(|h| e.hosts[*h].state == HostState::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    // The halt names exactly the other hosts that had been sent the step.
+    let reason = e.rollout.halt_reason.clone().unwrap_or_default();
+    let named: Vec<&str> = reason
+        .split_once("; in flight at the halt: ")
+        .map(|(_, l)| l.split(", ").collect())
+        .unwrap_or_default();
+    let others: Vec<&str> = ran.iter().filter(|h| **h != failed[0]).map(|h| h.as_str()).collect();
+    assert_eq!(named, others, "{reason}");
+    assert_eq!(named.len(), 4, "the four others were mid-step at the halt: {reason}");
+    // The step once answered, nothing more starts: what ran is all that runs.
+    let settled = rig
+        .until(&id, "its in-flight steps answered", |e| {
+            e.hosts.values().all(|h| h.in_flight.is_none())
+        })
+        .await;
+    let untouched = settled
+        .hosts
+        .values()
+        .filter(|h| h.state == HostState::Untouched)
+        .count();
+    assert_eq!(untouched, 50 - ran.len(), "{:#?}", settled.rollout.events);
+    assert_eq!(wave2.hosts.iter().map(|h| script.steps_of(h)).sum::<usize>(), ran.len());
+}

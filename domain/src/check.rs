@@ -26,6 +26,9 @@ pub struct WaveReport {
     pub failure_domains: Vec<String>,
     /// How many of the wave's hosts are backups.
     pub backups: usize,
+    /// How many of its hosts may have a real step running at once.
+    #[serde(default)]
+    pub max_in_flight: usize,
 }
 
 /// The answer to "what would this plan do, and is it safe?".
@@ -192,7 +195,11 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
         violations.extend(policies.check(fleet, &plan, None));
     }
     let target_ids = targets.hosts().iter().map(|h| fleet.id(*h).to_owned()).collect();
-    let reports = wave_reports(fleet, &waves_out);
+    let mut reports = wave_reports(fleet, &waves_out);
+    let sizes: Vec<usize> = waves_out.iter().map(Vec::len).collect();
+    for (r, limit) in reports.iter_mut().zip(policies.in_flight_limits(&plan, &sizes)) {
+        r.max_in_flight = limit;
+    }
     let mut report = finish(
         fleet.file(),
         &plan.file,
@@ -261,6 +268,7 @@ fn wave_reports(fleet: &Fleet, waves: &[Vec<HostIdx>]) -> Vec<WaveReport> {
                 groups: groups.into_iter().map(str::to_owned).collect(),
                 failure_domains: fds.into_iter().map(str::to_owned).collect(),
                 backups: w.iter().filter(|h| fleet.host(**h).role == Role::Backup).count(),
+                max_in_flight: 0,
             }
         })
         .collect()

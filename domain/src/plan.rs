@@ -22,6 +22,9 @@ pub const DEFAULT_BAKE: Duration = Duration::from_secs(10 * 60);
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// Health-check timeout when a check has none.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Hosts of a wave with a real step running at once when the plan says
+/// nothing: a tenth of the wave, and at least one.
+pub const DEFAULT_MAX_IN_FLIGHT: Amount = Amount::Percent(10);
 /// How long snapshots are kept after their wave is confirmed healthy.
 pub const DEFAULT_RETAIN: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -42,6 +45,7 @@ struct PlanDoc {
     snapshot: Option<SnapshotDoc>,
     approvals: Option<Spanned<i64>>,
     untouchable: Option<Vec<Spanned<String>>>,
+    max_in_flight: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -367,6 +371,16 @@ pub struct Plan {
     /// FUSE mount, a database it must not touch): read-only in the dry-run
     /// and in the real run, and never in a snapshot.
     pub untouchable: Vec<At<String>>,
+    /// Hosts of a wave with a real step running at once, as written (none:
+    /// [`DEFAULT_MAX_IN_FLIGHT`]); see [`in_flight_limit`].
+    pub max_in_flight: Option<At<Amount>>,
+}
+
+/// How many of a wave's `size` hosts may have a real step running at once
+/// under `amount`: a share is rounded up, and the answer is at least one
+/// and at most the wave.
+pub fn in_flight_limit(amount: Amount, size: usize) -> usize {
+    amount.of(size).min(size).max(1)
 }
 
 impl Plan {
@@ -592,6 +606,31 @@ fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
         }
     }
 
+    let max_in_flight = doc.max_in_flight.and_then(|raw| {
+        let loc = loc_of(file, &raw);
+        match units::parse_amount(&raw.value, false) {
+            Ok(Amount::Count(0) | Amount::Percent(0)) => {
+                v.push(parse_error(
+                    &loc,
+                    "max_in_flight",
+                    "`max_in_flight: 0` would never start a host",
+                    "write a positive count (`5`) or a share of each wave (`10%`)",
+                ));
+                None
+            }
+            Ok(amount) => Some(At { value: amount, loc }),
+            Err(e) => {
+                v.push(parse_error(
+                    &loc,
+                    "max_in_flight",
+                    format!("`max_in_flight`: {e}"),
+                    "write how many hosts of a wave may run a step at once: a count (`5`) or a share of the wave (`10%`)",
+                ));
+                None
+            }
+        }
+    });
+
     Plan {
         file: file.to_owned(),
         name,
@@ -607,6 +646,7 @@ fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
         approvals,
         approvals_loc,
         untouchable,
+        max_in_flight,
     }
 }
 

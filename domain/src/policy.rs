@@ -55,6 +55,7 @@ struct RuleDoc {
 /// The rule kinds, with the fields each accepts.
 const KINDS: &[(&str, &[&str])] = &[
     ("canary-size", &["max_hosts", "max_share"]),
+    ("max-in-flight", &["max_hosts", "max_share"]),
     ("min-bake", &["min"]),
     ("protected-paths", &["paths", "min_approvals"]),
     ("failure-domain-cap", &["max_hosts", "max_share"]),
@@ -89,6 +90,15 @@ pub enum RuleKind {
         /// Absolute limit.
         max_hosts: Option<u64>,
         /// Share of the targets, rounded up.
+        max_share: Option<u8>,
+    },
+    /// At most this many hosts / this share of a wave may have a real
+    /// step running at once: a plan asking for more is refused, and a plan
+    /// that does not say is held to it.
+    MaxInFlight {
+        /// Absolute limit.
+        max_hosts: Option<u64>,
+        /// Share of each wave, rounded up.
         max_share: Option<u8>,
     },
     /// `health.bake` must be at least this long.
@@ -165,6 +175,14 @@ pub struct Rule {
 #[derive(Clone, Debug, Default)]
 pub struct PolicySet {
     rules: Vec<Rule>,
+}
+
+/// A `max-in-flight` rule's limit for a wave of `size` hosts: never below
+/// one, so that a wave can always make progress.
+fn in_flight_cap(max_hosts: Option<u64>, max_share: Option<u8>, size: usize) -> usize {
+    let by_count = max_hosts.map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+    let by_share = max_share.map_or(usize::MAX, |p| Amount::Percent(p).of(size));
+    by_count.min(by_share).max(1)
 }
 
 /// Built-in destructive command patterns: a deleting command in command
@@ -337,6 +355,26 @@ impl PolicySet {
         })
     }
 
+    /// How many hosts of each wave (of the sizes given) may have a real
+    /// step running at once: the plan's `max_in_flight` (or the default),
+    /// held to every `max-in-flight` rule.
+    pub fn in_flight_limits(&self, plan: &Plan, sizes: &[usize]) -> Vec<usize> {
+        let amount = plan
+            .max_in_flight
+            .as_ref()
+            .map_or(crate::plan::DEFAULT_MAX_IN_FLIGHT, |a| a.value);
+        sizes
+            .iter()
+            .map(|&size| {
+                let caps = self.rules.iter().filter_map(|r| match r.kind {
+                    RuleKind::MaxInFlight { max_hosts, max_share } => Some(in_flight_cap(max_hosts, max_share, size)),
+                    _ => None,
+                });
+                caps.fold(crate::plan::in_flight_limit(amount, size), usize::min)
+            })
+            .collect()
+    }
+
     /// The caps the planner must honour.
     pub fn caps(&self) -> Vec<Cap> {
         self.rules
@@ -380,6 +418,35 @@ impl PolicySet {
                                 .field("waves[0]")
                                 .hosts(canary.iter().map(|h| fleet.id(*h).to_owned()))
                                 .fix(format!("make the first wave at most {limit} host{}, like `- size: 1`", if limit == 1 { "" } else { "s" })),
+                        );
+                    }
+                }
+                RuleKind::MaxInFlight { max_hosts, max_share } => {
+                    // Only a number the plan wrote can be over the cap; a
+                    // plan that says nothing is held to it.
+                    let (Some((_, waves)), Some(asked)) = (placed, plan.max_in_flight.as_ref()) else {
+                        continue;
+                    };
+                    let over = waves.iter().enumerate().find_map(|(i, w)| {
+                        let (want, cap) = (
+                            crate::plan::in_flight_limit(asked.value, w.len()),
+                            in_flight_cap(*max_hosts, *max_share, w.len()),
+                        );
+                        (want > cap).then_some((i, w.len(), want, cap))
+                    });
+                    if let Some((i, size, want, cap)) = over {
+                        v.push(
+                            Violation::new(
+                                code,
+                                format!(
+                                    "`max_in_flight: {}` lets {want} hosts of wave {} ({size} hosts) run a step at once; the site allows at most {cap}{why}",
+                                    asked.value,
+                                    i + 1
+                                ),
+                            )
+                            .at(&asked.loc)
+                            .field("max_in_flight")
+                            .fix(format!("write `max_in_flight: {cap}` or less, or leave it out to take the site's limit")),
                         );
                     }
                 }
@@ -671,7 +738,10 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
                 None
             }
         });
-    let needs_limit = matches!(*kind_name, "canary-size" | "failure-domain-cap" | "label-cap");
+    let needs_limit = matches!(
+        *kind_name,
+        "canary-size" | "failure-domain-cap" | "label-cap" | "max-in-flight"
+    );
     if needs_limit && max_hosts.is_none() && max_share.is_none() && r.max_hosts.is_none() && r.max_share.is_none() {
         v.push(bad(
             &loc,
@@ -682,6 +752,7 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
     }
     let kind = match *kind_name {
         "canary-size" => RuleKind::CanarySize { max_hosts, max_share },
+        "max-in-flight" => RuleKind::MaxInFlight { max_hosts, max_share },
         "min-bake" => {
             let min = match &r.min {
                 None => {
@@ -970,6 +1041,68 @@ mod tests {
         assert_eq!(codes(&site, &plan("[/srv/cache/x]")), Vec::<String>::new());
         assert_eq!(codes(&site, &plan("[/var/cache/app]")), ["policy:fw"]);
         assert!(parse("rules:\n  - {id: fw, kind: fetch-writes}\n").is_err());
+    }
+
+    #[test]
+    fn max_in_flight_defaults_to_a_tenth_and_a_site_caps_it() {
+        let fleet = Fleet::parse(Source {
+            name: "x.yaml",
+            text: "hosts:\n  - {id: a}\n",
+        })
+        .expect("fleet");
+        let plan = |line: &str| -> Result<Plan, Vec<Violation>> {
+            let text =
+                format!("name: p\ntargets: {{hosts: [a]}}\nsteps: [{{name: s, run: x, writes: [/srv]}}]\n{line}");
+            let (p, v) = crate::plan::parse(Source {
+                name: "p.yaml",
+                text: &text,
+            })
+            .map_err(|v| vec![*v])?;
+            if v.is_empty() { Ok(p) } else { Err(v) }
+        };
+        let none = PolicySet::default();
+        let default = plan("").expect("plan");
+        // A tenth, rounded up, at least one, at most the wave.
+        assert_eq!(none.in_flight_limits(&default, &[1, 5, 1000, 9000]), [1, 1, 100, 900]);
+        let five = plan("max_in_flight: 5\n").expect("plan");
+        assert_eq!(none.in_flight_limits(&five, &[1, 3, 50]), [1, 3, 5]);
+        let all = plan("max_in_flight: 100%\n").expect("plan");
+        assert_eq!(none.in_flight_limits(&all, &[7, 50]), [7, 50]);
+        for bad in ["0", "0%", "-1", "150%", "many"] {
+            let v = plan(&format!("max_in_flight: {bad}\n")).expect_err(bad);
+            assert_eq!(v[0].code.to_string(), "parse-error", "{bad}: {v:?}");
+            assert_eq!(v[0].field.as_deref(), Some("max_in_flight"), "{bad}");
+            assert_eq!(v[0].line, Some(4), "{bad}: placed at its line");
+        }
+        let site = parse("rules:\n  - {id: slow, kind: max-in-flight, max_hosts: 20, max_share: 5%}\n").expect("rules");
+        // A plan that says nothing is held to the site's limit.
+        assert_eq!(site.in_flight_limits(&default, &[10, 1000, 9000]), [1, 20, 20]);
+        // One that asks for more than the site allows is refused, placed.
+        let a = fleet.hosts().next().expect("a host");
+        let waves = vec![vec![a; 1000]];
+        let (targets, _) = crate::targets::resolve(&fleet, &all.targets, "p.yaml");
+        let v = site.check(&fleet, &all, Some((&targets, &waves)));
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].code.to_string(), "policy:slow");
+        assert!(
+            v[0].message
+                .contains("1000 hosts of wave 1 (1000 hosts) run a step at once; the site allows at most 20"),
+            "{}",
+            v[0].message
+        );
+        assert_eq!((v[0].line, v[0].field.as_deref()), (Some(4), Some("max_in_flight")));
+        assert!(
+            site.check(
+                &fleet,
+                &plan("max_in_flight: 2%\n").expect("plan"),
+                Some((&targets, &waves))
+            )
+            .is_empty()
+        );
+        assert!(
+            parse("rules:\n  - {id: m, kind: max-in-flight}\n").is_err(),
+            "a cap without a limit"
+        );
     }
 
     #[test]

@@ -173,6 +173,14 @@ impl HostState {
 }
 
 impl Wave {
+    /// How many of its hosts may have a real step running at once.
+    pub fn max_in_flight(&self) -> usize {
+        match self.max_in_flight {
+            0 => crate::plan::in_flight_limit(crate::plan::DEFAULT_MAX_IN_FLIGHT, self.hosts.len()),
+            n => n,
+        }
+    }
+
     /// Move the wave to `to`, when that is a move it can make.
     pub fn set_state(&mut self, to: WaveState) -> Result<(), StateError> {
         if !self.state.can_become(to) {
@@ -370,6 +378,11 @@ pub struct Wave {
     /// While it bakes: when its bake ends, Unix milliseconds.
     #[serde(default)]
     pub bake_ends_ms: Option<u64>,
+    /// How many of its hosts may have a real step running at once, as
+    /// resolved at submit (0 in a record written before the field: the
+    /// default, see [`Wave::max_in_flight`]).
+    #[serde(default)]
+    pub max_in_flight: usize,
 }
 
 /// A rollout's header: everything but the per-host records.
@@ -856,7 +869,7 @@ impl Rollout {
             budget,
             in_flight: hosts
                 .values()
-                .filter(|h| h.in_flight.is_some())
+                .filter(|h| h.in_flight.is_some() && h.state == HostState::Running)
                 .map(|h| h.host.clone())
                 .collect(),
         })
@@ -950,12 +963,14 @@ mod tests {
                     state: WaveState::Pending,
                     hosts: vec!["a".into()],
                     bake_ends_ms: None,
+                    max_in_flight: 1,
                 },
                 Wave {
                     index: 2,
                     state: WaveState::Pending,
                     hosts: vec!["b".into()],
                     bake_ends_ms: None,
+                    max_in_flight: 1,
                 },
             ],
             steps: Vec::new(),
@@ -1099,7 +1114,11 @@ mod tests {
     fn the_canary_halts_on_its_first_failure_and_names_who_was_in_flight() {
         let (mut r, mut hosts) = running();
         assert_eq!(r.halt_decision(0, &hosts), None, "nothing failed");
-        hosts.get_mut("b").expect("b").in_flight = Some("cmd".into());
+        let b = hosts.get_mut("b").expect("b");
+        (b.in_flight, b.state) = (Some("cmd".into()), HostState::Running);
+        // c has passed its step and runs its health checks: not mid-step.
+        let c = hosts.get_mut("c").expect("c");
+        (c.in_flight, c.state) = (Some("checks".into()), HostState::Succeeded);
         fail(&mut hosts, "a");
         let d = r.halt_decision(0, &hosts).expect("the canary's budget is 0");
         assert_eq!((d.failed, d.size, d.budget), (1, 1, 0));

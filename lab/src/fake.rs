@@ -24,6 +24,9 @@ pub struct Script {
     fail_checks: Mutex<HashSet<String>>,
     /// Real steps each host was sent.
     steps: Mutex<BTreeMap<String, usize>>,
+    /// How long a real step takes to answer when it succeeds, and when it
+    /// fails (zero: at once).
+    step_time: Mutex<(std::time::Duration, std::time::Duration)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -48,6 +51,23 @@ impl Script {
     /// The health checks of these hosts fail.
     pub fn fail_checks(&self, hosts: impl IntoIterator<Item = impl AsRef<str>>) {
         *lock(&self.fail_checks) = names(hosts);
+    }
+
+    /// A real step answers only after `ok` when it succeeds and after
+    /// `failed` when it fails, as a step that does some work would. (How
+    /// the caller waits is the caller's: see [`Script::delay`].)
+    pub fn step_time(&self, ok: std::time::Duration, failed: std::time::Duration) {
+        *lock(&self.step_time) = (ok, failed);
+    }
+
+    /// How long to hold `result`, the answer to `cmd`, before delivering it.
+    pub fn delay(&self, cmd: &Command, result: &CommandResult) -> std::time::Duration {
+        let (ok, failed) = *lock(&self.step_time);
+        match cmd.kind {
+            CommandKind::RunStep(_) if result.ok() => ok,
+            CommandKind::RunStep(_) => failed,
+            _ => std::time::Duration::ZERO,
+        }
     }
 
     /// How many real steps `host` was sent.

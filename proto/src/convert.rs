@@ -732,6 +732,7 @@ impl From<CheckReport> for pb::CheckReport {
                     groups: w.groups,
                     failure_domains: w.failure_domains,
                     backups: w.backups as u64,
+                    max_in_flight: w.max_in_flight as u64,
                 })
                 .collect(),
             violations: r.violations.into_iter().map(violation_to).collect(),
@@ -823,6 +824,7 @@ impl TryFrom<pb::CheckReport> for CheckReport {
                     groups: w.groups,
                     failure_domains: w.failure_domains,
                     backups: w.backups as usize,
+                    max_in_flight: usize::try_from(w.max_in_flight).unwrap_or(usize::MAX),
                 })
                 .collect(),
             violations,

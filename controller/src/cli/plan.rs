@@ -153,7 +153,7 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(out, "targets ({}): {}", r.targets.len(), list(&r.targets, 40));
     if !r.waves.is_empty() {
         let _ = writeln!(out);
-        let rows: Vec<[String; 5]> = r
+        let rows: Vec<[String; 6]> = r
             .waves
             .iter()
             .map(|w| {
@@ -165,23 +165,24 @@ pub fn render(r: &Report) -> String {
                 [
                     label,
                     format!("{} ({} backup)", w.hosts.len(), w.backups),
+                    w.max_in_flight.to_string(),
                     list(&w.hosts, 8),
                     list(&w.groups, 4),
                     list(&w.failure_domains, 4),
                 ]
             })
             .collect();
-        let header = ["WAVE", "HOSTS", "MEMBERS", "GROUPS", "FAILURE DOMAINS"];
+        let header = ["WAVE", "HOSTS", "AT ONCE", "MEMBERS", "GROUPS", "FAILURE DOMAINS"];
         let mut widths = header.map(str::len);
         for row in &rows {
             for (w, cell) in widths.iter_mut().zip(row) {
                 *w = (*w).max(cell.len());
             }
         }
-        let line = |cells: [&str; 5]| {
+        let line = |cells: [&str; 6]| {
             let mut l = String::new();
             for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-                if i == 4 {
+                if i == 5 {
                     l.push_str(cell);
                 } else {
                     let _ = write!(l, "{cell:<w$}  ");
@@ -191,7 +192,7 @@ pub fn render(r: &Report) -> String {
         };
         let _ = writeln!(out, "{}", line(header));
         for row in &rows {
-            let _ = writeln!(out, "{}", line([&row[0], &row[1], &row[2], &row[3], &row[4]]));
+            let _ = writeln!(out, "{}", line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]));
         }
     }
     if !r.steps.is_empty() {

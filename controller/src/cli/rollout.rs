@@ -153,6 +153,8 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
         "waves": s.waves.iter().map(|w| json!({
             "index": w.index,
             "state": w.state,
+            "max_in_flight": w.max_in_flight,
+            "in_flight": w.in_flight,
             "hosts": w.hosts.iter().map(|h| json!({
                 "id": h.id,
                 "state": h.state,
@@ -263,7 +265,14 @@ pub fn render_status(s: &pb::RolloutStatus) -> String {
             .iter()
             .map(|h| format!("{}={}", inert(&h.id), inert(&h.state)))
             .collect();
-        let _ = writeln!(out, "  wave {:<3} {:<10} {}", w.index, inert(&w.state), hosts.join(" "));
+        let _ = writeln!(
+            out,
+            "  wave {:<3} {:<10} {:<16} {}",
+            w.index,
+            inert(&w.state),
+            format!("{}/{} in flight", w.in_flight, w.max_in_flight),
+            hosts.join(" ")
+        );
     }
     for q in &s.rollback_requests {
         let _ = writeln!(

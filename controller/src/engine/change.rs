@@ -3,7 +3,7 @@
 //! with it. (A module of its own: its fields are private even to the rest
 //! of the engine.)
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use wavegate_domain::rollout::{HostRecord, Rollout};
 
@@ -18,15 +18,23 @@ pub struct Change<'a> {
     pub rollout: &'a mut Rollout,
     hosts: &'a mut BTreeMap<String, HostRecord>,
     touched: BTreeSet<String>,
+    sent: &'a HashSet<String>,
 }
 
 impl<'a> Change<'a> {
-    pub(super) fn new(entry: &'a mut Entry) -> Change<'a> {
+    pub(super) fn new(entry: &'a mut Entry, sent: &'a HashSet<String>) -> Change<'a> {
         Change {
             rollout: &mut entry.rollout,
             hosts: &mut entry.hosts,
             touched: BTreeSet::new(),
+            sent,
         }
+    }
+
+    /// Whether the real step `command_id` was handed to a session (or may
+    /// have been, before a restart).
+    pub fn was_sent(&self, command_id: &str) -> bool {
+        self.sent.contains(command_id)
     }
 
     /// The host records, to read.

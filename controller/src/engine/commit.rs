@@ -173,6 +173,22 @@ impl Engine {
         }
     }
 
+    /// The dispatch gate of a real step: [`Engine::gate`], and when it
+    /// opens, the step's command id is noted as sent, under the same lock
+    /// a halt is taken under.
+    pub(super) fn step_gate<'a>(
+        &'a self,
+        id: &'a str,
+        cmd_id: &'a str,
+    ) -> impl Fn() -> Result<std::sync::MutexGuard<'a, State>, String> + 'a {
+        let gate = self.gate(id);
+        move || {
+            let mut st = gate()?;
+            st.sent.insert(cmd_id.to_owned());
+            Ok(st)
+        }
+    }
+
     /// Apply `f` to a rollout in memory, queue the header and the hosts it
     /// names for the next group commit, and return once that commit is
     /// durable, so nobody acts on the change before a power cut would keep
@@ -209,6 +225,7 @@ impl Engine {
                 queue,
                 queued,
                 host_digests,
+                sent,
             } = &mut *st;
             let entry = rollouts
                 .get_mut(id)
@@ -217,7 +234,7 @@ impl Engine {
             let state_before = entry.rollout.state;
             let requests_before = entry.rollout.rollback_requests.clone();
             let (out, changed) = {
-                let mut change = Change::new(entry);
+                let mut change = Change::new(entry, sent);
                 let out = f(&mut change)?;
                 (out, change.touched())
             };

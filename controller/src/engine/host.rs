@@ -317,7 +317,11 @@ impl Engine {
             }),
         );
         let deadline = Instant::now() + Duration::from_millis(step.timeout_ms) + self.settings.agent_grace;
-        match self.hub.execute_gated(host, cmd, deadline, self.gate(id)).await {
+        match self
+            .hub
+            .execute_gated(host, cmd, deadline, self.step_gate(id, &cmd_id))
+            .await
+        {
             Ok((res, received)) => Ok(Some((step.name, res, received))),
             // Halted, paused or aborted since the command id was stored: the
             // id stays in flight, and a resume sends that same id again.
@@ -345,9 +349,7 @@ impl Engine {
                     let ok = r.ok();
                     self.metrics.steps.with_label_values(&[r.outcome.as_str()]).inc();
                     self.metrics.step_duration.observe(r.duration_ms as f64 / 1000.0);
-                    let (output_stored, output_verified) =
-                        self.verify_output(id, host, &step_name, &r.output_sha256).await;
-                    let result = StepResult {
+                    let mut result = StepResult {
                         step: step_name.clone(),
                         command_id: r.command_id.clone(),
                         outcome: r.outcome.as_str().into(),
@@ -356,44 +358,13 @@ impl Engine {
                         output_sha256: r.output_sha256.clone(),
                         replayed: r.replayed,
                         output_tail: String::from_utf8_lossy(&r.output_tail).into_owned(),
-                        output_stored,
-                        output_verified,
+                        output_stored: 0,
+                        output_verified: String::new(),
                     };
-                    let timeout_ms = self.with(id, |e| {
-                        e.rollout
-                            .steps
-                            .iter()
-                            .find(|s| s.name == step_name)
-                            .map_or(0, |s| s.reboot_timeout_ms)
-                    })?;
-                    let rebooting = ok && r.reboot_pending;
-                    // The step's result and the reboot to wait for are one
-                    // change: after a controller restart the host is waited
-                    // for, never sent its step again.
-                    self.mutate(id, |e| {
-                        let h = e.host_mut(host)?;
-                        h.results.push(result);
-                        if ok {
-                            h.next_step += 1;
-                            h.in_flight = None;
-                            h.detail = format!("step `{step_name}` done");
-                        }
-                        if rebooting {
-                            h.reboot = Some(RebootWait {
-                                step: step_name.clone(),
-                                from_boot: r.boot_id.clone(),
-                                deadline_ms: now_ms() + timeout_ms,
-                            });
-                            h.detail = format!("rebooting after step `{step_name}`");
-                            event(
-                                e.rollout,
-                                format!("host {host} rebooting after step `{step_name}` (boot {})", r.boot_id),
-                            );
-                        }
-                        Ok(())
-                    })
-                    .await?;
                     if !ok {
+                        // A failure is judged first, ahead of the output's
+                        // check: the halt it may bring is in memory at once,
+                        // so no other host starts meanwhile.
                         let tail = String::from_utf8_lossy(&r.output_tail);
                         let last = tail.lines().last().unwrap_or_default().to_owned();
                         let detail = format!(
@@ -411,8 +382,53 @@ impl Engine {
                                 format!("; last output: {last}")
                             }
                         );
-                        return self.host_failed_at(id, w, host, detail, Some(received)).await;
+                        result.output_verified = "not checked yet".into();
+                        self.step_failed(id, w, host, result, detail, received).await?;
+                        let (stored, verified) = self.verify_output(id, host, &step_name, &r.output_sha256).await;
+                        let command_id = r.command_id.clone();
+                        return self
+                            .record_host(id, host, |h| {
+                                if let Some(res) = h.results.iter_mut().rfind(|x| x.command_id == command_id) {
+                                    res.output_stored = stored;
+                                    res.output_verified = verified;
+                                }
+                            })
+                            .await;
                     }
+                    (result.output_stored, result.output_verified) =
+                        self.verify_output(id, host, &step_name, &r.output_sha256).await;
+                    let timeout_ms = self.with(id, |e| {
+                        e.rollout
+                            .steps
+                            .iter()
+                            .find(|s| s.name == step_name)
+                            .map_or(0, |s| s.reboot_timeout_ms)
+                    })?;
+                    let rebooting = r.reboot_pending;
+                    // The step's result and the reboot to wait for are one
+                    // change: after a controller restart the host is waited
+                    // for, never sent its step again.
+                    self.mutate(id, |e| {
+                        let h = e.host_mut(host)?;
+                        h.results.push(result);
+                        h.next_step += 1;
+                        h.in_flight = None;
+                        h.detail = format!("step `{step_name}` done");
+                        if rebooting {
+                            h.reboot = Some(RebootWait {
+                                step: step_name.clone(),
+                                from_boot: r.boot_id.clone(),
+                                deadline_ms: now_ms() + timeout_ms,
+                            });
+                            h.detail = format!("rebooting after step `{step_name}`");
+                            event(
+                                e.rollout,
+                                format!("host {host} rebooting after step `{step_name}` (boot {})", r.boot_id),
+                            );
+                        }
+                        Ok(())
+                    })
+                    .await?;
                 }
                 Next::Reboot(wait) => {
                     crate::failpoint::hit("reboot-pending");

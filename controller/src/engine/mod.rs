@@ -139,6 +139,11 @@ struct State {
     /// SHA-256 of each host record as last queued, so only real changes
     /// become audit records.
     host_digests: HashMap<String, [u8; 32]>,
+    /// Command ids of real steps handed to a session (every step in flight
+    /// when the state was loaded counts: it may have been): a halt names
+    /// the hosts whose step was sent, not those whose id was stored and
+    /// will never be sent.
+    sent: HashSet<String>,
 }
 
 impl State {
@@ -151,6 +156,11 @@ impl State {
                 state
                     .host_digests
                     .insert(host_key(&rollout.id, &h.host), Sha256::digest(&json).into());
+            }
+            for h in &hosts {
+                if let (Some(cmd), HostState::Running) = (&h.in_flight, h.state) {
+                    state.sent.insert(cmd.clone());
+                }
             }
             let hosts = hosts.into_iter().map(|h| (h.host.clone(), h)).collect();
             state.rollouts.insert(rollout.id.clone(), Entry { rollout, hosts });

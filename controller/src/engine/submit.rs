@@ -11,6 +11,7 @@ pub(super) fn build(
     hash: &str,
     plan: &Plan,
     waves: &[Vec<String>],
+    in_flight: &[usize],
     policies: &PolicySet,
 ) -> (Rollout, Vec<HostRecord>) {
     let mut untouchable: Vec<String> = plan
@@ -66,6 +67,7 @@ pub(super) fn build(
                 state: WaveState::Pending,
                 hosts: w.clone(),
                 bake_ends_ms: None,
+                max_in_flight: in_flight.get(i).copied().unwrap_or(0),
             }
         })
         .collect();
@@ -155,7 +157,16 @@ impl Engine {
         };
         let hash = hex::encode(Sha256::digest(plan_yaml.as_bytes()));
         let waves: Vec<Vec<String>> = report.waves.iter().map(|w| w.hosts.clone()).collect();
-        let (mut template, template_hosts) = build(String::new(), submitter, &hash, &plan, &waves, &self.policies);
+        let in_flight: Vec<usize> = report.waves.iter().map(|w| w.max_in_flight).collect();
+        let (mut template, template_hosts) = build(
+            String::new(),
+            submitter,
+            &hash,
+            &plan,
+            &waves,
+            &in_flight,
+            &self.policies,
+        );
         template.submitter_person = person.to_owned();
         let first = waves.first().cloned().unwrap_or_default();
         let tag = format!("submit:{}:{}:{}", &hash[..12], self.boot, nonce());

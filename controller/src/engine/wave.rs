@@ -17,7 +17,12 @@ impl Engine {
             })?;
             match state {
                 RolloutState::Running => {}
-                RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused => return Ok(()),
+                RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused => {
+                    // Its steps are all answered or never will be.
+                    let prefix = format!("{id}:");
+                    self.lock().sent.retain(|c| !c.starts_with(&prefix));
+                    return Ok(());
+                }
                 RolloutState::Halted if rollback_pending => {
                     self.auto_rollback(id).await?;
                     continue;
@@ -35,11 +40,28 @@ impl Engine {
                         Ok(())
                     })
                     .await?;
-                    return Ok(());
+                    continue;
                 }
                 Some(w) => self.run_wave(id, w).await?,
             }
         }
+    }
+
+    /// Whether another host of wave `w` may start now: the rollout runs, in
+    /// the same attempt. This is the budget check before each start: a
+    /// failure is judged in the same change that records it, and one over
+    /// the budget halts the rollout there, in memory, before anything else
+    /// can start (the commit follows).
+    fn may_start(&self, id: &str, w: usize, attempt: u32) -> Result<(), String> {
+        let st = self.lock();
+        let r = &st.rollouts.get(id).ok_or_else(|| format!("no rollout {id}"))?.rollout;
+        if r.state != RolloutState::Running {
+            return Err(format!("the rollout is {}", r.state));
+        }
+        if r.attempt != attempt || r.waves.get(w).is_none_or(|x| x.state != WaveState::Running) {
+            return Err(format!("wave {} is no longer running in this attempt", w + 1));
+        }
+        Ok(())
     }
 
     /// Whether wave `w` is still in one of `states`, in attempt `attempt`
@@ -55,23 +77,49 @@ impl Engine {
     pub(super) async fn run_wave(self: &Arc<Self>, id: &str, w: usize) -> Result<(), EngineError> {
         let started = Instant::now();
         let mut changes = self.subscribe();
-        let (hosts, attempt) = self
+        let (hosts, attempt, limit) = self
             .mutate(id, |e| {
                 let wave = &mut e.rollout.waves[w];
+                let limit = wave.max_in_flight();
                 if wave.state == WaveState::Pending {
                     wave.set_state(WaveState::Running)?;
-                    let text = format!("wave {} started: {}", wave.index, wave.hosts.join(", "));
+                    let text = format!(
+                        "wave {} started ({limit} at a time): {}",
+                        wave.index,
+                        wave.hosts.join(", ")
+                    );
                     event(e.rollout, text);
                 }
-                Ok((e.rollout.waves[w].hosts.clone(), e.rollout.attempt))
+                // Hosts a previous pass left mid-step go first: they hold
+                // their place, and their results are owed.
+                let mut hosts = e.rollout.waves[w].hosts.clone();
+                let hosts_of = e.hosts();
+                hosts.sort_by_key(|h| hosts_of.get(h).is_none_or(|r| r.in_flight.is_none()));
+                Ok((hosts, e.rollout.attempt, limit))
             })
             .await?;
         crate::failpoint::hit("wave-start-committed");
+        // At most `limit` hosts of the wave at once: each host task holds a
+        // permit from its dry-run to its result and checks, and the next
+        // host starts only once one is done and the wave may still go on.
+        // After a failure at most `limit - 1` other hosts can be mid-step.
+        let permits = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
         let mut tasks = Vec::new();
         for host in hosts {
+            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                break;
+            };
+            if let Err(why) = self.may_start(id, w, attempt) {
+                info!(rollout = %id, wave = w + 1, host, "Not started: {why}.");
+                break;
+            }
             let engine = Arc::clone(self);
             let id = id.to_owned();
-            tasks.push(tokio::spawn(async move { engine.run_host(&id, w, &host).await }));
+            tasks.push(tokio::spawn(async move {
+                let r = engine.run_host(&id, w, &host).await;
+                drop(permit);
+                r
+            }));
         }
         for t in tasks {
             match t.await {
@@ -232,6 +280,40 @@ impl Engine {
                 self.halt_if_over_budget(e, w, host, &detail)
             })
             .await?;
+        self.halted(halted, received);
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// A host's failed step: its result, its failure and the halt it may
+    /// bring, in one change, so a halt never waits behind the result's own
+    /// commit. The time from `received` to the halt's commit is measured.
+    pub(super) async fn step_failed(
+        &self,
+        id: &str,
+        w: usize,
+        host: &str,
+        result: StepResult,
+        detail: String,
+        received: Instant,
+    ) -> Result<(), EngineError> {
+        let halted = self
+            .mutate(id, |e| {
+                let h = e.host_mut(host)?;
+                h.set_state(HostState::Failed)?;
+                h.results.push(result);
+                h.in_flight = None;
+                h.detail = detail.clone();
+                event(e.rollout, format!("host {host} failed: {detail}"));
+                self.halt_if_over_budget(e, w, host, &detail)
+            })
+            .await?;
+        self.halted(halted, Some(received));
+        Ok(())
+    }
+
+    fn halted(&self, halted: bool, received: Option<Instant>) {
         if halted {
             crate::failpoint::hit("halt-committed");
         }
@@ -240,18 +322,23 @@ impl Engine {
             self.metrics.halt_commit.observe(secs);
             self.metrics.last_halt_commit.set(secs);
         }
-        Ok(())
     }
-}
 
-impl Engine {
     /// Halt the rollout if wave `w` is over its failure budget and it still
     /// runs (or is paused); `host` failed last, for `detail`. Returns
     /// whether it halted.
     fn halt_if_over_budget(&self, e: &mut Change<'_>, w: usize, host: &str, detail: &str) -> Result<bool, EngineError> {
-        let Some(d) = e.rollout.halt_decision(w, e.hosts()) else {
+        let Some(mut d) = e.rollout.halt_decision(w, e.hosts()) else {
             return Ok(false);
         };
+        // Who else ran it: the hosts whose step was sent, not those whose
+        // command id was stored and will now never be sent.
+        d.in_flight.retain(|h| {
+            e.hosts()
+                .get(h)
+                .and_then(|r| r.in_flight.as_deref())
+                .is_some_and(|c| e.was_sent(c))
+        });
         let reason = d.reason(host, detail);
         // Only hosts whose records change are written again (the halt says
         // which): at 10,000 hosts, serialising every record here made the

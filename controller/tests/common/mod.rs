@@ -23,7 +23,20 @@ pub fn agent(hub: &Arc<Hub>, host: &str, script: &Arc<Script>) {
         while let Some(Ok(msg)) = rx.recv().await {
             if let Some(pb::controller_message::Body::Command(cmd)) = msg.body {
                 let cmd = wavegate_domain::command::Command::try_from(cmd).expect("a command the fake can read");
-                hub.deliver(&host, script.answer(&host, &cmd));
+                let answer = script.answer(&host, &cmd);
+                let delay = script.delay(&cmd, &answer);
+                if delay.is_zero() {
+                    hub.deliver(&host, answer);
+                } else {
+                    // A slow step: its host answers later, and meanwhile
+                    // takes its next command (a real agent's session does).
+                    let hub = Arc::clone(&hub);
+                    let host = host.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        hub.deliver(&host, answer);
+                    });
+                }
             }
         }
     });
