@@ -66,6 +66,9 @@ enum Cmd {
         /// (`--store etcd://...`) instead of redb.
         #[arg(long)]
         etcd: bool,
+        /// The plan's `max_in_flight` (default: the plan default, 10 %).
+        #[arg(long)]
+        max_in_flight: Option<String>,
     },
     /// Benchmark 10: failover. Two controllers on a 3-member etcd; the
     /// leader is SIGKILLed mid-rollout; the time from the kill until the
@@ -89,6 +92,9 @@ enum Cmd {
         /// Rollouts to halt (one after the other).
         #[arg(long, default_value_t = 20)]
         runs: usize,
+        /// The plan's `max_in_flight` (default: the plan default, 10 %).
+        #[arg(long)]
+        max_in_flight: Option<String>,
     },
     /// Benchmark 4: a real `wavegate-agent`'s memory and CPU while idle and
     /// connected (heartbeats only).
@@ -127,14 +133,22 @@ async fn run(cmd: Cmd) -> Result<()> {
             parallel,
         } => agents(&controller, &certs, &fleet, parallel).await,
         Cmd::Memory { agents } => memory(&agents).await,
-        Cmd::Rollout { hosts, etcd } => {
+        Cmd::Rollout {
+            hosts,
+            etcd,
+            max_in_flight,
+        } => {
             for n in hosts {
-                rollout(n, etcd).await?;
+                rollout(n, etcd, max_in_flight.as_deref()).await?;
             }
             Ok(())
         }
         Cmd::Failover { hosts, runs, lease_ttl } => failover(hosts, runs, lease_ttl).await,
-        Cmd::Halt { hosts, runs } => halt(hosts, runs).await,
+        Cmd::Halt {
+            hosts,
+            runs,
+            max_in_flight,
+        } => halt(hosts, runs, max_in_flight.as_deref()).await,
         Cmd::AgentIdle { seconds } => agent_idle(seconds).await,
     }
 }
@@ -247,9 +261,10 @@ async fn submit(client: &mut Client, plan: String) -> Result<pb::SubmitResponse>
         .into_inner())
 }
 
-async fn rollout(n: usize, etcd: bool) -> Result<()> {
+async fn rollout(n: usize, etcd: bool, max_in_flight: Option<&str>) -> Result<()> {
     println!(
-        "benchmark 2: one-step no-op plan over {n} hosts, waves [1, 10%, 100%], no bake, store {} ({})",
+        "benchmark 2: one-step no-op plan over {n} hosts, waves [1, 10%, 100%], no bake, max_in_flight {}, store {} ({})",
+        max_in_flight.unwrap_or("10% (default)"),
         if etcd { "etcd (3 members, loopback)" } else { "redb" },
         machine()
     );
@@ -270,7 +285,7 @@ async fn rollout(n: usize, etcd: bool) -> Result<()> {
     println!("  {n} agents connected in {:.1} s", started.elapsed().as_secs_f64());
     let (mut submitter, mut approver) = (rig.operator("submitter").await?, rig.operator("approver").await?);
     let t = Instant::now();
-    let sub = submit(&mut submitter, noop_plan(n, "noop", "0")).await?;
+    let sub = submit(&mut submitter, noop_plan(n, "noop", "0", max_in_flight)).await?;
     let submit_time = t.elapsed();
     let waves: Vec<Vec<String>> = status(&mut submitter, &sub.id)
         .await?
@@ -403,9 +418,10 @@ async fn rollout(n: usize, etcd: bool) -> Result<()> {
     Ok(())
 }
 
-async fn halt(n: usize, runs: usize) -> Result<()> {
+async fn halt(n: usize, runs: usize, max_in_flight: Option<&str>) -> Result<()> {
     println!(
-        "benchmark 3: halt latency, {n} hosts, a failing step in wave 2, {runs} rollouts ({})",
+        "benchmark 3: halt latency, {n} hosts, a failing step in wave 2, max_in_flight {}, {runs} rollouts ({})",
+        max_in_flight.unwrap_or("10% (default)"),
         machine()
     );
     let rig = Rig::up("halt", n).await?;
@@ -415,14 +431,16 @@ async fn halt(n: usize, runs: usize) -> Result<()> {
     rig.wait_connected(&mut admin, n).await?;
     let (mut submitter, mut approver) = (rig.operator("submitter").await?, rig.operator("approver").await?);
     let (mut observed, mut committed, mut after, mut inflight) = (Vec::new(), Vec::new(), 0usize, Vec::new());
+    let mut limit = 0u64;
     for run in 0..runs {
-        let sub = submit(&mut submitter, noop_plan(n, &format!("halt-{run}"), "0")).await?;
+        let sub = submit(&mut submitter, noop_plan(n, &format!("halt-{run}"), "0", max_in_flight)).await?;
         let st = status(&mut submitter, &sub.id).await?;
         let wave2: Vec<String> = st
             .waves
             .get(1)
             .map(|w| w.hosts.iter().map(|h| h.id.clone()).collect())
             .unwrap_or_default();
+        limit = st.waves.get(1).map_or(0, |w| w.max_in_flight);
         fake.clear();
         fake.fail_first_step_of(wave2);
         approver
@@ -488,13 +506,16 @@ async fn halt(n: usize, runs: usize) -> Result<()> {
         ms(percentile(&observed, 0.99)),
         ms(percentile(&observed, 1.0))
     );
+    let most = inflight.iter().max().copied().unwrap_or(0);
     println!(
-        "  real steps that arrived between the failing result and the observed halt: max {} per run",
-        inflight.iter().max().copied().unwrap_or(0)
+        "  real steps that arrived between the failing result and the observed halt: max {most} per run (bound: max_in_flight of wave 2 = {limit})"
     );
     println!("  real steps that arrived after the observed halt: {after} (target: 0)");
     if after != 0 {
         bail!("{after} hosts got a step after the halt");
+    }
+    if most as u64 > limit {
+        bail!("{most} steps arrived after the failing result, more than max_in_flight ({limit})");
     }
     Ok(())
 }

@@ -53,9 +53,12 @@ pub fn fleet_yaml(n: usize) -> String {
 }
 
 /// A one-step no-op plan over every host, waves [1, 10%, 100%], no bake.
-pub fn noop_plan(n: usize, name: &str, wave_budget: &str) -> String {
+pub fn noop_plan(n: usize, name: &str, wave_budget: &str, max_in_flight: Option<&str>) -> String {
+    let in_flight = max_in_flight
+        .map(|m| format!("max_in_flight: {m}\n"))
+        .unwrap_or_default();
     format!(
-        "name: {name}\ntargets:\n  groups: [g-load]\n  expect_count: {n}\nsteps:\n  - name: noop\n    run: \"true\"\n    writes: [/var/lib/wavegate-noop]\n    timeout: 60s\nwaves:\n  - size: 1\n  - size: 10%\n  - size: 100%\nhealth:\n  bake: 0s\n  interval: 1s\nfailure_budget:\n  canary: 0\n  wave: {wave_budget}\non_failure: halt\n"
+        "name: {name}\ntargets:\n  groups: [g-load]\n  expect_count: {n}\nsteps:\n  - name: noop\n    run: \"true\"\n    writes: [/var/lib/wavegate-noop]\n    timeout: 60s\nwaves:\n  - size: 1\n  - size: 10%\n  - size: 100%\nhealth:\n  bake: 0s\n  interval: 1s\nfailure_budget:\n  canary: 0\n  wave: {wave_budget}\non_failure: halt\n{in_flight}"
     )
 }
 
