@@ -688,9 +688,8 @@ fn run_jailed(
     };
     // What a report shows of the output is masked like everything else
     // that leaves the host (the journal keeps it as it was).
-    let masked = wavegate_domain::redact::Redactor::new(&site.redact)
-        .map(|mut r| String::from_utf8_lossy(&r.all(text.as_bytes())).into_owned())
-        .unwrap_or_else(|_| String::new());
+    let masked = String::from_utf8_lossy(&wavegate_domain::redact::Redactor::lazy(&site.redact).all(text.as_bytes()))
+        .into_owned();
     let ran = Ran {
         exit_code: status.and_then(|s| s.code()).unwrap_or(-1),
         timed_out: status.is_none(),
@@ -825,10 +824,9 @@ pub fn dry_run(
                 .extend(crate::services::refusal(r, &units, step.packages.is_some()));
         }
         // Reasons quote what the package manager printed: masked as well.
-        if let Ok(mut r) = wavegate_domain::redact::Redactor::new(&site.redact) {
-            for reason in &mut report.reasons {
-                *reason = String::from_utf8_lossy(&r.all(reason.as_bytes())).into_owned();
-            }
+        let mut r = wavegate_domain::redact::Redactor::lazy(&site.redact);
+        for reason in &mut report.reasons {
+            *reason = String::from_utf8_lossy(&r.all(reason.as_bytes())).into_owned();
         }
         if let Some(r) = resolved {
             report.packages = r.changes;

@@ -9,6 +9,9 @@
 //! secret's bytes become `*`, so offsets and sizes of stored output stay
 //! true and the agent's SHA-256 is of exactly what the controller stores.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+
 use regex::bytes::{Regex, RegexSet};
 
 /// The built-in patterns: a match (its first group, when it has one) is
@@ -34,13 +37,52 @@ pub const DEFAULT_PATTERNS: &[&str] = &[
 /// A line-by-line masker, with the state a private key block spans.
 #[derive(Clone, Debug)]
 pub struct Redactor {
-    patterns: Vec<Regex>,
-    /// All of them at once: most lines match none, and one pass says so.
-    any: RegexSet,
+    /// The site's patterns.
+    extra: Arc<[String]>,
+    /// Compiled when the first line is masked (see [`Redactor::lazy`]).
+    compiled: OnceLock<Arc<Compiled>>,
     in_key: bool,
     /// After output was skipped (a key block may have begun in it): lines
     /// that look like a key's base64 are masked until one that does not.
     suspicious: bool,
+}
+
+/// The patterns, compiled once per process for each set of site patterns:
+/// compiling them took a tenth of an agent's CPU when it was done for every
+/// command (and again in each of its processes).
+#[derive(Debug)]
+struct Compiled {
+    patterns: Vec<Regex>,
+    /// All of them at once: most lines match none, and one pass says so.
+    any: RegexSet,
+}
+
+/// Compiled pattern sets by the site patterns they add; a handful at most
+/// (one per policy set a controller has sent), so the cache starts over
+/// rather than grow past a few.
+static COMPILED: LazyLock<Mutex<HashMap<Vec<String>, Arc<Compiled>>>> = LazyLock::new(Mutex::default);
+
+fn compiled(extra: &[String]) -> Result<Arc<Compiled>, String> {
+    let mut cache = COMPILED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(c) = cache.get(extra) {
+        return Ok(Arc::clone(c));
+    }
+    let all: Vec<&str> = DEFAULT_PATTERNS
+        .iter()
+        .copied()
+        .chain(extra.iter().map(String::as_str))
+        .collect();
+    let mut patterns = Vec::new();
+    for p in &all {
+        patterns.push(Regex::new(p).map_err(|e| format!("redact pattern `{p}`: {e}"))?);
+    }
+    let any = RegexSet::new(&all).map_err(|e| format!("redact patterns: {e}"))?;
+    let c = Arc::new(Compiled { patterns, any });
+    if cache.len() >= 8 {
+        cache.clear();
+    }
+    cache.insert(extra.to_vec(), Arc::clone(&c));
+    Ok(c)
 }
 
 impl Redactor {
@@ -48,21 +90,31 @@ impl Redactor {
     /// not a valid regular expression is an error (policy files are checked
     /// when they are loaded; an agent refuses a command that carries one).
     pub fn new(extra: &[String]) -> Result<Redactor, String> {
-        let mut patterns = Vec::new();
-        let all: Vec<&str> = DEFAULT_PATTERNS
-            .iter()
-            .copied()
-            .chain(extra.iter().map(String::as_str))
-            .collect();
-        for p in &all {
-            patterns.push(Regex::new(p).map_err(|e| format!("redact pattern `{p}`: {e}"))?);
-        }
-        let any = RegexSet::new(&all).map_err(|e| format!("redact patterns: {e}"))?;
-        Ok(Redactor {
-            patterns,
-            any,
+        let r = Redactor::lazy(extra);
+        let c = compiled(extra)?;
+        let _ = r.compiled.set(c);
+        Ok(r)
+    }
+
+    /// [`Redactor::new`] for patterns already checked (the agent checks a
+    /// command's when it comes): compiled only when there is a line to
+    /// mask, so a step's short-lived processes that print nothing never
+    /// compile them. Should they not compile after all, the built-in
+    /// patterns mask.
+    pub fn lazy(extra: &[String]) -> Redactor {
+        Redactor {
+            extra: extra.into(),
+            compiled: OnceLock::new(),
             in_key: false,
             suspicious: false,
+        }
+    }
+
+    fn compiled(&self) -> &Compiled {
+        self.compiled.get_or_init(|| {
+            compiled(&self.extra)
+                .or_else(|_| compiled(&[]))
+                .expect("the built-in patterns compile (a test checks them)")
         })
     }
 
@@ -117,12 +169,13 @@ impl Redactor {
             }
             self.suspicious = false;
         }
-        let hits = self.any.matches(line);
+        let c = self.compiled();
+        let hits = c.any.matches(line);
         if !hits.matched_any() {
             return;
         }
         let mut spans = Vec::new();
-        for re in hits.iter().map(|i| &self.patterns[i]) {
+        for re in hits.iter().map(|i| &c.patterns[i]) {
             for c in re.captures_iter(line) {
                 let m = c.get(1).or_else(|| c.get(0));
                 if let Some(m) = m {
