@@ -372,3 +372,103 @@ fn agents_and_clients_without_the_right_certificate_are_refused() {
     });
     assert!(refused, "a client without a certificate must not get an answer");
 }
+
+#[test]
+#[ignore = "needs root (namespaces, mounts): scripts/test runs it"]
+fn with_max_in_flight_five_a_failing_wave_of_fifty_runs_its_step_on_at_most_five_hosts() {
+    let lab = Lab::up("in-flight", "fifty-fleet.yaml");
+    let wave2: Vec<String> = (0..50).map(|i| format!("w{i:02}")).collect();
+    // The first host of the wave fails at once; the others take 3 s. Only
+    // the real run sees these files (a dry-run has a /run of its own).
+    lab.seed("w00", "/run/wg-fail", "yes\n");
+    for h in &wave2[1..] {
+        lab.seed(h, "/run/wg-slow", "yes\n");
+    }
+    let plan = lab.write_plan(
+        "in-flight",
+        "name: in-flight
+targets:
+  groups: [g-fifty]
+  expect_count: 51
+steps:
+  - name: slow or failing
+    run: |
+      if test -e /run/wg-fail; then echo failing on purpose; exit 1; fi
+      if test -e /run/wg-slow; then sleep 3; fi
+      mkdir -p /srv/inflight && echo ran > /srv/inflight/ran
+    writes: [/srv/inflight]
+    timeout: 60s
+waves:
+  - size: 1
+  - size: 100%
+max_in_flight: 5
+failure_budget: {canary: 0, wave: 0}
+health: {bake: 0s}
+on_failure: halt
+",
+    );
+    let fleet = wavegate_tests::fixture("fifty-fleet.yaml");
+    let policies = lab.dir.join("policies");
+    let check = lab.wavegate_as(
+        "submitter",
+        &[
+            "plan",
+            "check",
+            "--fleet",
+            &fleet.display().to_string(),
+            "--policies",
+            &policies.display().to_string(),
+            &plan,
+        ],
+    );
+    let table = check.stdout.lines().find(|l| l.starts_with("2 ")).unwrap_or_default();
+    assert!(
+        check.stdout.contains("AT ONCE") && table.split_whitespace().nth(4) == Some("5"),
+        "plan check shows each wave's number:\n{}\n{}",
+        check.stdout,
+        check.stderr
+    );
+    let id = lab.submit(&plan);
+    assert_eq!(lab.status(&id)["waves"][1]["max_in_flight"], 5);
+    lab.approve(&id);
+    let status = lab.wait_state(&id, "halted", LONG);
+    let reason = status["halt_reason"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason.contains("wave 2: 1 of 50 hosts failed, budget 0; last: w00"),
+        "{reason}"
+    );
+    let named: Vec<String> = reason
+        .split_once("; in flight at the halt: ")
+        .map(|(_, l)| l.split(", ").map(str::to_owned).collect())
+        .unwrap_or_default();
+    assert!(named.len() <= 4, "at most max_in_flight - 1 others: {reason}");
+    // Those steps were sent before the halt and finish; nothing else runs.
+    // (The file the step writes is there, empty, from before its real run:
+    // the agent lays out what the dry-run saw created. Its content says
+    // the step got that far.)
+    let ran = |h: &str| lab.read_host(h, "/srv/inflight/ran").as_deref() == Some("ran\n");
+    eventually(LONG, "the steps in flight to finish", || {
+        named.iter().all(|h| ran(h)).then_some(())
+    });
+    let s = lab.status(&id);
+    let hosts = s["waves"][1]["hosts"].as_array().expect("hosts");
+    let states: BTreeMap<&str, &str> = hosts
+        .iter()
+        .map(|h| (h["id"].as_str().unwrap_or(""), h["state"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(states["w00"], "failed", "{reason}");
+    let ran_on: Vec<&String> = wave2.iter().filter(|h| ran(h)).collect();
+    assert_eq!(
+        ran_on,
+        named.iter().collect::<Vec<_>>(),
+        "the halt names exactly the other hosts that ran the step"
+    );
+    let untouched = states.values().filter(|s| **s == "untouched").count();
+    assert_eq!(untouched, 50 - 1 - named.len(), "{states:?}");
+    for (h, _) in states.iter().filter(|(_, s)| **s == "untouched") {
+        assert!(
+            lab.jobs(h).is_empty(),
+            "{h} is untouched, yet its agent journaled a step"
+        );
+    }
+}
