@@ -2,7 +2,7 @@
 //! commands run as the lab's identities, and `lab down` when dropped.
 
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -508,12 +508,14 @@ impl Lab {
             .status()
             .expect("kill");
         assert!(status.success());
+        // Gone, or a zombie: only then has it closed its files. (Its
+        // command line empties earlier, when its memory goes, while its
+        // files, and the store's lock with them, are still open: a
+        // controller started again in that moment found its store locked.)
         eventually(Duration::from_secs(5), "the killed process to be gone", || {
-            (!Path::new(&format!("/proc/{pid}/cmdline")).exists()
-                || std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| c.is_empty())
-                    .unwrap_or(true))
-            .then_some(())
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = state.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            matches!(state, None | Some(None | Some('Z' | 'X'))).then_some(())
         });
         args
     }
