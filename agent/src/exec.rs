@@ -20,7 +20,7 @@ fn supervisor_alive(job_dir: &Path) -> bool {
     String::from_utf8_lossy(&cmdline).contains("exec-step")
 }
 
-async fn spawn_and_wait(exe: &Path, job_dir: &Path) -> Result<Stored> {
+async fn spawn_and_wait(exe: &Path, job_dir: &Path, durable: bool) -> Result<Stored> {
     let mut child = tokio::process::Command::new(exe)
         .arg("exec-step")
         .arg(job_dir)
@@ -31,7 +31,11 @@ async fn spawn_and_wait(exe: &Path, job_dir: &Path) -> Result<Stored> {
         .spawn()
         .context("starting the step supervisor")?;
     if let Some(pid) = child.id() {
-        journal::write_durably(&job_dir.join("pid"), pid.to_string().as_bytes())?;
+        if durable {
+            journal::write_durably(&job_dir.join("pid"), pid.to_string().as_bytes())?;
+        } else {
+            std::fs::write(job_dir.join("pid"), pid.to_string())?;
+        }
     }
     let _ = child.wait().await;
     Ok(journal::result(job_dir).unwrap_or_else(|| interrupted("the step supervisor ended without a result")))
@@ -76,9 +80,12 @@ pub async fn run_supervised_tailed(
     let dir = scratch.join(format!("{}-{}", std::process::id(), rand::random::<u64>()));
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("job.json"), serde_json::to_vec(job)?)?;
+    std::fs::write(dir.join(journal::SCRATCH_MARK), b"")?;
     let r = match tail {
-        Some((s, tx)) => crate::output::while_running(dir.join("output.log"), s, tx, spawn_and_wait(exe, &dir)).await,
-        None => spawn_and_wait(exe, &dir).await,
+        Some((s, tx)) => {
+            crate::output::while_running(dir.join("output.log"), s, tx, spawn_and_wait(exe, &dir, false)).await
+        }
+        None => spawn_and_wait(exe, &dir, false).await,
     };
     let _ = std::fs::remove_dir_all(&dir);
     r
@@ -133,7 +140,7 @@ pub async fn run_step_once(exe: &Path, journal: &Journal, job: Job) -> Result<(S
         }
         Known::New => {
             let dir = journal.accept(&job)?;
-            Ok((spawn_and_wait(exe, &dir).await?, false))
+            Ok((spawn_and_wait(exe, &dir, true).await?, false))
         }
     }
 }
