@@ -86,18 +86,24 @@ impl Engine {
 
     /// Whether the output a reader follows is over: the rollout stopped, or
     /// every host it follows is done (with `step`: has a result for it).
+    /// Once it has ended, every output chunk that arrived before is stored
+    /// first: a failed step is judged (and may halt the rollout) before its
+    /// output is checked, so the end can be seen before the output of the
+    /// step that ended it is in the store.
     pub async fn output_ended(&self, id: &str, host: Option<&str>, step: Option<&str>) -> bool {
         let Ok(e) = self.get(id).await else { return true };
-        if !matches!(e.rollout.state, RolloutState::Running | RolloutState::Paused) {
-            return true;
+        let ended = !matches!(e.rollout.state, RolloutState::Running | RolloutState::Paused)
+            || e.hosts
+                .values()
+                .filter(|h| host.is_none_or(|x| h.host == x))
+                .all(|h| match step {
+                    Some(s) => h.results.iter().any(|r| r.step == s),
+                    None => matches!(h.state, HostState::Healthy | HostState::Failed) && h.reboot.is_none(),
+                });
+        if ended {
+            self.output_flushed(Duration::from_secs(10)).await;
         }
-        e.hosts
-            .values()
-            .filter(|h| host.is_none_or(|x| h.host == x))
-            .all(|h| match step {
-                Some(s) => h.results.iter().any(|r| r.step == s),
-                None => matches!(h.state, HostState::Healthy | HostState::Failed) && h.reboot.is_none(),
-            })
+        ended
     }
 
     /// One summary per host and step: what is stored, and whether it is the
