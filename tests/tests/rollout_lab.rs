@@ -463,12 +463,15 @@ on_failure: halt
         named.iter().collect::<Vec<_>>(),
         "the halt names exactly the other hosts that ran the step"
     );
-    let untouched = states.values().filter(|s| **s == "untouched").count();
-    assert_eq!(untouched, 50 - 1 - named.len(), "{states:?}");
-    for (h, _) in states.iter().filter(|(_, s)| **s == "untouched") {
+    // Every other host never got the step: no agent of theirs journaled
+    // one. (A host whose step id was stored in the moment of the halt is
+    // `running` without having been sent it; at most four such.)
+    for h in wave2.iter().filter(|h| *h != "w00" && !named.contains(h)) {
         assert!(
             lab.jobs(h).is_empty(),
-            "{h} is untouched, yet its agent journaled a step"
+            "{h} was not named, yet its agent journaled a step"
         );
     }
+    let untouched = states.values().filter(|s| **s == "untouched").count();
+    assert!(untouched >= 45, "{states:?}");
 }
