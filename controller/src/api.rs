@@ -178,12 +178,7 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
                 index: w.index as u32,
                 state: w.state.as_str().into(),
                 max_in_flight: w.max_in_flight() as u64,
-                in_flight: w
-                    .hosts
-                    .iter()
-                    .filter_map(|h| e.hosts.get(h))
-                    .filter(|h| h.in_flight.is_some() && h.state == wavegate_domain::rollout::HostState::Running)
-                    .count() as u64,
+                in_flight: w.in_flight(&e.hosts) as u64,
                 bake_ends_ms: if w.state == wavegate_domain::rollout::WaveState::Baking {
                     w.bake_ends_ms.unwrap_or(0)
                 } else {

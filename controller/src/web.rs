@@ -207,7 +207,14 @@ fn rollout_body(e: &Entry) -> String {
     );
     b.push_str("<h2>Waves</h2><table class=grid>");
     for w in &r.waves {
-        let _ = write!(b, "<tr><th>Wave {}<br>{}</th>", w.index, badge(w.state.as_str()));
+        let at_work = w.in_flight(&e.hosts);
+        let _ = write!(
+            b,
+            "<tr><th>Wave {}<br>{}<br><span class=muted>{at_work}/{} at once</span></th>",
+            w.index,
+            badge(w.state.as_str()),
+            w.max_in_flight()
+        );
         for id in &w.hosts {
             let Some(h) = e.hosts.get(id) else { continue };
             let snap = h.snapshot.as_ref().map(|s| s.state.as_str()).unwrap_or("none");

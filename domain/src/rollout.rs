@@ -173,6 +173,16 @@ impl HostState {
 }
 
 impl Wave {
+    /// How many of its hosts have a real step running now (sent or about
+    /// to be: the step's id is stored).
+    pub fn in_flight(&self, hosts: &BTreeMap<String, HostRecord>) -> usize {
+        self.hosts
+            .iter()
+            .filter_map(|h| hosts.get(h))
+            .filter(|h| h.in_flight.is_some() && h.state == HostState::Running)
+            .count()
+    }
+
     /// How many of its hosts may have a real step running at once.
     pub fn max_in_flight(&self) -> usize {
         match self.max_in_flight {

@@ -67,6 +67,9 @@ fn wave_message(w: &pb::WaveStatus, color: bool) -> String {
         }
     }
     let mut msg = format!("{:<9} {}", inert(&w.state), parts.join(", "));
+    if w.state == "running" && w.max_in_flight > 0 {
+        msg.push_str(&format!(" ({}/{} at once)", w.in_flight, w.max_in_flight));
+    }
     if w.state == "baking" && w.bake_ends_ms > 0 {
         let left = w.bake_ends_ms.saturating_sub(now_ms());
         msg.push_str(&format!(", bake {:.1}s left", left as f64 / 1000.0));
@@ -165,6 +168,28 @@ async fn live(mut stream: tonic::Streaming<pb::RolloutStatus>, color: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_wave_says_how_many_hosts_are_at_work_of_how_many_it_allows() {
+        let host = |state: &str| pb::HostStatus {
+            state: state.into(),
+            ..Default::default()
+        };
+        let mut w = pb::WaveStatus {
+            index: 2,
+            state: "running".into(),
+            hosts: vec![host("healthy"), host("running"), host("untouched")],
+            max_in_flight: 5,
+            in_flight: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            wave_message(&w, false),
+            "running   1 healthy, 1 running, 1 untouched (1/5 at once)"
+        );
+        w.state = "halted".into();
+        assert!(!wave_message(&w, false).contains("at once"), "only while it runs");
+    }
 
     #[test]
     fn the_footer_shows_what_a_host_printed_and_colours_only_with_its_own_escapes() {
