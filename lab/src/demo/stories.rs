@@ -33,6 +33,25 @@ async fn submit(
 
 /// Follow a rollout, printing every wave and host change, until it reaches
 /// one of `until` (and, for a halt, until its rollback is done).
+/// Submit a plan that must be accepted, and print its dry-run summaries.
+async fn submit_and_show(client: &mut Client, dir: &Path, name: &str, yaml: &str, what: &str) -> Result<String> {
+    let id = match submit(client, dir, name, yaml).await? {
+        Ok(id) => id,
+        Err(s) => bail!("{what} was refused: {}", s.message()),
+    };
+    let dry = client
+        .dry_runs(pb::DryRunsRequest {
+            id: id.clone(),
+            host: String::new(),
+        })
+        .await?
+        .into_inner();
+    for line in &dry.summaries {
+        println!("   {line}");
+    }
+    Ok(id)
+}
+
 async fn follow(client: &mut Client, id: &str, until: &[&str]) -> Result<pb::RolloutStatus> {
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -223,20 +242,7 @@ async fn wgtest_story(submitter: &mut Client, approver: &mut Client, lab_dir: &P
         seed_host(lab_dir, h, &repo, "good", None)?;
     }
     println!("   wgtest 1.0 is installed on the {} shared servers", shared.len());
-    let id4 = match submit(submitter, lab_dir, "wgtest-fix", PACKAGE_FIX).await? {
-        Ok(id) => id,
-        Err(s) => bail!("the package plan was refused: {}", s.message()),
-    };
-    let dry = submitter
-        .dry_runs(pb::DryRunsRequest {
-            id: id4.clone(),
-            host: String::new(),
-        })
-        .await?
-        .into_inner();
-    for line in &dry.summaries {
-        println!("   {line}");
-    }
+    let id4 = submit_and_show(submitter, lab_dir, "wgtest-fix", PACKAGE_FIX, "the package plan").await?;
     approver
         .approve(pb::ApproveRequest {
             id: id4.clone(),
@@ -311,20 +317,7 @@ async fn nginx_story(submitter: &mut Client, approver: &mut Client, lab_dir: &Pa
         shared.len(),
         repo.good
     );
-    let id4 = match submit(submitter, lab_dir, "nginx-update", NGINX_UPDATE).await? {
-        Ok(id) => id,
-        Err(s) => bail!("the nginx plan was refused: {}", s.message()),
-    };
-    let dry = submitter
-        .dry_runs(pb::DryRunsRequest {
-            id: id4.clone(),
-            host: String::new(),
-        })
-        .await?
-        .into_inner();
-    for line in &dry.summaries {
-        println!("   {line}");
-    }
+    let id4 = submit_and_show(submitter, lab_dir, "nginx-update", NGINX_UPDATE, "the nginx plan").await?;
     let canary = &shared[0];
     let after_dry = pid(canary);
     println!(
