@@ -31,6 +31,12 @@ struct Args {
     /// This host's id in the inventory.
     #[arg(long, env = "WAVEGATE_HOST_ID")]
     host_id: String,
+    /// This host's role (primary, backup or standalone), set here on the
+    /// host and never taken from the controller: a step that names the
+    /// roles it is for (`only_roles`) runs only when this is one of them,
+    /// and never on an agent that was not told.
+    #[arg(long, env = "WAVEGATE_ROLE", value_parser = parse_role)]
+    role: Option<wavegate_domain::fleet::Role>,
     /// Root directory under which every step and exec check runs.
     #[arg(long, default_value = "/")]
     host_root: PathBuf,
@@ -47,6 +53,11 @@ struct Args {
     #[cfg(feature = "lab")]
     #[arg(long, hide = true)]
     lab_reboot: bool,
+}
+
+fn parse_role(word: &str) -> Result<wavegate_domain::fleet::Role, String> {
+    wavegate_domain::fleet::Role::parse(word)
+        .ok_or_else(|| format!("`{word}` is not a role: write primary, backup or standalone"))
 }
 
 /// `wavegate-agent snapshot ...`: a host's snapshots by hand, for an
@@ -210,6 +221,7 @@ fn main() -> ExitCode {
             .collect(),
         tls,
         host_id: args.host_id,
+        role: args.role,
         host_root: args.host_root,
         state_dir: args.state_dir,
     };

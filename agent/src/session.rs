@@ -34,6 +34,9 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
     /// This host's id.
     pub host_id: String,
+    /// This host's role as the host itself was told (`--role`); `None`:
+    /// not told, so no step that names its roles runs here.
+    pub role: Option<wavegate_domain::fleet::Role>,
     /// Root under which steps and exec checks run.
     pub host_root: PathBuf,
     /// Journal and scratch space.
@@ -323,6 +326,32 @@ async fn run_streamed(
     crate::output::while_running(path, s, tx, run_step_once(&cfg.exe, journal, job)).await
 }
 
+/// Why a step that names the roles it is for may not run on this host: the
+/// agent's own role (given on the host, never by the controller) is not one
+/// of them, or the agent was not told its role. A gate that cannot decide
+/// says no.
+pub fn role_refusal(
+    host: &str,
+    own: Option<wavegate_domain::fleet::Role>,
+    step: &wavegate_domain::command::Step,
+) -> Option<String> {
+    if step.only_roles.is_empty() {
+        return None;
+    }
+    let wanted = step.only_roles.join(", ");
+    match own {
+        Some(role) if step.only_roles.iter().any(|r| r == role.as_str()) => None,
+        Some(role) => Some(format!(
+            "refused by the agent: step `{}` is only for {wanted} hosts, and {host} is a {role} (its agent's --role); the controller's inventory says otherwise, so check it",
+            step.name
+        )),
+        None => Some(format!(
+            "refused by the agent: step `{}` is only for {wanted} hosts, and the agent on {host} was not told its role; start it with --role (or WAVEGATE_ROLE)",
+            step.name
+        )),
+    }
+}
+
 /// How many paths a restore preview names (it counts them all).
 const PREVIEW_PATHS: usize = 200;
 
@@ -383,6 +412,15 @@ async fn answer(
     }
     if let Err(e) = wavegate_domain::redact::Redactor::new(&redact) {
         return refused(format!("refused: {e}"));
+    }
+    let steps: Vec<&wavegate_domain::command::Step> = match &cmd.kind {
+        CommandKind::RunStep(s) => vec![&s.step],
+        CommandKind::DryRun(d) => d.steps.iter().collect(),
+        _ => Vec::new(),
+    };
+    if let Some(why) = steps.into_iter().find_map(|s| role_refusal(&cfg.host_id, cfg.role, s)) {
+        warn!(command = %id, "{why}");
+        return refused(why);
     }
     match cmd.kind {
         CommandKind::RunStep(run) => {
@@ -733,6 +771,25 @@ mod tests {
 
     /// Before: a package manager this agent did not know turned a package
     /// step into a plain step; now the command is refused when it is read.
+    #[test]
+    fn a_step_for_other_roles_or_an_agent_without_one_is_refused() {
+        use wavegate_domain::fleet::Role;
+        let mut step = wavegate_domain::command::Step {
+            name: "wipe the replica".into(),
+            ..Default::default()
+        };
+        // A step for every role runs anywhere, told or not.
+        assert_eq!(role_refusal("db1", None, &step), None);
+        step.only_roles = vec!["backup".into()];
+        assert_eq!(role_refusal("db2", Some(Role::Backup), &step), None);
+        let on_primary = role_refusal("db1", Some(Role::Primary), &step).expect("refused on a primary");
+        assert!(on_primary.contains("db1 is a primary"), "{on_primary}");
+        let untold = role_refusal("db1", None, &step).expect("refused when the agent has no role");
+        assert!(untold.contains("--role"), "{untold}");
+        step.only_roles = vec!["backup".into(), "standalone".into()];
+        assert_eq!(role_refusal("s1", Some(Role::Standalone), &step), None);
+    }
+
     #[test]
     fn an_unknown_package_manager_is_refused_not_run_as_a_plain_step() {
         let Ok(Command {

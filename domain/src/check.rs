@@ -9,7 +9,7 @@ use crate::fleet::{Fleet, HostIdx, Role};
 use crate::plan::{self, WaveSpec};
 use crate::policy::PolicySet;
 use crate::targets::{self, Targets};
-use crate::violation::{Violation, exit_status};
+use crate::violation::{Code, Violation, exit_status};
 use crate::waves;
 use crate::yaml::Source;
 
@@ -85,6 +85,9 @@ pub struct StepPlan {
     /// Why a failing dry-run is acceptable, if the plan says so.
     #[serde(default)]
     pub allow_failure: Option<String>,
+    /// The roles it is for (`only_roles`); empty: every role.
+    #[serde(default)]
+    pub only_roles: Vec<String>,
 }
 
 impl Report {
@@ -160,6 +163,9 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
     let (targets, target_violations) = targets::resolve(fleet, &plan.targets, &plan.file);
     let targets_ok = target_violations.is_empty() && !targets.is_empty();
     violations.extend(target_violations);
+    if targets_ok {
+        violations.extend(role_mismatches(fleet, &plan, &targets));
+    }
 
     let mut notes = Vec::new();
     let mut waves_out = Vec::new();
@@ -224,9 +230,54 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
             reboot: s.reboot,
             max_deletions: s.max_deletions,
             allow_failure: s.allow_failure.clone(),
+            only_roles: s.only_roles.iter().map(|r| r.as_str().to_owned()).collect(),
         })
         .collect();
     (report, Some(plan))
+}
+
+/// A step that names the roles it is for, and targets of another role: the
+/// hosts are named, and the plan is refused (a replica's wipe never reaches
+/// a primary because a selection was wider than meant).
+fn role_mismatches(fleet: &Fleet, plan: &plan::Plan, targets: &Targets) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for (i, step) in plan.steps.iter().enumerate().filter(|(_, s)| !s.only_roles.is_empty()) {
+        let wrong: Vec<String> = targets
+            .hosts()
+            .iter()
+            .filter(|h| !step.only_roles.contains(&fleet.host(**h).role))
+            .map(|h| format!("{} ({})", fleet.id(*h), fleet.host(*h).role))
+            .collect();
+        if wrong.is_empty() {
+            continue;
+        }
+        let roles: Vec<&str> = step.only_roles.iter().map(|r| r.as_str()).collect();
+        let roles = roles.join(", ");
+        let ids = targets
+            .hosts()
+            .iter()
+            .filter(|h| !step.only_roles.contains(&fleet.host(**h).role))
+            .map(|h| fleet.id(*h).to_owned());
+        out.push(
+            Violation::new(
+                Code::RoleMismatch,
+                format!(
+                    "step `{}` is only for {roles}, but {} of the targets {} not: {}",
+                    step.name,
+                    wrong.len(),
+                    if wrong.len() == 1 { "is" } else { "are" },
+                    wrong.join(", ")
+                ),
+            )
+            .at(&step.only_roles_loc)
+            .field(format!("steps[{i}].only_roles"))
+            .hosts(ids)
+            .fix(format!(
+                "narrow the targets to those roles (`targets: {{where: {{role: [{roles}]}}}}`), or put the step for the other hosts in a plan of its own"
+            )),
+        );
+    }
+    out
 }
 
 fn as_explicit(

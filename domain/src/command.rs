@@ -227,6 +227,10 @@ pub struct Step {
     /// A package step: resolved on the host before it is dry-run.
     #[serde(default)]
     pub packages: Option<Packages>,
+    /// The roles it is for; empty: every role. The agent refuses it on a
+    /// host whose own role (its `--role`) is not one of them, or unknown.
+    #[serde(default)]
+    pub only_roles: Vec<String>,
 }
 
 /// One plan step, for real, confined to its write set.

@@ -50,13 +50,28 @@ pub enum Role {
     Standalone,
 }
 
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Role {
+    /// Every role, in the order an operator reads them.
+    pub const ALL: [Role; 3] = [Role::Primary, Role::Backup, Role::Standalone];
+
+    /// The role a word names (`primary`, `backup`, `standalone`).
+    pub fn parse(word: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == word)
+    }
+
+    /// Its name in an inventory and a plan.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Role::Primary => "primary",
             Role::Backup => "backup",
             Role::Standalone => "standalone",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -145,24 +160,21 @@ impl Fleet {
                         .fix("use lower-case letters, digits, `.`, `_` and `-`, starting with a letter or digit"),
                 );
             }
-            let role = match h.role.as_ref().map(|r| r.value.as_str()) {
-                None | Some("standalone") => Role::Standalone,
-                Some("primary") => Role::Primary,
-                Some("backup") => Role::Backup,
-                Some(other) => {
-                    let r = h.role.as_ref().map(|r| loc_of(file, r)).unwrap_or_default();
+            let role = match h.role.as_ref() {
+                None => Role::Standalone,
+                Some(r) => Role::parse(&r.value).unwrap_or_else(|| {
                     problems.push(
                         Violation::new(
                             Code::ParseError,
-                            format!("host `{id}` has role `{other}`, which is not a role"),
+                            format!("host `{id}` has role `{}`, which is not a role", r.value),
                         )
-                        .at(&r)
+                        .at(&loc_of(file, r))
                         .field(format!("{field}.role"))
                         .hosts([id.clone()])
                         .fix("write `role: primary`, `role: backup` or `role: standalone`"),
                     );
                     Role::Standalone
-                }
+                }),
             };
             let backup_of: Vec<Spanned<String>> = h.backup_of.map(|b| b.value).unwrap_or_default();
             match (role, backup_of.is_empty()) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::fleet::Role;
 use crate::units::{self, Amount, Scalar};
 use crate::violation::{Code, Loc, Violation};
 use crate::yaml::{self, Source, loc_of};
@@ -60,6 +61,36 @@ struct TargetsDoc {
     #[serde(default)]
     exclude: Vec<Spanned<String>>,
     expect_count: Option<Spanned<i64>>,
+    #[serde(rename = "where")]
+    narrow: Option<Spanned<WhereDoc>>,
+}
+
+/// `targets.where`: conditions every target must meet.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WhereDoc {
+    #[serde(default)]
+    groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    labels: BTreeMap<String, Spanned<String>>,
+    role: Option<Spanned<OneOrMany>>,
+}
+
+/// One word or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(w) => vec![w],
+            OneOrMany::Many(ws) => ws,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -76,6 +107,7 @@ struct StepDoc {
     packages: Option<Spanned<PackagesDoc>>,
     reboot: Option<Spanned<RebootDoc>>,
     reboot_timeout: Option<Spanned<Scalar>>,
+    only_roles: Option<Spanned<OneOrMany>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,6 +205,22 @@ pub struct TargetSpec {
     pub exclude: Vec<At<String>>,
     /// The number of hosts the selection must resolve to.
     pub expect_count: Option<At<usize>>,
+    /// `where:` conditions that narrow the selection: a host stays a target
+    /// only if it meets every one.
+    pub narrow: Option<Narrow>,
+}
+
+/// `targets.where`: the conditions every target must meet.
+#[derive(Clone, Debug, Default)]
+pub struct Narrow {
+    /// Where `where:` is written.
+    pub loc: Loc,
+    /// Groups a target must be in, every one of them.
+    pub groups: Vec<At<String>>,
+    /// Labels a target must carry, every one of them.
+    pub labels: Vec<(String, At<String>)>,
+    /// Roles a target may have (any of them); empty: any role.
+    pub roles: Vec<Role>,
 }
 
 impl TargetSpec {
@@ -218,6 +266,12 @@ pub struct Step {
     pub reboot: Reboot,
     /// How long the host may take to come back after its reboot.
     pub reboot_timeout: Duration,
+    /// The roles the step is for (`only_roles`); empty: every role. Checked
+    /// against the inventory at plan check and by each agent against its
+    /// own role before the step runs.
+    pub only_roles: Vec<Role>,
+    /// Where `only_roles` is written (the step when absent).
+    pub only_roles_loc: Loc,
 }
 
 impl Step {
@@ -498,6 +552,7 @@ fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
                     .collect(),
                 exclude: t.exclude.into_iter().map(|s| At::from_spanned(file, s)).collect(),
                 expect_count,
+                narrow: t.narrow.map(|w| narrow(file, w, v)),
             }
         }
     };
@@ -872,6 +927,22 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
             }),
         };
         let timeout = duration(file, s.timeout, &format!("{field}.timeout"), DEFAULT_STEP_TIMEOUT, v);
+        let (only_roles, only_roles_loc) = match s.only_roles {
+            None => (Vec::new(), loc.clone()),
+            Some(r) => {
+                let at = loc_of(file, &r);
+                let words = r.value.into_vec();
+                if words.is_empty() {
+                    v.push(parse_error(
+                        &at,
+                        format!("{field}.only_roles"),
+                        format!("step `{name}` has an empty `only_roles`: it would be for no host"),
+                        "name the roles the step is for (`only_roles: [backup]`), or remove the field for every role",
+                    ));
+                }
+                (roles(&at, &format!("{field}.only_roles"), words, v), at)
+            }
+        };
         out.push(Step {
             name,
             run,
@@ -887,9 +958,69 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
             packages,
             reboot,
             reboot_timeout,
+            only_roles,
+            only_roles_loc,
         });
     }
     out
+}
+
+/// Role names, each checked; an unknown one is reported at `at`.
+fn roles(at: &Loc, field: &str, words: Vec<String>, v: &mut Vec<Violation>) -> Vec<Role> {
+    let mut out = Vec::new();
+    for w in words {
+        match Role::parse(&w) {
+            Some(r) if !out.contains(&r) => out.push(r),
+            Some(_) => {}
+            None => v.push(parse_error(
+                at,
+                field,
+                format!("`{}` is not a role", crate::text::inert(&w)),
+                "a role is `primary`, `backup` or `standalone`, as the inventory gives it",
+            )),
+        }
+    }
+    out
+}
+
+/// `targets.where`, checked.
+fn narrow(file: &str, w: Spanned<WhereDoc>, v: &mut Vec<Violation>) -> Narrow {
+    let loc = loc_of(file, &w);
+    let w = w.value;
+    if w.groups.is_empty() && w.labels.is_empty() && w.role.is_none() {
+        v.push(parse_error(
+            &loc,
+            "targets.where",
+            "`targets.where` has no condition",
+            "give it `groups`, `labels` or `role` (a target must meet every one), or remove it",
+        ));
+    }
+    let roles = match w.role {
+        None => Vec::new(),
+        Some(r) => {
+            let at = loc_of(file, &r);
+            let words = r.value.into_vec();
+            if words.is_empty() {
+                v.push(parse_error(
+                    &at,
+                    "targets.where.role",
+                    "`targets.where.role` is an empty list: no host would be a target",
+                    "name a role (`role: backup`) or several (`role: [backup, standalone]`)",
+                ));
+            }
+            roles(&at, "targets.where.role", words, v)
+        }
+    };
+    Narrow {
+        loc,
+        groups: w.groups.into_iter().map(|s| At::from_spanned(file, s)).collect(),
+        labels: w
+            .labels
+            .into_iter()
+            .map(|(k, s)| (k, At::from_spanned(file, s)))
+            .collect(),
+        roles,
+    }
 }
 
 /// A step's `packages:`, checked; the location is the block's.
@@ -1515,6 +1646,37 @@ steps:
         let (_, v) = parse_ok("targets: {hosts: [a]}\n");
         let fields: Vec<_> = v.iter().map(|x| x.field.clone().unwrap_or_default()).collect();
         assert_eq!(fields, ["name", "steps"]);
+    }
+
+    #[test]
+    fn roles_in_where_and_only_roles_are_checked_where_they_are_written() {
+        let (p, v) = parse_ok(
+            "name: x\ntargets: {groups: [g], where: {role: [backup, standalone], groups: [h]}}\nsteps:\n  - {name: a, run: b, writes: [/x], only_roles: backup}\n",
+        );
+        assert!(v.is_empty(), "{v:?}");
+        let narrow = p.targets.narrow.expect("where");
+        assert_eq!(narrow.roles, [Role::Backup, Role::Standalone]);
+        assert_eq!(narrow.groups[0].value, "h");
+        assert_eq!(p.steps[0].only_roles, [Role::Backup]);
+        assert_eq!(p.steps[0].only_roles_loc.line, Some(4));
+
+        let (_, v) = parse_ok(
+            "name: x\ntargets: {groups: [g], where: {}}\nsteps:\n  - {name: a, run: b, writes: [/x], only_roles: []}\n  - {name: c, run: b, writes: [/x], only_roles: [primary, master]}\n",
+        );
+        let fields: Vec<_> = v
+            .iter()
+            .map(|v| (v.field.as_deref().unwrap_or(""), v.code.clone()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("targets.where", Code::ParseError),
+                ("steps[0].only_roles", Code::ParseError),
+                ("steps[1].only_roles", Code::ParseError),
+            ],
+            "{v:#?}"
+        );
+        assert!(v[2].message.contains("`master` is not a role"), "{}", v[2].message);
     }
 
     #[test]

@@ -329,6 +329,9 @@ pub struct StepSpec {
     /// How long it may take to come back.
     #[serde(default)]
     pub reboot_timeout_ms: u64,
+    /// The roles it is for (`only_roles`); empty: every role.
+    #[serde(default)]
+    pub only_roles: Vec<String>,
 }
 
 impl StepSpec {
@@ -344,6 +347,7 @@ impl StepSpec {
             allow_failure: self.allow_failure.clone(),
             reboot: self.reboot,
             packages: self.packages.clone(),
+            only_roles: self.only_roles.clone(),
         }
     }
 }
@@ -1229,6 +1233,7 @@ mod tests {
             packages: None,
             reboot: crate::plan::Reboot::Never,
             reboot_timeout_ms: 0,
+            only_roles: Vec::new(),
         }];
         let mut h = HostRecord::new("h1".into(), 0);
         let id = || "c1".to_owned();

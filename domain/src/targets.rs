@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use crate::fleet::{Fleet, HostIdx};
-use crate::plan::TargetSpec;
+use crate::plan::{Narrow, TargetSpec};
 use crate::violation::{Code, Loc, Violation};
 
 /// The frozen target list, sorted by host id.
@@ -109,6 +109,9 @@ pub fn resolve(fleet: &Fleet, spec: &TargetSpec, plan_file: &str) -> (Targets, V
             }));
         }
     }
+    if let Some(narrow) = &spec.narrow {
+        narrow_to(fleet, narrow, &mut selected, &mut v);
+    }
     for x in &spec.exclude {
         match fleet.lookup(&x.value) {
             Some(idx) => {
@@ -125,7 +128,7 @@ pub fn resolve(fleet: &Fleet, spec: &TargetSpec, plan_file: &str) -> (Targets, V
         v.push(
             Violation::new(
                 Code::TargetsMissing,
-                "the targets resolve to no host (everything selected is excluded or nothing matches every label)",
+                "the targets resolve to no host (everything selected is excluded, nothing matches every label, or `where` leaves none)",
             )
             .at(&targets_loc)
             .field("targets")
@@ -148,6 +151,45 @@ pub fn resolve(fleet: &Fleet, spec: &TargetSpec, plan_file: &str) -> (Targets, V
         );
     }
     (targets, v)
+}
+
+/// Keep only the hosts that meet every condition of `where:`. An unknown
+/// group or label is reported like one in the selection itself.
+fn narrow_to(fleet: &Fleet, narrow: &Narrow, selected: &mut BTreeSet<HostIdx>, v: &mut Vec<Violation>) {
+    for g in &narrow.groups {
+        match fleet.group(&g.value) {
+            Some(members) => selected.retain(|h| members.contains(h)),
+            None => v.push(
+                Violation::new(
+                    Code::UnknownGroup,
+                    format!("no host of the inventory is in group `{}`", g.value),
+                )
+                .at(&g.loc)
+                .field("targets.where.groups")
+                .fix(format!("check the group name against `groups:` in {}", fleet.file())),
+            ),
+        }
+    }
+    for (key, want) in &narrow.labels {
+        if !fleet
+            .hosts()
+            .any(|h| fleet.host(h).labels.get(key) == Some(&want.value))
+        {
+            v.push(
+                Violation::new(
+                    Code::UnknownLabel,
+                    format!("no host of the inventory has label `{key}: {}`", want.value),
+                )
+                .at(&want.loc)
+                .field(format!("targets.where.labels.{key}"))
+                .fix(format!("check the label against `labels:` in {}", fleet.file())),
+            );
+        }
+        selected.retain(|h| fleet.host(*h).labels.get(key) == Some(&want.value));
+    }
+    if !narrow.roles.is_empty() {
+        selected.retain(|h| narrow.roles.contains(&fleet.host(*h).role));
+    }
 }
 
 fn unknown_host(fleet: &Fleet, id: &str, loc: &Loc, field: &str) -> Violation {

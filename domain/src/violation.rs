@@ -36,6 +36,9 @@ pub enum Code {
     /// `approvals` below one: nobody but the submitter would see the plan.
     /// (Added by wavegate; not in the first contract.)
     ApprovalsInvalid,
+    /// A step names the roles it is for (`only_roles`) and a target has
+    /// another. (Added by wavegate; not in the first contract.)
+    RoleMismatch,
     /// A site policy refused the plan; carries the rule id.
     Policy(String),
     /// Not valid YAML, a wrong type, an unknown field, a malformed value.
@@ -59,6 +62,7 @@ impl Code {
             Code::InventoryInvalid => Borrowed("inventory-invalid"),
             Code::WaveInvalid => Borrowed("wave-invalid"),
             Code::ApprovalsInvalid => Borrowed("approvals-invalid"),
+            Code::RoleMismatch => Borrowed("role-mismatch"),
             Code::Policy(id) => std::borrow::Cow::Owned(format!("policy:{id}")),
             Code::ParseError => Borrowed("parse-error"),
         }
@@ -96,6 +100,7 @@ impl Code {
             Code::InventoryInvalid,
             Code::WaveInvalid,
             Code::ApprovalsInvalid,
+            Code::RoleMismatch,
             Code::ParseError,
         ]
         .into_iter()

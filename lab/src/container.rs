@@ -377,14 +377,14 @@ pub async fn install_agents(
     agent_bin: &Path,
     url: &str,
     admin_env: &[(String, String)],
-    hosts: &[String],
+    hosts: &[(String, String)],
 ) -> Result<()> {
     let ssh = ssh_dir(dir);
     let mut running = Vec::new();
-    for id in hosts {
+    for (id, role) in hosts {
         let log = std::fs::File::create(dir.join(format!("logs/install-{id}.log")))?;
         let child = tokio::process::Command::new(me)
-            .args(["agent", "install", "--ssh", id, "--host-id", id])
+            .args(["agent", "install", "--ssh", id, "--host-id", id, "--role", role])
             .arg("--ssh-config")
             .arg(ssh.join("config"))
             .arg("--certs")

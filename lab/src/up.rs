@@ -167,6 +167,15 @@ pub async fn up_ha(
     for sub in ["logs", "identities", "hosts", "controller"] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
+    // Each agent is told its host's role on its own command line, as an
+    // operator's unit would: the agent, not the controller, checks a step's
+    // `only_roles` against it.
+    let role_of = |h: &str| {
+        fleet
+            .lookup(h)
+            .map_or(wavegate_domain::fleet::Role::Standalone, |i| fleet.host(i).role)
+            .to_string()
+    };
     let hosts: Vec<String> = {
         let mut v: Vec<String> = fleet.hosts().map(|h| fleet.id(h).to_owned()).collect();
         v.sort();
@@ -384,7 +393,8 @@ pub async fn up_ha(
                 ("WAVEGATE_CERT".to_owned(), pair.cert.display().to_string()),
                 ("WAVEGATE_KEY".to_owned(), pair.key.display().to_string()),
             ];
-            crate::container::install_agents(&dir, &me, &agent_bin, &agent_url, &env, &hosts).await
+            let with_roles: Vec<(String, String)> = hosts.iter().map(|h| (h.clone(), role_of(h))).collect();
+            crate::container::install_agents(&dir, &me, &agent_bin, &agent_url, &env, &with_roles).await
         };
         if let Err(e) = started.await {
             let _ = down(&dir);
@@ -415,6 +425,8 @@ pub async fn up_ha(
             pair.key.display().to_string(),
             "--host-id".into(),
             h.clone(),
+            "--role".into(),
+            role_of(h),
             "--host-root".into(),
             host_dir.join("root").display().to_string(),
             "--state-dir".into(),

@@ -198,6 +198,7 @@ impl From<Step> for pb::Step {
             max_deletions: s.max_deletions,
             allow_failure: s.allow_failure.unwrap_or_default(),
             reboot: reboot_to(s.reboot) as i32,
+            only_roles: s.only_roles,
             kind: s.packages.map(|p| {
                 pb::step::Kind::Packages(pb::PackageSpec {
                     manager: manager_to(p.manager) as i32,
@@ -234,6 +235,7 @@ impl TryFrom<pb::Step> for Step {
             max_deletions: s.max_deletions,
             allow_failure: (!s.allow_failure.is_empty()).then_some(s.allow_failure),
             packages,
+            only_roles: s.only_roles,
         })
     }
 }
@@ -752,6 +754,7 @@ impl From<CheckReport> for pb::CheckReport {
                     fetch_writes: s.fetch_writes,
                     max_deletions: s.max_deletions,
                     allow_failure: s.allow_failure,
+                    only_roles: s.only_roles,
                 })
                 .collect(),
         }
@@ -806,6 +809,7 @@ impl TryFrom<pb::CheckReport> for CheckReport {
                     fetch_writes: s.fetch_writes,
                     max_deletions: s.max_deletions,
                     allow_failure: s.allow_failure,
+                    only_roles: s.only_roles,
                 })
             })
             .collect::<Result<_, WireError>>()?;

@@ -6,9 +6,10 @@
 pub mod convert;
 
 /// The version of the agent contract this build speaks, sent in `Hello`.
-/// Raised whenever a message changes shape (2: one `Step`, typed reports).
+/// Raised whenever a message changes shape (2: one `Step`, typed reports;
+/// 3: `Step.only_roles`, which an older agent would not know to check).
 /// A controller and its agents must speak the same one.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// `wavegate.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

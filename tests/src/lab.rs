@@ -201,8 +201,21 @@ impl Lab {
     /// SIGKILL the controller and start it again on the same data and
     /// address, without any failpoint; wait for every agent.
     pub fn restart_controller(&self) {
+        self.restart_controller_with(&[]);
+    }
+
+    /// Like [`Lab::restart_controller`], with some of its flags given other
+    /// values (`("--fleet", "/path/to/another.yaml")`).
+    pub fn restart_controller_with(&self, flags: &[(&str, &str)]) {
         let addr = std::fs::read_to_string(self.dir.join("controller.addr")).expect("addr");
         let mut args = self.kill9(&["serve", "--data"], "exec-step");
+        for (flag, value) in flags {
+            let i = args
+                .iter()
+                .position(|a| a == flag)
+                .unwrap_or_else(|| panic!("the controller has no {flag}: {args:?}"));
+            args[i + 1] = (*value).to_owned();
+        }
         // The same gRPC address again, so the agents find it; the web view may move.
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = addr.trim().to_owned();

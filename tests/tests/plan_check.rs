@@ -454,3 +454,51 @@ fn a_reader_that_went_away_ends_the_cli_quietly() {
     assert_eq!(out.status.code(), Some(141), "{stderr}");
     assert!(stderr.is_empty(), "nothing said: {stderr}");
 }
+
+#[test]
+fn a_step_only_for_backups_is_refused_on_a_selection_that_holds_a_primary() {
+    let v = refused_once("role-mismatch", "role-mismatch", 3);
+    // p1 by name, and s1 (standalone) by its label: both named, the
+    // backups (b1, b2, bb1) are not.
+    assert_eq!(hosts(&v), ["p1", "s1"], "{v:#}");
+    let msg = v["message"].as_str().unwrap_or("");
+    assert!(msg.contains("only for backup") && msg.contains("p1 (primary)"), "{v:#}");
+    assert_eq!(v["field"], "steps[0].only_roles");
+    assert_eq!(v["line"], 12, "at the step's only_roles: {v:#}");
+    assert!(v["fix"].as_str().unwrap_or("").contains("where"), "{v:#}");
+}
+
+#[test]
+fn where_narrows_a_union_to_the_hosts_that_meet_every_condition() {
+    let run = check("where-narrows");
+    assert_eq!(run.status, 0, "{}", run.stdout);
+    let r = run.json();
+    assert_eq!(r["targets"], serde_json::json!(["b1", "b2", "bb1"]));
+    assert_eq!(r["steps"][0]["only_roles"], serde_json::json!(["backup"]));
+}
+
+#[test]
+fn where_names_unknown_groups_and_roles_where_they_are_written() {
+    let run = check("where-unknown");
+    assert_eq!(run.status, 2, "a word that is not a role is bad input\n{}", run.stdout);
+    let report = run.json();
+    let vs = report["violations"].as_array().expect("violations");
+    let role = vs
+        .iter()
+        .find(|v| v["field"] == "targets.where.role")
+        .unwrap_or_else(|| panic!("the role is named: {vs:#?}"));
+    assert!(
+        role["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("`replica` is not a role"),
+        "{role:#}"
+    );
+    assert_eq!(role["line"], 6);
+    let group = vs
+        .iter()
+        .find(|v| v["code"] == "unknown-group")
+        .unwrap_or_else(|| panic!("the group is named: {vs:#?}"));
+    assert_eq!(group["field"], "targets.where.groups");
+    assert_eq!(group["line"], 5);
+}

@@ -35,6 +35,11 @@ pub struct InstallArgs {
     /// The host's id in the inventory (its certificate names it).
     #[arg(long)]
     pub host_id: String,
+    /// The host's role (primary, backup or standalone), kept by the agent
+    /// on the host: a step for other roles (`only_roles`) is refused there
+    /// whatever the controller's inventory says.
+    #[arg(long)]
+    pub role: Option<String>,
     /// SSH private key.
     #[arg(long)]
     pub identity: Option<PathBuf>,
@@ -214,11 +219,12 @@ async fn upload(s: &Session, path: &Path, bytes: &[u8], mode: &str) -> Result<()
 const SHIPPED_UNIT: &str = include_str!("../../../deploy/systemd/wavegate-agent.service");
 
 /// The drop-in that gives the shipped unit this host's command line.
-fn drop_in(bin: &Path, root: &Path, etc: &Path, url: &str, host: &str) -> String {
+fn drop_in(bin: &Path, root: &Path, etc: &Path, url: &str, host: &str, role: Option<&str>) -> String {
     format!(
         "# Written by `wavegate agent install`: this host's controller, identity and paths.\n[Service]\nExecStart=\n\
-         ExecStart={} --controller {url} --ca {etc}/ca.pem --cert {etc}/agent.pem --key {etc}/agent.key --host-id {host} --host-root {} --state-dir {}\n",
+         ExecStart={} --controller {url} --ca {etc}/ca.pem --cert {etc}/agent.pem --key {etc}/agent.key --host-id {host}{} --host-root {} --state-dir {}\n",
         bin.display(),
+        role.map(|r| format!(" --role {r}")).unwrap_or_default(),
         root.display(),
         root.join("var/lib/wavegate-agent").display(),
         etc = etc.display(),
@@ -233,6 +239,14 @@ pub async fn install(a: &InstallArgs, conn: &Conn, upgrade: bool) -> Result<u8> 
     };
     if !wavegate_domain::fleet::is_valid_host_id(&a.host_id) {
         return Ok(fail(2, format!("`{}` is not a valid host id", a.host_id)));
+    }
+    if let Some(r) = &a.role
+        && wavegate_domain::fleet::Role::parse(r).is_none()
+    {
+        return Ok(fail(
+            2,
+            format!("--role: `{r}` is not a role; write primary, backup or standalone"),
+        ));
     }
     let Some(url) = a.agent_controller.clone().or_else(|| conn.controller.clone()) else {
         return Ok(fail(
@@ -301,7 +315,7 @@ pub async fn install(a: &InstallArgs, conn: &Conn, upgrade: bool) -> Result<u8> 
                 "0644",
             )
             .await?;
-            let d = drop_in(&bin, &root, &etc, &url, &a.host_id);
+            let d = drop_in(&bin, &root, &etc, &url, &a.host_id, a.role.as_deref());
             upload(
                 &session,
                 &root.join("etc/systemd/system/wavegate-agent.service.d/install.conf"),
@@ -324,7 +338,7 @@ pub async fn install(a: &InstallArgs, conn: &Conn, upgrade: bool) -> Result<u8> 
             // by a pattern that would also match this very shell.
             let script = format!(
                 "mkdir -p {state} {logdir}; if [ -f {pid} ]; then kill $(cat {pid}) 2>/dev/null || true; sleep 0.3; fi; \
-                 cd / && setsid nohup {bin} --controller {url} --ca {ca} --cert {cert} --key {key} --host-id {host} --host-root {root} --state-dir {state} </dev/null >{log} 2>&1 & echo $! > {pid}",
+                 cd / && setsid nohup {bin} --controller {url} --ca {ca} --cert {cert} --key {key} --host-id {host}{role} --host-root {root} --state-dir {state} </dev/null >{log} 2>&1 & echo $! > {pid}",
                 state = q(&state),
                 logdir = q(log.parent().unwrap_or(Path::new("/"))),
                 pid = q(&pid),
@@ -334,6 +348,7 @@ pub async fn install(a: &InstallArgs, conn: &Conn, upgrade: bool) -> Result<u8> 
                 cert = q(&etc.join("agent.pem")),
                 key = q(&etc.join("agent.key")),
                 host = shell_quote(&a.host_id),
+                role = a.role.as_deref().map(|r| format!(" --role {r}")).unwrap_or_default(),
                 root = q(&root),
                 log = q(&log),
             );

@@ -222,6 +222,9 @@ pub fn render(r: &Report) -> String {
                     command(f, "        ")
                 );
             }
+            if !st.only_roles.is_empty() {
+                let _ = writeln!(out, "      only for {} hosts", inert(&st.only_roles.join(", ")));
+            }
             if st.max_deletions > 0 {
                 let _ = writeln!(out, "      may delete {} files per host", st.max_deletions);
             }

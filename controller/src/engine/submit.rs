@@ -37,6 +37,7 @@ pub(super) fn build(
             packages: s.packages.clone(),
             reboot: s.reboot,
             reboot_timeout_ms: s.reboot_timeout.as_millis() as u64,
+            only_roles: s.only_roles.iter().map(|r| r.as_str().to_owned()).collect(),
         })
         .collect();
     let checks = plan
