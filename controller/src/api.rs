@@ -162,6 +162,7 @@ pub fn to_status(e: EngineError) -> Status {
 /// A rollout as the operator API shows it.
 pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
     let r = &e.rollout;
+    let failed = wavegate_domain::rollout::failed_hosts(e.hosts.values());
     pb::RolloutStatus {
         id: r.id.clone(),
         state: r.state.as_str().into(),
@@ -199,6 +200,7 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
                             .map(|s| s.state.as_str().to_owned())
                             .unwrap_or_default(),
                         rolled_back: h.rolled_back,
+                        activity: e.activity.get(&h.host).map(|a| (*a).to_owned()).unwrap_or_default(),
                         last_output: h
                             .results
                             .last()
@@ -212,6 +214,8 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
             })
             .collect(),
         events: r.events.clone(),
+        failed_hosts: failed.clone(),
+        summary: wavegate_domain::rollout::state_line(r.state.as_str(), &failed),
         rollback_requests: r
             .rollback_requests
             .iter()

@@ -20,7 +20,7 @@ use hyper::body::Bytes;
 use sha2::Sha256;
 use tokio::sync::Notify;
 use tracing::{info, warn};
-use wavegate_domain::rollout::{Rollout, RolloutState};
+use wavegate_domain::rollout::{HostRecord, Rollout, RolloutState, failed_hosts, state_line};
 
 use crate::store::StateStore;
 
@@ -55,13 +55,16 @@ pub fn event_of(state: RolloutState) -> Option<&'static str> {
 }
 
 /// The body of a notification for a rollout now in `state`.
-pub fn body(r: &Rollout, event: &str, at: &str) -> Vec<u8> {
+pub fn body<'a>(r: &Rollout, hosts: impl IntoIterator<Item = &'a HostRecord>, event: &str, at: &str) -> Vec<u8> {
+    let failed = failed_hosts(hosts);
     serde_json::json!({
         "event": event,
         "rollout": r.id,
         "plan": r.plan_name,
         "plan_hash": r.plan_hash,
         "state": r.state.as_str(),
+        "summary": state_line(r.state.as_str(), &failed),
+        "failed_hosts": failed,
         "halt_reason": r.halt_reason,
         "submitter": r.submitter,
         "waves": r.waves.iter().map(|w| serde_json::json!({"index": w.index, "state": w.state.as_str()})).collect::<Vec<_>>(),

@@ -163,11 +163,18 @@ async fn index(State(engine): State<Arc<Engine>>) -> Html<String> {
     for e in engine.list().await {
         let r = &e.rollout;
         let healthy = e.hosts.values().filter(|h| h.state.as_str() == "healthy").count();
+        let failed = e.hosts.values().filter(|h| h.state.as_str() == "failed").count();
+        let state = match failed {
+            n if n > 0 && r.state == wavegate_domain::rollout::RolloutState::Completed => {
+                format!("{} <span class=muted>{n} failed</span>", badge(r.state.as_str()))
+            }
+            _ => badge(r.state.as_str()),
+        };
         let _ = write!(
             b,
             "<tr><td><a href=\"/rollouts/{id}\">{id}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{healthy} / {}</td><td>{}</td><td>{}</td></tr>",
             esc(&r.plan_name),
-            badge(r.state.as_str()),
+            state,
             r.waves.len(),
             e.hosts.len(),
             esc(&r.submitter),
@@ -189,6 +196,12 @@ fn rollout_body(e: &Entry) -> String {
     );
     if let Some(reason) = &r.halt_reason {
         let _ = write!(b, "<div class=halt><b>Halted:</b> {}</div>", esc(reason));
+    }
+    let failed = wavegate_domain::rollout::failed_hosts(e.hosts.values());
+    if let Some(note) = wavegate_domain::rollout::failed_note(&failed)
+        && r.state == wavegate_domain::rollout::RolloutState::Completed
+    {
+        let _ = write!(b, "<div class=halt><b>Completed with {}</b></div>", esc(&note));
     }
     let _ = write!(
         b,
@@ -224,7 +237,10 @@ fn rollout_body(e: &Entry) -> String {
                 esc(&h.detail),
                 h.state.as_str(),
                 esc(&h.host),
-                h.state.as_str(),
+                match e.activity.get(id) {
+                    Some(doing) => format!("{} ({doing})", h.state.as_str()),
+                    None => h.state.as_str().to_owned(),
+                },
                 snap,
                 if h.rolled_back { " · rolled back" } else { "" }
             );

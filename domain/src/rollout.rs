@@ -118,6 +118,44 @@ impl HostState {
     }
 }
 
+/// A rollout's state as people read it: a rollout that completed with
+/// failed hosts under its budget says so, and names them (never a bare
+/// "completed").
+pub fn state_line(state: &str, failed: &[String]) -> String {
+    match failed_note(failed) {
+        Some(note) if state == "completed" => format!("completed with {note}"),
+        _ => state.to_owned(),
+    }
+}
+
+/// "2 failed hosts: p3, p4" (the first ten named), or `None` for none.
+pub fn failed_note(failed: &[String]) -> Option<String> {
+    const NAMED: usize = 10;
+    if failed.is_empty() {
+        return None;
+    }
+    let mut names = failed.iter().take(NAMED).cloned().collect::<Vec<_>>().join(", ");
+    if failed.len() > NAMED {
+        names.push_str(&format!(" and {} more", failed.len() - NAMED));
+    }
+    Some(format!(
+        "{} failed host{}: {names}",
+        failed.len(),
+        if failed.len() == 1 { "" } else { "s" }
+    ))
+}
+
+/// The hosts that failed, sorted by id.
+pub fn failed_hosts<'a>(hosts: impl IntoIterator<Item = &'a HostRecord>) -> Vec<String> {
+    let mut out: Vec<String> = hosts
+        .into_iter()
+        .filter(|h| h.state == HostState::Failed)
+        .map(|h| h.host.clone())
+        .collect();
+    out.sort();
+    out
+}
+
 /// A refused transition: what was asked, and the state it was asked in.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("cannot {action} a rollout that is {from}")]

@@ -89,3 +89,37 @@ where
     }
     cmd.output().expect("run wavegate").into()
 }
+
+/// A local HTTP server that answers 200 to every request and hands on
+/// each request body it gets (a webhook receiver); returns its port.
+pub fn webhook_receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut r = std::io::BufReader::new(conn.try_clone().expect("clone"));
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                if std::io::BufRead::read_line(&mut r, &mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = std::io::Read::read_exact(&mut r, &mut body);
+            let mut c = conn;
+            let _ = std::io::Write::write_all(
+                &mut c,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            if tx.send(String::from_utf8_lossy(&body).into_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    (port, rx)
+}

@@ -5,7 +5,6 @@
 //! rules), and the stored output still checks against the agent's hash.
 //! Needs root (namespaces), like every lab.
 
-use std::io::{Read as _, Write as _};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -166,40 +165,10 @@ fn tempfile_dir(name: &str) -> std::path::PathBuf {
     d
 }
 
-/// A local HTTP server that keeps every request body it gets.
-fn receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
-    let port = listener.local_addr().expect("addr").port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut r = std::io::BufReader::new(conn.try_clone().expect("clone"));
-            let mut len = 0usize;
-            loop {
-                let mut h = String::new();
-                if std::io::BufRead::read_line(&mut r, &mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            let mut c = conn;
-            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
-            if tx.send(String::from_utf8_lossy(&body).into_owned()).is_err() {
-                break;
-            }
-        }
-    });
-    (port, rx)
-}
-
 #[test]
 #[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
 fn a_failing_step_that_printed_secrets_halts_and_the_webhook_carries_none_of_them() {
-    let (port, bodies) = receiver();
+    let (port, bodies) = wavegate_tests::webhook_receiver();
     let secret_file = tempfile_dir("redact-hook").join("secret");
     std::fs::write(&secret_file, "a-long-shared-secret-for-the-redact-test").expect("secret");
     let url = format!("http://127.0.0.1:{port}/hook");

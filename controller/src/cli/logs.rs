@@ -40,6 +40,19 @@ pub async fn run(client: &mut Client, a: Args) -> Result<u8> {
         follow: a.follow && !a.summary,
         summary: a.summary,
     };
+    // Following a rollout that has not started: say so, then wait.
+    if req.follow
+        && let Ok(s) = client.status(pb::RolloutRequest { id: a.id.clone() }).await
+        && s.get_ref().state == "awaiting_approval"
+    {
+        let s = s.into_inner();
+        eprintln!(
+            "rollout {} is awaiting approval ({}/{} approvals) and has not started; waiting for its output (Ctrl-C to stop)",
+            inert(&s.id),
+            s.approvers.len(),
+            s.approvals_required
+        );
+    }
     let mut stream = match client.logs(req).await {
         Ok(s) => s.into_inner(),
         Err(status) => return Ok(refused(&status)),

@@ -144,6 +144,8 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
     json!({
         "id": s.id,
         "state": s.state,
+        "summary": wavegate_domain::rollout::state_line(&s.state, &s.failed_hosts),
+        "failed_hosts": s.failed_hosts,
         "halt_reason": if s.halt_reason.is_empty() { serde_json::Value::Null } else { json!(s.halt_reason) },
         "plan": s.plan_name,
         "plan_hash": s.plan_hash,
@@ -161,6 +163,7 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
                 "detail": h.detail,
                 "snapshot": if h.snapshot.is_empty() { serde_json::Value::Null } else { json!(h.snapshot) },
                 "rolled_back": h.rolled_back,
+                "activity": if h.activity.is_empty() { serde_json::Value::Null } else { json!(h.activity) },
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "events": s.events,
@@ -236,9 +239,13 @@ fn render_rollback(s: &pb::RolloutStatus) -> String {
 /// in it stays on its line.
 pub fn render_status(s: &pb::RolloutStatus) -> String {
     let mut out = String::new();
+    let failed = match wavegate_domain::rollout::failed_note(&s.failed_hosts) {
+        Some(note) if s.state == "completed" => format!(" with {}", inert(&note)),
+        _ => String::new(),
+    };
     let _ = writeln!(
         out,
-        "rollout {}  plan {}  state {}",
+        "rollout {}  plan {}  state {}{failed}",
         inert(&s.id),
         inert(&s.plan_name),
         inert(&s.state.to_uppercase())
@@ -263,7 +270,10 @@ pub fn render_status(s: &pb::RolloutStatus) -> String {
         let hosts: Vec<String> = w
             .hosts
             .iter()
-            .map(|h| format!("{}={}", inert(&h.id), inert(&h.state)))
+            .map(|h| match h.activity.as_str() {
+                "" => format!("{}={}", inert(&h.id), inert(&h.state)),
+                doing => format!("{}={}:{}", inert(&h.id), inert(&h.state), inert(doing)),
+            })
             .collect();
         let _ = writeln!(
             out,
@@ -294,13 +304,11 @@ pub fn render_status(s: &pb::RolloutStatus) -> String {
 fn list_rows(rollouts: &[pb::RolloutStatus]) -> String {
     let mut rows = String::new();
     for s in rollouts {
-        let _ = writeln!(
-            rows,
-            "{}  {:<18} {}",
-            inert(&s.id),
-            inert(&s.state),
-            inert(&s.plan_name)
-        );
+        let state = match s.failed_hosts.len() {
+            n if n > 0 && s.state == "completed" => format!("completed ({n} failed)"),
+            _ => s.state.clone(),
+        };
+        let _ = writeln!(rows, "{}  {:<22} {}", inert(&s.id), inert(&state), inert(&s.plan_name));
     }
     rows
 }

@@ -49,11 +49,16 @@ fn now_ms() -> u64 {
 
 /// A wave's row: hosts counted by state, and how long its bake has left.
 fn wave_message(w: &pb::WaveStatus, color: bool) -> String {
-    let count = |s: &str| w.hosts.iter().filter(|h| h.state == s).count();
+    // A host in its dry-run or its snapshot has not had a real step yet,
+    // but it is not idle either: it is counted by what it is doing.
+    let count = |s: &str| w.hosts.iter().filter(|h| h.state == s && h.activity.is_empty()).count();
+    let doing = |a: &str| w.hosts.iter().filter(|h| h.activity == a).count();
     let mut parts = Vec::new();
     for (state, n) in [
         ("healthy", count("healthy")),
         ("failed", count("failed")),
+        ("dry-running", doing("dry-run")),
+        ("snapshotting", doing("snapshot")),
         ("running", count("running") + count("succeeded")),
         ("untouched", count("untouched")),
     ] {
@@ -111,8 +116,12 @@ async fn live(mut stream: tonic::Streaming<pb::RolloutStatus>, color: bool) -> R
     let mut last: Option<pb::RolloutStatus> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let draw = |s: &pb::RolloutStatus, bars: &mut Vec<ProgressBar>| {
+        let failed = match wavegate_domain::rollout::failed_note(&s.failed_hosts) {
+            Some(note) if s.state == "completed" => format!(" with {}", inert(&note)),
+            _ => String::new(),
+        };
         header.set_message(format!(
-            "rollout {}  plan {}  {}  (approvals {}/{})",
+            "rollout {}  plan {}  {}{failed}  (approvals {}/{})",
             inert(&s.id),
             inert(&s.plan_name),
             inert(&s.state.to_uppercase()),
@@ -189,6 +198,33 @@ mod tests {
         );
         w.state = "halted".into();
         assert!(!wave_message(&w, false).contains("at once"), "only while it runs");
+    }
+
+    #[test]
+    fn hosts_in_their_dry_run_or_snapshot_are_not_shown_as_untouched() {
+        let host = |state: &str, activity: &str| pb::HostStatus {
+            state: state.into(),
+            activity: activity.into(),
+            ..Default::default()
+        };
+        let w = pb::WaveStatus {
+            index: 3,
+            state: "running".into(),
+            hosts: vec![
+                host("untouched", "dry-run"),
+                host("untouched", "dry-run"),
+                host("untouched", "snapshot"),
+                host("running", ""),
+                host("untouched", ""),
+            ],
+            max_in_flight: 3,
+            in_flight: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            wave_message(&w, false),
+            "running   2 dry-running, 1 snapshotting, 1 running, 1 untouched (3/3 at once)"
+        );
     }
 
     #[test]

@@ -245,7 +245,12 @@ impl Engine {
                 && entry.rollout.state != state_before
                 && let Some(ev) = crate::notify::event_of(entry.rollout.state)
             {
-                outbox.push(crate::notify::body(&entry.rollout, ev, &utc(now_ms())));
+                outbox.push(crate::notify::body(
+                    &entry.rollout,
+                    entry.hosts.values(),
+                    ev,
+                    &utc(now_ms()),
+                ));
             }
             // The audit records of this change go into the same commit.
             let mut bodies: Vec<AuditBody> = entry.rollout.events[events_before.min(entry.rollout.events.len())..]

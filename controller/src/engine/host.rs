@@ -62,7 +62,28 @@ impl Engine {
             },
         })
     }
+}
 
+/// What a host is doing before its record says so, shown while it lasts.
+struct Activity<'a> {
+    engine: &'a Engine,
+    id: &'a str,
+    host: &'a str,
+}
+
+impl Activity<'_> {
+    fn set(&self, what: Option<&'static str>) {
+        self.engine.set_activity(self.id, self.host, what);
+    }
+}
+
+impl Drop for Activity<'_> {
+    fn drop(&mut self) {
+        self.set(None);
+    }
+}
+
+impl Engine {
     pub(super) async fn record_host(
         &self,
         id: &str,
@@ -102,9 +123,12 @@ impl Engine {
                 e.hosts().get(host).is_some_and(|h| h.snapshot.is_some()),
             )
         })?;
+        // Cleared when this returns, whichever way.
+        let activity = Activity { engine: self, id, host };
         let cmd_id = match resend {
             Some(cmd_id) => cmd_id,
             None => {
+                activity.set(Some("dry-run"));
                 // 1. Its own dry-run (after its fetch, when it has one),
                 // right before the real run. Before the first real step,
                 // when a later step is a package step, every step from here
@@ -160,6 +184,7 @@ impl Engine {
                 // of the plan's write set and every package step's on this
                 // host.
                 if !has_snapshot {
+                    activity.set(Some("snapshot"));
                     let mut paths: BTreeSet<String> = write_set.iter().cloned().collect();
                     self.with(id, |e| {
                         if let Some(h) = e.hosts().get(host) {
@@ -286,6 +311,7 @@ impl Engine {
                         Ok(true)
                     })
                     .await?;
+                activity.set(None);
                 if !sent {
                     return Ok(None);
                 }

@@ -51,6 +51,10 @@ pub struct Entry {
     pub rollout: Rollout,
     /// Host records by id.
     pub hosts: BTreeMap<String, HostRecord>,
+    /// What hosts of a running wave are doing that their records do not
+    /// say yet (`dry-run`, `snapshot`), for people watching. Kept in
+    /// memory only: a restarted controller starts the host over anyway.
+    pub activity: BTreeMap<String, &'static str>,
 }
 
 impl Entry {
@@ -163,7 +167,14 @@ impl State {
                 }
             }
             let hosts = hosts.into_iter().map(|h| (h.host.clone(), h)).collect();
-            state.rollouts.insert(rollout.id.clone(), Entry { rollout, hosts });
+            state.rollouts.insert(
+                rollout.id.clone(),
+                Entry {
+                    rollout,
+                    hosts,
+                    activity: BTreeMap::new(),
+                },
+            );
         }
         Ok(state)
     }
@@ -388,6 +399,20 @@ impl Engine {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Note what a host is doing before its record says so (`None`: done),
+    /// and wake the watchers.
+    fn set_activity(&self, id: &str, host: &str, what: Option<&'static str>) {
+        {
+            let mut st = self.lock();
+            let Some(e) = st.rollouts.get_mut(id) else { return };
+            match what {
+                Some(w) => e.activity.insert(host.to_owned(), w),
+                None => e.activity.remove(host),
+            };
+        }
+        self.changes.send_modify(|n| *n += 1);
     }
 
     /// Run `f` on a rollout under the lock (for small reads).

@@ -92,14 +92,18 @@ impl Engine {
     /// step that ended it is in the store.
     pub async fn output_ended(&self, id: &str, host: Option<&str>, step: Option<&str>) -> bool {
         let Ok(e) = self.get(id).await else { return true };
-        let ended = !matches!(e.rollout.state, RolloutState::Running | RolloutState::Paused)
-            || e.hosts
-                .values()
-                .filter(|h| host.is_none_or(|x| h.host == x))
-                .all(|h| match step {
-                    Some(s) => h.results.iter().any(|r| r.step == s),
-                    None => matches!(h.state, HostState::Healthy | HostState::Failed) && h.reboot.is_none(),
-                });
+        // A rollout awaiting approval has not started: a follow waits for it.
+        let ended = !matches!(
+            e.rollout.state,
+            RolloutState::Running | RolloutState::Paused | RolloutState::AwaitingApproval
+        ) || e
+            .hosts
+            .values()
+            .filter(|h| host.is_none_or(|x| h.host == x))
+            .all(|h| match step {
+                Some(s) => h.results.iter().any(|r| r.step == s),
+                None => matches!(h.state, HostState::Healthy | HostState::Failed) && h.reboot.is_none(),
+            });
         if ended {
             self.output_flushed(Duration::from_secs(10)).await;
         }

@@ -252,7 +252,7 @@ impl Engine {
                 data: serde_json::Value::Null,
             }));
             let outbox = match crate::notify::event_of(r.state) {
-                Some(ev) if notify => vec![crate::notify::body(&r, ev, &utc(now_ms()))],
+                Some(ev) if notify => vec![crate::notify::body(&r, &h, ev, &utc(now_ms()))],
                 _ => Vec::new(),
             };
             (r, h, bodies, outbox)
@@ -269,6 +269,7 @@ impl Engine {
         let entry = Entry {
             hosts: hosts.into_iter().map(|h| (h.host.clone(), h)).collect(),
             rollout,
+            activity: BTreeMap::new(),
         };
         self.lock().rollouts.insert(entry.rollout.id.clone(), entry.clone());
         self.changes.send_modify(|n| *n += 1);

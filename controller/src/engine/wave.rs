@@ -35,8 +35,17 @@ impl Engine {
             match current {
                 None => {
                     self.mutate(id, |e| {
+                        let failed = wavegate_domain::rollout::failed_hosts(e.hosts().values());
                         e.rollout.complete()?;
-                        event(e.rollout, "every wave confirmed healthy; rollout completed");
+                        let text = if failed.is_empty() {
+                            "every wave confirmed healthy; rollout completed".to_owned()
+                        } else {
+                            format!(
+                                "every wave confirmed within its failure budget; rollout {}",
+                                wavegate_domain::rollout::state_line("completed", &failed)
+                            )
+                        };
+                        event(e.rollout, text);
                         Ok(())
                     })
                     .await?;
