@@ -18,3 +18,4 @@ pub mod sandbox;
 pub mod services;
 pub mod session;
 pub mod snapshot;
+pub mod updaters;

@@ -178,11 +178,21 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
     let mut client = AgentServiceClient::new(channel);
     // Outbound messages go through a bounded buffer.
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);
+    let scan = |cfg: &Config| {
+        let (root, state) = (cfg.host_root.clone(), cfg.state_dir.clone());
+        async move {
+            tokio::task::spawn_blocking(move || crate::updaters::scan(&root, &state))
+                .await
+                .unwrap_or_default()
+        }
+    };
+    let mut reported = scan(cfg).await;
     let hello = pb::Hello {
         host_id: cfg.host_id.clone(),
         agent_version: env!("CARGO_PKG_VERSION").into(),
         boot_id: cfg.boot_id.clone(),
         protocol: wavegate_proto::PROTOCOL,
+        updaters: reported.iter().map(wavegate_proto::convert::updater_to).collect(),
     };
     tx.send(pb::AgentMessage {
         body: Some(agent_message::Body::Hello(hello)),
@@ -195,13 +205,21 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
         .into_inner();
     info!(host = %cfg.host_id, "Connected to the controller.");
     let heartbeat_tx = tx.clone();
+    let heartbeat_cfg = cfg.clone();
     let heartbeat = tokio::spawn(async move {
         let mut seq = 0;
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             seq += 1;
+            // The updaters go again only when they changed (a hold, an
+            // administrator switching one on).
+            let now = scan(&heartbeat_cfg).await;
+            let updaters = (now != reported).then(|| pb::UpdaterScan {
+                found: now.iter().map(wavegate_proto::convert::updater_to).collect(),
+            });
+            reported = now;
             let hb = pb::AgentMessage {
-                body: Some(agent_message::Body::Heartbeat(pb::Heartbeat { seq })),
+                body: Some(agent_message::Body::Heartbeat(pb::Heartbeat { seq, updaters })),
             };
             if heartbeat_tx.send(hb).await.is_err() {
                 break;
@@ -673,6 +691,31 @@ async fn answer(
             };
             let res = res.map(|r| r.map(|(m, _)| m));
             snapshot_result(&id, res, &format!("restored from the snapshot{restarted}"))
+        }
+        CommandKind::HoldUpdaters { rollout_id, hold } => {
+            let (state, root) = (cfg.state_dir.clone(), cfg.host_root.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                if hold {
+                    crate::updaters::hold(&root, &state, &rollout_id)
+                } else {
+                    crate::updaters::release(&root, &state, &rollout_id)
+                }
+            })
+            .await;
+            match done {
+                Ok(Ok(lines)) => pb::CommandResult {
+                    command_id: id.clone(),
+                    outcome: pb::Outcome::Ok as i32,
+                    detail: if lines.is_empty() {
+                        "nothing to do".into()
+                    } else {
+                        lines.join("; ")
+                    },
+                    ..Default::default()
+                },
+                Ok(Err(e)) => refused(format!("{e:#}")),
+                Err(e) => refused(e.to_string()),
+            }
         }
         CommandKind::ReleaseSnapshot { rollout_id } => {
             crate::services::forget(&cfg.state_dir, &rollout_id);

@@ -330,6 +330,7 @@ impl AgentService for Api {
             .map_err(|_| Status::unavailable("session closed"))?;
         let hub = Arc::clone(self.engine.hub());
         let engine = Arc::clone(&self.engine);
+        hub.set_updaters(&cert_host, hello.updaters.into_iter().map(convert::updater).collect());
         let session = hub.connect_boot(&cert_host, tx, &hello.boot_id);
         info!(host = %cert_host, version = %hello.agent_version, boot = %hello.boot_id, "Agent connected.");
         tokio::spawn(async move {
@@ -375,6 +376,12 @@ impl AgentService for Api {
                             // stopped waiting): not stored.
                             None
                         }
+                    }
+                    Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {
+                        updaters: Some(scan), ..
+                    })) => {
+                        hub.set_updaters(&cert_host, scan.found.into_iter().map(convert::updater).collect());
+                        None
                     }
                     _ => None,
                 };
@@ -543,10 +550,13 @@ impl OperatorService for Api {
             .hosts()
             .map(|h| {
                 let host = fleet.host(h);
+                let updaters = self.engine.hub().updaters(&host.id);
                 pb::FleetHost {
                     id: host.id.clone(),
                     role: host.role.to_string(),
                     connected: connected.contains(&host.id),
+                    updaters_known: updaters.is_some(),
+                    updaters: updaters.iter().flatten().map(convert::updater_to).collect(),
                 }
             })
             .collect();

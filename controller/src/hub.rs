@@ -28,6 +28,9 @@ struct Inner {
     /// The boot id each host last said Hello with (kept while it is away,
     /// as when it reboots).
     boots: HashMap<String, String>,
+    /// Each host's updaters outside the rollout, as its agent last
+    /// reported them (kept while it is away).
+    updaters: HashMap<String, Vec<wavegate_domain::updaters::Updater>>,
     /// Commands waiting for their result: the host each was sent to, and
     /// where its result goes.
     waiters: HashMap<String, (String, oneshot::Sender<(CommandResult, Instant)>)>,
@@ -126,6 +129,22 @@ impl Hub {
         };
         self.changed.notify_waiters();
         session
+    }
+
+    /// What `host`'s agent reported of its updaters outside the rollout.
+    pub fn set_updaters(&self, host: &str, found: Vec<wavegate_domain::updaters::Updater>) {
+        self.lock().updaters.insert(host.to_owned(), found);
+    }
+
+    /// `host`'s updaters, as last reported; `None` when its agent never
+    /// reported (to this controller).
+    pub fn updaters(&self, host: &str) -> Option<Vec<wavegate_domain::updaters::Updater>> {
+        self.lock().updaters.get(host).cloned()
+    }
+
+    /// Every host's reported updaters.
+    pub fn all_updaters(&self) -> HashMap<String, Vec<wavegate_domain::updaters::Updater>> {
+        self.lock().updaters.clone()
     }
 
     /// Forget a session, unless a newer one has replaced it.

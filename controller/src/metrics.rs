@@ -21,6 +21,9 @@ pub struct Metrics {
     pub snapshot_pinned_bytes: IntGauge,
     /// Agents with a live session.
     pub agents_connected: IntGauge,
+    /// Hosts with an active updater outside the rollout, by kind
+    /// (`unattended-upgrades`, `apt-daily`, ...), as their agents reported.
+    pub hosts_with_updaters: IntGaugeVec,
     /// Records in the audit log.
     pub audit_records: IntGauge,
     /// Real step durations.
@@ -56,6 +59,13 @@ impl Metrics {
             dry_runs_blocked: IntCounter::with_opts(name("dry_runs_blocked_total", "Dry-runs that blocked a step."))?,
             snapshot_pinned_bytes: IntGauge::with_opts(name("snapshot_pinned_bytes", "Bytes of pinned snapshots."))?,
             agents_connected: IntGauge::with_opts(name("agents_connected", "Agents with a live session."))?,
+            hosts_with_updaters: IntGaugeVec::new(
+                name(
+                    "hosts_with_updaters",
+                    "Hosts whose agents report an active updater outside the rollout, by kind.",
+                ),
+                &["kind"],
+            )?,
             audit_records: IntGauge::with_opts(name("audit_records", "Records in the audit log."))?,
             step_duration: Histogram::with_opts(
                 HistogramOpts::new("wavegate_controller_step_duration_seconds", "Real step durations.")
@@ -102,6 +112,7 @@ impl Metrics {
         m.registry.register(Box::new(m.dry_runs_blocked.clone()))?;
         m.registry.register(Box::new(m.snapshot_pinned_bytes.clone()))?;
         m.registry.register(Box::new(m.agents_connected.clone()))?;
+        m.registry.register(Box::new(m.hosts_with_updaters.clone()))?;
         m.registry.register(Box::new(m.audit_records.clone()))?;
         m.registry.register(Box::new(m.step_duration.clone()))?;
         m.registry.register(Box::new(m.wave_duration.clone()))?;

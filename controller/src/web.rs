@@ -183,6 +183,36 @@ async fn index(State(engine): State<Arc<Engine>>) -> Html<String> {
         );
     }
     b.push_str("</table>");
+    // What changes hosts outside every canary, as their agents reported.
+    let mut reported: Vec<(String, Vec<wavegate_domain::updaters::Updater>)> = engine
+        .hub()
+        .all_updaters()
+        .into_iter()
+        .filter(|(_, l)| !l.is_empty())
+        .collect();
+    reported.sort_by(|a, b| a.0.cmp(&b.0));
+    if !reported.is_empty() {
+        let _ = write!(
+            b,
+            "<h2>Updaters outside the rollout</h2><p class=muted>{} host(s) change on their own schedule, outside every canary.</p>\
+             <table><tr><th>Host</th><th>Kind</th><th>What</th><th>Evidence</th><th>Held by</th></tr>",
+            reported.len()
+        );
+        for (host, list) in &reported {
+            for u in list {
+                let _ = write!(
+                    b,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                    esc(host),
+                    esc(u.kind.as_str()),
+                    esc(&u.what),
+                    esc(&u.evidence),
+                    esc(u.held_by.as_deref().unwrap_or("—"))
+                );
+            }
+        }
+        b.push_str("</table>");
+    }
     page("Rollouts", &b)
 }
 
@@ -479,6 +509,16 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     }
     m.snapshot_pinned_bytes.set(pinned as i64);
     m.agents_connected.set(engine.hub().connected().len() as i64);
+    let reported = engine.hub().all_updaters();
+    for kind in wavegate_domain::updaters::UpdaterKind::ALL {
+        let hosts = reported
+            .values()
+            .filter(|list| list.iter().any(|u| u.kind == kind && u.active()))
+            .count();
+        m.hosts_with_updaters
+            .with_label_values(&[kind.as_str()])
+            .set(hosts as i64);
+    }
     if let Ok(n) = engine.store().audit_len().await {
         m.audit_records.set(n as i64);
     }

@@ -201,6 +201,13 @@ pub enum CommandKind {
     },
     /// Run a step's fetch.
     Fetch(Fetch),
+    /// Hold the host's updaters for a rollout, or release the hold.
+    HoldUpdaters {
+        /// The rollout.
+        rollout_id: String,
+        /// Hold (`true`) or release.
+        hold: bool,
+    },
 }
 
 /// A plan step, as every command that runs one carries it (and as the

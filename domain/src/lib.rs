@@ -21,6 +21,7 @@ pub mod snapshot;
 pub mod targets;
 pub mod text;
 pub mod units;
+pub mod updaters;
 pub mod violation;
 pub mod waves;
 pub mod yaml;

@@ -50,6 +50,8 @@ struct RuleDoc {
     patterns: Option<Vec<Spanned<String>>>,
     backend: Option<Spanned<String>>,
     accept: Option<Vec<Spanned<String>>>,
+    action: Option<Spanned<String>>,
+    kinds: Option<Vec<Spanned<String>>>,
 }
 
 /// The rule kinds, with the fields each accepts.
@@ -68,6 +70,7 @@ const KINDS: &[(&str, &[&str])] = &[
     ("fetch-writes", &["paths"]),
     ("redact", &["patterns"]),
     ("weaker-confinement", &["accept"]),
+    ("updaters", &["action", "kinds"]),
 ];
 
 /// What a site can accept doing without, by name, on a kernel that lacks it.
@@ -155,6 +158,16 @@ pub enum RuleKind {
     FetchWrites {
         /// The paths, normalised.
         paths: Vec<String>,
+    },
+    /// Updaters outside the rollout on a plan's targets (unattended-upgrades,
+    /// apt and dnf timers, snapd, cron jobs): refuse the plan, or hold them
+    /// for the rollout. Checked at submit, against what each target's agent
+    /// reported; a target whose agent never did is refused.
+    Updaters {
+        /// Refuse or hold.
+        action: crate::updaters::UpdaterAction,
+        /// The kinds it is about (none: every kind).
+        kinds: Vec<crate::updaters::UpdaterKind>,
     },
 }
 
@@ -375,6 +388,15 @@ impl PolicySet {
             .collect()
     }
 
+    /// The site's rule on updaters outside the rollout, if it has one: its
+    /// id, what it does and the kinds it is about.
+    pub fn updaters(&self) -> Option<(&str, crate::updaters::UpdaterAction, &[crate::updaters::UpdaterKind])> {
+        self.rules.iter().find_map(|r| match &r.kind {
+            RuleKind::Updaters { action, kinds } => Some((r.id.as_str(), *action, kinds.as_slice())),
+            _ => None,
+        })
+    }
+
     /// The caps the planner must honour.
     pub fn caps(&self) -> Vec<Cap> {
         self.rules
@@ -578,6 +600,8 @@ impl PolicySet {
                 | RuleKind::SnapshotBackend { .. }
                 | RuleKind::Redact { .. }
                 | RuleKind::WeakerConfinement { .. } => {}
+                // Needs what the agents reported: checked at submit.
+                RuleKind::Updaters { .. } => {}
             }
         }
         if !self
@@ -752,6 +776,39 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
     }
     let kind = match *kind_name {
         "canary-size" => RuleKind::CanarySize { max_hosts, max_share },
+        "updaters" => {
+            use crate::updaters::{UpdaterAction, UpdaterKind};
+            let action = match r.action.as_ref().map(|a| a.value.as_str()) {
+                Some("refuse") => UpdaterAction::Refuse,
+                Some("hold") => UpdaterAction::Hold,
+                other => {
+                    let at = r.action.as_ref().map_or_else(|| loc.clone(), |a| loc_of(file, a));
+                    v.push(bad(
+                        &at,
+                        field("action"),
+                        match other {
+                            Some(w) => format!("rule `{id}`: `action: {w}` is not an action"),
+                            None => format!("rule `{id}` has no `action`"),
+                        },
+                        "write `action: refuse` (refuse plans whose targets have one) or `action: hold` (hold them for the rollout)",
+                    ));
+                    UpdaterAction::Refuse
+                }
+            };
+            let mut kinds = Vec::new();
+            for (j, k) in r.kinds.iter().flatten().enumerate() {
+                match UpdaterKind::parse(&k.value) {
+                    Some(kind) => kinds.push(kind),
+                    None => v.push(bad(
+                        &loc_of(file, k),
+                        format!("rules[{i}].kinds[{j}]"),
+                        format!("rule `{id}`: `{}` is not a kind of updater", k.value),
+                        format!("write one of: {}", UpdaterKind::ALL.map(UpdaterKind::as_str).join(", ")),
+                    )),
+                }
+            }
+            RuleKind::Updaters { action, kinds }
+        }
         "max-in-flight" => RuleKind::MaxInFlight { max_hosts, max_share },
         "min-bake" => {
             let min = match &r.min {
@@ -1136,6 +1193,39 @@ mod tests {
             .expect_err("invalid");
         assert_eq!(errs.len(), 2, "{errs:#?}");
         assert!(errs[0].message.contains("`zfs` is not a snapshot backend"), "{errs:#?}");
+    }
+
+    #[test]
+    fn an_updaters_rule_says_what_to_do_and_about_which_kinds() {
+        let site =
+            parse("rules:\n  - {id: hold, kind: updaters, action: hold, kinds: [apt-daily, unattended-upgrades]}\n")
+                .expect("rules");
+        let (id, action, kinds) = site.updaters().expect("the rule");
+        assert_eq!((id, action), ("hold", crate::updaters::UpdaterAction::Hold));
+        assert_eq!(
+            kinds,
+            [
+                crate::updaters::UpdaterKind::AptDaily,
+                crate::updaters::UpdaterKind::UnattendedUpgrades
+            ]
+        );
+        let errs = parse("rules:\n  - {id: a, kind: updaters, action: pause}\n  - {id: b, kind: updaters, action: refuse, kinds: [yum-cron]}\n  - {id: c, kind: updaters}\n")
+            .expect_err("refused");
+        let messages: Vec<&str> = errs.iter().map(|v| v.message.as_str()).collect();
+        assert!(
+            messages.iter().any(|m| m.contains("`action: pause` is not an action")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("`yum-cron` is not a kind of updater")),
+            "{messages:?}"
+        );
+        assert!(
+            messages.iter().any(|m| m.contains("rule `c` has no `action`")),
+            "{messages:?}"
+        );
     }
 
     #[test]

@@ -454,6 +454,16 @@ pub struct Rollout {
     /// The person the submitter's certificate names (who may not approve).
     #[serde(default)]
     pub submitter_person: String,
+    /// The site rule that has this rollout hold its targets' updaters
+    /// outside the rollout from its start to its end (none: no hold).
+    #[serde(default)]
+    pub hold_updaters: Option<String>,
+    /// Hosts whose updaters this rollout holds now (released at its end).
+    #[serde(default)]
+    pub updaters_held: Vec<String>,
+    /// Whether the hold was taken (at the start, before any step).
+    #[serde(default)]
+    pub updaters_hold_taken: bool,
     /// Approvals so far.
     pub approvals: Vec<Approval>,
     /// Approvals needed.
@@ -1005,6 +1015,9 @@ mod tests {
             inventory_hash: "i1".into(),
             submitter: "sam".into(),
             submitter_person: "sam@x".into(),
+            hold_updaters: None,
+            updaters_held: Vec::new(),
+            updaters_hold_taken: false,
             approvals: Vec::new(),
             approvals_required: 2,
             state: RolloutState::AwaitingApproval,

@@ -133,7 +133,9 @@ impl Script {
                     fail(&mut r, "health check failed");
                 }
             }
-            CommandKind::RestoreSnapshot { .. } | CommandKind::ReleaseSnapshot { .. } => {}
+            CommandKind::RestoreSnapshot { .. }
+            | CommandKind::ReleaseSnapshot { .. }
+            | CommandKind::HoldUpdaters { .. } => {}
         }
         r
     }

@@ -181,6 +181,7 @@ async fn open(endpoint: &Endpoint, host: &str) -> Result<(mpsc::Sender<pb::Agent
             agent_version: "loadgen".into(),
             boot_id: "loadgen".into(),
             protocol: wavegate_proto::PROTOCOL,
+            updaters: Vec::new(),
         })),
     })
     .await?;

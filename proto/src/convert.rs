@@ -168,6 +168,7 @@ impl From<Command> for pb::Command {
                 K::RestoreSnapshot(pb::RestoreSnapshot { rollout_id, preview })
             }
             CommandKind::ReleaseSnapshot { rollout_id } => K::ReleaseSnapshot(pb::ReleaseSnapshot { rollout_id }),
+            CommandKind::HoldUpdaters { rollout_id, hold } => K::HoldUpdaters(pb::HoldUpdaters { rollout_id, hold }),
             CommandKind::Fetch(f) => K::Fetch(pb::Fetch {
                 rollout_id: f.rollout_id,
                 step_name: f.step_name,
@@ -318,6 +319,10 @@ impl TryFrom<pb::Command> for Command {
             },
             Some(K::ReleaseSnapshot(r)) => CommandKind::ReleaseSnapshot {
                 rollout_id: r.rollout_id,
+            },
+            Some(K::HoldUpdaters(h)) => CommandKind::HoldUpdaters {
+                rollout_id: h.rollout_id,
+                hold: h.hold,
             },
             Some(K::Fetch(f)) => CommandKind::Fetch(Fetch {
                 rollout_id: f.rollout_id,
@@ -836,6 +841,35 @@ impl TryFrom<pb::CheckReport> for CheckReport {
             policies: r.policies,
             steps,
         })
+    }
+}
+
+/// An updater as the wire carries it.
+pub fn updater_to(u: &wavegate_domain::updaters::Updater) -> pb::Updater {
+    pb::Updater {
+        kind: u.kind.as_str().into(),
+        what: u.what.clone(),
+        evidence: u.evidence.clone(),
+        holdable: u.holdable,
+        held_by: u.held_by.clone().unwrap_or_default(),
+    }
+}
+
+/// An updater from the wire; a kind this build does not know is kept as a
+/// cron job's kin (it cannot be held), never dropped.
+pub fn updater(u: pb::Updater) -> wavegate_domain::updaters::Updater {
+    use wavegate_domain::updaters::{Updater, UpdaterKind};
+    let known = UpdaterKind::parse(&u.kind);
+    Updater {
+        kind: known.unwrap_or(UpdaterKind::Cron),
+        what: if known.is_some() {
+            u.what
+        } else {
+            format!("{} {}", u.kind, u.what)
+        },
+        evidence: u.evidence,
+        holdable: u.holdable && known.is_some(),
+        held_by: (!u.held_by.is_empty()).then_some(u.held_by),
     }
 }
 

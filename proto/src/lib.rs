@@ -7,7 +7,8 @@ pub mod convert;
 
 /// The version of the agent contract this build speaks, sent in `Hello`.
 /// Raised whenever a message changes shape (2: one `Step`, typed reports;
-/// 3: `Step.only_roles`, which an older agent would not know to check).
+/// 3: `Step.only_roles`, which an older agent would not know to check, and
+/// the updaters an agent reports and holds).
 /// A controller and its agents must speak the same one.
 pub const PROTOCOL: u32 = 3;
 

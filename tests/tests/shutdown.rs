@@ -105,6 +105,7 @@ async fn session(url: String, protocol: u32) -> Session {
             agent_version: "test".into(),
             boot_id: "b1".into(),
             protocol,
+            updaters: Vec::new(),
         })),
     })
     .await

@@ -41,6 +41,7 @@ async fn forge(lab: &Lab, host: &str, messages: Vec<pb::AgentMessage>) {
             agent_version: "forged".into(),
             boot_id: "forged-boot".into(),
             protocol: wavegate_proto::PROTOCOL,
+            updaters: Vec::new(),
         })),
     };
     tx.send(hello).await.expect("queue hello");

@@ -11,6 +11,7 @@ pub use wavegate_operator::policies::PolicyArgs;
 pub mod agent;
 pub mod audit;
 pub mod certs;
+pub mod fleet;
 pub mod logs;
 pub mod plan;
 pub mod rollout;
@@ -71,6 +72,16 @@ pub enum Command {
         /// The agent command.
         #[command(subcommand)]
         cmd: agent::AgentCommand,
+    },
+    /// The inventory's hosts as the controller sees them: role, agent, and
+    /// what updates each one outside wavegate.
+    Fleet {
+        /// Which controller, as whom.
+        #[command(flatten)]
+        conn: client::Conn,
+        /// The fleet command.
+        #[command(subcommand)]
+        cmd: fleet::FleetCommand,
     },
     /// The pre-change snapshots.
     Snapshot {
@@ -133,6 +144,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Certs(cmd) => certs::run(cmd),
         Command::Rollout { conn, cmd } => rollout::run(cmd, &conn).await,
         Command::Snapshot { conn, cmd } => snapshot::run(cmd, &conn).await,
+        Command::Fleet { conn, cmd } => fleet::run(cmd, &conn).await,
         Command::Audit { conn, cmd } => audit::run(cmd, &conn).await,
         Command::Agent { conn, cmd } => agent::run(cmd, &conn).await,
         #[cfg(feature = "lab")]

@@ -352,12 +352,13 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
             match client.submit(req).await {
                 Ok(r) => {
                     let r = r.into_inner();
+                    let report = r.report.clone().map(Report::try_from).transpose()?;
+                    let notes = report.as_ref().map(|r| r.notes.clone()).unwrap_or_default();
                     match output {
                         Output::Json | Output::Yaml => {
-                            let report = r.report.map(Report::try_from).transpose()?;
                             let (targets, waves) = report.map(|r| (r.targets, r.waves)).unwrap_or_default();
                             output.emit(&json!({"id": r.id, "plan_hash": r.plan_hash, "targets": targets,
-                                       "waves": waves, "dry_runs": r.dry_runs}))?;
+                                       "waves": waves, "dry_runs": r.dry_runs, "notes": notes}))?;
                         }
                         Output::Table => {
                             let mut out = format!(
@@ -365,6 +366,9 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
                                 inert(&r.id),
                                 inert(&r.plan_hash)
                             );
+                            for n in &notes {
+                                let _ = writeln!(out, "note: {}", inert(n));
+                            }
                             if !r.dry_runs.is_empty() {
                                 out.push_str("dry-run of the first wave:\n");
                                 // One line per host and step, whatever paths

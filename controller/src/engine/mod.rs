@@ -42,6 +42,7 @@ mod output;
 mod rollback;
 
 mod submit;
+mod updaters;
 mod wave;
 
 /// A rollout and its hosts, as held in memory (mirrors the store).
@@ -498,7 +499,12 @@ impl Engine {
             .lock()
             .rollouts
             .values()
-            .filter(|e| !e.rollout.state.is_final() && e.rollout.state != RolloutState::AwaitingApproval)
+            .filter(|e| {
+                // A final rollout whose updaters' hold was not released yet
+                // is driven to release it.
+                (!e.rollout.state.is_final() && e.rollout.state != RolloutState::AwaitingApproval)
+                    || !e.rollout.updaters_held.is_empty()
+            })
             .map(|e| e.rollout.id.clone())
             .collect();
         for id in ids {

@@ -5,6 +5,81 @@
 
 use super::*;
 
+impl Engine {
+    /// What the targets' agents reported of their updaters outside the
+    /// rollout, into the report: a note for each target that has one, and
+    /// the site's `updaters` rule applied (refused: a violation naming the
+    /// hosts; hold: the rule id to hold them by). A target whose agent never
+    /// reported is refused under such a rule: the gate cannot tell.
+    fn updater_gate(&self, report: &mut Report) -> Option<String> {
+        use wavegate_domain::updaters::{Known, verdict};
+        let reported: Vec<(String, Option<Vec<wavegate_domain::updaters::Updater>>)> = report
+            .targets
+            .iter()
+            .map(|h| (h.clone(), self.hub.updaters(h)))
+            .collect();
+        for (host, list) in &reported {
+            let active: Vec<String> = list
+                .iter()
+                .flatten()
+                .filter(|u| u.active())
+                .map(wavegate_domain::updaters::Updater::describe)
+                .collect();
+            if !active.is_empty() {
+                report.notes.push(format!(
+                    "{host} has updaters outside the rollout: {}",
+                    active.join("; ")
+                ));
+            }
+        }
+        let (rule, action, kinds) = self.policies.updaters()?;
+        let refused: Vec<(String, String)> = reported
+            .iter()
+            .filter_map(|(host, list)| {
+                let known = match list {
+                    Some(l) => Known::Reported(l),
+                    None => Known::Unknown,
+                };
+                verdict(action, kinds, &known).map(|why| (host.clone(), why))
+            })
+            .collect();
+        if refused.is_empty() {
+            if action == wavegate_domain::updaters::UpdaterAction::Hold {
+                report.notes.push(format!(
+                    "the targets' updaters are held from the rollout's start to its end (site rule {rule})"
+                ));
+                return Some(rule.to_owned());
+            }
+            return None;
+        }
+        let named: Vec<String> = refused.iter().map(|(h, why)| format!("{h} ({why})")).collect();
+        report.violations.push(
+            wavegate_domain::Violation::new(
+                wavegate_domain::Code::Policy(rule.to_owned()),
+                format!(
+                    "{} of the targets {} updated outside the rollout, on {} own schedule: {}",
+                    refused.len(),
+                    if refused.len() == 1 { "is" } else { "are" },
+                    if refused.len() == 1 { "its" } else { "their" },
+                    named.join(", ")
+                ),
+            )
+            .field("targets")
+            .hosts(refused.iter().map(|(h, _)| h.clone()))
+            .fix(match action {
+                wavegate_domain::updaters::UpdaterAction::Refuse => {
+                    "switch them off on those hosts (or have the site rule hold them: `action: hold`), or leave the hosts out of the targets"
+                }
+                wavegate_domain::updaters::UpdaterAction::Hold => {
+                    "remove what cannot be held (a cron job, snapd) on those hosts, start their agents so they report, or leave the hosts out of the targets"
+                }
+            }),
+        );
+        report.ok = false;
+        None
+    }
+}
+
 pub(super) fn build(
     id: String,
     submitter: &str,
@@ -101,6 +176,9 @@ pub(super) fn build(
         events: Vec::new(),
         rollback_requests: Vec::new(),
         submitter_person: String::new(),
+        hold_updaters: None,
+        updaters_held: Vec::new(),
+        updaters_hold_taken: false,
     };
     event(
         &mut rollout,
@@ -143,7 +221,7 @@ impl Engine {
                 bypass.join(", ")
             )));
         }
-        let (report, plan) = check_plan(
+        let (mut report, plan) = check_plan(
             &self.fleet,
             Source {
                 name: plan_file,
@@ -151,6 +229,11 @@ impl Engine {
             },
             &self.policies,
         );
+        let hold = if report.ok {
+            self.updater_gate(&mut report)
+        } else {
+            None
+        };
         let plan = match plan {
             Some(p) if report.ok => p,
             _ if report.exit_status() == 2 => return Err(EngineError::BadPlan(Box::new(report))),
@@ -169,6 +252,7 @@ impl Engine {
             &self.policies,
         );
         template.submitter_person = person.to_owned();
+        template.hold_updaters = hold;
         let first = waves.first().cloned().unwrap_or_default();
         let tag = format!("submit:{}:{}:{}", &hash[..12], self.boot, nonce());
         let mut probes = Vec::new();

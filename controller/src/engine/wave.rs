@@ -12,11 +12,31 @@ impl Engine {
     pub(super) async fn drive(self: Arc<Self>, id: &str) -> Result<(), EngineError> {
         let mut rx = self.subscribe();
         loop {
-            let (state, rollback_pending, current) = self.with(id, |e| {
-                (e.rollout.state, e.rollout.rollback_pending, e.rollout.current_wave())
+            let (state, rollback_pending, current, hold, release) = self.with(id, |e| {
+                let r = &e.rollout;
+                (
+                    r.state,
+                    r.rollback_pending,
+                    r.current_wave(),
+                    r.hold_updaters.is_some() && !r.updaters_hold_taken,
+                    !r.updaters_held.is_empty(),
+                )
             })?;
             match state {
+                RolloutState::Running if hold => {
+                    self.hold_updaters(id).await?;
+                    continue;
+                }
                 RolloutState::Running => {}
+                RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused if release => {
+                    self.release_updaters(id).await?;
+                    if self.with(id, |e| !e.rollout.updaters_held.is_empty())? {
+                        // Some host is away: its agent releases nothing
+                        // until it is back, and the next start tries again.
+                        return Ok(());
+                    }
+                    continue;
+                }
                 RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused => {
                     // Its steps are all answered or never will be.
                     let prefix = format!("{id}:");
