@@ -692,6 +692,45 @@ async fn answer(
             let res = res.map(|r| r.map(|(m, _)| m));
             snapshot_result(&id, res, &format!("restored from the snapshot{restarted}"))
         }
+        CommandKind::Mirror {
+            rollout_id,
+            purpose,
+            run,
+            timeout_ms,
+        } => {
+            // The inventory's own command, run as the host is: it stops and
+            // starts the services that feed this backup.
+            let mut job = Job::new(&id, &run, timeout_ms, &cfg.host_root, Mode::Plain);
+            job.redact.clone_from(&redact);
+            job.from.clone_from(&cfg.controller);
+            let stream = crate::output::Stream {
+                redact: redact.clone(),
+                command_id: id.clone(),
+                rollout_id,
+                step: format!("mirror {purpose}"),
+            };
+            match run_streamed(cfg, journal, job, stream, tx).await {
+                Ok((s, _)) => {
+                    let ok = s.outcome == pb::Outcome::Ok as i32;
+                    pb::CommandResult {
+                        command_id: id.clone(),
+                        outcome: s.outcome,
+                        exit_code: s.exit_code,
+                        detail: if ok {
+                            format!("mirror {purpose}: done")
+                        } else {
+                            format!(
+                                "mirror {purpose} failed (exit {}): {}",
+                                s.exit_code,
+                                String::from_utf8_lossy(&s.output_tail).trim()
+                            )
+                        },
+                        ..Default::default()
+                    }
+                }
+                Err(e) => refused(format!("mirror {purpose}: {e:#}")),
+            }
+        }
         CommandKind::HoldUpdaters { rollout_id, hold } => {
             let (state, root) = (cfg.state_dir.clone(), cfg.host_root.clone());
             let done = tokio::task::spawn_blocking(move || {

@@ -215,6 +215,17 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
             .collect(),
         events: r.events.clone(),
         failed_hosts: failed.clone(),
+        mirrors: r
+            .mirrors
+            .iter()
+            .map(|m| pb::MirrorStatus {
+                backup: m.backup.clone(),
+                primaries: m.primaries.clone(),
+                wave: m.wave as u32 + 1,
+                state: m.state.as_str().into(),
+                detail: m.detail.clone(),
+            })
+            .collect(),
         summary: wavegate_domain::rollout::state_line(r.state.as_str(), &failed),
         rollback_requests: r
             .rollback_requests

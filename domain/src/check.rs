@@ -163,8 +163,10 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
     let (targets, target_violations) = targets::resolve(fleet, &plan.targets, &plan.file);
     let targets_ok = target_violations.is_empty() && !targets.is_empty();
     violations.extend(target_violations);
+    let mut mirror_notes = Vec::new();
     if targets_ok {
         violations.extend(role_mismatches(fleet, &plan, &targets));
+        violations.extend(live_mirrors(fleet, &plan, &targets, &mut mirror_notes));
     }
 
     let mut notes = Vec::new();
@@ -206,6 +208,7 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
     for (r, limit) in reports.iter_mut().zip(policies.in_flight_limits(&plan, &sizes)) {
         r.max_in_flight = limit;
     }
+    notes.extend(mirror_notes);
     let mut report = finish(
         fleet.file(),
         &plan.file,
@@ -276,6 +279,71 @@ fn role_mismatches(fleet: &Fleet, plan: &plan::Plan, targets: &Targets) -> Vec<V
                 "narrow the targets to those roles (`targets: {{where: {{role: [{roles}]}}}}`), or put the step for the other hosts in a plan of its own"
             )),
         );
+    }
+    out
+}
+
+/// The targets' backups fed by a live mirror: how each is guarded during
+/// its primary's wave (a note), or a violation when it cannot be and the
+/// plan does not accept that by name (KDE, 2013: "too perfect a mirror").
+fn live_mirrors(fleet: &Fleet, plan: &plan::Plan, targets: &Targets, notes: &mut Vec<String>) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let accepted = |b: &str| plan.accept_live_mirrors.iter().any(|a| a.value == b);
+    for a in &plan.accept_live_mirrors {
+        if fleet.lookup(&a.value).is_none() {
+            out.push(
+                Violation::new(Code::UnknownHost, format!("the inventory has no host `{}`", a.value))
+                    .at(&a.loc)
+                    .field("accept_live_mirrors")
+                    .hosts([a.value.clone()])
+                    .fix("name the backup whose live mirror the plan accepts, as the inventory gives it"),
+            );
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for t in targets.hosts() {
+        for b in fleet.direct_backups(*t) {
+            let backup = fleet.host(b);
+            let Some(m) = &backup.mirror else { continue };
+            if !seen.insert((b, *t)) {
+                continue;
+            }
+            let (primary, bid) = (fleet.id(*t), fleet.id(b));
+            let feed = m.feed.as_deref().map(|f| format!(" ({f})")).unwrap_or_default();
+            if m.guarded() {
+                let how = match (&m.pause, m.snapshot_before.is_empty()) {
+                    (Some(_), true) => "paused before its wave and resumed once the wave is confirmed".to_owned(),
+                    (Some(_), false) => format!(
+                        "paused before its wave, {} snapshotted, and resumed once the wave is confirmed",
+                        m.snapshot_before.join(", ")
+                    ),
+                    (None, _) => format!(
+                        "left running; {} on {bid} snapshotted before its wave and restored if {primary} is rolled back",
+                        m.snapshot_before.join(", ")
+                    ),
+                };
+                notes.push(format!("{bid} is fed from {primary} by a live mirror{feed}: {how}"));
+            } else if accepted(bid) {
+                notes.push(format!(
+                    "{bid} is fed from {primary} by a live mirror{feed} that cannot be paused; the plan accepts the risk by name"
+                ));
+            } else {
+                out.push(
+                    Violation::new(
+                        Code::MirrorUnguarded,
+                        format!(
+                            "{bid} is fed from target {primary} by a live mirror{feed} that can be neither paused nor snapshotted: damage to {primary} would reach its backup within minutes"
+                        ),
+                    )
+                    .at(&plan.targets.loc.clone().unwrap_or_else(|| crate::violation::Loc::file(&plan.file)))
+                    .field("targets")
+                    .hosts([primary.to_owned(), bid.to_owned()])
+                    .fix(format!(
+                        "give {bid}'s `mirror` in the inventory `pause` and `resume` commands or `snapshot_before` paths, leave {primary} out, or accept the risk by name: `accept_live_mirrors: [{bid}]`"
+                    )),
+                );
+            }
+        }
     }
     out
 }

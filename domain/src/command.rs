@@ -201,6 +201,18 @@ pub enum CommandKind {
     },
     /// Run a step's fetch.
     Fetch(Fetch),
+    /// Pause or resume the live mirror feeding this backup: the
+    /// inventory's command, run as the host is.
+    Mirror {
+        /// The rollout.
+        rollout_id: String,
+        /// `pause` or `resume`.
+        purpose: String,
+        /// Command line.
+        run: String,
+        /// Time limit.
+        timeout_ms: u64,
+    },
     /// Hold the host's updaters for a rollout, or release the hold.
     HoldUpdaters {
         /// The rollout.

@@ -37,6 +37,41 @@ struct HostDoc {
     failure_domain: Option<Spanned<String>>,
     role: Option<Spanned<String>>,
     backup_of: Option<Spanned<Vec<Spanned<String>>>>,
+    mirror: Option<Spanned<MirrorDoc>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorDoc {
+    feed: Option<String>,
+    pause: Option<Spanned<String>>,
+    resume: Option<Spanned<String>>,
+    snapshot_before: Option<Vec<Spanned<String>>>,
+}
+
+/// How a backup is fed from its primaries by a live mirror (rsync every
+/// few minutes, DRBD, database replication), and how wavegate keeps a
+/// primary's damage from reaching it during the primary's wave.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Mirror {
+    /// What feeds it, for people (`rsync every minute from p09`).
+    pub feed: Option<String>,
+    /// Run on the backup before a primary's wave; returns once the mirror
+    /// is paused.
+    pub pause: Option<String>,
+    /// Run on the backup once the primary's wave is confirmed.
+    pub resume: Option<String>,
+    /// The backup's copy of its primaries' data: snapshotted before a
+    /// primary's wave and restored if the primary is rolled back.
+    pub snapshot_before: Vec<String>,
+}
+
+impl Mirror {
+    /// Whether wavegate can keep a primary's damage from it: by pausing
+    /// it, or by a snapshot of the backup's copy to restore.
+    pub fn guarded(&self) -> bool {
+        self.pause.is_some() || !self.snapshot_before.is_empty()
+    }
 }
 
 /// What a host is for.
@@ -104,6 +139,8 @@ pub struct Host {
     pub role: Role,
     /// Hosts this one holds copies of.
     pub backup_of: Vec<String>,
+    /// How it is fed by a live mirror, if it is.
+    pub mirror: Option<Mirror>,
     /// Where the host is defined.
     pub loc: Loc,
 }
@@ -115,6 +152,59 @@ pub struct Fleet {
     graph: DiGraph<Host, ()>,
     by_id: HashMap<String, HostIdx>,
     groups: BTreeMap<String, Vec<HostIdx>>,
+}
+
+/// A backup's `mirror:`, checked: only on a backup; `pause` and `resume`
+/// together; `snapshot_before` paths absolute and not `/`.
+fn mirror(file: &str, id: &str, role: Role, i: usize, m: Spanned<MirrorDoc>, problems: &mut Vec<Violation>) -> Mirror {
+    let loc = loc_of(file, &m);
+    let field = format!("hosts[{i}].mirror");
+    let bad = |at: &Loc, f: String, msg: String, fix: &str| {
+        Violation::new(Code::InventoryInvalid, msg)
+            .at(at)
+            .field(f)
+            .hosts([id.to_owned()])
+            .fix(fix)
+    };
+    let m = m.value;
+    if role != Role::Backup {
+        problems.push(bad(
+            &loc,
+            field.clone(),
+            format!("host `{id}` has a `mirror` but its role is {role}"),
+            "a mirror feeds a backup: set `role: backup` and `backup_of`, or remove `mirror`",
+        ));
+    }
+    if m.pause.is_some() != m.resume.is_some() {
+        problems.push(bad(
+            &loc,
+            field.clone(),
+            format!(
+                "the mirror of `{id}` has {} without {}",
+                if m.pause.is_some() { "`pause`" } else { "`resume`" },
+                if m.pause.is_some() { "`resume`" } else { "`pause`" }
+            ),
+            "give both: `pause` runs before a primary's wave, `resume` once it is confirmed",
+        ));
+    }
+    let mut paths = Vec::new();
+    for (j, p) in m.snapshot_before.iter().flatten().enumerate() {
+        match crate::plan::normalise_write_path(&p.value) {
+            Ok(n) => paths.push(n),
+            Err(why) => problems.push(bad(
+                &loc_of(file, p),
+                format!("{field}.snapshot_before[{j}]"),
+                format!("the mirror path `{}` of `{id}` {why}", p.value),
+                "write the absolute path of the backup's copy, like /srv/mirror/p09",
+            )),
+        }
+    }
+    Mirror {
+        feed: m.feed,
+        pause: m.pause.map(|p| p.value),
+        resume: m.resume.map(|r| r.value),
+        snapshot_before: paths,
+    }
 }
 
 /// Whether `id` is a valid host id (it names the agent's certificate too).
@@ -217,6 +307,7 @@ impl Fleet {
             for target in &backup_of {
                 pending_edges.push((id.clone(), target.value.clone(), loc_of(file, target), i));
             }
+            let mirror = h.mirror.map(|m| mirror(file, &id, role, i, m, &mut problems));
             let node = graph.add_node(Host {
                 id: id.clone(),
                 address: h.address,
@@ -225,6 +316,7 @@ impl Fleet {
                 failure_domain: h.failure_domain.map(|f| f.value),
                 role,
                 backup_of: backup_of.iter().map(|b| b.value.clone()).collect(),
+                mirror,
                 loc: id_loc,
             });
             by_id.insert(id, HostIdx(node));
@@ -481,6 +573,29 @@ mod tests {
         );
         assert!(msgs.iter().any(|m| m.contains("`Bad!`")), "{msgs:?}");
         assert!(errs.iter().all(|v| v.line.is_some()), "every problem has a line");
+    }
+
+    #[test]
+    fn a_mirror_feeds_a_backup_and_says_how_it_is_paused() {
+        let f = Fleet::parse(Source {
+            name: "f.yaml",
+            text: "hosts:\n  - {id: p, role: primary}\n  - {id: b, role: backup, backup_of: [p], mirror: {pause: stop, resume: start, snapshot_before: [/srv/m/]}}\n  - {id: d, role: backup, backup_of: [p], mirror: {feed: drbd}}\n",
+        })
+        .expect("valid");
+        let b = f.host(f.lookup("b").expect("b")).mirror.clone().expect("mirror");
+        assert!(b.guarded());
+        assert_eq!(b.snapshot_before, ["/srv/m"]);
+        assert!(
+            !f.host(f.lookup("d").expect("d"))
+                .mirror
+                .clone()
+                .expect("mirror")
+                .guarded()
+        );
+        let got = codes(
+            "hosts:\n  - {id: p, role: primary, mirror: {pause: x, resume: y}}\n  - {id: b, role: backup, backup_of: [p], mirror: {pause: x, snapshot_before: [srv]}}\n",
+        );
+        assert_eq!(got.len(), 3, "{got:?}");
     }
 
     #[test]

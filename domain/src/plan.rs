@@ -47,6 +47,7 @@ struct PlanDoc {
     approvals: Option<Spanned<i64>>,
     untouchable: Option<Vec<Spanned<String>>>,
     max_in_flight: Option<Spanned<Scalar>>,
+    accept_live_mirrors: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -428,6 +429,10 @@ pub struct Plan {
     /// Hosts of a wave with a real step running at once, as written (none:
     /// [`DEFAULT_MAX_IN_FLIGHT`]); see [`in_flight_limit`].
     pub max_in_flight: Option<At<Amount>>,
+    /// Backups fed by a live mirror that cannot be paused, whose risk the
+    /// plan accepts by name: their primaries' waves run while the mirror
+    /// copies.
+    pub accept_live_mirrors: Vec<At<String>>,
 }
 
 /// How many of a wave's `size` hosts may have a real step running at once
@@ -702,6 +707,12 @@ fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
         approvals_loc,
         untouchable,
         max_in_flight,
+        accept_live_mirrors: doc
+            .accept_live_mirrors
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| At::from_spanned(file, s))
+            .collect(),
     }
 }
 

@@ -156,6 +156,87 @@ pub fn failed_hosts<'a>(hosts: impl IntoIterator<Item = &'a HostRecord>) -> Vec<
     out
 }
 
+/// A backup's live mirror, as a rollout guards it during a wave that holds
+/// its primaries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorHold {
+    /// The backup the mirror feeds.
+    pub backup: String,
+    /// Its primaries in the wave.
+    pub primaries: Vec<String>,
+    /// The 0-based wave.
+    pub wave: usize,
+    /// Where it is.
+    pub state: MirrorState,
+    /// Whether its copy was snapshotted before the wave (the snapshot's key
+    /// on the backup is [`MirrorHold::snapshot_key`]).
+    #[serde(default)]
+    pub snapshotted: bool,
+    /// What happened, for people.
+    #[serde(default)]
+    pub detail: String,
+}
+
+impl MirrorHold {
+    /// The key of the backup's snapshot of its copy, taken for wave `wave`
+    /// (0-based) of `rollout`.
+    pub fn snapshot_key(rollout: &str, wave: usize) -> String {
+        format!("{rollout}-mirror-w{}", wave + 1)
+    }
+
+    /// Whether the mirror is held back now (paused, or its copy kept to
+    /// restore), so its wave may run.
+    pub fn guarding(&self) -> bool {
+        matches!(
+            self.state,
+            MirrorState::Paused | MirrorState::Snapshotted | MirrorState::Live
+        )
+    }
+
+    /// Whether it may be held back now and owes a resume: guarded, being
+    /// guarded, or paused with its copy restored.
+    pub fn owes_resume(&self) -> bool {
+        self.guarding() || matches!(self.state, MirrorState::Guarding | MirrorState::Restored)
+    }
+}
+
+/// Where a guarded mirror is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorState {
+    /// Being paused or snapshotted (recorded before it is asked).
+    Guarding,
+    /// Paused (and its copy snapshotted, when so configured) until the
+    /// wave is confirmed.
+    Paused,
+    /// Left running, its copy snapshotted to restore.
+    Snapshotted,
+    /// Left running: it cannot be paused and the plan accepts that.
+    Live,
+    /// Resumed after the wave was confirmed.
+    Resumed,
+    /// Its copy restored from the snapshot after its primary was rolled
+    /// back; kept paused.
+    Restored,
+    /// Left paused: its primary failed and was not restored.
+    LeftPaused,
+}
+
+impl MirrorState {
+    /// Its name in status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorState::Guarding => "guarding",
+            MirrorState::Paused => "paused",
+            MirrorState::Snapshotted => "snapshotted",
+            MirrorState::Live => "live",
+            MirrorState::Resumed => "resumed",
+            MirrorState::Restored => "restored",
+            MirrorState::LeftPaused => "left_paused",
+        }
+    }
+}
+
 /// A refused transition: what was asked, and the state it was asked in.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("cannot {action} a rollout that is {from}")]
@@ -464,6 +545,10 @@ pub struct Rollout {
     /// Whether the hold was taken (at the start, before any step).
     #[serde(default)]
     pub updaters_hold_taken: bool,
+    /// The live mirrors feeding the targets' backups, as guarded for each
+    /// wave: paused, snapshotted, resumed, restored.
+    #[serde(default)]
+    pub mirrors: Vec<MirrorHold>,
     /// Approvals so far.
     pub approvals: Vec<Approval>,
     /// Approvals needed.
@@ -1018,6 +1103,7 @@ mod tests {
             hold_updaters: None,
             updaters_held: Vec::new(),
             updaters_hold_taken: false,
+            mirrors: Vec::new(),
             approvals: Vec::new(),
             approvals_required: 2,
             state: RolloutState::AwaitingApproval,

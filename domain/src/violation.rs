@@ -39,6 +39,10 @@ pub enum Code {
     /// A step names the roles it is for (`only_roles`) and a target has
     /// another. (Added by wavegate; not in the first contract.)
     RoleMismatch,
+    /// A target's backup is fed by a live mirror that can be neither paused
+    /// nor snapshotted, and the plan does not accept that by name. (Added
+    /// by wavegate; not in the first contract.)
+    MirrorUnguarded,
     /// A site policy refused the plan; carries the rule id.
     Policy(String),
     /// Not valid YAML, a wrong type, an unknown field, a malformed value.
@@ -63,6 +67,7 @@ impl Code {
             Code::WaveInvalid => Borrowed("wave-invalid"),
             Code::ApprovalsInvalid => Borrowed("approvals-invalid"),
             Code::RoleMismatch => Borrowed("role-mismatch"),
+            Code::MirrorUnguarded => Borrowed("mirror-unguarded"),
             Code::Policy(id) => std::borrow::Cow::Owned(format!("policy:{id}")),
             Code::ParseError => Borrowed("parse-error"),
         }
@@ -101,6 +106,7 @@ impl Code {
             Code::WaveInvalid,
             Code::ApprovalsInvalid,
             Code::RoleMismatch,
+            Code::MirrorUnguarded,
             Code::ParseError,
         ]
         .into_iter()

@@ -135,7 +135,8 @@ impl Script {
             }
             CommandKind::RestoreSnapshot { .. }
             | CommandKind::ReleaseSnapshot { .. }
-            | CommandKind::HoldUpdaters { .. } => {}
+            | CommandKind::HoldUpdaters { .. }
+            | CommandKind::Mirror { .. } => {}
         }
         r
     }

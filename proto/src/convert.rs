@@ -169,6 +169,17 @@ impl From<Command> for pb::Command {
             }
             CommandKind::ReleaseSnapshot { rollout_id } => K::ReleaseSnapshot(pb::ReleaseSnapshot { rollout_id }),
             CommandKind::HoldUpdaters { rollout_id, hold } => K::HoldUpdaters(pb::HoldUpdaters { rollout_id, hold }),
+            CommandKind::Mirror {
+                rollout_id,
+                purpose,
+                run,
+                timeout_ms,
+            } => K::Mirror(pb::MirrorCommand {
+                rollout_id,
+                purpose,
+                run,
+                timeout_ms,
+            }),
             CommandKind::Fetch(f) => K::Fetch(pb::Fetch {
                 rollout_id: f.rollout_id,
                 step_name: f.step_name,
@@ -323,6 +334,12 @@ impl TryFrom<pb::Command> for Command {
             Some(K::HoldUpdaters(h)) => CommandKind::HoldUpdaters {
                 rollout_id: h.rollout_id,
                 hold: h.hold,
+            },
+            Some(K::Mirror(m)) => CommandKind::Mirror {
+                rollout_id: m.rollout_id,
+                purpose: m.purpose,
+                run: m.run,
+                timeout_ms: m.timeout_ms,
             },
             Some(K::Fetch(f)) => CommandKind::Fetch(Fetch {
                 rollout_id: f.rollout_id,

@@ -145,6 +145,13 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
         "id": s.id,
         "state": s.state,
         "summary": wavegate_domain::rollout::state_line(&s.state, &s.failed_hosts),
+        "mirrors": s.mirrors.iter().map(|m| json!({
+            "backup": m.backup,
+            "primaries": m.primaries,
+            "wave": m.wave,
+            "state": m.state,
+            "detail": m.detail,
+        })).collect::<Vec<_>>(),
         "failed_hosts": s.failed_hosts,
         "halt_reason": if s.halt_reason.is_empty() { serde_json::Value::Null } else { json!(s.halt_reason) },
         "plan": s.plan_name,
@@ -282,6 +289,21 @@ pub fn render_status(s: &pb::RolloutStatus) -> String {
             inert(&w.state),
             format!("{}/{} in flight", w.in_flight, w.max_in_flight),
             hosts.join(" ")
+        );
+    }
+    for m in &s.mirrors {
+        let _ = writeln!(
+            out,
+            "mirror {} (fed from {}) for wave {}: {}{}",
+            inert(&m.backup),
+            inert(&m.primaries.join(", ")),
+            m.wave,
+            inert(&m.state),
+            if m.detail.is_empty() {
+                String::new()
+            } else {
+                format!(" - {}", inert(&m.detail))
+            }
         );
     }
     for q in &s.rollback_requests {

@@ -41,6 +41,7 @@ mod host;
 mod output;
 mod rollback;
 
+mod mirrors;
 mod submit;
 mod updaters;
 mod wave;
@@ -504,6 +505,10 @@ impl Engine {
                 // is driven to release it.
                 (!e.rollout.state.is_final() && e.rollout.state != RolloutState::AwaitingApproval)
                     || !e.rollout.updaters_held.is_empty()
+                    || e.rollout
+                        .mirrors
+                        .iter()
+                        .any(wavegate_domain::rollout::MirrorHold::owes_resume)
             })
             .map(|e| e.rollout.id.clone())
             .collect();

@@ -179,6 +179,7 @@ pub(super) fn build(
         hold_updaters: None,
         updaters_held: Vec::new(),
         updaters_hold_taken: false,
+        mirrors: Vec::new(),
     };
     event(
         &mut rollout,

@@ -12,7 +12,7 @@ impl Engine {
     pub(super) async fn drive(self: Arc<Self>, id: &str) -> Result<(), EngineError> {
         let mut rx = self.subscribe();
         loop {
-            let (state, rollback_pending, current, hold, release) = self.with(id, |e| {
+            let (state, rollback_pending, current, hold, release, mirrors) = self.with(id, |e| {
                 let r = &e.rollout;
                 (
                     r.state,
@@ -20,8 +20,24 @@ impl Engine {
                     r.current_wave(),
                     r.hold_updaters.is_some() && !r.updaters_hold_taken,
                     !r.updaters_held.is_empty(),
+                    self.mirror_work(e),
                 )
             })?;
+            match mirrors {
+                Some(super::mirrors::MirrorWork::Guard(w)) if !hold => {
+                    self.guard_mirrors(id, w).await?;
+                    continue;
+                }
+                Some(super::mirrors::MirrorWork::Resume) => {
+                    self.resume_mirrors(id).await?;
+                    continue;
+                }
+                Some(super::mirrors::MirrorWork::Restore) => {
+                    self.restore_mirrors(id).await?;
+                    continue;
+                }
+                _ => {}
+            }
             match state {
                 RolloutState::Running if hold => {
                     self.hold_updaters(id).await?;
