@@ -180,6 +180,11 @@ pub fn to_status_message(e: &Entry) -> pb::RolloutStatus {
                 state: w.state.as_str().into(),
                 max_in_flight: w.max_in_flight() as u64,
                 in_flight: w.in_flight(&e.hosts) as u64,
+                windows: w.window_lines(),
+                waits_until_ms: w.waits_until_ms.unwrap_or(0),
+                waiting: w.waiting().unwrap_or_default(),
+                window_sets: w.windows.iter().map(convert::window_set_to).collect(),
+                expected_ms: w.expected_ms,
                 bake_ends_ms: if w.state == wavegate_domain::rollout::WaveState::Baking {
                     w.bake_ends_ms.unwrap_or(0)
                 } else {
@@ -567,6 +572,7 @@ impl OperatorService for Api {
                     role: host.role.to_string(),
                     connected: connected.contains(&host.id),
                     updaters_known: updaters.is_some(),
+                    labels: host.labels.clone().into_iter().collect(),
                     updaters: updaters.iter().flatten().map(convert::updater_to).collect(),
                 }
             })

@@ -253,10 +253,18 @@ fn rollout_body(e: &Entry) -> String {
         let at_work = w.in_flight(&e.hosts);
         let _ = write!(
             b,
-            "<tr><th>Wave {}<br>{}<br><span class=muted>{at_work}/{} at once</span></th>",
+            "<tr><th>Wave {}<br>{}<br><span class=muted>{at_work}/{} at once</span>{}</th>",
             w.index,
             badge(w.state.as_str()),
-            w.max_in_flight()
+            w.max_in_flight(),
+            match (w.waiting(), w.windows.is_empty()) {
+                (Some(why), _) => format!("<br><span class=muted>{}</span>", esc(&why)),
+                (None, false) => format!(
+                    "<br><span class=muted>windows: {}</span>",
+                    esc(&w.window_lines().join("; "))
+                ),
+                (None, true) => String::new(),
+            }
         );
         for id in &w.hosts {
             let Some(h) = e.hosts.get(id) else { continue };

@@ -2,6 +2,7 @@
 //! frozen targets, the waves and every violation.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -29,6 +30,15 @@ pub struct WaveReport {
     /// How many of its hosts may have a real step running at once.
     #[serde(default)]
     pub max_in_flight: usize,
+    /// The maintenance windows it must fit in (the plan's, and each site
+    /// rule's for its hosts' groups); empty: any time.
+    #[serde(default)]
+    pub windows: Vec<crate::windows::WindowSet>,
+    /// How long it is expected to take, at most: batch after batch of
+    /// `max_in_flight` hosts, each the sum of its steps' time limits (and
+    /// reboot limits), then the bake. A wave starts only when this fits.
+    #[serde(default)]
+    pub expected_ms: u64,
 }
 
 /// The answer to "what would this plan do, and is it safe?".
@@ -208,6 +218,46 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
     for (r, limit) in reports.iter_mut().zip(policies.in_flight_limits(&plan, &sizes)) {
         r.max_in_flight = limit;
     }
+    for (r, hosts) in reports.iter_mut().zip(&waves_out) {
+        r.windows = policies.window_sets(fleet, &plan, hosts);
+        r.expected_ms = expected_ms(&plan, hosts.len(), r.max_in_flight);
+        if !r.windows.is_empty()
+            && crate::windows::next_start(&r.windows, WEEK_REFERENCE_MS, Duration::from_millis(r.expected_ms)).is_none()
+        {
+            let names: Vec<String> = r
+                .windows
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}: {}",
+                        s.source,
+                        s.windows
+                            .iter()
+                            .map(crate::windows::describe)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+                .collect();
+            violations.push(
+                Violation::new(
+                    Code::WindowUnfit,
+                    format!(
+                        "wave {} is expected to take up to {} ({} batch(es) of {} host(s), each its steps' time limits, then the bake) and fits no maintenance window ({})",
+                        r.index,
+                        crate::units::format_duration(Duration::from_millis(r.expected_ms)),
+                        r.hosts.len().div_ceil(r.max_in_flight.max(1)),
+                        r.max_in_flight,
+                        names.join("; ")
+                    ),
+                )
+                .at(&plan.windows_loc.clone().unwrap_or_else(|| plan.waves_loc.clone()))
+                .field("windows")
+                .hosts(r.hosts.clone())
+                .fix("give steps the `timeout` they really need, shorten the bake, raise `max_in_flight`, make the wave smaller, or widen the window"),
+            );
+        }
+    }
     notes.extend(mirror_notes);
     let mut report = finish(
         fleet.file(),
@@ -368,6 +418,31 @@ fn as_explicit(
         .collect()
 }
 
+/// A fixed instant (Monday 2026-01-05 00:00 UTC): whether a wave can ever
+/// fit its windows is asked over the week from here, so that a check is
+/// the same whenever it runs.
+const WEEK_REFERENCE_MS: i64 = 1_767_571_200_000;
+
+/// How long a wave of `size` hosts takes at most: batches of `limit`
+/// hosts, each the sum of the steps' time limits and reboot limits, then
+/// the bake.
+pub fn expected_ms(plan: &plan::Plan, size: usize, limit: usize) -> u64 {
+    let per_host: Duration = plan
+        .steps
+        .iter()
+        .map(|s| {
+            s.timeout
+                + if s.reboot == plan::Reboot::Never {
+                    Duration::ZERO
+                } else {
+                    s.reboot_timeout
+                }
+        })
+        .sum();
+    let batches = size.div_ceil(limit.max(1)) as u32;
+    (per_host * batches + plan.health.bake).as_millis() as u64
+}
+
 fn wave_reports(fleet: &Fleet, waves: &[Vec<HostIdx>]) -> Vec<WaveReport> {
     waves
         .iter()
@@ -388,6 +463,8 @@ fn wave_reports(fleet: &Fleet, waves: &[Vec<HostIdx>]) -> Vec<WaveReport> {
                 failure_domains: fds.into_iter().map(str::to_owned).collect(),
                 backups: w.iter().filter(|h| fleet.host(**h).role == Role::Backup).count(),
                 max_in_flight: 0,
+                windows: Vec::new(),
+                expected_ms: 0,
             }
         })
         .collect()

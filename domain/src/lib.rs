@@ -24,6 +24,7 @@ pub mod units;
 pub mod updaters;
 pub mod violation;
 pub mod waves;
+pub mod windows;
 pub mod yaml;
 
 pub use check::{Report, WaveReport, check, check_plan, check_sources};

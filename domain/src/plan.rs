@@ -48,6 +48,7 @@ struct PlanDoc {
     untouchable: Option<Vec<Spanned<String>>>,
     max_in_flight: Option<Spanned<Scalar>>,
     accept_live_mirrors: Option<Vec<Spanned<String>>>,
+    windows: Option<Spanned<Vec<Spanned<crate::windows::WindowDoc>>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -433,6 +434,10 @@ pub struct Plan {
     /// plan accepts by name: their primaries' waves run while the mirror
     /// copies.
     pub accept_live_mirrors: Vec<At<String>>,
+    /// Maintenance windows every wave must fit in (none: any time).
+    pub windows: Vec<crate::windows::Window>,
+    /// Where `windows:` is written.
+    pub windows_loc: Option<Loc>,
 }
 
 /// How many of a wave's `size` hosts may have a real step running at once
@@ -707,6 +712,11 @@ fn from_doc(file: &str, doc: PlanDoc, v: &mut Vec<Violation>) -> Plan {
         approvals_loc,
         untouchable,
         max_in_flight,
+        windows_loc: doc.windows.as_ref().map(|w| loc_of(file, w)),
+        windows: doc
+            .windows
+            .map(|w| crate::windows::from_docs(file, w.value, "windows", v))
+            .unwrap_or_default(),
         accept_live_mirrors: doc
             .accept_live_mirrors
             .unwrap_or_default()

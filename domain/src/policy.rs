@@ -52,6 +52,8 @@ struct RuleDoc {
     accept: Option<Vec<Spanned<String>>>,
     action: Option<Spanned<String>>,
     kinds: Option<Vec<Spanned<String>>>,
+    groups: Option<Vec<Spanned<String>>>,
+    windows: Option<Vec<Spanned<crate::windows::WindowDoc>>>,
 }
 
 /// The rule kinds, with the fields each accepts.
@@ -71,6 +73,7 @@ const KINDS: &[(&str, &[&str])] = &[
     ("redact", &["patterns"]),
     ("weaker-confinement", &["accept"]),
     ("updaters", &["action", "kinds"]),
+    ("maintenance-window", &["groups", "windows"]),
 ];
 
 /// What a site can accept doing without, by name, on a kernel that lacks it.
@@ -168,6 +171,14 @@ pub enum RuleKind {
         action: crate::updaters::UpdaterAction,
         /// The kinds it is about (none: every kind).
         kinds: Vec<crate::updaters::UpdaterKind>,
+    },
+    /// A wave holding a host of these groups (none: any host) starts only
+    /// when it fits, whole, inside one of these windows.
+    MaintenanceWindow {
+        /// The groups it is for; empty: every host.
+        groups: Vec<String>,
+        /// The windows.
+        windows: Vec<crate::windows::Window>,
     },
 }
 
@@ -397,6 +408,34 @@ impl PolicySet {
         })
     }
 
+    /// The windows that apply to a wave of these hosts: the plan's, and
+    /// each site rule's whose groups one of them is in.
+    pub fn window_sets(&self, fleet: &Fleet, plan: &Plan, hosts: &[HostIdx]) -> Vec<crate::windows::WindowSet> {
+        let mut out = Vec::new();
+        if !plan.windows.is_empty() {
+            out.push(crate::windows::WindowSet {
+                source: "plan".into(),
+                windows: plan.windows.clone(),
+            });
+        }
+        for r in &self.rules {
+            let RuleKind::MaintenanceWindow { groups, windows } = &r.kind else {
+                continue;
+            };
+            let applies = groups.is_empty()
+                || hosts
+                    .iter()
+                    .any(|h| fleet.host(*h).groups.iter().any(|g| groups.contains(g)));
+            if applies {
+                out.push(crate::windows::WindowSet {
+                    source: format!("policy:{}", r.id),
+                    windows: windows.clone(),
+                });
+            }
+        }
+        out
+    }
+
     /// The caps the planner must honour.
     pub fn caps(&self) -> Vec<Cap> {
         self.rules
@@ -602,6 +641,8 @@ impl PolicySet {
                 | RuleKind::WeakerConfinement { .. } => {}
                 // Needs what the agents reported: checked at submit.
                 RuleKind::Updaters { .. } => {}
+                // Each wave's fit is checked with the waves (check.rs).
+                RuleKind::MaintenanceWindow { .. } => {}
             }
         }
         if !self
@@ -776,6 +817,22 @@ fn parse_rule(file: &str, i: usize, rule: Spanned<RuleDoc>, v: &mut Vec<Violatio
     }
     let kind = match *kind_name {
         "canary-size" => RuleKind::CanarySize { max_hosts, max_share },
+        "maintenance-window" => {
+            let named = r.windows.as_ref().is_some_and(|w| !w.is_empty());
+            let windows = crate::windows::from_docs(file, r.windows.unwrap_or_default(), &field("windows"), v);
+            if !named {
+                v.push(bad(
+                    &loc,
+                    field("windows"),
+                    format!("rule `{id}` names no window"),
+                    "add `windows: [{start: \"02:00\", end: \"05:00\", tz: Europe/Berlin}]`",
+                ));
+            }
+            RuleKind::MaintenanceWindow {
+                groups: r.groups.iter().flatten().map(|g| g.value.clone()).collect(),
+                windows,
+            }
+        }
         "updaters" => {
             use crate::updaters::{UpdaterAction, UpdaterKind};
             let action = match r.action.as_ref().map(|a| a.value.as_str()) {

@@ -292,6 +292,40 @@ impl HostState {
 }
 
 impl Wave {
+    /// Its windows, one line per source: `plan: daily 02:00-05:00 UTC`.
+    pub fn window_lines(&self) -> Vec<String> {
+        self.windows
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}: {}",
+                    s.source,
+                    s.windows
+                        .iter()
+                        .map(crate::windows::describe)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })
+            .collect()
+    }
+
+    /// While it waits for a window: why, and until when, for people.
+    pub fn waiting(&self) -> Option<String> {
+        let until = self.waits_until_ms?;
+        let tz = self
+            .windows
+            .first()
+            .and_then(|s| s.windows.first())
+            .map_or("UTC", |w| w.tz.as_str());
+        Some(format!(
+            "waits for its maintenance window: starts at {} (expected to take up to {}; {})",
+            crate::windows::local(i64::try_from(until).unwrap_or(i64::MAX), tz),
+            crate::units::format_duration(std::time::Duration::from_millis(self.expected_ms)),
+            self.window_lines().join("; ")
+        ))
+    }
+
     /// How many of its hosts have a real step running now (sent or about
     /// to be: the step's id is stored).
     pub fn in_flight(&self, hosts: &BTreeMap<String, HostRecord>) -> usize {
@@ -516,6 +550,16 @@ pub struct Wave {
     /// default, see [`Wave::max_in_flight`]).
     #[serde(default)]
     pub max_in_flight: usize,
+    /// The maintenance windows it must fit in, as resolved at submit;
+    /// empty: any time.
+    #[serde(default)]
+    pub windows: Vec<crate::windows::WindowSet>,
+    /// How long it is expected to take at most, in milliseconds.
+    #[serde(default)]
+    pub expected_ms: u64,
+    /// While it waits for a window: when it may start, Unix milliseconds.
+    #[serde(default)]
+    pub waits_until_ms: Option<u64>,
 }
 
 /// A rollout's header: everything but the per-host records.
@@ -1115,6 +1159,9 @@ mod tests {
                     hosts: vec!["a".into()],
                     bake_ends_ms: None,
                     max_in_flight: 1,
+                    windows: Vec::new(),
+                    expected_ms: 0,
+                    waits_until_ms: None,
                 },
                 Wave {
                     index: 2,
@@ -1122,6 +1169,9 @@ mod tests {
                     hosts: vec!["b".into()],
                     bake_ends_ms: None,
                     max_in_flight: 1,
+                    windows: Vec::new(),
+                    expected_ms: 0,
+                    waits_until_ms: None,
                 },
             ],
             steps: Vec::new(),

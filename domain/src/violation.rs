@@ -43,6 +43,9 @@ pub enum Code {
     /// nor snapshotted, and the plan does not accept that by name. (Added
     /// by wavegate; not in the first contract.)
     MirrorUnguarded,
+    /// A wave is expected to take longer than any maintenance window that
+    /// applies to it leaves. (Added by wavegate; not in the first contract.)
+    WindowUnfit,
     /// A site policy refused the plan; carries the rule id.
     Policy(String),
     /// Not valid YAML, a wrong type, an unknown field, a malformed value.
@@ -68,6 +71,7 @@ impl Code {
             Code::ApprovalsInvalid => Borrowed("approvals-invalid"),
             Code::RoleMismatch => Borrowed("role-mismatch"),
             Code::MirrorUnguarded => Borrowed("mirror-unguarded"),
+            Code::WindowUnfit => Borrowed("window-unfit"),
             Code::Policy(id) => std::borrow::Cow::Owned(format!("policy:{id}")),
             Code::ParseError => Borrowed("parse-error"),
         }
@@ -107,6 +111,7 @@ impl Code {
             Code::ApprovalsInvalid,
             Code::RoleMismatch,
             Code::MirrorUnguarded,
+            Code::WindowUnfit,
             Code::ParseError,
         ]
         .into_iter()

@@ -757,6 +757,8 @@ impl From<CheckReport> for pb::CheckReport {
                     failure_domains: w.failure_domains,
                     backups: w.backups as u64,
                     max_in_flight: w.max_in_flight as u64,
+                    expected_ms: w.expected_ms,
+                    windows: w.windows.iter().map(window_set_to).collect(),
                 })
                 .collect(),
             violations: r.violations.into_iter().map(violation_to).collect(),
@@ -851,6 +853,8 @@ impl TryFrom<pb::CheckReport> for CheckReport {
                     failure_domains: w.failure_domains,
                     backups: w.backups as usize,
                     max_in_flight: usize::try_from(w.max_in_flight).unwrap_or(usize::MAX),
+                    expected_ms: w.expected_ms,
+                    windows: w.windows.into_iter().map(window_set).collect(),
                 })
                 .collect(),
             violations,
@@ -887,6 +891,40 @@ pub fn updater(u: pb::Updater) -> wavegate_domain::updaters::Updater {
         evidence: u.evidence,
         holdable: u.holdable && known.is_some(),
         held_by: (!u.held_by.is_empty()).then_some(u.held_by),
+    }
+}
+
+/// Maintenance windows as the wire carries them.
+pub fn window_set_to(s: &wavegate_domain::windows::WindowSet) -> pb::WindowSet {
+    pb::WindowSet {
+        source: s.source.clone(),
+        windows: s
+            .windows
+            .iter()
+            .map(|w| pb::Window {
+                days: w.days.clone(),
+                start: w.start.clone(),
+                end: w.end.clone(),
+                tz: w.tz.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Maintenance windows from the wire.
+pub fn window_set(s: pb::WindowSet) -> wavegate_domain::windows::WindowSet {
+    wavegate_domain::windows::WindowSet {
+        source: s.source,
+        windows: s
+            .windows
+            .into_iter()
+            .map(|w| wavegate_domain::windows::Window {
+                days: w.days,
+                start: w.start,
+                end: w.end,
+                tz: w.tz,
+            })
+            .collect(),
     }
 }
 

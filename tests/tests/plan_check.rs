@@ -502,3 +502,32 @@ fn where_names_unknown_groups_and_roles_where_they_are_written() {
     assert_eq!(group["field"], "targets.where.groups");
     assert_eq!(group["line"], 5);
 }
+
+#[test]
+fn a_wave_longer_than_its_maintenance_window_is_refused_with_its_expected_time() {
+    let run = check("window-unfit");
+    assert_eq!(run.status, 3, "{}", run.stdout);
+    let report = run.json();
+    let v: Vec<&Value> = report["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .filter(|v| v["code"] == "window-unfit")
+        .collect();
+    // Each wave needs 20m of step and 15m of bake: 35m, in a 30m window.
+    assert_eq!(v.len(), 2, "{report:#}");
+    let msg = v[0]["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("35m") && msg.contains("mon,tue,wed,thu,fri 02:00-02:30 Europe/Berlin"),
+        "{msg}"
+    );
+    assert_eq!(v[0]["line"], 11, "at the windows");
+    assert_eq!(report["waves"][0]["expected_ms"], 35 * 60 * 1000);
+}
+
+#[test]
+fn a_window_in_an_unknown_time_zone_is_bad_input_at_its_line() {
+    let v = refused_once("window-bad", "parse-error", 2);
+    assert!(v["message"].as_str().unwrap_or("").contains("Europe/Berln"), "{v:#}");
+    assert_eq!(v["line"], 6);
+}

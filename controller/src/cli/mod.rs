@@ -13,6 +13,7 @@ pub mod audit;
 pub mod certs;
 pub mod fleet;
 pub mod logs;
+pub mod notices;
 pub mod plan;
 pub mod rollout;
 pub mod serve;

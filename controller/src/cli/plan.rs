@@ -194,6 +194,30 @@ pub fn render(r: &Report) -> String {
         for row in &rows {
             let _ = writeln!(out, "{}", line([&row[0], &row[1], &row[2], &row[3], &row[4], &row[5]]));
         }
+        for w in r.waves.iter().filter(|w| !w.windows.is_empty()) {
+            let sets: Vec<String> = w
+                .windows
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{}: {}",
+                        s.source,
+                        s.windows
+                            .iter()
+                            .map(wavegate_domain::windows::describe)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "wave {} runs only inside {} (expected to take up to {})",
+                w.index,
+                inert(&sets.join("; ")),
+                wavegate_domain::units::format_duration(std::time::Duration::from_millis(w.expected_ms))
+            );
+        }
     }
     if !r.steps.is_empty() {
         let _ = writeln!(out);

@@ -81,6 +81,19 @@ pub enum RolloutCommand {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// For the customer announcement: which of each customer's hosts the
+    /// rollout touches, in which wave and maintenance windows, and not
+    /// before when (CSV by default, or JSON).
+    Notices {
+        /// Rollout id.
+        id: String,
+        /// The inventory label that names a host's customer.
+        #[arg(long, default_value = "customer")]
+        label: String,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = super::notices::NoticeFormat::Csv)]
+        output: super::notices::NoticeFormat,
+    },
     /// List rollouts, newest first.
     List {
         /// Output format.
@@ -164,6 +177,13 @@ pub fn status_json(s: &pb::RolloutStatus) -> serde_json::Value {
             "state": w.state,
             "max_in_flight": w.max_in_flight,
             "in_flight": w.in_flight,
+            "windows": w.windows,
+            "waits_until": if w.waits_until_ms == 0 {
+                serde_json::Value::Null
+            } else {
+                json!(wavegate_domain::windows::utc(i64::try_from(w.waits_until_ms).unwrap_or(i64::MAX)))
+            },
+            "waiting": if w.waiting.is_empty() { serde_json::Value::Null } else { json!(w.waiting) },
             "hosts": w.hosts.iter().map(|h| json!({
                 "id": h.id,
                 "state": h.state,
@@ -290,6 +310,11 @@ pub fn render_status(s: &pb::RolloutStatus) -> String {
             format!("{}/{} in flight", w.in_flight, w.max_in_flight),
             hosts.join(" ")
         );
+        if !w.waiting.is_empty() {
+            let _ = writeln!(out, "           {}", inert(&w.waiting));
+        } else if !w.windows.is_empty() && w.state == "pending" {
+            let _ = writeln!(out, "           runs only inside: {}", inert(&w.windows.join("; ")));
+        }
     }
     for m in &s.mirrors {
         let _ = writeln!(
@@ -454,6 +479,7 @@ pub async fn run(cmd: RolloutCommand, conn: &Conn) -> Result<u8> {
             Err(status) => Ok(fail(&status)),
         },
         RolloutCommand::Watch { id } => super::watch::run(&mut client, id).await,
+        RolloutCommand::Notices { id, label, output } => super::notices::run(&mut client, id, label, output).await,
         RolloutCommand::Logs {
             id,
             host,

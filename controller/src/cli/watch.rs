@@ -75,6 +75,13 @@ fn wave_message(w: &pb::WaveStatus, color: bool) -> String {
     if w.state == "running" && w.max_in_flight > 0 {
         msg.push_str(&format!(" ({}/{} at once)", w.in_flight, w.max_in_flight));
     }
+    if w.waits_until_ms > 0 {
+        let left = w.waits_until_ms.saturating_sub(now_ms());
+        msg.push_str(&format!(
+            ", waits for its maintenance window ({} left)",
+            wavegate_domain::units::format_duration(Duration::from_secs(left.div_ceil(1000)))
+        ));
+    }
     if w.state == "baking" && w.bake_ends_ms > 0 {
         let left = w.bake_ends_ms.saturating_sub(now_ms());
         msg.push_str(&format!(", bake {:.1}s left", left as f64 / 1000.0));

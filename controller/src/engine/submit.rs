@@ -85,8 +85,7 @@ pub(super) fn build(
     submitter: &str,
     hash: &str,
     plan: &Plan,
-    waves: &[Vec<String>],
-    in_flight: &[usize],
+    waves: &[wavegate_domain::WaveReport],
     policies: &PolicySet,
 ) -> (Rollout, Vec<HostRecord>) {
     let mut untouchable: Vec<String> = plan
@@ -137,13 +136,16 @@ pub(super) fn build(
         .iter()
         .enumerate()
         .map(|(i, w)| {
-            hosts.extend(w.iter().map(|h| HostRecord::new(h.clone(), i)));
+            hosts.extend(w.hosts.iter().map(|h| HostRecord::new(h.clone(), i)));
             Wave {
                 index: i + 1,
                 state: WaveState::Pending,
-                hosts: w.clone(),
+                hosts: w.hosts.clone(),
                 bake_ends_ms: None,
-                max_in_flight: in_flight.get(i).copied().unwrap_or(0),
+                max_in_flight: w.max_in_flight,
+                windows: w.windows.clone(),
+                expected_ms: w.expected_ms,
+                waits_until_ms: None,
             }
         })
         .collect();
@@ -242,16 +244,8 @@ impl Engine {
         };
         let hash = hex::encode(Sha256::digest(plan_yaml.as_bytes()));
         let waves: Vec<Vec<String>> = report.waves.iter().map(|w| w.hosts.clone()).collect();
-        let in_flight: Vec<usize> = report.waves.iter().map(|w| w.max_in_flight).collect();
-        let (mut template, template_hosts) = build(
-            String::new(),
-            submitter,
-            &hash,
-            &plan,
-            &waves,
-            &in_flight,
-            &self.policies,
-        );
+        let (mut template, template_hosts) =
+            build(String::new(), submitter, &hash, &plan, &report.waves, &self.policies);
         template.submitter_person = person.to_owned();
         template.hold_updaters = hold;
         let first = waves.first().cloned().unwrap_or_default();

@@ -12,8 +12,13 @@ impl Engine {
     pub(super) async fn drive(self: Arc<Self>, id: &str) -> Result<(), EngineError> {
         let mut rx = self.subscribe();
         loop {
-            let (state, rollback_pending, current, hold, release, mirrors) = self.with(id, |e| {
+            let (state, rollback_pending, current, hold, release, mirrors, window) = self.with(id, |e| {
                 let r = &e.rollout;
+                let window = r
+                    .current_wave()
+                    .map(|w| &r.waves[w])
+                    .filter(|w| w.state == WaveState::Pending && !w.windows.is_empty())
+                    .map(|w| (w.index - 1, w.windows.clone(), w.expected_ms, w.waits_until_ms));
                 (
                     r.state,
                     r.rollback_pending,
@@ -21,8 +26,19 @@ impl Engine {
                     r.hold_updaters.is_some() && !r.updaters_hold_taken,
                     !r.updaters_held.is_empty(),
                     self.mirror_work(e),
+                    window,
                 )
             })?;
+            // A wave starts only inside its maintenance windows, and only
+            // when its expected time fits: otherwise it waits, and says
+            // until when.
+            if state == RolloutState::Running
+                && !hold
+                && let Some((w, sets, expected, waits)) = window
+                && !self.window_open(id, w, &sets, expected, waits, &mut rx).await?
+            {
+                continue;
+            }
             match mirrors {
                 Some(super::mirrors::MirrorWork::Guard(w)) if !hold => {
                     self.guard_mirrors(id, w).await?;
@@ -88,6 +104,77 @@ impl Engine {
                     continue;
                 }
                 Some(w) => self.run_wave(id, w).await?,
+            }
+        }
+    }
+
+    /// Whether wave `w` may start now in its windows. If not, the wave is
+    /// recorded as waiting (once per new start time) and this waits until
+    /// that time or the next change of anything.
+    async fn window_open(
+        self: &Arc<Self>,
+        id: &str,
+        w: usize,
+        sets: &[wavegate_domain::windows::WindowSet],
+        expected_ms: u64,
+        waits: Option<u64>,
+        rx: &mut watch::Receiver<u64>,
+    ) -> Result<bool, EngineError> {
+        let now = now_ms();
+        let next = wavegate_domain::windows::next_start(
+            sets,
+            i64::try_from(now).unwrap_or(i64::MAX),
+            Duration::from_millis(expected_ms),
+        );
+        match next {
+            None => {
+                self.mutate(id, |e| {
+                    if e.rollout.state == RolloutState::Running {
+                        let text = format!(
+                            "halted before wave {}: it is expected to take up to {} and no maintenance window in the coming week fits it ({})",
+                            w + 1,
+                            wavegate_domain::units::format_duration(Duration::from_millis(expected_ms)),
+                            e.rollout.waves[w].window_lines().join("; ")
+                        );
+                        e.rollout.halt(w, text)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+                Ok(false)
+            }
+            Some((start, _)) if start > i64::try_from(now).unwrap_or(i64::MAX) => {
+                let start = u64::try_from(start).unwrap_or(u64::MAX);
+                if waits != Some(start) {
+                    self.mutate(id, |e| {
+                        if e.rollout.state != RolloutState::Running {
+                            return Ok(());
+                        }
+                        e.rollout.waves[w].waits_until_ms = Some(start);
+                        let text = format!("wave {} {}", w + 1, e.rollout.waves[w].waiting().unwrap_or_default());
+                        event(e.rollout, text);
+                        Ok(())
+                    })
+                    .await?;
+                }
+                let left = Duration::from_millis(start.saturating_sub(now_ms()));
+                tokio::select! {
+                    () = tokio::time::sleep(left) => {}
+                    _ = rx.changed() => {}
+                }
+                Ok(false)
+            }
+            Some(_) => {
+                if waits.is_some() {
+                    self.mutate(id, |e| {
+                        e.rollout.waves[w].waits_until_ms = None;
+                        let text = format!("wave {}: its maintenance window is open, and it fits", w + 1);
+                        event(e.rollout, text);
+                        Ok(())
+                    })
+                    .await?;
+                }
+                Ok(true)
             }
         }
     }
