@@ -525,10 +525,13 @@ impl Lab {
         // command line empties earlier, when its memory goes, while its
         // files, and the store's lock with them, are still open: a
         // controller started again in that moment found its store locked.)
+        // A zombie leader can still have threads tearing down, which hold
+        // the files they share: all of them must be gone.
         eventually(Duration::from_secs(5), "the killed process to be gone", || {
             let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             let state = state.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
-            matches!(state, None | Some(None | Some('Z' | 'X'))).then_some(())
+            let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count);
+            (matches!(state, None | Some(None | Some('Z' | 'X'))) && threads <= 1).then_some(())
         });
         args
     }

@@ -91,6 +91,9 @@ fn enqueue(txn: &WriteTransaction, outbox: &[Vec<u8>]) -> Result<()> {
     Ok(())
 }
 
+/// How long a store locked by another process is waited for at open.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl RedbStore {
     /// Open (or create) the store in `dir`. A damaged file is an error that
     /// names it; nothing is overwritten.
@@ -107,11 +110,32 @@ impl RedbStore {
         // an error; that must be a clear refusal too, not a crash.
         let hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        // redb caches up to 1 GiB by default; output streamed through the
-        // store would fill that. The state itself is small.
-        let opened = std::panic::catch_unwind(|| redb::Builder::new().set_cache_size(CACHE).create(&path));
+        // A controller that was just killed may still hold the file's lock
+        // while the kernel closes its files (a restart by systemd, a crash
+        // test): the lock is asked for again, for a while, before the
+        // store is called taken.
+        let held_until = std::time::Instant::now() + LOCK_WAIT;
+        let opened = loop {
+            // redb caches up to 1 GiB by default; output streamed through
+            // the store would fill that. The state itself is small.
+            let opened = std::panic::catch_unwind(|| redb::Builder::new().set_cache_size(CACHE).create(&path));
+            if matches!(opened, Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)))
+                && std::time::Instant::now() < held_until
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+            break opened;
+        };
         std::panic::set_hook(hook);
         let db = match opened {
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                return Err(anyhow::anyhow!(
+                    "the store {} is open in another process, still after {}s: another controller on this data directory? Stop it first",
+                    path.display(),
+                    LOCK_WAIT.as_secs()
+                ));
+            }
             Ok(db) => db.with_context(damaged)?,
             Err(panic) => {
                 let why = panic
@@ -534,5 +558,33 @@ impl StateStore for Arc<RedbStore> {
 
     async fn plan(&self, hash: String) -> Result<Option<String>> {
         blocking(self, move |s| s.plan(&hash)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store still held by a controller that is going away is waited
+    /// for, not refused at once (a restart right after a crash).
+    #[test]
+    fn a_store_held_for_a_moment_is_opened_once_it_is_let_go() {
+        let dir = std::env::temp_dir().join(format!("wavegate-redb-lock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = RedbStore::open(&dir).expect("first");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            // Let go only once the second open has begun waiting.
+            rx.recv().expect("go");
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        tx.send(()).expect("send");
+        let started = std::time::Instant::now();
+        let second = RedbStore::open(&dir).expect("opened after the first let go");
+        assert!(started.elapsed() >= std::time::Duration::from_millis(300), "it waited");
+        holder.join().expect("holder");
+        drop(second);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
