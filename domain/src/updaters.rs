@@ -146,6 +146,79 @@ pub fn verdict(action: UpdaterAction, kinds: &[UpdaterKind], known: &Known<'_>) 
     }
 }
 
+/// What the targets' agents reported of their updaters outside the
+/// rollout, into a check report: a note for each target that has one, and
+/// the site's `updaters` rule (`(id, action, kinds)`) applied: refused, a
+/// violation naming the hosts; held, the rule id to hold them by. A target
+/// whose agent never reported is refused under such a rule: the gate
+/// cannot tell.
+pub fn gate(
+    report: &mut crate::Report,
+    reported: impl Fn(&str) -> Option<Vec<Updater>>,
+    rule: Option<(&str, UpdaterAction, &[UpdaterKind])>,
+) -> Option<String> {
+    let found: Vec<(String, Option<Vec<Updater>>)> = report.targets.iter().map(|h| (h.clone(), reported(h))).collect();
+    for (host, list) in &found {
+        let active: Vec<String> = list
+            .iter()
+            .flatten()
+            .filter(|u| u.active())
+            .map(Updater::describe)
+            .collect();
+        if !active.is_empty() {
+            report.notes.push(format!(
+                "{host} has updaters outside the rollout: {}",
+                active.join("; ")
+            ));
+        }
+    }
+    let (rule, action, kinds) = rule?;
+    let refused: Vec<(String, String)> = found
+        .iter()
+        .filter_map(|(host, list)| {
+            let known = match list {
+                Some(l) => Known::Reported(l),
+                None => Known::Unknown,
+            };
+            verdict(action, kinds, &known).map(|why| (host.clone(), why))
+        })
+        .collect();
+    if refused.is_empty() {
+        if action == UpdaterAction::Hold {
+            report.notes.push(format!(
+                "the targets' updaters are held from the rollout's start to its end (site rule {rule})"
+            ));
+            return Some(rule.to_owned());
+        }
+        return None;
+    }
+    let named: Vec<String> = refused.iter().map(|(h, why)| format!("{h} ({why})")).collect();
+    report.violations.push(
+        crate::Violation::new(
+            crate::Code::Policy(rule.to_owned()),
+            format!(
+                "{} of the targets {} updated outside the rollout, on {} own schedule: {}",
+                refused.len(),
+                if refused.len() == 1 { "is" } else { "are" },
+                if refused.len() == 1 { "its" } else { "their" },
+                named.join(", ")
+            ),
+        )
+        .field("targets")
+        .hosts(refused.iter().map(|(h, _)| h.clone()))
+        .fix(match action {
+            UpdaterAction::Refuse => {
+                "switch them off on those hosts (or have the site rule hold them: `action: hold`), or leave the hosts out of the targets"
+            }
+            UpdaterAction::Hold => {
+                "remove what cannot be held (a cron job, snapd) on those hosts, start their agents so they report, or leave the hosts out of the targets"
+            }
+        }),
+    );
+    report.ok = false;
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,8 +122,31 @@ fn unattended_upgrades_are_named_everywhere_refused_and_held_for_a_rollout() {
     let index = lab.web_as("auditor", "/");
     assert!(index.body.contains("Updaters outside the rollout") && index.body.contains("20auto-upgrades"));
 
-    // Without a site rule the submit goes ahead and names them.
+    // Without a site rule plan check (asking the lab's controller) and the
+    // submit go ahead and name them.
     let plan = lab.write_plan("patch-dns", PLAN);
+    let check = |lab: &Lab| {
+        lab.wavegate_as(
+            "submitter",
+            &[
+                "plan",
+                "check",
+                "--fleet",
+                wavegate_tests::fixture("lab-fleet.yaml").to_str().expect("utf-8"),
+                "--policies",
+                lab.dir.join("policies").to_str().expect("utf-8"),
+                &plan,
+            ],
+        )
+    };
+    let run = check(&lab);
+    assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout
+            .contains("note: s2 has updaters outside the rollout: unattended-upgrades"),
+        "{}",
+        run.stdout
+    );
     let run = lab.wavegate_as("submitter", &["rollout", "submit", &plan]);
     assert_eq!(run.status, 0, "{}\n{}", run.stdout, run.stderr);
     assert!(
@@ -148,6 +171,13 @@ fn unattended_upgrades_are_named_everywhere_refused_and_held_for_a_rollout() {
         v["message"].as_str().unwrap_or("").contains("20auto-upgrades:2"),
         "{v:#}"
     );
+    let run = check(&lab);
+    assert_eq!(
+        run.status, 3,
+        "plan check refuses it as the submit does:\n{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("[policy:updaters-refuse]"), "{}", run.stdout);
 
     // A rule holding them: masked from the start to the end, restored after.
     rule(&lab, "hold");

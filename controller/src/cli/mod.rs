@@ -138,7 +138,7 @@ pub fn show(text: &str) {
 /// Run a parsed command line; returns the exit status.
 pub async fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Plan(cmd) => plan::run(cmd),
+        Command::Plan(cmd) => plan::run(cmd).await,
         #[cfg(feature = "lab")]
         Command::Demo(args) => wavegate_lab::demo::run(args).await,
         Command::Serve(args) => serve::run(args).await,

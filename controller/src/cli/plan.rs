@@ -29,23 +29,74 @@ pub enum PlanCommand {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// With a controller (`--controller`, or a lab identity's
+        /// environment), also what the targets' agents report of updaters
+        /// outside the rollout, and the site's `updaters` rule applied to
+        /// it, as a submit would.
+        #[command(flatten)]
+        conn: super::client::Conn,
     },
 }
 
 /// Run a `plan` subcommand.
-pub fn run(cmd: PlanCommand) -> anyhow::Result<u8> {
+pub async fn run(cmd: PlanCommand) -> anyhow::Result<u8> {
     match cmd {
         PlanCommand::Check {
             fleet,
             plan,
             policies,
             output,
+            conn,
         } => {
-            let report = check_files(&fleet, &plan, &policies);
+            let mut report = check_files(&fleet, &plan, &policies);
+            if report.ok {
+                updaters(&mut report, &policies, &conn).await;
+            }
             if !output.emit(&report)? {
                 show(&render(&report));
             }
             Ok(report.exit_status())
+        }
+    }
+}
+
+/// What the controller knows of the targets' updaters outside the rollout,
+/// into the report (as a submit puts it). Without a controller, or when it
+/// cannot be asked, a site `updaters` rule is left to the submit, and the
+/// report says so.
+async fn updaters(report: &mut Report, policy_args: &PolicyArgs, conn: &super::client::Conn) {
+    let rule_set = policies::load(&policy_args.source()).ok();
+    let rule = rule_set.as_ref().and_then(|p| p.updaters());
+    let asked = match &conn.controller {
+        None => Err("no controller given (--controller)".to_owned()),
+        Some(_) => match conn.connect().await {
+            Err(e) => Err(format!("{e:#}")),
+            Ok(mut client) => client
+                .fleet(wavegate_proto::v1::FleetRequest {})
+                .await
+                .map(|r| r.into_inner().hosts)
+                .map_err(|s| s.message().to_owned()),
+        },
+    };
+    match asked {
+        Ok(hosts) => {
+            let known: std::collections::HashMap<String, Option<Vec<wavegate_domain::updaters::Updater>>> = hosts
+                .into_iter()
+                .map(|h| {
+                    let list = h
+                        .updaters_known
+                        .then(|| h.updaters.into_iter().map(wavegate_proto::convert::updater).collect());
+                    (h.id, list)
+                })
+                .collect();
+            wavegate_domain::updaters::gate(report, |h| known.get(h).cloned().flatten(), rule);
+        }
+        Err(why) => {
+            if let Some((id, _, _)) = rule {
+                report.notes.push(format!(
+                    "the site rule {id} on updaters outside the rollout is applied at submit: {why}"
+                ));
+            }
         }
     }
 }

@@ -7,76 +7,10 @@ use super::*;
 
 impl Engine {
     /// What the targets' agents reported of their updaters outside the
-    /// rollout, into the report: a note for each target that has one, and
-    /// the site's `updaters` rule applied (refused: a violation naming the
-    /// hosts; hold: the rule id to hold them by). A target whose agent never
-    /// reported is refused under such a rule: the gate cannot tell.
+    /// rollout, into the report, and the site's `updaters` rule applied
+    /// (see [`wavegate_domain::updaters::gate`]).
     fn updater_gate(&self, report: &mut Report) -> Option<String> {
-        use wavegate_domain::updaters::{Known, verdict};
-        let reported: Vec<(String, Option<Vec<wavegate_domain::updaters::Updater>>)> = report
-            .targets
-            .iter()
-            .map(|h| (h.clone(), self.hub.updaters(h)))
-            .collect();
-        for (host, list) in &reported {
-            let active: Vec<String> = list
-                .iter()
-                .flatten()
-                .filter(|u| u.active())
-                .map(wavegate_domain::updaters::Updater::describe)
-                .collect();
-            if !active.is_empty() {
-                report.notes.push(format!(
-                    "{host} has updaters outside the rollout: {}",
-                    active.join("; ")
-                ));
-            }
-        }
-        let (rule, action, kinds) = self.policies.updaters()?;
-        let refused: Vec<(String, String)> = reported
-            .iter()
-            .filter_map(|(host, list)| {
-                let known = match list {
-                    Some(l) => Known::Reported(l),
-                    None => Known::Unknown,
-                };
-                verdict(action, kinds, &known).map(|why| (host.clone(), why))
-            })
-            .collect();
-        if refused.is_empty() {
-            if action == wavegate_domain::updaters::UpdaterAction::Hold {
-                report.notes.push(format!(
-                    "the targets' updaters are held from the rollout's start to its end (site rule {rule})"
-                ));
-                return Some(rule.to_owned());
-            }
-            return None;
-        }
-        let named: Vec<String> = refused.iter().map(|(h, why)| format!("{h} ({why})")).collect();
-        report.violations.push(
-            wavegate_domain::Violation::new(
-                wavegate_domain::Code::Policy(rule.to_owned()),
-                format!(
-                    "{} of the targets {} updated outside the rollout, on {} own schedule: {}",
-                    refused.len(),
-                    if refused.len() == 1 { "is" } else { "are" },
-                    if refused.len() == 1 { "its" } else { "their" },
-                    named.join(", ")
-                ),
-            )
-            .field("targets")
-            .hosts(refused.iter().map(|(h, _)| h.clone()))
-            .fix(match action {
-                wavegate_domain::updaters::UpdaterAction::Refuse => {
-                    "switch them off on those hosts (or have the site rule hold them: `action: hold`), or leave the hosts out of the targets"
-                }
-                wavegate_domain::updaters::UpdaterAction::Hold => {
-                    "remove what cannot be held (a cron job, snapd) on those hosts, start their agents so they report, or leave the hosts out of the targets"
-                }
-            }),
-        );
-        report.ok = false;
-        None
+        wavegate_domain::updaters::gate(report, |h| self.hub.updaters(h), self.policies.updaters())
     }
 }
 
