@@ -361,15 +361,16 @@ fn live_mirrors(fleet: &Fleet, plan: &plan::Plan, targets: &Targets, notes: &mut
             let (primary, bid) = (fleet.id(*t), fleet.id(b));
             let feed = m.feed.as_deref().map(|f| format!(" ({f})")).unwrap_or_default();
             if m.guarded() {
-                let how = match (&m.pause, m.snapshot_before.is_empty()) {
+                let copy = m.snapshot_paths(&plan.write_set().into_iter().map(str::to_owned).collect::<Vec<_>>());
+                let how = match (&m.pause, copy.is_empty()) {
                     (Some(_), true) => "paused before its wave and resumed once the wave is confirmed".to_owned(),
                     (Some(_), false) => format!(
                         "paused before its wave, {} snapshotted, and resumed once the wave is confirmed",
-                        m.snapshot_before.join(", ")
+                        copy.join(", ")
                     ),
                     (None, _) => format!(
                         "left running; {} on {bid} snapshotted before its wave and restored if {primary} is rolled back",
-                        m.snapshot_before.join(", ")
+                        copy.join(", ")
                     ),
                 };
                 notes.push(format!("{bid} is fed from {primary} by a live mirror{feed}: {how}"));

@@ -46,7 +46,17 @@ struct MirrorDoc {
     feed: Option<String>,
     pause: Option<Spanned<String>>,
     resume: Option<Spanned<String>>,
-    snapshot_before: Option<Vec<Spanned<String>>>,
+    #[serde(alias = "snapshot-before")]
+    snapshot_before: Option<SnapshotBeforeDoc>,
+}
+
+/// `snapshot_before: true` (the plan's write set, on the backup) or the
+/// backup's own paths.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SnapshotBeforeDoc {
+    WriteSet(bool),
+    Paths(Vec<String>),
 }
 
 /// How a backup is fed from its primaries by a live mirror (rsync every
@@ -64,13 +74,26 @@ pub struct Mirror {
     /// The backup's copy of its primaries' data: snapshotted before a
     /// primary's wave and restored if the primary is rolled back.
     pub snapshot_before: Vec<String>,
+    /// `snapshot_before: true`: the plan's write set, as the backup holds
+    /// it, is that copy.
+    pub snapshot_write_set: bool,
 }
 
 impl Mirror {
     /// Whether wavegate can keep a primary's damage from it: by pausing
     /// it, or by a snapshot of the backup's copy to restore.
     pub fn guarded(&self) -> bool {
-        self.pause.is_some() || !self.snapshot_before.is_empty()
+        self.pause.is_some() || !self.snapshot_before.is_empty() || self.snapshot_write_set
+    }
+
+    /// The backup's paths to snapshot before a wave, given the plan's
+    /// write set; empty: none.
+    pub fn snapshot_paths(&self, write_set: &[String]) -> Vec<String> {
+        if self.snapshot_write_set {
+            write_set.to_vec()
+        } else {
+            self.snapshot_before.clone()
+        }
     }
 }
 
@@ -188,15 +211,18 @@ fn mirror(file: &str, id: &str, role: Role, i: usize, m: Spanned<MirrorDoc>, pro
         ));
     }
     let mut paths = Vec::new();
-    for (j, p) in m.snapshot_before.iter().flatten().enumerate() {
-        match crate::plan::normalise_write_path(&p.value) {
-            Ok(n) => paths.push(n),
-            Err(why) => problems.push(bad(
-                &loc_of(file, p),
-                format!("{field}.snapshot_before[{j}]"),
-                format!("the mirror path `{}` of `{id}` {why}", p.value),
-                "write the absolute path of the backup's copy, like /srv/mirror/p09",
-            )),
+    let snapshot_write_set = matches!(m.snapshot_before, Some(SnapshotBeforeDoc::WriteSet(true)));
+    if let Some(SnapshotBeforeDoc::Paths(list)) = &m.snapshot_before {
+        for (j, p) in list.iter().enumerate() {
+            match crate::plan::normalise_write_path(p) {
+                Ok(n) => paths.push(n),
+                Err(why) => problems.push(bad(
+                    &loc,
+                    format!("{field}.snapshot_before[{j}]"),
+                    format!("the mirror path `{p}` of `{id}` {why}"),
+                    "write the absolute path of the backup's copy, like /srv/mirror/p09, or `snapshot_before: true` for the plan's write set",
+                )),
+            }
         }
     }
     Mirror {
@@ -204,6 +230,7 @@ fn mirror(file: &str, id: &str, role: Role, i: usize, m: Spanned<MirrorDoc>, pro
         pause: m.pause.map(|p| p.value),
         resume: m.resume.map(|r| r.value),
         snapshot_before: paths,
+        snapshot_write_set,
     }
 }
 
@@ -592,6 +619,15 @@ mod tests {
                 .expect("mirror")
                 .guarded()
         );
+        // FORMATS.md's spelling, and the plan's write set as the copy.
+        let f = Fleet::parse(Source {
+            name: "f.yaml",
+            text: "hosts:\n  - {id: p, role: primary}\n  - {id: b, role: backup, backup_of: [p], mirror: {snapshot-before: true}}\n",
+        })
+        .expect("valid");
+        let m = f.host(f.lookup("b").expect("b")).mirror.clone().expect("mirror");
+        assert!(m.guarded());
+        assert_eq!(m.snapshot_paths(&["/srv/db".to_owned()]), ["/srv/db"]);
         let got = codes(
             "hosts:\n  - {id: p, role: primary, mirror: {pause: x, resume: y}}\n  - {id: b, role: backup, backup_of: [p], mirror: {pause: x, snapshot_before: [srv]}}\n",
         );

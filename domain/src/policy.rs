@@ -1253,6 +1253,37 @@ mod tests {
     }
 
     #[test]
+    fn a_maintenance_window_rule_applies_to_waves_holding_its_groups() {
+        let site = parse(
+            "rules:\n  - id: biz-nights\n    kind: maintenance-window\n    groups: [g-biz]\n    windows:\n      - {days: [mon], start: \"02:00\", end: \"05:00\", tz: Europe/Berlin}\n",
+        )
+        .expect("rules");
+        let fleet = Fleet::parse(Source {
+            name: "f.yaml",
+            text: "hosts:\n  - {id: a, groups: [g-biz]}\n  - {id: b, groups: [g-dns]}\n",
+        })
+        .expect("fleet");
+        let (plan, v) = crate::plan::parse(Source {
+            name: "p.yaml",
+            text: "name: x\nsteps: [{name: s, run: r, writes: [/x]}]\n",
+        })
+        .expect("plan");
+        assert!(v.is_empty(), "{v:?}");
+        let a = fleet.lookup("a").expect("a");
+        let b = fleet.lookup("b").expect("b");
+        let sets = site.window_sets(&fleet, &plan, &[a, b]);
+        assert_eq!(sets.len(), 1);
+        assert_eq!(sets[0].source, "policy:biz-nights");
+        assert!(
+            site.window_sets(&fleet, &plan, &[b]).is_empty(),
+            "g-dns alone runs any time"
+        );
+        let errs = parse("rules:\n  - {id: w, kind: maintenance-window, windows: [{start: \"02:00\", end: \"05:00\", tz: Nowhere/Land}]}\n")
+            .expect_err("an unknown zone");
+        assert!(errs[0].message.contains("Nowhere/Land"), "{errs:?}");
+    }
+
+    #[test]
     fn an_updaters_rule_says_what_to_do_and_about_which_kinds() {
         let site =
             parse("rules:\n  - {id: hold, kind: updaters, action: hold, kinds: [apt-daily, unattended-upgrades]}\n")

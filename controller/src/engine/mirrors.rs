@@ -161,12 +161,13 @@ impl Engine {
                 }
             }
             let mut snapshotted = false;
-            if failed.is_none() && !mirror.snapshot_before.is_empty() {
+            let snapshot_paths = mirror.snapshot_paths(&self.with(id, |e| e.rollout.write_set.clone())?);
+            if failed.is_none() && !snapshot_paths.is_empty() {
                 let cmd = Command::new(
                     format!("{id}:{attempt}:{backup}:mirror-snapshot-w{}:{}", w + 1, nonce()),
                     CommandKind::TakeSnapshot {
                         rollout_id: MirrorHold::snapshot_key(id, w),
-                        paths: mirror.snapshot_before.clone(),
+                        paths: snapshot_paths.clone(),
                         untouchable: Vec::new(),
                         backend: None,
                     },
@@ -182,7 +183,7 @@ impl Engine {
                 {
                     Ok(r) if r.outcome == Outcome::Ok => {
                         snapshotted = true;
-                        done.push(format!("{} snapshotted", mirror.snapshot_before.join(", ")));
+                        done.push(format!("{} snapshotted", snapshot_paths.join(", ")));
                     }
                     Ok(r) => failed = Some(format!("snapshot: {}", r.detail)),
                     Err(e) => failed = Some(format!("snapshot: {e}")),
