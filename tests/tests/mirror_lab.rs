@@ -4,7 +4,8 @@
 //! moment of the rollout, because its mirror was paused before the
 //! primary's wave. Needs root.
 
-use std::process::{Child, Command};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -26,8 +27,21 @@ fn start_mirror(lab: &Lab) -> Child {
             p = p.display(),
             b = b.display()
         ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("the mirror loop")
+}
+
+/// Stop the mirror loop and its `sleep`.
+fn stop_mirror(mut mirror: Child) {
+    // Its own process group (`-- -PGID`), never anything else.
+    let group = format!("-{}", mirror.id());
+    assert!(mirror.id() > 1, "a real process group");
+    let _ = Command::new("kill").args(["-s", "KILL", "--", &group]).status();
+    let _ = mirror.wait();
 }
 
 const PLAN: &str = "name: db-schema-fix
@@ -58,7 +72,7 @@ fn a_backup_fed_by_a_live_mirror_never_copies_its_primarys_damage() {
     lab.seed("p1", "/srv/db/data", GOOD);
     lab.seed("p1", "/run/live", "yes\n");
     lab.seed("b1", "/srv/mirror/data", GOOD);
-    let mut mirror = start_mirror(&lab);
+    let mirror = start_mirror(&lab);
 
     // Watches the backup's copy the whole time, every 10 ms.
     let stop = Arc::new(AtomicBool::new(false));
@@ -136,8 +150,7 @@ fn a_backup_fed_by_a_live_mirror_never_copies_its_primarys_damage() {
     });
     stop.store(true, Ordering::SeqCst);
     let (seen, damaged) = watcher.join().expect("watcher");
-    let _ = mirror.kill();
-    let _ = mirror.wait();
+    stop_mirror(mirror);
     assert!(seen > 100, "the watcher read the copy {seen} times");
     assert!(
         damaged.is_empty(),
