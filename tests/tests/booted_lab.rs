@@ -347,3 +347,101 @@ health:
         assert_eq!(main_pid(&lab, h, "nginx"), *before, "{h}'s nginx is untouched");
     }
 }
+
+/// Debian's own apt timers on booted hosts: reported with the links that
+/// enable them, held through systemd for a rollout (masked and stopped),
+/// and enabled and running again after it.
+#[test]
+#[ignore = "needs root, systemd-nspawn and mmdebstrap: scripts/test runs it"]
+fn debians_apt_timers_are_reported_held_through_systemd_and_restored() {
+    let lab = booted("booted-updaters");
+    for h in HOSTS {
+        assert_eq!(
+            on(&lab, h, "systemctl is-enabled apt-daily-upgrade.timer"),
+            "enabled",
+            "{h}"
+        );
+        assert_eq!(
+            on(&lab, h, "systemctl is-active apt-daily-upgrade.timer"),
+            "active",
+            "{h}"
+        );
+    }
+    let reported = wavegate_tests::lab::eventually(LONG, "the agents to report their apt timers", || {
+        let run = lab.wavegate_as("auditor", &["fleet", "status", "w1"]);
+        run.stdout.contains("apt-daily-upgrade.timer").then_some(run.stdout)
+    });
+    assert!(
+        reported.contains("enabled by /etc/systemd/system/timers.target.wants/apt-daily-upgrade.timer"),
+        "{reported}"
+    );
+    std::fs::write(
+        lab.dir.join("policies/updaters.yaml"),
+        "rules:\n  - {id: hold-updaters, kind: updaters, action: hold}\n",
+    )
+    .expect("policy");
+    lab.restart_controller();
+    let plan = lab.write_plan(
+        "slow-fix",
+        "name: slow-fix
+targets:
+  hosts: [w1, w2]
+steps:
+  - name: fix
+    run: sleep 6 && echo fixed > /var/lib/slow-fix
+    writes: [/var/lib/slow-fix]
+    timeout: 30s
+waves:
+  - size: 1
+  - size: 100%
+health:
+  bake: 300ms
+  interval: 100ms
+",
+    );
+    let id = lab.submit(&plan);
+    lab.approve(&id);
+    // While the canary's step runs, systemd itself says both targets'
+    // timers are masked and stopped: the hold is taken on every target
+    // before the first step.
+    wavegate_tests::lab::eventually(LONG, "the timers to be held", || {
+        ["w1", "w2"]
+            .iter()
+            .all(|h| {
+                lab.exec(h, &["systemctl", "is-enabled", "apt-daily-upgrade.timer"]).stdout.trim() == "masked"
+                    // A masked timer that was stopped reads `inactive`
+                    // or `failed`: not `active`, which is what counts.
+                    && lab.exec(h, &["systemctl", "is-active", "apt-daily.timer"]).stdout.trim() != "active"
+            })
+            .then_some(())
+    });
+    assert_eq!(
+        on(&lab, "bk1", "systemctl is-enabled apt-daily-upgrade.timer"),
+        "enabled",
+        "not a target"
+    );
+    lab.wait_state(&id, "completed", LONG);
+    wavegate_tests::lab::eventually(LONG, "the timers to be restored", || {
+        ["w1", "w2"]
+            .iter()
+            .all(|h| {
+                lab.exec(h, &["systemctl", "is-enabled", "apt-daily-upgrade.timer"])
+                    .stdout
+                    .trim()
+                    == "enabled"
+                    && lab
+                        .exec(h, &["systemctl", "is-active", "apt-daily-upgrade.timer"])
+                        .stdout
+                        .trim()
+                        == "active"
+            })
+            .then_some(())
+    });
+    for h in ["w1", "w2"] {
+        assert_eq!(on(&lab, h, "cat /var/lib/slow-fix"), "fixed");
+    }
+    let events = lab.status(&id)["events"].to_string();
+    assert!(events.contains("apt-daily-upgrade.timer masked"), "{events}");
+    assert!(events.contains("apt-daily-upgrade.timer unmasked"), "{events}");
+    lab.audit_verifies();
+}

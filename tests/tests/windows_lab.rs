@@ -27,19 +27,21 @@ fn a_wave_that_no_longer_fits_its_window_waits_for_the_next_one() {
         lab.seed(h, "/srv/app/.keep", "");
     }
     let now = now_s();
-    // Window A is open now and closes in 8 s: wave 1 (one host, expected
-    // 4.2 s) fits it; wave 2 (two hosts one at a time, expected 8.2 s)
-    // cannot fit once wave 1 has taken its 3 s. Window B opens in 14 s.
-    let (a_end, b_start, b_end) = (now + 8, now + 14, now + 70);
+    // Window A is open now and closes in 30 s: wave 1 (one host, expected
+    // up to 16.2 s: its step's time limit and the bake) fits it if it
+    // starts within 13.8 s, whatever the machine's load; wave 2 (two hosts
+    // one at a time, expected up to 32.2 s) is longer than all of A, so
+    // it can only wait. Window B opens in 34 s and is long enough for it.
+    let (a_end, b_start, b_end) = (now + 30, now + 34, now + 90);
     let plan = format!(
         "name: nightly
 targets:
   hosts: [s1, s2, bb1]
 steps:
   - name: patch
-    run: sleep 3 && date +%s > /srv/app/patched-at
+    run: sleep 1 && date +%s > /srv/app/patched-at
     writes: [/srv/app]
-    timeout: 4s
+    timeout: 16s
 waves:
   - hosts: [s1]
   - hosts: [s2, bb1]
@@ -69,7 +71,7 @@ windows:
     assert_eq!(check.status, 0, "{}", check.stdout);
     assert!(
         check.stdout.contains("wave 2 runs only inside plan: daily")
-            && check.stdout.contains("(expected to take up to 8s200ms)"),
+            && check.stdout.contains("(expected to take up to 32s200ms)"),
         "{}",
         check.stdout
     );
@@ -91,10 +93,11 @@ windows:
         "{}",
         text.stdout
     );
-    assert!(
-        lab.read_host("s1", "/srv/app/patched-at").is_some(),
-        "wave 1 ran in window A"
-    );
+    let s1_at: u64 = lab
+        .read_host("s1", "/srv/app/patched-at")
+        .and_then(|t| t.trim().parse().ok())
+        .expect("wave 1 ran");
+    assert!(s1_at < a_end, "wave 1 ran in window A ({s1_at} < {a_end})");
     for h in ["s2", "bb1"] {
         assert_eq!(lab.read_host(h, "/srv/app/patched-at"), None, "{h} waits with its wave");
     }
