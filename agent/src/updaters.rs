@@ -10,11 +10,14 @@
 //! timer two rollouts hold is unmasked only when the last one lets go.
 
 use std::collections::BTreeSet;
+use std::io::Read as _;
+use std::os::fd::{AsFd as _, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 use anyhow::{Context, Result, bail};
 use regex::Regex;
+use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 use serde::{Deserialize, Serialize};
 use wavegate_domain::updaters::{Updater, UpdaterKind};
 
@@ -91,52 +94,118 @@ fn save(state_dir: &Path, rec: &HoldRecord) -> Result<()> {
     Ok(())
 }
 
-fn is_dev_null_link(p: &Path) -> bool {
-    std::fs::read_link(p).is_ok_and(|t| t == Path::new("/dev/null"))
+/// The host root, opened once. What is read below it resolves inside it
+/// (`RESOLVE_IN_ROOT`: a link to `/etc/shadow` in a lab host's tree is that
+/// host's `/etc/shadow`, never the machine's); what is written or removed
+/// is reached without following any link at all, and only by name in a
+/// directory handle, so a planted link is refused, never written through.
+struct Root {
+    fd: OwnedFd,
 }
 
-/// A unit's state under the host root: whether something enables it, and
-/// whether it is masked.
-fn unit_enabled(root: &Path, unit: &str) -> Option<String> {
-    WANTS
-        .iter()
-        .map(|w| root.join(w).join(unit))
-        .find(|p| std::fs::symlink_metadata(p).is_ok())
-        .map(|p| format!("/{}", p.strip_prefix(root).unwrap_or(&p).display()))
+/// Bytes of a configuration file read at most.
+const READ_LIMIT: u64 = 1 << 20;
+
+impl Root {
+    fn open(root: &Path) -> Result<Root> {
+        Ok(Root {
+            fd: crate::snapshot::fsx::open_dir(root)?,
+        })
+    }
+
+    fn resolve_in(&self, p: &str, flags: OFlags) -> Option<OwnedFd> {
+        let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+        rustix::fs::openat2(
+            &self.fd,
+            p.trim_start_matches('/'),
+            flags | OFlags::CLOEXEC,
+            Mode::empty(),
+            how,
+        )
+        .ok()
+    }
+
+    /// A regular file's text (the first MiB), links resolved inside the root.
+    fn read(&self, p: &str) -> Option<String> {
+        let fd = self.resolve_in(p, OFlags::RDONLY | OFlags::NONBLOCK)?;
+        let st = rustix::fs::fstat(&fd).ok()?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return None;
+        }
+        let mut text = String::new();
+        std::io::Read::take(std::fs::File::from(fd), READ_LIMIT)
+            .read_to_string(&mut text)
+            .ok()?;
+        Some(text)
+    }
+
+    /// The names in a directory, sorted (links resolved inside the root).
+    fn names(&self, dir: &str) -> Vec<String> {
+        let Some(fd) = self.resolve_in(dir, OFlags::RDONLY | OFlags::DIRECTORY) else {
+            return Vec::new();
+        };
+        crate::snapshot::fsx::names(fd.as_fd())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| String::from_utf8_lossy(&n).into_owned())
+            .collect()
+    }
+
+    /// A directory to write in, reached without following any link.
+    fn dir_to_write(&self, dir: &str) -> Result<OwnedFd> {
+        crate::snapshot::fsx::open_beneath(self.fd.as_fd(), dir.as_bytes(), true)?
+            .with_context(|| format!("{dir} does not exist"))
+    }
+
+    /// Whether `dir/name` exists (itself, not what it may point to; the
+    /// directory's links resolved inside the root).
+    fn has(&self, dir: &str, name: &str) -> bool {
+        self.resolve_in(dir, OFlags::RDONLY | OFlags::DIRECTORY)
+            .is_some_and(|d| rustix::fs::statat(&d, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok())
+    }
+
+    /// Whether `dir/name` is a link to /dev/null (a mask).
+    fn masked_at(&self, dir: &str, name: &str) -> bool {
+        self.resolve_in(dir, OFlags::RDONLY | OFlags::DIRECTORY)
+            .is_some_and(|d| is_dev_null_link(d.as_fd(), name))
+    }
 }
 
-fn unit_masked(root: &Path, unit: &str) -> bool {
+fn is_dev_null_link(dir: BorrowedFd<'_>, name: &str) -> bool {
+    rustix::fs::readlinkat(dir, name, Vec::new()).is_ok_and(|t| t.as_bytes() == b"/dev/null")
+}
+
+/// A unit's state under the host root: what enables it.
+fn unit_enabled(root: &Root, unit: &str) -> Option<String> {
+    WANTS.iter().find(|w| root.has(w, unit)).map(|w| format!("/{w}/{unit}"))
+}
+
+fn unit_masked(root: &Root, unit: &str) -> bool {
     ["etc/systemd/system", "run/systemd/system"]
         .iter()
-        .any(|d| is_dev_null_link(&root.join(d).join(unit)))
+        .any(|d| root.masked_at(d, unit))
 }
 
 /// The apt configuration files in the order apt reads them.
-fn apt_conf_files(root: &Path) -> Vec<PathBuf> {
-    let mut files = vec![root.join("etc/apt/apt.conf")];
-    if let Ok(dir) = std::fs::read_dir(root.join("etc/apt/apt.conf.d")) {
-        let mut parts: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
-        parts.sort();
-        files.extend(parts);
-    }
+fn apt_conf_files(root: &Root) -> Vec<String> {
+    let mut files = vec!["/etc/apt/apt.conf".to_owned()];
+    files.extend(
+        root.names("etc/apt/apt.conf.d")
+            .into_iter()
+            .map(|n| format!("/etc/apt/apt.conf.d/{n}")),
+    );
     files
 }
 
 /// The last `APT::Periodic::Unattended-Upgrade` setting in these files:
 /// (its value, "file:line: text").
-fn uu_setting(root: &Path, include_holds: bool) -> Option<(String, String)> {
+fn uu_setting(root: &Root, include_holds: bool) -> Option<(String, String)> {
     let mut last = None;
     for f in apt_conf_files(root) {
-        let name = f
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if !include_holds && name.starts_with(HOLD_FILE_PREFIX) {
+        if !include_holds && f.rsplit('/').next().is_some_and(|n| n.starts_with(HOLD_FILE_PREFIX)) {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(&f) else {
-            continue;
-        };
+        let Some(text) = root.read(&f) else { continue };
         for (i, line) in text.lines().enumerate() {
             let l = line.trim();
             if l.starts_with("//") || l.starts_with('#') {
@@ -144,8 +213,7 @@ fn uu_setting(root: &Path, include_holds: bool) -> Option<(String, String)> {
             }
             if let Some(rest) = l.strip_prefix(UU_SETTING) {
                 let value = rest.trim().trim_end_matches(';').trim().trim_matches('"').to_owned();
-                let shown = f.strip_prefix(root).unwrap_or(&f).display();
-                last = Some((value, format!("/{shown}:{}: {l}", i + 1)));
+                last = Some((value, format!("{f}:{}: {}", i + 1, wavegate_domain::text::inert(l))));
             }
         }
     }
@@ -154,6 +222,9 @@ fn uu_setting(root: &Path, include_holds: bool) -> Option<(String, String)> {
 
 /// What on this host can change packages on its own, with the evidence.
 pub fn scan(root: &Path, state_dir: &Path) -> Vec<Updater> {
+    let Ok(root) = Root::open(root) else {
+        return Vec::new();
+    };
     let holds = records(state_dir);
     let held_unit = |unit: &str| {
         holds
@@ -163,11 +234,11 @@ pub fn scan(root: &Path, state_dir: &Path) -> Vec<Updater> {
     };
     let mut out = Vec::new();
 
-    if let Some((value, evidence)) = uu_setting(root, false)
+    if let Some((value, evidence)) = uu_setting(&root, false)
         && value != "0"
-        && root.join("usr/bin/unattended-upgrade").exists()
+        && root.has("usr/bin", "unattended-upgrade")
     {
-        let overridden = uu_setting(root, true).is_some_and(|(v, _)| v == "0");
+        let overridden = uu_setting(&root, true).is_some_and(|(v, _)| v == "0");
         out.push(Updater {
             kind: UpdaterKind::UnattendedUpgrades,
             what: UU_SETTING.into(),
@@ -180,17 +251,18 @@ pub fn scan(root: &Path, state_dir: &Path) -> Vec<Updater> {
     }
 
     for (unit, kind) in TIMERS {
-        let Some(link) = unit_enabled(root, unit) else { continue };
+        let Some(link) = unit_enabled(&root, unit) else {
+            continue;
+        };
         let held_by = held_unit(unit);
-        if unit_masked(root, unit) && held_by.is_none() {
+        if unit_masked(&root, unit) && held_by.is_none() {
             // Masked by the host's own administrator: it does not run.
             continue;
         }
         // An override file of the administrator's own cannot be masked
         // without removing it: such a timer cannot be held.
-        let override_file = root.join("etc/systemd/system").join(unit);
         let holdable =
-            held_by.is_some() || std::fs::symlink_metadata(&override_file).is_err() || is_dev_null_link(&override_file);
+            held_by.is_some() || !root.has("etc/systemd/system", unit) || root.masked_at("etc/systemd/system", unit);
         out.push(Updater {
             kind: *kind,
             what: (*unit).into(),
@@ -200,15 +272,15 @@ pub fn scan(root: &Path, state_dir: &Path) -> Vec<Updater> {
         });
     }
 
-    for link in [
-        "etc/systemd/system/multi-user.target.wants/snapd.service",
-        "etc/systemd/system/sockets.target.wants/snapd.socket",
+    for (dir, name) in [
+        ("etc/systemd/system/multi-user.target.wants", "snapd.service"),
+        ("etc/systemd/system/sockets.target.wants", "snapd.socket"),
     ] {
-        if std::fs::symlink_metadata(root.join(link)).is_ok() {
+        if root.has(dir, name) {
             out.push(Updater {
                 kind: UpdaterKind::SnapRefresh,
                 what: "snapd".into(),
-                evidence: format!("enabled by /{link}"),
+                evidence: format!("enabled by /{dir}/{name}"),
                 holdable: false,
                 held_by: None,
             });
@@ -216,13 +288,13 @@ pub fn scan(root: &Path, state_dir: &Path) -> Vec<Updater> {
         }
     }
 
-    out.extend(cron_jobs(root));
+    out.extend(cron_jobs(&root));
     out
 }
 
 /// Cron lines that run a package manager.
-fn cron_jobs(root: &Path) -> Vec<Updater> {
-    let mut files = vec![root.join("etc/crontab")];
+fn cron_jobs(root: &Root) -> Vec<Updater> {
+    let mut files = vec!["/etc/crontab".to_owned()];
     for dir in [
         "etc/cron.d",
         "etc/cron.hourly",
@@ -231,27 +303,20 @@ fn cron_jobs(root: &Path) -> Vec<Updater> {
         "etc/cron.monthly",
         "var/spool/cron/crontabs",
     ] {
-        if let Ok(d) = std::fs::read_dir(root.join(dir)) {
-            let mut parts: Vec<PathBuf> = d.flatten().map(|e| e.path()).collect();
-            parts.sort();
-            files.extend(parts);
-        }
+        files.extend(root.names(dir).into_iter().map(|n| format!("/{dir}/{n}")));
     }
     let mut out = Vec::new();
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else {
-            continue;
-        };
+        let Some(text) = root.read(&f) else { continue };
         for (i, line) in text.lines().enumerate() {
             let l = line.trim();
             if l.is_empty() || l.starts_with('#') || !CRON_UPDATE.is_match(l) {
                 continue;
             }
-            let shown = f.strip_prefix(root).unwrap_or(&f).display().to_string();
             out.push(Updater {
                 kind: UpdaterKind::Cron,
-                what: format!("/{shown}"),
-                evidence: format!("/{shown}:{}: {}", i + 1, wavegate_domain::text::inert(l)),
+                what: f.clone(),
+                evidence: format!("{f}:{}: {}", i + 1, wavegate_domain::text::inert(l)),
                 holdable: false,
                 held_by: None,
             });
@@ -278,8 +343,8 @@ fn systemctl(args: &[&str]) -> Result<()> {
 
 /// Hold every active, holdable updater for `rollout`; what it held, one
 /// line each. Refused (nothing held) when an updater cannot be held.
-pub fn hold(root: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<String>> {
-    let found = scan(root, state_dir);
+pub fn hold(root_path: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<String>> {
+    let found = scan(root_path, state_dir);
     let cannot: Vec<String> = found
         .iter()
         .filter(|u| u.active() && !u.holdable)
@@ -288,6 +353,7 @@ pub fn hold(root: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<String>>
     if !cannot.is_empty() {
         bail!("these updaters cannot be held: {}", cannot.join("; "));
     }
+    let root = Root::open(root_path)?;
     let mut rec = records(state_dir)
         .into_iter()
         .find(|r| r.rollout == rollout)
@@ -301,23 +367,30 @@ pub fn hold(root: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<String>>
         .any(|u| u.kind == UpdaterKind::UnattendedUpgrades || u.kind == UpdaterKind::AptDaily);
     if wants_apt && rec.apt_file.is_none() {
         let name = format!("{HOLD_FILE_PREFIX}{}", hex::encode(rollout));
-        let path = root.join("etc/apt/apt.conf.d").join(&name);
-        rec.apt_file = Some(name);
+        let dir = root.dir_to_write("etc/apt/apt.conf.d")?;
+        rec.apt_file = Some(name.clone());
         save(state_dir, &rec)?;
-        std::fs::create_dir_all(path.parent().unwrap_or(root))?;
-        std::fs::write(
-            &path,
+        // A new file of its own, or nothing: whatever is at that name
+        // already (a link, a file) is refused, never written through.
+        let fd = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .with_context(|| format!("creating /etc/apt/apt.conf.d/{name}"))?;
+        let mut f = std::fs::File::from(fd);
+        std::io::Write::write_all(
+            &mut f,
             format!(
                 "// Written by wavegate for rollout {rollout}: apt's periodic runs are held until it ends.\n\
                  {UU_SETTING} \"0\";\nAPT::Periodic::Update-Package-Lists \"0\";\nAPT::Periodic::Download-Upgradeable-Packages \"0\";\n"
-            ),
-        )
-        .with_context(|| format!("writing {}", path.display()))?;
+            )
+            .as_bytes(),
+        )?;
+        f.sync_all()?;
         done.push(format!(
-            "apt's periodic runs off ({UU_SETTING} \"0\" in /etc/apt/apt.conf.d/{})",
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
+            "apt's periodic runs off ({UU_SETTING} \"0\" in /etc/apt/apt.conf.d/{name})"
         ));
     }
     let timers: BTreeSet<&str> = found
@@ -333,12 +406,12 @@ pub fn hold(root: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<String>>
         }
         rec.masked.push(unit.to_owned());
         save(state_dir, &rec)?;
-        let link = root.join("etc/systemd/system").join(unit);
-        if !is_dev_null_link(&link) {
-            std::fs::create_dir_all(link.parent().unwrap_or(root))?;
-            std::os::unix::fs::symlink("/dev/null", &link).with_context(|| format!("masking {unit}"))?;
+        let dir = root.dir_to_write("etc/systemd/system")?;
+        if !is_dev_null_link(dir.as_fd(), unit) {
+            // A new link, or nothing: an override file there is refused.
+            rustix::fs::symlinkat("/dev/null", &dir, unit).with_context(|| format!("masking {unit}"))?;
         }
-        if live_systemd(root) {
+        if live_systemd(root_path) {
             systemctl(&["daemon-reload"])?;
             systemctl(&["stop", unit])?;
         }
@@ -349,37 +422,58 @@ pub fn hold(root: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<String>>
 }
 
 /// Undo `rollout`'s hold; what it restored, one line each. A timer another
-/// rollout still holds stays masked.
-pub fn release(root: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<String>> {
+/// rollout still holds stays masked. Only what the hold made is removed: a
+/// file of its own with its marker, a link to /dev/null.
+pub fn release(root_path: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<String>> {
     let all = records(state_dir);
     let Some(rec) = all.iter().find(|r| r.rollout == rollout) else {
         return Ok(Vec::new());
     };
+    let root = Root::open(root_path)?;
     let mut done = Vec::new();
-    if let Some(name) = &rec.apt_file {
-        let path = root.join("etc/apt/apt.conf.d").join(name);
-        if std::fs::read_to_string(&path).is_ok_and(|t| t.contains(&format!("for rollout {rollout}:"))) {
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    if let Some(name) = &rec.apt_file
+        && let Ok(dir) = root.dir_to_write("etc/apt/apt.conf.d")
+    {
+        let ours = rustix::fs::openat(
+            &dir,
+            name.as_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()
+        .and_then(|fd| {
+            let mut text = String::new();
+            std::io::Read::take(std::fs::File::from(fd), READ_LIMIT)
+                .read_to_string(&mut text)
+                .ok()
+                .map(|_| text)
+        })
+        .is_some_and(|t| t.contains(&format!("for rollout {rollout}:")));
+        if ours {
+            rustix::fs::unlinkat(&dir, name.as_str(), rustix::fs::AtFlags::empty())
+                .with_context(|| format!("removing /etc/apt/apt.conf.d/{name}"))?;
             done.push(format!(
                 "apt's periodic runs restored (/etc/apt/apt.conf.d/{name} removed)"
             ));
         }
     }
     let mut reload = false;
-    for unit in &rec.masked {
-        let others = all.iter().any(|r| r.rollout != rollout && r.masked.contains(unit));
-        let link = root.join("etc/systemd/system").join(unit);
-        if others || !is_dev_null_link(&link) {
-            continue;
+    if let Ok(dir) = root.dir_to_write("etc/systemd/system") {
+        for unit in &rec.masked {
+            let others = all.iter().any(|r| r.rollout != rollout && r.masked.contains(unit));
+            if others || !is_dev_null_link(dir.as_fd(), unit) {
+                continue;
+            }
+            rustix::fs::unlinkat(&dir, unit.as_str(), rustix::fs::AtFlags::empty())
+                .with_context(|| format!("unmasking {unit}"))?;
+            reload = true;
+            done.push(format!("{unit} unmasked"));
         }
-        std::fs::remove_file(&link).with_context(|| format!("unmasking {unit}"))?;
-        reload = true;
-        done.push(format!("{unit} unmasked"));
     }
-    if reload && live_systemd(root) {
+    if reload && live_systemd(root_path) {
         systemctl(&["daemon-reload"])?;
         for unit in &rec.masked {
-            if unit_enabled(root, unit).is_some() {
+            if unit_enabled(&root, unit).is_some() {
                 systemctl(&["start", unit])?;
             }
         }
@@ -443,15 +537,13 @@ mod tests {
         let now = scan(&root, &state);
         assert_eq!(now.len(), 3, "a held updater is still named: {now:?}");
         assert!(now.iter().all(|u| u.held_by.as_deref() == Some("r0001")), "{now:?}");
-        assert!(is_dev_null_link(
-            &root.join("etc/systemd/system/apt-daily-upgrade.timer")
-        ));
+        assert!(masked(&root, "apt-daily-upgrade.timer"));
         // A second rollout holds too; the first one's release keeps the
         // masks the second still needs.
         hold(&root, &state, "r0002").expect("second hold");
         let restored = release(&root, &state, "r0001").expect("release");
         assert_eq!(restored.len(), 1, "only r0001's apt file: {restored:?}");
-        assert!(is_dev_null_link(&root.join("etc/systemd/system/apt-daily.timer")));
+        assert!(masked(&root, "apt-daily.timer"));
         let restored = release(&root, &state, "r0002").expect("release");
         assert_eq!(restored.len(), 3, "{restored:?}");
         assert!(std::fs::symlink_metadata(root.join("etc/systemd/system/apt-daily.timer")).is_err());
@@ -460,6 +552,48 @@ mod tests {
             release(&root, &state, "r0002").expect("again").is_empty(),
             "a release is idempotent"
         );
+    }
+
+    fn masked(root: &Path, unit: &str) -> bool {
+        std::fs::read_link(root.join("etc/systemd/system").join(unit)).is_ok_and(|t| t == Path::new("/dev/null"))
+    }
+
+    /// A link planted where a hold writes (by an earlier step with /etc in
+    /// its write set, say) is refused, never written through; and a link
+    /// in what is read resolves inside the host root, never to the
+    /// machine's own files.
+    #[test]
+    fn planted_links_are_never_followed_out_of_the_host_root() {
+        let (root, state) = debian_with_unattended_upgrades("links");
+        let victim = root.parent().expect("base").join("victim");
+        std::fs::write(&victim, "precious\n").expect("victim");
+        let name = format!("{HOLD_FILE_PREFIX}{}", hex::encode("r0009"));
+        std::os::unix::fs::symlink(&victim, root.join("etc/apt/apt.conf.d").join(&name)).expect("plant");
+        let err = hold(&root, &state, "r0009").expect_err("refused");
+        assert!(format!("{err:#}").contains(&name), "{err:#}");
+        assert_eq!(std::fs::read_to_string(&victim).expect("victim"), "precious\n");
+        // The unit directory swapped for a link (inside the root, so the
+        // timers are still found): the mask is refused, not written there.
+        std::fs::create_dir_all(root.join("elsewhere")).expect("mkdir");
+        std::fs::rename(root.join("etc/systemd/system"), root.join("elsewhere/system")).expect("mv");
+        std::os::unix::fs::symlink("/elsewhere/system", root.join("etc/systemd/system")).expect("plant");
+        assert_eq!(
+            scan(&root, &state)
+                .iter()
+                .filter(|u| u.kind == UpdaterKind::AptDaily)
+                .count(),
+            2,
+            "found through the link, inside the root"
+        );
+        let err = hold(&root, &state, "r0010").expect_err("refused");
+        assert!(format!("{err:#}").contains("etc/systemd/system"), "{err:#}");
+        assert!(std::fs::symlink_metadata(root.join("elsewhere/system/apt-daily.timer")).is_err());
+        // A cron file that links to an absolute path is read in the host's
+        // tree: here, nothing there.
+        std::fs::write(&victim, "0 3 * * * root apt-get -y upgrade\n").expect("victim");
+        seed(&root, "/etc/cron.d/.keep", "");
+        std::os::unix::fs::symlink(&victim, root.join("etc/cron.d/outside")).expect("plant");
+        assert!(scan(&root, &state).iter().all(|u| u.kind != UpdaterKind::Cron));
     }
 
     #[test]
