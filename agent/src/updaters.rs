@@ -70,8 +70,10 @@ fn records(state_dir: &Path) -> Vec<HoldRecord> {
     let Ok(dir) = std::fs::read_dir(holds_dir(state_dir)) else {
         return Vec::new();
     };
+    // Only finished records: a `.tmp` a crash left behind is no hold.
     let mut out: Vec<HoldRecord> = dir
         .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| std::fs::read(e.path()).ok())
         .filter_map(|b| serde_json::from_slice(&b).ok())
         .collect();
@@ -186,14 +188,24 @@ fn unit_masked(root: &Root, unit: &str) -> bool {
         .any(|d| root.masked_at(d, unit))
 }
 
-/// The apt configuration files in the order apt reads them.
+/// The apt configuration files in the order apt reads them: the parts in
+/// `apt.conf.d` that apt reads (names of letters, digits, `_`, `-` and `.`,
+/// with no extension or `.conf`), then `apt.conf`, which overrides them.
 fn apt_conf_files(root: &Root) -> Vec<String> {
-    let mut files = vec!["/etc/apt/apt.conf".to_owned()];
-    files.extend(
-        root.names("etc/apt/apt.conf.d")
-            .into_iter()
-            .map(|n| format!("/etc/apt/apt.conf.d/{n}")),
-    );
+    let read_by_apt = |n: &str| {
+        n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+            && match n.rsplit_once('.') {
+                None => true,
+                Some((_, ext)) => ext == "conf",
+            }
+    };
+    let mut files: Vec<String> = root
+        .names("etc/apt/apt.conf.d")
+        .into_iter()
+        .filter(|n| read_by_apt(n))
+        .map(|n| format!("/etc/apt/apt.conf.d/{n}"))
+        .collect();
+    files.push("/etc/apt/apt.conf".to_owned());
     files
 }
 
@@ -211,7 +223,12 @@ fn uu_setting(root: &Root, include_holds: bool) -> Option<(String, String)> {
             if l.starts_with("//") || l.starts_with('#') {
                 continue;
             }
-            if let Some(rest) = l.strip_prefix(UU_SETTING) {
+            // apt's option names are not case-sensitive.
+            let rest = l
+                .get(..UU_SETTING.len())
+                .filter(|head| head.eq_ignore_ascii_case(UU_SETTING))
+                .map(|_| &l[UU_SETTING.len()..]);
+            if let Some(rest) = rest {
                 let value = rest.trim().trim_end_matches(';').trim().trim_matches('"').to_owned();
                 last = Some((value, format!("{f}:{}: {}", i + 1, wavegate_domain::text::inert(l))));
             }
@@ -365,8 +382,14 @@ pub fn hold(root_path: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<Str
     let wants_apt = found
         .iter()
         .any(|u| u.kind == UpdaterKind::UnattendedUpgrades || u.kind == UpdaterKind::AptDaily);
-    if wants_apt && rec.apt_file.is_none() {
-        let name = format!("{HOLD_FILE_PREFIX}{}", hex::encode(rollout));
+    let name = format!("{HOLD_FILE_PREFIX}{}", hex::encode(rollout));
+    // What is on the host decides, not the record: a hold retried after a
+    // crash between the record and the write writes it now.
+    let apt_in_place = rec.apt_file.is_some()
+        && root
+            .dir_to_write("etc/apt/apt.conf.d")
+            .is_ok_and(|d| ours(d.as_fd(), &name, rollout));
+    if wants_apt && !apt_in_place {
         let dir = root.dir_to_write("etc/apt/apt.conf.d")?;
         rec.apt_file = Some(name.clone());
         save(state_dir, &rec)?;
@@ -401,12 +424,14 @@ pub fn hold(root_path: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<Str
         .map(|u| u.what.as_str())
         .collect();
     for unit in timers {
-        if rec.masked.iter().any(|m| m == unit) {
+        let dir = root.dir_to_write("etc/systemd/system")?;
+        if rec.masked.iter().any(|m| m == unit) && is_dev_null_link(dir.as_fd(), unit) {
             continue;
         }
-        rec.masked.push(unit.to_owned());
+        if !rec.masked.iter().any(|m| m == unit) {
+            rec.masked.push(unit.to_owned());
+        }
         save(state_dir, &rec)?;
-        let dir = root.dir_to_write("etc/systemd/system")?;
         if !is_dev_null_link(dir.as_fd(), unit) {
             // A new link, or nothing: an override file there is refused.
             rustix::fs::symlinkat("/dev/null", &dir, unit).with_context(|| format!("masking {unit}"))?;
@@ -418,7 +443,48 @@ pub fn hold(root_path: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<Str
         done.push(format!("{unit} masked"));
     }
     save(state_dir, &rec)?;
+    // Held is what apt and systemd now see, checked again: an `apt.conf`
+    // that sets it after every part, or an upgrade already running, is a
+    // hold that did not take, and the rollout must not start.
+    if wants_apt
+        && let Some((v, at)) = uu_setting(&root, true)
+        && v != "0"
+    {
+        bail!("unattended-upgrades is still on after the hold: {at} is read after wavegate's file");
+    }
+    if live_systemd(root_path) {
+        for service in TIMERS.iter().map(|(t, _)| t.replace(".timer", ".service")) {
+            let running = std::process::Command::new("systemctl")
+                .args(["is-active", "--quiet", &service])
+                .status()
+                .is_ok_and(|s| s.success());
+            if running {
+                bail!(
+                    "{service} is running now (an update in progress): the hold takes effect only after it ends; try again then"
+                );
+            }
+        }
+    }
     Ok(done)
+}
+
+/// Whether `dir/name` is this rollout's hold file.
+fn ours(dir: BorrowedFd<'_>, name: &str, rollout: &str) -> bool {
+    rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()
+    .and_then(|fd| {
+        let mut text = String::new();
+        std::io::Read::take(std::fs::File::from(fd), READ_LIMIT)
+            .read_to_string(&mut text)
+            .ok()
+            .map(|_| text)
+    })
+    .is_some_and(|t| t.contains(&format!("for rollout {rollout}:")))
 }
 
 /// Undo `rollout`'s hold; what it restored, one line each. A timer another
@@ -433,29 +499,13 @@ pub fn release(root_path: &Path, state_dir: &Path, rollout: &str) -> Result<Vec<
     let mut done = Vec::new();
     if let Some(name) = &rec.apt_file
         && let Ok(dir) = root.dir_to_write("etc/apt/apt.conf.d")
+        && ours(dir.as_fd(), name, rollout)
     {
-        let ours = rustix::fs::openat(
-            &dir,
-            name.as_str(),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ok()
-        .and_then(|fd| {
-            let mut text = String::new();
-            std::io::Read::take(std::fs::File::from(fd), READ_LIMIT)
-                .read_to_string(&mut text)
-                .ok()
-                .map(|_| text)
-        })
-        .is_some_and(|t| t.contains(&format!("for rollout {rollout}:")));
-        if ours {
-            rustix::fs::unlinkat(&dir, name.as_str(), rustix::fs::AtFlags::empty())
-                .with_context(|| format!("removing /etc/apt/apt.conf.d/{name}"))?;
-            done.push(format!(
-                "apt's periodic runs restored (/etc/apt/apt.conf.d/{name} removed)"
-            ));
-        }
+        rustix::fs::unlinkat(&dir, name.as_str(), rustix::fs::AtFlags::empty())
+            .with_context(|| format!("removing /etc/apt/apt.conf.d/{name}"))?;
+        done.push(format!(
+            "apt's periodic runs restored (/etc/apt/apt.conf.d/{name} removed)"
+        ));
     }
     let mut reload = false;
     if let Ok(dir) = root.dir_to_write("etc/systemd/system") {
@@ -594,6 +644,34 @@ mod tests {
         seed(&root, "/etc/cron.d/.keep", "");
         std::os::unix::fs::symlink(&victim, root.join("etc/cron.d/outside")).expect("plant");
         assert!(scan(&root, &state).iter().all(|u| u.kind != UpdaterKind::Cron));
+    }
+
+    /// apt's own reading: `apt.conf` after every part, parts with another
+    /// extension ignored, option names in any case.
+    #[test]
+    fn the_setting_is_read_as_apt_reads_it_and_a_hold_that_does_not_take_is_refused() {
+        let (root, state) = debian_with_unattended_upgrades("apt-order");
+        // A backup file apt never reads does not switch it off.
+        seed(
+            &root,
+            "/etc/apt/apt.conf.d/50off.bak",
+            "APT::Periodic::Unattended-Upgrade \"0\";\n",
+        );
+        assert!(
+            scan(&root, &state)
+                .iter()
+                .any(|u| u.kind == UpdaterKind::UnattendedUpgrades)
+        );
+        // Written in another case, and in apt.conf, which apt reads last.
+        seed(&root, "/etc/apt/apt.conf", "apt::periodic::unattended-upgrade \"1\";\n");
+        let found = scan(&root, &state);
+        let uu = found
+            .iter()
+            .find(|u| u.kind == UpdaterKind::UnattendedUpgrades)
+            .expect("found");
+        assert!(uu.evidence.starts_with("/etc/apt/apt.conf:1:"), "{}", uu.evidence);
+        let err = hold(&root, &state, "r0011").expect_err("apt.conf overrides the hold");
+        assert!(format!("{err:#}").contains("still on after the hold"), "{err:#}");
     }
 
     #[test]

@@ -125,7 +125,10 @@ pub enum Known<'a> {
 /// A host whose agent never reported is refused: a gate that cannot decide
 /// says no.
 pub fn verdict(action: UpdaterAction, kinds: &[UpdaterKind], known: &Known<'_>) -> Option<String> {
-    let applies = |u: &&Updater| u.active() && (kinds.is_empty() || kinds.contains(&u.kind));
+    // One held by another rollout runs again when that rollout ends, maybe
+    // in the middle of this one: a refusal counts it too.
+    let applies =
+        |u: &&Updater| (u.active() || action == UpdaterAction::Refuse) && (kinds.is_empty() || kinds.contains(&u.kind));
     match known {
         Known::Unknown => Some("its agent has not reported what updates it outside wavegate".into()),
         Known::Reported(list) => {
@@ -253,6 +256,11 @@ mod tests {
         assert_eq!(verdict(UpdaterAction::Refuse, &[], &Known::Reported(&[])), None);
         let mut held_now = u(UpdaterKind::AptDaily, true);
         held_now.held_by = Some("r0001".into());
-        assert_eq!(verdict(UpdaterAction::Refuse, &[], &Known::Reported(&[held_now])), None);
+        let held = [held_now];
+        assert!(
+            verdict(UpdaterAction::Refuse, &[], &Known::Reported(&held)).is_some(),
+            "held by another rollout, it comes back when that one ends"
+        );
+        assert_eq!(verdict(UpdaterAction::Hold, &[], &Known::Reported(&held)), None);
     }
 }
