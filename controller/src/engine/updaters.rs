@@ -45,7 +45,14 @@ impl Engine {
         let mut failed = Vec::new();
         let mut held = Vec::new();
         while let Some(done) = tasks.join_next().await {
-            let Ok((host, r)) = done else { continue };
+            // A task that did not finish is a host that may not be held.
+            let Ok((host, r)) = done else {
+                failed.push(format!(
+                    "a hold task failed: {}",
+                    done.err().map(|e| e.to_string()).unwrap_or_default()
+                ));
+                continue;
+            };
             match r {
                 Ok(r) if r.outcome == Outcome::Ok => held.push((host, r.detail)),
                 Ok(r) => failed.push(format!("{host}: {}", r.detail)),
@@ -79,7 +86,9 @@ impl Engine {
                     }
                 ),
             );
-            e.rollout.updaters_hold_taken = true;
+            // Taken only when every target is held: after a halt and a
+            // resume, the hold is asked for again before any step.
+            e.rollout.updaters_hold_taken = failed.is_empty();
             if !failed.is_empty() && e.rollout.state == RolloutState::Running {
                 e.rollout.halt(
                     0,
@@ -117,6 +126,7 @@ impl Engine {
         }
         let mut released = Vec::new();
         let mut left = Vec::new();
+        let asked: Vec<String> = self.with(id, |e| e.rollout.updaters_held.clone())?;
         while let Some(done) = tasks.join_next().await {
             let Ok((host, r)) = done else { continue };
             match r {
@@ -159,7 +169,13 @@ impl Engine {
                     }
                 ),
             );
-            e.rollout.updaters_held = left.iter().map(|(h, _)| h.clone()).collect();
+            // Whatever was not answered as released stays listed (a task
+            // that did not finish too), and is asked again.
+            e.rollout.updaters_held = asked
+                .iter()
+                .filter(|h| !released.iter().any(|(r, _)| r == *h))
+                .cloned()
+                .collect();
             Ok(())
         })
         .await

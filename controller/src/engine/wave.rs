@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How soon a release of updaters that missed a host is asked again.
+const RELEASE_AGAIN: Duration = Duration::from_secs(30);
+
 impl Engine {
     pub(super) async fn wait_change(&self, rx: &mut watch::Receiver<u64>) {
         let _ = rx.changed().await;
@@ -29,21 +32,9 @@ impl Engine {
                     window,
                 )
             })?;
-            // A wave starts only inside its maintenance windows, and only
-            // when its expected time fits: otherwise it waits, and says
-            // until when.
-            if state == RolloutState::Running
-                && !hold
-                && let Some((w, sets, expected, waits)) = window
-                && !self.window_open(id, w, &sets, expected, waits, &mut rx).await?
-            {
-                continue;
-            }
+            // Mirrors whose wave is done are resumed (or their copies
+            // restored) first: never left paused while the next wave waits.
             match mirrors {
-                Some(super::mirrors::MirrorWork::Guard(w)) if !hold => {
-                    self.guard_mirrors(id, w).await?;
-                    continue;
-                }
                 Some(super::mirrors::MirrorWork::Resume) => {
                     self.resume_mirrors(id).await?;
                     continue;
@@ -54,6 +45,22 @@ impl Engine {
                 }
                 _ => {}
             }
+            // A wave starts only inside its maintenance windows, and only
+            // when its expected time fits: otherwise it waits, and says
+            // until when. Its backups' mirrors are paused only once it may.
+            if state == RolloutState::Running
+                && !hold
+                && let Some((w, sets, expected, waits)) = window
+                && !self.window_open(id, w, &sets, expected, waits, &mut rx).await?
+            {
+                continue;
+            }
+            if let Some(super::mirrors::MirrorWork::Guard(w)) = mirrors
+                && !hold
+            {
+                self.guard_mirrors(id, w).await?;
+                continue;
+            }
             match state {
                 RolloutState::Running if hold => {
                     self.hold_updaters(id).await?;
@@ -63,9 +70,10 @@ impl Engine {
                 RolloutState::Completed | RolloutState::Aborted | RolloutState::Refused if release => {
                     self.release_updaters(id).await?;
                     if self.with(id, |e| !e.rollout.updaters_held.is_empty())? {
-                        // Some host is away: its agent releases nothing
-                        // until it is back, and the next start tries again.
-                        return Ok(());
+                        // Some host is away: asked again, every half minute,
+                        // until it is back and lets go (and at the next
+                        // start of a controller).
+                        tokio::time::sleep(RELEASE_AGAIN).await;
                     }
                     continue;
                 }
