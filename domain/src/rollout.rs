@@ -593,6 +593,10 @@ pub struct Rollout {
     /// wave: paused, snapshotted, resumed, restored.
     #[serde(default)]
     pub mirrors: Vec<MirrorHold>,
+    /// Backups whose live mirror cannot be guarded and whose risk the plan
+    /// accepts by name (`accept_live_mirrors`).
+    #[serde(default)]
+    pub accepted_live_mirrors: Vec<String>,
     /// Approvals so far.
     pub approvals: Vec<Approval>,
     /// Approvals needed.
@@ -1148,6 +1152,7 @@ mod tests {
             updaters_held: Vec::new(),
             updaters_hold_taken: false,
             mirrors: Vec::new(),
+            accepted_live_mirrors: Vec::new(),
             approvals: Vec::new(),
             approvals_required: 2,
             state: RolloutState::AwaitingApproval,

@@ -226,3 +226,46 @@ fn a_mirror_that_cannot_be_paused_blocks_its_primary_unless_the_plan_accepts_it_
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Aborted while its primary is mid-step, a mirror is not resumed: it
+/// stays paused with its snapshot, and says so.
+#[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
+fn an_abort_mid_step_leaves_the_mirror_paused() {
+    let lab = Lab::up("mirror-abort", "mirror-fleet.yaml");
+    lab.seed("p1", "/srv/db/data", GOOD);
+    lab.seed("b1", "/srv/mirror/data", GOOD);
+    let mirror = start_mirror(&lab);
+    let plan = lab.write_plan(
+        "slow",
+        "name: slow
+targets:
+  hosts: [p1]
+steps:
+  - name: migrate
+    run: echo half-migrated > /srv/db/data && sleep 6
+    writes: [/srv/db]
+    timeout: 60s
+waves:
+  - size: 1
+health:
+  bake: 100ms
+  interval: 50ms
+",
+    );
+    let id = lab.submit_path(&plan);
+    lab.approve(&id);
+    eventually(LONG, "p1 to be mid-step", || {
+        (lab.read_host("p1", "/srv/db/data").as_deref() == Some("half-migrated\n")).then_some(())
+    });
+    let abort = lab.wavegate_as("submitter", &["rollout", "abort", &id]);
+    assert_eq!(abort.status, 0, "{}", abort.stderr);
+    let m = eventually(LONG, "the mirror's state after the abort", || {
+        let s = lab.status(&id);
+        (s["mirrors"][0]["state"] == "left_paused").then(|| s["mirrors"][0].clone())
+    });
+    assert!(m["detail"].as_str().unwrap_or("").contains("p1"), "{m:#}");
+    assert!(lab.host_path("b1", "/srv/mirror/.pause").exists(), "still paused");
+    assert_eq!(lab.read_host("b1", "/srv/mirror/data").as_deref(), Some(GOOD));
+    stop_mirror(mirror);
+}

@@ -43,13 +43,22 @@ fn fed_by(fleet: &Fleet, hosts: &[String]) -> BTreeMap<String, Vec<String>> {
     out
 }
 
-/// Whether the primaries of `m` are sound: none failed without being
-/// restored from its snapshot.
+/// Whether the primaries of `m` are sound, so that its mirror may copy
+/// them again: their wave was confirmed, or each was restored from its
+/// snapshot or never had a step. A primary mid-step, mid-bake or failed is
+/// not: after an abort its mirror stays paused and keeps its snapshot.
 fn primaries_sound(e: &Entry, m: &MirrorHold) -> bool {
+    if e.rollout
+        .waves
+        .get(m.wave)
+        .is_some_and(|w| w.state == WaveState::Confirmed)
+    {
+        return true;
+    }
     m.primaries.iter().all(|p| {
         e.hosts
             .get(p)
-            .is_none_or(|h| h.state != HostState::Failed || h.rolled_back)
+            .is_none_or(|h| h.rolled_back || (h.state == HostState::Untouched && h.results.is_empty()))
     })
 }
 
@@ -60,6 +69,12 @@ impl Engine {
         let wave_state = |w: usize| r.waves.get(w).map(|w| w.state);
         match r.state {
             RolloutState::Running => {
+                if r.mirrors
+                    .iter()
+                    .any(|m| m.owes_resume() && wave_state(m.wave) == Some(WaveState::Confirmed))
+                {
+                    return Some(MirrorWork::Resume);
+                }
                 if let Some(w) = r.current_wave() {
                     let wanted = fed_by(&self.fleet, &r.waves[w].hosts);
                     let unguarded = wanted
@@ -72,10 +87,7 @@ impl Engine {
                         return Some(MirrorWork::Guard(w));
                     }
                 }
-                r.mirrors
-                    .iter()
-                    .any(|m| m.owes_resume() && wave_state(m.wave) == Some(WaveState::Confirmed))
-                    .then_some(MirrorWork::Resume)
+                None
             }
             RolloutState::Completed => r
                 .mirrors
@@ -123,6 +135,27 @@ impl Engine {
             else {
                 continue;
             };
+            // Checked at submit against the inventory then; this one may be
+            // another: a mirror that cannot be guarded now, and that the plan
+            // did not accept by name, stops the wave.
+            let accepted = self.with(id, |e| e.rollout.accepted_live_mirrors.contains(&backup))?;
+            if !mirror.guarded() && !accepted {
+                self.mutate(id, |e| {
+                    if e.rollout.state == RolloutState::Running {
+                        e.rollout.halt(
+                            w,
+                            format!(
+                                "halted before wave {}: {backup} is fed from {} by a live mirror that can be neither paused nor snapshotted, and the plan does not accept that by name (the inventory changed since the plan was checked)",
+                                w + 1,
+                                primaries.join(", ")
+                            ),
+                        )?;
+                    }
+                    Ok(())
+                })
+                .await?;
+                return Ok(());
+            }
             // Recorded before the backup is asked: whatever happens next,
             // a resume reaches it.
             self.mutate(id, |e| {
@@ -270,7 +303,12 @@ impl Engine {
                 .fleet
                 .lookup(&m.backup)
                 .and_then(|b| self.fleet.host(b).mirror.clone());
-            let (state, detail) = if !sound {
+            let (state, detail) = if mirror.is_none() && m.state != MirrorState::Live {
+                (
+                    MirrorState::LeftPaused,
+                    "left paused: its mirror is no longer in the inventory, so wavegate has no resume to run; resume it by hand".to_owned(),
+                )
+            } else if !sound {
                 (
                     MirrorState::LeftPaused,
                     format!(
@@ -391,22 +429,42 @@ impl Engine {
                 )
             };
             let deadline = || Instant::now() + Duration::from_secs(600) + self.settings.agent_grace;
-            let detail = match self.hub.execute(&m.backup, ask(true), deadline()).await {
-                Ok(r) if r.ok() && r.changes.is_empty() => {
-                    "its copy is as it was before the wave: nothing to restore".to_owned()
-                }
+            // Restored, or left paused (with its snapshot) when that could
+            // not be done: never resumed over a copy that may be damaged.
+            let kept = "; left paused with its snapshot";
+            let (state, detail) = match self.hub.execute(&m.backup, ask(true), deadline()).await {
+                Ok(r) if r.ok() && r.changes.is_empty() => (
+                    MirrorState::Restored,
+                    "its copy is as it was before the wave: nothing to restore".to_owned(),
+                ),
                 Ok(r) if r.ok() => {
                     let n = r.changes.len();
                     match self.hub.execute(&m.backup, ask(false), deadline()).await {
-                        Ok(r) if r.ok() => {
-                            format!("its copy changed ({n} paths) and was restored as it was before the wave")
-                        }
-                        Ok(r) => format!("its copy changed ({n} paths) and could NOT be restored: {}", r.detail),
-                        Err(e) => format!("its copy changed ({n} paths) and could NOT be restored: {e}"),
+                        Ok(r) if r.ok() => (
+                            MirrorState::Restored,
+                            format!("its copy changed ({n} paths) and was restored as it was before the wave"),
+                        ),
+                        Ok(r) => (
+                            MirrorState::LeftPaused,
+                            format!(
+                                "its copy changed ({n} paths) and could NOT be restored: {}{kept}",
+                                r.detail
+                            ),
+                        ),
+                        Err(e) => (
+                            MirrorState::LeftPaused,
+                            format!("its copy changed ({n} paths) and could NOT be restored: {e}{kept}"),
+                        ),
                     }
                 }
-                Ok(r) => format!("its copy could not be compared with the snapshot: {}", r.detail),
-                Err(e) => format!("its copy could not be compared with the snapshot: {e}"),
+                Ok(r) => (
+                    MirrorState::LeftPaused,
+                    format!("its copy could not be compared with the snapshot: {}{kept}", r.detail),
+                ),
+                Err(e) => (
+                    MirrorState::LeftPaused,
+                    format!("its copy could not be compared with the snapshot: {e}{kept}"),
+                ),
             };
             self.mutate(id, |e| {
                 if let Some(h) = e
@@ -415,7 +473,7 @@ impl Engine {
                     .iter_mut()
                     .find(|x| x.wave == m.wave && x.backup == m.backup)
                 {
-                    h.state = MirrorState::Restored;
+                    h.state = state;
                     h.detail.clone_from(&detail);
                 }
                 event(

@@ -116,6 +116,7 @@ pub(super) fn build(
         updaters_held: Vec::new(),
         updaters_hold_taken: false,
         mirrors: Vec::new(),
+        accepted_live_mirrors: Vec::new(),
     };
     event(
         &mut rollout,
@@ -182,6 +183,7 @@ impl Engine {
             build(String::new(), submitter, &hash, &plan, &report.waves, &self.policies);
         template.submitter_person = person.to_owned();
         template.hold_updaters = hold;
+        template.accepted_live_mirrors = plan.accept_live_mirrors.iter().map(|a| a.value.clone()).collect();
         let first = waves.first().cloned().unwrap_or_default();
         let tag = format!("submit:{}:{}:{}", &hash[..12], self.boot, nonce());
         let mut probes = Vec::new();
@@ -321,6 +323,7 @@ impl Engine {
                 skip_if_digest: skip,
                 stage,
                 adopt_digest,
+                only_roles: s.only_roles.clone(),
             }),
         );
         let deadline = Instant::now() + Duration::from_millis(s.timeout_ms) + self.settings.agent_grace;
