@@ -431,12 +431,35 @@ async fn answer(
     if let Err(e) = wavegate_domain::redact::Redactor::new(&redact) {
         return refused(format!("refused: {e}"));
     }
+    // A fetch is checked as its step is: it runs the plan's command with
+    // the network, before any dry-run.
+    let fetched = match &cmd.kind {
+        CommandKind::Fetch(f) => Some(wavegate_domain::command::Step {
+            name: f.step_name.clone(),
+            only_roles: f.only_roles.clone(),
+            ..Default::default()
+        }),
+        _ => None,
+    };
     let steps: Vec<&wavegate_domain::command::Step> = match &cmd.kind {
         CommandKind::RunStep(s) => vec![&s.step],
         CommandKind::DryRun(d) => d.steps.iter().collect(),
-        _ => Vec::new(),
+        _ => fetched.iter().collect(),
     };
     if let Some(why) = steps.into_iter().find_map(|s| role_refusal(&cfg.host_id, cfg.role, s)) {
+        warn!(command = %id, "{why}");
+        return refused(why);
+    }
+    // A mirror's pause and resume run unconfined: only on a host that says
+    // it is a backup.
+    if let CommandKind::Mirror { purpose, .. } = &cmd.kind
+        && cfg.role != Some(wavegate_domain::fleet::Role::Backup)
+    {
+        let why = format!(
+            "refused by the agent: a mirror {purpose} runs only on a backup, and {} is {} (its agent's --role)",
+            cfg.host_id,
+            cfg.role.map_or("not told its role".to_owned(), |r| format!("a {r}"))
+        );
         warn!(command = %id, "{why}");
         return refused(why);
     }

@@ -299,6 +299,9 @@ pub struct Fetch {
     pub stage: bool,
     /// After approval: adopt the staging cache with this digest.
     pub adopt_digest: String,
+    /// The roles its step is for; empty: every role. The agent refuses the
+    /// fetch, as it does the step, on a host of another role.
+    pub only_roles: Vec<String>,
 }
 
 /// What an agent answered.

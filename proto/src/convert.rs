@@ -189,6 +189,7 @@ impl From<Command> for pb::Command {
                 skip_if_digest: f.skip_if_digest,
                 stage: f.stage,
                 adopt_digest: f.adopt_digest,
+                only_roles: f.only_roles,
             }),
         };
         pb::Command {
@@ -350,6 +351,7 @@ impl TryFrom<pb::Command> for Command {
                 skip_if_digest: f.skip_if_digest,
                 stage: f.stage,
                 adopt_digest: f.adopt_digest,
+                only_roles: f.only_roles,
             }),
         };
         Ok(Command {
