@@ -108,17 +108,18 @@ impl RedbStore {
         };
         // redb asserts on some damage (a truncated file) instead of returning
         // an error; that must be a clear refusal too, not a crash.
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
         // A controller that was just killed may still hold the file's lock
         // while the kernel closes its files (a restart by systemd, a crash
         // test): the lock is asked for again, for a while, before the
         // store is called taken.
         let held_until = std::time::Instant::now() + LOCK_WAIT;
         let opened = loop {
+            let hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(|_| {}));
             // redb caches up to 1 GiB by default; output streamed through
             // the store would fill that. The state itself is small.
             let opened = std::panic::catch_unwind(|| redb::Builder::new().set_cache_size(CACHE).create(&path));
+            std::panic::set_hook(hook);
             if matches!(opened, Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)))
                 && std::time::Instant::now() < held_until
             {
@@ -127,7 +128,6 @@ impl RedbStore {
             }
             break opened;
         };
-        std::panic::set_hook(hook);
         let db = match opened {
             Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
                 return Err(anyhow::anyhow!(
