@@ -181,9 +181,11 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
     let scan = |cfg: &Config| {
         let (root, state) = (cfg.host_root.clone(), cfg.state_dir.clone());
         async move {
+            // `None`: the scan itself failed; reported as unknown, never
+            // as "nothing updates this host".
             tokio::task::spawn_blocking(move || crate::updaters::scan(&root, &state))
                 .await
-                .unwrap_or_default()
+                .ok()
         }
     };
     let mut reported = scan(cfg).await;
@@ -192,7 +194,12 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         boot_id: cfg.boot_id.clone(),
         protocol: wavegate_proto::PROTOCOL,
-        updaters: reported.iter().map(wavegate_proto::convert::updater_to).collect(),
+        updaters: reported
+            .iter()
+            .flatten()
+            .map(wavegate_proto::convert::updater_to)
+            .collect(),
+        updaters_unknown: reported.is_none(),
     };
     tx.send(pb::AgentMessage {
         body: Some(agent_message::Body::Hello(hello)),
@@ -215,7 +222,8 @@ async fn session(cfg: &Config, journal: &Arc<Journal>) -> Result<()> {
             // administrator switching one on).
             let now = scan(&heartbeat_cfg).await;
             let updaters = (now != reported).then(|| pb::UpdaterScan {
-                found: now.iter().map(wavegate_proto::convert::updater_to).collect(),
+                found: now.iter().flatten().map(wavegate_proto::convert::updater_to).collect(),
+                unknown: now.is_none(),
             });
             reported = now;
             let hb = pb::AgentMessage {

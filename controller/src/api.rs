@@ -346,7 +346,10 @@ impl AgentService for Api {
             .map_err(|_| Status::unavailable("session closed"))?;
         let hub = Arc::clone(self.engine.hub());
         let engine = Arc::clone(&self.engine);
-        hub.set_updaters(&cert_host, hello.updaters.into_iter().map(convert::updater).collect());
+        hub.set_updaters(
+            &cert_host,
+            (!hello.updaters_unknown).then(|| hello.updaters.into_iter().map(convert::updater).collect()),
+        );
         let session = hub.connect_boot(&cert_host, tx, &hello.boot_id);
         info!(host = %cert_host, version = %hello.agent_version, boot = %hello.boot_id, "Agent connected.");
         tokio::spawn(async move {
@@ -396,7 +399,10 @@ impl AgentService for Api {
                     Some(pb::agent_message::Body::Heartbeat(pb::Heartbeat {
                         updaters: Some(scan), ..
                     })) => {
-                        hub.set_updaters(&cert_host, scan.found.into_iter().map(convert::updater).collect());
+                        hub.set_updaters(
+                            &cert_host,
+                            (!scan.unknown).then(|| scan.found.into_iter().map(convert::updater).collect()),
+                        );
                         None
                     }
                     _ => None,

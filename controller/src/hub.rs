@@ -131,9 +131,14 @@ impl Hub {
         session
     }
 
-    /// What `host`'s agent reported of its updaters outside the rollout.
-    pub fn set_updaters(&self, host: &str, found: Vec<wavegate_domain::updaters::Updater>) {
-        self.lock().updaters.insert(host.to_owned(), found);
+    /// What `host`'s agent reported of its updaters outside the rollout
+    /// (`None`: it could not look, so they are unknown again).
+    pub fn set_updaters(&self, host: &str, found: Option<Vec<wavegate_domain::updaters::Updater>>) {
+        let mut inner = self.lock();
+        match found {
+            Some(list) => inner.updaters.insert(host.to_owned(), list),
+            None => inner.updaters.remove(host),
+        };
     }
 
     /// `host`'s updaters, as last reported; `None` when its agent never

@@ -182,6 +182,7 @@ async fn open(endpoint: &Endpoint, host: &str) -> Result<(mpsc::Sender<pb::Agent
             boot_id: "loadgen".into(),
             protocol: wavegate_proto::PROTOCOL,
             updaters: Vec::new(),
+            updaters_unknown: false,
         })),
     })
     .await?;

@@ -106,6 +106,7 @@ async fn session(url: String, protocol: u32) -> Session {
             boot_id: "b1".into(),
             protocol,
             updaters: Vec::new(),
+            updaters_unknown: false,
         })),
     })
     .await

@@ -42,6 +42,7 @@ async fn forge(lab: &Lab, host: &str, messages: Vec<pb::AgentMessage>) {
             boot_id: "forged-boot".into(),
             protocol: wavegate_proto::PROTOCOL,
             updaters: Vec::new(),
+            updaters_unknown: false,
         })),
     };
     tx.send(hello).await.expect("queue hello");
