@@ -138,3 +138,71 @@ windows:
     assert_eq!(v["customers"][0]["hosts"].as_array().map(Vec::len), Some(3));
     lab.audit_verifies();
 }
+
+/// A wave paused mid-way and resumed when what is left of it no longer
+/// fits the window: its hosts not yet started wait for the next window.
+#[test]
+#[ignore = "needs root (namespaces, mounts, loop devices): scripts/test runs it"]
+fn a_wave_resumed_after_its_window_closes_waits_for_the_next_one() {
+    let lab = Lab::up("windows-resume", "lab-fleet.yaml");
+    for h in ["s1", "s2", "bb1"] {
+        lab.seed(h, "/srv/app/.keep", "");
+    }
+    let now = now_s();
+    // Wave 2 (two hosts one at a time, expected up to 6.2 s) fits window A
+    // if it starts within 15.8 s, after the canary's 3 s. Paused once its
+    // first host has started and resumed 17 s in, what is left of it no
+    // longer fits; window B opens 26 s in.
+    let (a_end, b_start) = (now + 22, now + 26);
+    let plan = format!(
+        "name: resumed
+targets:
+  hosts: [s1, s2, bb1]
+steps:
+  - name: patch
+    run: touch /srv/app/started && sleep 2 && date +%s > /srv/app/patched-at
+    writes: [/srv/app]
+    timeout: 3s
+waves:
+  - hosts: [s1]
+  - hosts: [s2, bb1]
+max_in_flight: 1
+health:
+  bake: 200ms
+  interval: 100ms
+windows:
+  - {{start: \"{}\", end: \"{}\", tz: UTC}}
+  - {{start: \"{}\", end: \"{}\", tz: UTC}}
+",
+        hms(now - 60),
+        hms(a_end),
+        hms(b_start),
+        hms(now + 90)
+    );
+    let path = lab.write_plan("resumed", &plan);
+    let id = lab.submit_path(&path);
+    lab.approve(&id);
+    let first = eventually(LONG, "wave 2's first host to start its step", || {
+        ["s2", "bb1"]
+            .into_iter()
+            .find(|h| lab.read_host(h, "/srv/app/started").is_some())
+    });
+    let pause = lab.wavegate_as("submitter", &["rollout", "pause", &id]);
+    assert_eq!(pause.status, 0, "{}", pause.stderr);
+    eventually(LONG, "17 s to pass", || (now_s() >= now + 17).then_some(()));
+    let resume = lab.wavegate_as("approver", &["rollout", "resume", &id]);
+    assert_eq!(resume.status, 0, "{}", resume.stderr);
+    lab.wait_state(&id, "completed", LONG);
+    for h in ["s2", "bb1"].into_iter().filter(|h| *h != first) {
+        let at: u64 = lab
+            .read_host(h, "/srv/app/patched-at")
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{h} was patched"));
+        assert!(
+            at >= b_start,
+            "{h} was patched at {at}, before window B opened at {b_start}"
+        );
+    }
+    let events = lab.status(&id)["events"].to_string();
+    assert!(events.contains("wave 2 waits for its maintenance window"), "{events}");
+}

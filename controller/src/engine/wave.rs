@@ -17,10 +17,22 @@ impl Engine {
         loop {
             let (state, rollback_pending, current, hold, release, mirrors, window) = self.with(id, |e| {
                 let r = &e.rollout;
+                // A wave about to start, or one taken up again (after a
+                // pause, a halt or a restart) with hosts it has not started:
+                // those start only inside a window too.
                 let window = r
                     .current_wave()
                     .map(|w| &r.waves[w])
-                    .filter(|w| w.state == WaveState::Pending && !w.windows.is_empty())
+                    .filter(|w| {
+                        !w.windows.is_empty()
+                            && (w.state == WaveState::Pending
+                                || (w.state == WaveState::Running
+                                    && w.hosts.iter().any(|h| {
+                                        e.hosts
+                                            .get(h)
+                                            .is_some_and(|h| h.state == HostState::Untouched && h.in_flight.is_none())
+                                    })))
+                    })
                     .map(|w| (w.index - 1, w.windows.clone(), w.expected_ms, w.waits_until_ms));
                 (
                     r.state,
