@@ -224,21 +224,7 @@ pub fn check_plan(fleet: &Fleet, plan_src: Source<'_>, policies: &PolicySet) -> 
         if !r.windows.is_empty()
             && crate::windows::next_start(&r.windows, WEEK_REFERENCE_MS, Duration::from_millis(r.expected_ms)).is_none()
         {
-            let names: Vec<String> = r
-                .windows
-                .iter()
-                .map(|s| {
-                    format!(
-                        "{}: {}",
-                        s.source,
-                        s.windows
-                            .iter()
-                            .map(crate::windows::describe)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })
-                .collect();
+            let names: Vec<String> = r.windows.iter().map(crate::windows::WindowSet::describe).collect();
             violations.push(
                 Violation::new(
                     Code::WindowUnfit,

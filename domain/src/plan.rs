@@ -950,19 +950,16 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
         let timeout = duration(file, s.timeout, &format!("{field}.timeout"), DEFAULT_STEP_TIMEOUT, v);
         let (only_roles, only_roles_loc) = match s.only_roles {
             None => (Vec::new(), loc.clone()),
-            Some(r) => {
-                let at = loc_of(file, &r);
-                let words = r.value.into_vec();
-                if words.is_empty() {
-                    v.push(parse_error(
-                        &at,
-                        format!("{field}.only_roles"),
-                        format!("step `{name}` has an empty `only_roles`: it would be for no host"),
-                        "name the roles the step is for (`only_roles: [backup]`), or remove the field for every role",
-                    ));
-                }
-                (roles(&at, &format!("{field}.only_roles"), words, v), at)
-            }
+            Some(r) => role_list(
+                file,
+                r,
+                &format!("{field}.only_roles"),
+                (
+                    &format!("step `{name}` has an empty `only_roles`: it would be for no host"),
+                    "name the roles the step is for (`only_roles: [backup]`), or remove the field for every role",
+                ),
+                v,
+            ),
         };
         out.push(Step {
             name,
@@ -984,6 +981,23 @@ fn steps(file: &str, doc: Option<Spanned<Vec<Spanned<StepDoc>>>>, v: &mut Vec<Vi
         });
     }
     out
+}
+
+/// A role or a list of roles as written, checked: an empty list is
+/// reported with `empty` (its message and fix), an unknown role by name.
+fn role_list(
+    file: &str,
+    r: Spanned<OneOrMany>,
+    field: &str,
+    empty: (&str, &str),
+    v: &mut Vec<Violation>,
+) -> (Vec<Role>, Loc) {
+    let at = loc_of(file, &r);
+    let words = r.value.into_vec();
+    if words.is_empty() {
+        v.push(parse_error(&at, field, empty.0, empty.1));
+    }
+    (roles(&at, field, words, v), at)
 }
 
 /// Role names, each checked; an unknown one is reported at `at`.
@@ -1019,17 +1033,17 @@ fn narrow(file: &str, w: Spanned<WhereDoc>, v: &mut Vec<Violation>) -> Narrow {
     let roles = match w.role {
         None => Vec::new(),
         Some(r) => {
-            let at = loc_of(file, &r);
-            let words = r.value.into_vec();
-            if words.is_empty() {
-                v.push(parse_error(
-                    &at,
-                    "targets.where.role",
+            role_list(
+                file,
+                r,
+                "targets.where.role",
+                (
                     "`targets.where.role` is an empty list: no host would be a target",
                     "name a role (`role: backup`) or several (`role: [backup, standalone]`)",
-                ));
-            }
-            roles(&at, "targets.where.role", words, v)
+                ),
+                v,
+            )
+            .0
         }
     };
     Narrow {

@@ -294,20 +294,7 @@ impl HostState {
 impl Wave {
     /// Its windows, one line per source: `plan: daily 02:00-05:00 UTC`.
     pub fn window_lines(&self) -> Vec<String> {
-        self.windows
-            .iter()
-            .map(|s| {
-                format!(
-                    "{}: {}",
-                    s.source,
-                    s.windows
-                        .iter()
-                        .map(crate::windows::describe)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            })
-            .collect()
+        self.windows.iter().map(crate::windows::WindowSet::describe).collect()
     }
 
     /// While it waits for a window: why, and until when, for people.

@@ -92,6 +92,17 @@ pub struct WindowSet {
     pub windows: Vec<Window>,
 }
 
+impl WindowSet {
+    /// For people: `plan: daily 02:00-05:00 Europe/Berlin, sat 22:00-02:00 UTC`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {}",
+            self.source,
+            self.windows.iter().map(describe).collect::<Vec<_>>().join(", ")
+        )
+    }
+}
+
 const DAYS: [(&str, Weekday); 7] = [
     ("mon", Weekday::Monday),
     ("tue", Weekday::Tuesday),

@@ -249,17 +249,7 @@ pub fn render(r: &Report) -> String {
             let sets: Vec<String> = w
                 .windows
                 .iter()
-                .map(|s| {
-                    format!(
-                        "{}: {}",
-                        s.source,
-                        s.windows
-                            .iter()
-                            .map(wavegate_domain::windows::describe)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                })
+                .map(wavegate_domain::windows::WindowSet::describe)
                 .collect();
             let _ = writeln!(
                 out,

@@ -62,6 +62,14 @@ fn primaries_sound(e: &Entry, m: &MirrorHold) -> bool {
     })
 }
 
+/// Record where mirror `m` (found by its wave and backup) now is.
+fn set_state(r: &mut Rollout, m: &MirrorHold, state: MirrorState, detail: &str) {
+    if let Some(h) = r.mirrors.iter_mut().find(|x| x.wave == m.wave && x.backup == m.backup) {
+        h.state = state;
+        detail.clone_into(&mut h.detail);
+    }
+}
+
 impl Engine {
     /// The next piece of mirror work for a rollout, if any.
     pub(super) fn mirror_work(&self, e: &Entry) -> Option<MirrorWork> {
@@ -370,15 +378,7 @@ impl Engine {
                 }
             };
             self.mutate(id, |e| {
-                if let Some(h) = e
-                    .rollout
-                    .mirrors
-                    .iter_mut()
-                    .find(|x| x.wave == m.wave && x.backup == m.backup)
-                {
-                    h.state = state;
-                    h.detail.clone_from(&detail);
-                }
+                set_state(e.rollout, &m, state, &detail);
                 event(
                     e.rollout,
                     format!(
@@ -467,15 +467,7 @@ impl Engine {
                 ),
             };
             self.mutate(id, |e| {
-                if let Some(h) = e
-                    .rollout
-                    .mirrors
-                    .iter_mut()
-                    .find(|x| x.wave == m.wave && x.backup == m.backup)
-                {
-                    h.state = state;
-                    h.detail.clone_from(&detail);
-                }
+                set_state(e.rollout, &m, state, &detail);
                 event(
                     e.rollout,
                     format!(

@@ -12,7 +12,31 @@ use super::*;
 /// How long a host's agent has to answer a hold or a release.
 const HOLD_WITHIN: Duration = Duration::from_secs(60);
 
+/// Each host's answer to a hold or a release.
+type Answers = tokio::task::JoinSet<(String, Result<CommandResult, crate::hub::ExecError>)>;
+
 impl Engine {
+    /// Ask every host at once to hold (or release) its updaters.
+    fn ask_all(self: &Arc<Self>, id: &str, hosts: Vec<String>, hold: bool) -> Answers {
+        let mut tasks = tokio::task::JoinSet::new();
+        for host in hosts {
+            let engine = Arc::clone(self);
+            let what = if hold { "hold" } else { "release" };
+            let cmd = Command::new(
+                format!("{id}:{host}:{what}-updaters:{}", nonce()),
+                CommandKind::HoldUpdaters {
+                    rollout_id: id.to_owned(),
+                    hold,
+                },
+            );
+            tasks.spawn(async move {
+                let r = engine.hub.execute(&host, cmd, Instant::now() + HOLD_WITHIN).await;
+                (host, r)
+            });
+        }
+        tasks
+    }
+
     /// Hold every target's updaters; halts the rollout when one cannot be.
     pub(super) async fn hold_updaters(self: &Arc<Self>, id: &str) -> Result<(), EngineError> {
         let (hosts, rule) = self.with(id, |e| {
@@ -27,21 +51,7 @@ impl Engine {
             Ok(())
         })
         .await?;
-        let mut tasks = tokio::task::JoinSet::new();
-        for host in hosts {
-            let engine = Arc::clone(self);
-            let cmd = Command::new(
-                format!("{id}:{host}:hold-updaters:{}", nonce()),
-                CommandKind::HoldUpdaters {
-                    rollout_id: id.to_owned(),
-                    hold: true,
-                },
-            );
-            tasks.spawn(async move {
-                let r = engine.hub.execute(&host, cmd, Instant::now() + HOLD_WITHIN).await;
-                (host, r)
-            });
-        }
+        let mut tasks = self.ask_all(id, hosts, true);
         let mut failed = Vec::new();
         let mut held = Vec::new();
         while let Some(done) = tasks.join_next().await {
@@ -109,21 +119,7 @@ impl Engine {
     /// start of this controller.
     pub(super) async fn release_updaters(self: &Arc<Self>, id: &str) -> Result<(), EngineError> {
         let hosts = self.with(id, |e| e.rollout.updaters_held.clone())?;
-        let mut tasks = tokio::task::JoinSet::new();
-        for host in hosts {
-            let engine = Arc::clone(self);
-            let cmd = Command::new(
-                format!("{id}:{host}:release-updaters:{}", nonce()),
-                CommandKind::HoldUpdaters {
-                    rollout_id: id.to_owned(),
-                    hold: false,
-                },
-            );
-            tasks.spawn(async move {
-                let r = engine.hub.execute(&host, cmd, Instant::now() + HOLD_WITHIN).await;
-                (host, r)
-            });
-        }
+        let mut tasks = self.ask_all(id, hosts, false);
         let mut released = Vec::new();
         let mut left = Vec::new();
         let asked: Vec<String> = self.with(id, |e| e.rollout.updaters_held.clone())?;
