@@ -12,6 +12,16 @@ use super::*;
 /// How long a host's agent has to answer a hold or a release.
 const HOLD_WITHIN: Duration = Duration::from_secs(60);
 
+/// `lead` and `h1 (what), h2 (what)`, or nothing for no host.
+fn listed<'a>(lead: &str, hosts: impl Iterator<Item = &'a (String, String)>) -> String {
+    let items: Vec<String> = hosts.map(|(h, w)| format!("{h} ({w})")).collect();
+    if items.is_empty() {
+        String::new()
+    } else {
+        format!("{lead}{}", items.join(", "))
+    }
+}
+
 /// Each host's answer to a hold or a release.
 type Answers = tokio::task::JoinSet<(String, Result<CommandResult, crate::hub::ExecError>)>;
 
@@ -82,18 +92,7 @@ impl Engine {
                     "updaters outside the rollout held on {} of {} targets (site rule {rule}){}",
                     doing.len(),
                     held.len() + failed.len(),
-                    if doing.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            ": {}",
-                            doing
-                                .iter()
-                                .map(|(h, w)| format!("{h} ({w})"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    }
+                    listed(": ", doing.iter().copied())
                 ),
             );
             // Taken only when every target is held: after a halt and a
@@ -140,29 +139,8 @@ impl Engine {
                 format!(
                     "updaters outside the rollout released on {} host(s){}{}",
                     released.len(),
-                    if doing.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            ": {}",
-                            doing
-                                .iter()
-                                .map(|(h, w)| format!("{h} ({w})"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    },
-                    if left.is_empty() {
-                        String::new()
-                    } else {
-                        format!(
-                            "; still held, tried again later: {}",
-                            left.iter()
-                                .map(|(h, w)| format!("{h} ({w})"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    }
+                    listed(": ", doing.iter().copied()),
+                    listed("; still held, tried again later: ", left.iter())
                 ),
             );
             // Whatever was not answered as released stays listed (a task
