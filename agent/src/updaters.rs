@@ -311,14 +311,16 @@ pub fn scan(root: &Path, state_dir: &Path) -> Vec<Updater> {
 
 /// Cron lines that run a package manager.
 fn cron_jobs(root: &Root) -> Vec<Updater> {
-    let mut files = vec!["/etc/crontab".to_owned()];
+    // The system's cron files, and root's own crontab. A tenant's crontab
+    // runs as the tenant, who cannot change packages; counted, it would let
+    // any tenant with `crontab -e` refuse every rollout to its host.
+    let mut files = vec!["/etc/crontab".to_owned(), "/var/spool/cron/crontabs/root".to_owned()];
     for dir in [
         "etc/cron.d",
         "etc/cron.hourly",
         "etc/cron.daily",
         "etc/cron.weekly",
         "etc/cron.monthly",
-        "var/spool/cron/crontabs",
     ] {
         files.extend(root.names(dir).into_iter().map(|n| format!("/{dir}/{n}")));
     }
@@ -687,6 +689,9 @@ mod tests {
             "/etc/cron.daily/apt-compat",
             "#!/bin/sh\nexec /usr/lib/apt/apt.systemd.daily\n",
         );
+        // A tenant's own crontab runs as the tenant: not an updater, and
+        // no way for a tenant to refuse its host every rollout.
+        seed(&root, "/var/spool/cron/crontabs/acme", "0 4 * * * apt-get -y upgrade\n");
         let found = scan(&root, &state);
         let cron: Vec<&Updater> = found.iter().filter(|u| u.kind == UpdaterKind::Cron).collect();
         assert_eq!(cron.len(), 1, "{found:?}");
@@ -702,6 +707,19 @@ mod tests {
                 .join(format!("{HOLD_FILE_PREFIX}{}", hex::encode("r0003")))
                 .exists(),
             "nothing is half held"
+        );
+    }
+
+    #[test]
+    fn roots_own_crontab_is_read() {
+        let (root, state) = debian_with_unattended_upgrades("root-crontab");
+        seed(&root, "/var/spool/cron/crontabs/root", "30 2 * * * dnf -y upgrade\n");
+        let found = scan(&root, &state);
+        assert!(
+            found
+                .iter()
+                .any(|u| u.evidence == "/var/spool/cron/crontabs/root:1: 30 2 * * * dnf -y upgrade"),
+            "{found:?}"
         );
     }
 
